@@ -1,0 +1,101 @@
+"""Orbax checkpoints of the train state, with the privacy plan and epsilon in each.
+
+Guarantees:
+* A checkpoint is written to a temporary directory and renamed into place (orbax's
+  atomic commit), so a process killed mid-write leaves the previous checkpoints intact;
+  stale temporary directories are ignored on restore and cleaned up.
+* Every checkpoint carries ``meta``: the DP plan, the steps done and the epsilon spent,
+  so a checkpoint alone says what privacy it has cost.
+* ``restore_latest`` restores onto the structure, dtypes and shardings of a template
+  state, so a checkpoint saved on N devices restores on M.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dpjax.state import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incompatible with the current config."""
+
+
+def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=("state", "meta")
+    )
+
+
+class Checkpointer:
+    """Saves and restores ``TrainState`` plus JSON metadata under ``directory``."""
+
+    def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"No checkpoint directory at {self.directory}.")
+        self._mgr = _manager(self.directory, keep, read_only)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
+        """Saves synchronously; returns once the checkpoint is committed."""
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.as_dict()),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        self._mgr.wait_until_finished()
+
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"No checkpoint in {self.directory}.")
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for corrupt files.
+            raise CheckpointError(
+                f"Checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: {e})."
+            ) from e
+        return dict(out["meta"])
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Restores ``step`` (default: latest) onto the template's structure and shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"No checkpoint in {self.directory}.")
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template.as_dict())
+        try:
+            out = self._mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"Cannot restore checkpoint {step} from {self.directory}: it is corrupt or was "
+                f"written by a different config/model ({type(e).__name__}: {str(e)[:500]})."
+            ) from e
+        return TrainState.from_dict(out["state"]), dict(out["meta"])
+
+    def close(self) -> None:
+        self._mgr.close()

@@ -1,0 +1,143 @@
+"""A NumPy ``.npz`` file holding 'images' and, optionally, 'labels'.
+
+'images' may be:
+  * uint8 (N, H, W, C) with C in {1, 3}, or (N, H, W) (one channel is added);
+  * another integer type whose values all lie in [0, 255] (converted losslessly);
+  * floating point, converted to uint8 by one rule decided on the whole array:
+    if every value lies in [0, 1] the data is read as [0, 1] -> round(255 x);
+    otherwise, if every value lies in [-1, 1], as [-1, 1] -> round(127.5 (x + 1));
+    anything else (or a NaN/inf) is an error. An array with no negative value is thus
+    always read as [0, 1]; store uint8 to avoid any doubt.
+Channels-first arrays (N, C, H, W) are rejected with a message saying so, rather than
+guessed. 'labels', when present, must be integers of shape (N,). The file is opened
+with ``allow_pickle=False``: it cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+from dpjax.data.config import DataConfig
+from dpjax.data.dataset import DataError, SourceData
+
+
+def to_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
+    """Converts an 'images' array to uint8 (N, H, W, C) by the rule in the module doc.
+
+    Raises:
+      DataError: naming ``where``, for a shape or dtype that the rule does not cover.
+    """
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(
+            f"{where}: 'images' must have shape (N, H, W, C) or (N, H, W), got {images.shape}."
+        )
+    if images.shape[-1] not in (1, 3):
+        hint = ""
+        if images.shape[1] in (1, 3):
+            hint = " It looks channels-first (N, C, H, W): transpose it to (N, H, W, C)."
+        raise DataError(
+            f"{where}: 'images' must have 1 or 3 channels last, got shape {images.shape}.{hint}"
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{where}: the dataset is empty ('images' has shape {images.shape}).")
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.integer):  # (bool is not an integer type here)
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{where}: integer 'images' ({images.dtype}) must lie in [0, 255], found "
+                f"[{lo}, {hi}]."
+            )
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.isfinite(images).all():
+            raise DataError(f"{where}: 'images' contains NaN or infinite values.")
+        lo, hi = float(images.min()), float(images.max())
+        if lo >= 0.0 and hi <= 1.0:
+            scaled = images.astype(np.float64) * 255.0
+        elif lo >= -1.0 and hi <= 1.0:
+            scaled = (images.astype(np.float64) + 1.0) * 127.5
+        else:
+            raise DataError(
+                f"{where}: float 'images' must lie in [0, 1] or [-1, 1], found "
+                f"[{lo:g}, {hi:g}]. Store uint8 in [0, 255] instead."
+            )
+        return np.rint(scaled).astype(np.uint8)
+    raise DataError(
+        f"{where}: 'images' has dtype {images.dtype}; expected uint8, an integer type in "
+        "[0, 255], or float in [0, 1] or [-1, 1]."
+    )
+
+
+def check_labels(labels: np.ndarray, num_images: int, where: str) -> np.ndarray:
+    """Checks a 'labels' array (integers of shape (N,)) and returns it as int32.
+
+    Raises:
+      DataError: naming ``where``, for a wrong shape or dtype, or values outside int32.
+    """
+    if labels.ndim == 2 and labels.shape[0] == num_images and labels.shape[1] > 1:
+        raise DataError(
+            f"{where}: 'labels' has shape {labels.shape}; it looks one-hot. Store the class "
+            "indices, shape (N,), e.g. labels.argmax(1)."
+        )
+    if labels.shape != (num_images,):
+        raise DataError(
+            f"{where}: 'labels' must have shape ({num_images},) to match 'images', "
+            f"got {labels.shape}."
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
+        raise DataError(f"{where}: 'labels' must be integers, got dtype {labels.dtype}.")
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+        i = int(np.argmax((labels < 0) | (labels > np.iinfo(np.int32).max)))
+        raise DataError(f"{where}: label {int(labels[i])} at index {i} is out of range.")
+    return labels.astype(np.int32)
+
+
+def load_npz(config: DataConfig) -> SourceData:
+    """Reads ``config.path`` ('{split}' substituted), keeping the first ``limit`` rows.
+
+    Raises:
+      DataError: naming the file, when it is missing, not a valid npz, lacks 'images',
+        or holds arrays of a wrong dtype or shape.
+    """
+    path = config.resolved_path()
+    if not path:
+        raise DataError("npz: set data.path to the .npz file (it may contain '{split}').")
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        raise DataError(f"npz: {path} {what}.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a valid .npz file ({type(e).__name__}: {e}).") from e
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: holds a single array (.npy), not an .npz archive. Save with "
+            "np.savez(path, images=..., labels=...)."
+        )
+    with loaded as f:
+        keys = list(f.keys())
+        if "images" not in keys:
+            raise DataError(
+                f"{path}: no array named 'images' (it holds {keys}). Save with "
+                "np.savez(path, images=..., labels=...)."
+            )
+        try:
+            images = f["images"]
+            labels = f["labels"] if "labels" in keys else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(f"{path}: cannot read its arrays ({type(e).__name__}: {e}).") from e
+    images = to_uint8_images(images, path)
+    if labels is not None:
+        labels = check_labels(labels, len(images), path)
+    if config.limit:
+        images = images[: config.limit]
+        labels = None if labels is None else labels[: config.limit]
+    return SourceData(images=images, labels=labels, name=f"npz:{path}")

@@ -1,0 +1,72 @@
+"""Metrics to JSONL (``metrics.jsonl``) and TensorBoard, resumable.
+
+On resume from step s, entries with step > s (written after the last checkpoint by a
+run that was then killed) are dropped, so the log continues exactly where the restored
+state is, and the epsilon curve never restarts or repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    v = float(v) if hasattr(v, "__float__") else v
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsLog:
+    """Appends one JSON object per line; mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run.
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue  # A line cut by a crash.
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+    """All rows of ``metrics.jsonl``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,157 @@
+"""Privacy accounting: dp_accounting events, epsilon, and calibration of sigma.
+
+dp_accounting does the mathematics; this module builds the events that describe what
+dpjax actually does, and nothing else in dpjax computes an epsilon.
+
+Guarantees:
+* ``dpsgd_event`` describes T steps of the Poisson-subsampled Gaussian mechanism with
+  sampling rate q and noise multiplier sigma (noise std sigma*C on a sum of per-example
+  gradients each clipped to norm C), which is exactly what ``dp_step`` runs.
+* ``calibrate_noise_multiplier`` returns a sigma whose epsilon, under the chosen
+  accountant and neighbouring relation, is at most the target; it raises otherwise.
+* Every other release (a noised embedding, a private statistic) is an extra event that
+  is composed with the DP-SGD event in ``total_epsilon``; nothing private is free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+Accountant = Literal["rdp", "pld"]
+Relation = Literal["add_or_remove_one", "replace_one", "replace_special"]
+
+_RELATIONS = {
+    "add_or_remove_one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+    "replace_special": dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+}
+ACCOUNTANTS = ("rdp", "pld")
+
+
+class PrivacyError(ValueError):
+    """The privacy configuration is impossible or would exceed its budget."""
+
+
+def neighbouring_relation(name: str) -> dp_accounting.NeighboringRelation:
+    """The dp_accounting relation for a name in ``_RELATIONS``."""
+    if name not in _RELATIONS:
+        raise PrivacyError(f"Unknown neighbouring relation '{name}'; use one of {list(_RELATIONS)}.")
+    return _RELATIONS[name]
+
+
+def make_accountant(kind: str, relation: str = "add_or_remove_one") -> dp_accounting.PrivacyAccountant:
+    """A fresh accountant: RDP (dp_accounting's default orders) or PLD (discretization 1e-4)."""
+    rel = neighbouring_relation(relation)
+    if kind == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=rel)
+    if kind == "pld":
+        return pld.PLDAccountant(neighboring_relation=rel)
+    raise PrivacyError(f"Unknown accountant '{kind}'; use one of {list(ACCOUNTANTS)}.")
+
+
+def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """T self-composed Poisson-subsampled Gaussian steps (Abadi et al. 2016, Alg. 1).
+
+    ``steps == 0`` is the empty mechanism; ``noise_multiplier == inf`` is a step that
+    releases nothing about the data.
+    """
+    if steps < 0:
+        raise PrivacyError(f"steps must be >= 0, got {steps}.")
+    if steps == 0 or math.isinf(noise_multiplier):
+        return dp_accounting.NoOpDpEvent()
+    if not 0.0 < sampling_rate <= 1.0:
+        raise PrivacyError(f"sampling rate q must be in (0, 1], got {sampling_rate}.")
+    if noise_multiplier <= 0.0:
+        return dp_accounting.NonPrivateDpEvent()
+    step = dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def epsilon(
+    events: Sequence[dp_accounting.DpEvent],
+    delta: float,
+    kind: str = "rdp",
+    relation: str = "add_or_remove_one",
+) -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` (inf if any is non-private)."""
+    events = [e for e in events if not isinstance(e, dp_accounting.NoOpDpEvent)]
+    if not events:
+        return 0.0
+    if any(isinstance(e, dp_accounting.NonPrivateDpEvent) for e in events):
+        return math.inf
+    acc = make_accountant(kind, relation)
+    event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(list(events))
+    try:
+        acc.compose(event)
+    except dp_accounting.UnsupportedEventError as e:
+        raise PrivacyError(
+            f"The {kind.upper()} accountant cannot account for {event} under the "
+            f"'{relation}' relation ({e}). Try accountant='pld'."
+        ) from e
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    kind: str = "rdp",
+    relation: str = "add_or_remove_one",
+    extra_events: Sequence[dp_accounting.DpEvent] = (),
+    tol: float = 1e-4,
+) -> float:
+    """The smallest sigma (up to ``tol``) whose total epsilon is at most the target.
+
+    Uses dp_accounting's Brent search (``calibrate_dp_mechanism``) over the DP-SGD event
+    composed with ``extra_events``, then checks the result.
+
+    Raises:
+      PrivacyError: if the target is unreachable or the check fails.
+    """
+    if target_epsilon <= 0 or delta <= 0 or delta >= 1:
+        raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
+
+    def make_event(sigma: float) -> dp_accounting.DpEvent:
+        return dp_accounting.ComposedDpEvent(
+            [dpsgd_event(sigma, sampling_rate, steps), *extra_events]
+        )
+
+    if kind == "pld" and relation != "replace_one":
+        # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
+        # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
+        # the PLD search below the cheap RDP answer instead of searching from ~0.
+        hi = calibrate_noise_multiplier(
+            target_epsilon, delta, sampling_rate, steps, "rdp", relation, extra_events, tol
+        )
+        bracket = dp_accounting.ExplicitBracketInterval(0.5 * hi, hi)
+    else:
+        bracket = dp_accounting.LowerEndpointAndGuess(0.1, 1.0)
+    try:
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(kind, relation),
+            make_event,
+            target_epsilon,
+            delta,
+            bracket_interval=bracket,
+            tol=tol,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise PrivacyError(
+            f"Cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate}, "
+            f"T={steps} ({e})."
+        ) from e
+    sigma = float(sigma)
+    got = epsilon([make_event(sigma)], delta, kind, relation)
+    if not got <= target_epsilon:
+        raise PrivacyError(
+            f"Calibration returned sigma={sigma} with epsilon {got} > target {target_epsilon}."
+        )
+    return sigma

@@ -1,0 +1,100 @@
+"""The privacy report: what a run has spent, under both accountants, with every release.
+
+Releases other than DP-SGD steps (e.g. DP-MEPF's noised embedding) are recorded as
+JSON-serializable dicts and turned back into dp_accounting events here, so the report
+and the budget always compose the same list.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import dp_accounting
+
+from dpjax.privacy import accounting
+from dpjax.privacy.plan import DPPlan
+
+
+def release_event(release: dict[str, Any]) -> dp_accounting.DpEvent:
+    """The dp_accounting event of a recorded release.
+
+    Supported kinds: 'gaussian' (one Gaussian mechanism with ``noise_multiplier`` relative
+    to the release's sensitivity) and 'non_private' (a statistic of private data released
+    without noise: epsilon becomes infinite).
+    """
+    kind = release.get("kind")
+    if kind == "gaussian":
+        return dp_accounting.GaussianDpEvent(float(release["noise_multiplier"]))
+    if kind == "non_private":
+        return dp_accounting.NonPrivateDpEvent()
+    raise accounting.PrivacyError(f"Unknown release kind {kind!r} in {release}.")
+
+
+def epsilon_spent(
+    plan: DPPlan, steps_done: int, releases: list[dict[str, Any]] = (), kinds=("rdp", "pld")
+) -> dict[str, float]:
+    """Epsilon at ``plan.delta`` of ``steps_done`` DP-SGD steps composed with the releases."""
+    extra = [release_event(r) for r in releases]
+    out = {}
+    for kind in kinds:
+        if not plan.enabled:
+            out[kind] = math.inf
+            continue
+        try:
+            out[kind] = accounting.epsilon(
+                [plan.dp_event(steps_done), *extra], plan.delta, kind, plan.neighbouring
+            )
+        except accounting.PrivacyError:
+            out[kind] = math.nan  # This accountant does not support the relation.
+    return out
+
+
+def privacy_report(
+    plan: DPPlan, steps_done: int, method: str, releases: list[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A JSON-serializable report of the guarantee of a run."""
+    eps = epsilon_spent(plan, steps_done, list(releases))
+    return {
+        "method": method,
+        "private": plan.enabled,
+        "mechanism": "DP-SGD: Poisson-subsampled Gaussian, flat per-example clipping",
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": plan.clip_norm,
+        "sampling_rate": plan.sampling_rate,
+        "expected_batch_size": plan.expected_batch_size,
+        "num_examples": plan.num_examples,
+        "steps_planned": plan.steps,
+        "steps_done": int(steps_done),
+        "delta": plan.delta,
+        "target_epsilon": plan.target_epsilon,
+        "calibrated_with": plan.accountant,
+        "neighbouring_relation": plan.neighbouring,
+        "epsilon": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "releases": list(releases),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a short markdown document."""
+    eps = report["epsilon"]
+    lines = [
+        f"# Privacy report ({report['method']})",
+        "",
+        f"- private: {report['private']}",
+        f"- mechanism: {report['mechanism']}",
+        f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
+        f"- clip norm C: {report['clip_norm']}",
+        f"- sampling rate q: {report['sampling_rate']:.6g} "
+        f"(expected batch {report['expected_batch_size']:.1f} of N={report['num_examples']})",
+        f"- steps: {report['steps_done']} done of {report['steps_planned']} planned",
+        f"- delta: {report['delta']:g}",
+        f"- epsilon (RDP): {eps.get('rdp')}",
+        f"- epsilon (PLD): {eps.get('pld')}",
+        f"- target epsilon: {report['target_epsilon']} (sigma calibrated with "
+        f"{report['calibrated_with'].upper()})",
+        f"- neighbouring relation: {report['neighbouring_relation']}",
+        f"- other releases: {len(report['releases'])}",
+    ]
+    lines += [f"  - {r.get('description', r)}" for r in report["releases"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""Typed sections of a run's config (what train.py reads), and their conversion.
+
+Everything below ``train.py`` takes these frozen dataclasses, never a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from dpjax import typed_config
+from dpjax.data.config import DataConfig
+from dpjax.methods import get_method_module
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings. Give ``epsilon`` (sigma is calibrated) or ``noise_multiplier``."""
+
+    enabled: bool = True
+    epsilon: float | None = 10.0
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    batch_size: int = 4096  # expected batch size B; q = B / N
+    epochs: float = 300.0
+    steps: int = 0  # if > 0, overrides epochs
+    accountant: str = "rdp"  # 'rdp' or 'pld'
+    neighbouring: str = "add_or_remove_one"
+    microbatch_size: int = 64
+    clipping: str = "vmap"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings (optax)."""
+
+    name: str = "adam"  # 'adam', 'adamw' or 'sgd'
+    learning_rate: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings."""
+
+    ema_rate: float = 0.999
+    ema_warmup: bool = True
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    max_steps_per_run: int = 0  # stop this invocation after this many steps (0: no limit)
+    grid_samples: int = 100  # samples in the grid written at the end (0: none)
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Checkpoint-based sampling defaults (``--mode=sample``)."""
+
+    num: int = 60000
+    batch_size: int = 1000
+    png: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run."""
+
+    seed: int
+    method: str
+    method_args: Any
+    data: DataConfig
+    dp: DPConfig
+    optim: OptimConfig
+    train: TrainConfig
+    sample: SampleConfig
+    eval: Any = None
+
+
+def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
+    """Checks and converts a whole experiment config. Raises ConfigError on any bad key."""
+    d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for k in d:
+        if k not in known:
+            raise typed_config.ConfigError(
+                f"Unknown config section '{k}'.{typed_config.suggest(k, sorted(known))} "
+                f"Valid sections: {sorted(known)}."
+            )
+    for k in ("seed", "method", "data", "dp", "optim", "train"):
+        if k not in d:
+            raise typed_config.ConfigError(f"The config has no '{k}' section.")
+    module = get_method_module(d["method"])
+    return RunConfig(
+        seed=int(d["seed"]),
+        method=d["method"],
+        method_args=typed_config.from_configdict(
+            module.Config, d.get("method_args", {}), "method_args"
+        ),
+        data=typed_config.from_configdict(DataConfig, d["data"], "data"),
+        dp=typed_config.from_configdict(DPConfig, d["dp"], "dp"),
+        optim=typed_config.from_configdict(OptimConfig, d["optim"], "optim"),
+        train=typed_config.from_configdict(TrainConfig, d["train"], "train"),
+        sample=typed_config.from_configdict(SampleConfig, d.get("sample", {}), "sample"),
+        eval=d.get("eval"),
+    )
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """A JSON rendering of the experiment config (stored in the workdir)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

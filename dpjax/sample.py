@@ -1,0 +1,170 @@
+"""Checkpoint-based sampling: npz with labels, an optional PNG folder, a labelled grid.
+
+Sampling reads only the workdir's config, its public data spec and the EMA weights of
+a checkpoint; it never opens the private data (the data section of the config is not
+loaded). Samples are post-processing of the DP model and cost no privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dpjax import checkpoint as ckpt_lib
+from dpjax import run_config
+from dpjax.methods import get_method_module
+from dpjax.methods.base import DataSpec, Params
+from dpjax.randomness import Streams
+from dpjax.state import TrainState
+
+SPEC_FILE = "data_spec.json"
+
+
+def save_spec(workdir: str, spec: DataSpec) -> None:
+    """Records the public data spec (image shape, classes) next to the checkpoints."""
+    with open(os.path.join(workdir, SPEC_FILE), "w") as f:
+        json.dump({"image_shape": list(spec.image_shape), "num_classes": spec.num_classes}, f)
+
+
+def load_spec(workdir: str) -> DataSpec:
+    with open(os.path.join(workdir, SPEC_FILE)) as f:
+        d = json.load(f)
+    return DataSpec(tuple(d["image_shape"]), int(d["num_classes"]))
+
+
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+    """``n`` labels cycling through the classes (class-balanced up to one), int32."""
+    if num_classes <= 0:
+        return np.zeros((n,), np.int32)
+    return (np.arange(n) % num_classes).astype(np.int32)
+
+
+def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
+    """[-1, 1] floats to uint8 pixels (round to nearest, clipped)."""
+    x = np.asarray(images, np.float32)
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def generate(
+    method: Any,
+    params: Params,
+    spec: DataSpec,
+    key: jax.Array,
+    n: int,
+    batch_size: int = 1000,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` samples as uint8 (n, H, W, C) and their int32 labels (balanced by default).
+
+    Batches all have the same shape (the last one is padded and cut), so sampling 60k
+    images compiles the sampler once.
+    """
+    labels = balanced_labels(n, spec.num_classes) if labels is None else np.asarray(labels)
+    batch_size = max(1, min(batch_size, n))
+    sample_fn = jax.jit(lambda p, k, y: method.sample(p, k, batch_size, y))
+    out = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        y = labels[start : start + batch_size]
+        y_pad = np.concatenate([y, np.zeros((batch_size - len(y),), np.int32)])
+        imgs = sample_fn(params, jax.random.fold_in(key, i), jnp.asarray(y_pad))
+        out.append(to_uint8(imgs)[: len(y)])
+    return np.concatenate(out), labels.astype(np.int32)
+
+
+def grid_image(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Image.Image:
+    """A grid with one row per class (label written at the left) or a square grid."""
+    n, h, w, c = images.shape
+    pad, margin = 2, (24 if num_classes > 0 else 0)
+    if num_classes > 0:
+        rows = [images[labels == k] for k in range(num_classes)]
+        cols = max(len(r) for r in rows)
+    else:
+        cols = int(np.ceil(np.sqrt(n)))
+        rows = [images[i : i + cols] for i in range(0, n, cols)]
+    canvas = Image.new(
+        "RGB", (margin + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y0 = pad + r * (h + pad)
+        if num_classes > 0:
+            draw.text((4, y0 + h // 2 - 5), str(r), fill="black")
+        for j, img in enumerate(row):
+            tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
+            canvas.paste(tile, (margin + pad + j * (w + pad), y0))
+    return canvas
+
+
+def write_grid(
+    method: Any, params: Params, spec: DataSpec, key: jax.Array, n: int, path: str
+) -> str:
+    """Samples ``n`` images (class-balanced) and writes a labelled grid PNG to ``path``."""
+    images, labels = generate(method, params, spec, key, n, batch_size=n)
+    grid_image(images, labels, spec.num_classes).save(path)
+    return path
+
+
+def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool) -> str:
+    """Writes ``samples.npz`` (images uint8 NHWC, labels) and optionally a PNG folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "samples.npz")
+    np.savez_compressed(path, images=images, labels=labels)
+    if png:
+        for i, (img, y) in enumerate(zip(images, labels)):
+            d = os.path.join(out_dir, "png", str(int(y)))
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+                os.path.join(d, f"{i:06d}.png")
+            )
+    return path
+
+
+def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Params, DataSpec, Any, int]:
+    """(method, EMA params, spec, run config, step) from a workdir, without private data."""
+    from dpjax.train import make_optimizer  # Local import: train imports this module.
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ckpt_lib.CheckpointError(f"{workdir} holds no dpjax run (no config.json).")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    cfg = run_config.from_configdict(config)
+    spec = load_spec(workdir)
+    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
+    opt = make_optimizer(cfg.optim)
+    template = TrainState(
+        jnp.zeros((), jnp.int32),
+        params.trainable,
+        params.frozen,
+        jax.eval_shape(opt.init, params.trainable),
+        params.trainable,
+    )
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    state, _ = checkpointer.restore(template, step)
+    checkpointer.close()
+    return method, Params(state.ema, state.frozen), spec, cfg, int(state.step)
+
+
+def sample_from_workdir(
+    workdir: str, num: int, out_dir: str | None = None, png: bool = False, seed: int = 0,
+    batch_size: int = 1000,
+) -> str:
+    """``--mode=sample``: samples from the latest checkpoint's EMA weights into ``out_dir``."""
+    method, params, spec, cfg, step = load_trained(workdir)
+    out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step}")
+    key = jax.random.fold_in(Streams.from_seed(cfg.seed).sample, 1_000_000 + seed)
+    images, labels = generate(method, params, spec, key, num, batch_size)
+    path = write_samples(images, labels, out_dir, png)
+    n_grid = min(num, 10 * max(spec.num_classes, 1) if spec.num_classes else 100)
+    grid_image(images[:n_grid], labels[:n_grid], spec.num_classes).save(
+        os.path.join(out_dir, "samples_grid.png")
+    )
+    return path

@@ -1,0 +1,347 @@
+"""THE train loop of dpjax, read top to bottom: setup, restore, step loop, log, checkpoint.
+
+Every method trains through ``train``. The privacy contract it enforces:
+* the DP plan (q, sigma, C, T, delta) is fixed before the first step, written to
+  ``dp_plan.json`` and into every checkpoint, and a resumed run must have the same plan;
+* no step past ``plan.steps`` is ever run (the budget);
+* the epsilon spent is recomputed from the steps done and written with every checkpoint.
+Fault tolerance: checkpoints are atomic; a run killed at any point resumes from the
+last checkpoint and ends bit-identical to an uninterrupted run (batches and keys depend
+only on (seed, step)); a non-finite update stops the run before it is checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpjax import checkpoint as ckpt_lib
+from dpjax import data as data_lib
+from dpjax import metrics_log, run_config, sample
+from dpjax.methods import get_method_module
+from dpjax.methods.base import DataSpec, Params, count_params
+from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import report as report_lib
+from dpjax.privacy.accounting import PrivacyError
+from dpjax.privacy.dp_step import make_train_step
+from dpjax.privacy.sampling import PoissonSampler
+from dpjax.randomness import DATA_STREAM, Streams
+from dpjax.state import TrainState
+
+MIN_FREE_BYTES = 50 * 2**20
+# Sections whose change on resume would change what is trained or its privacy.
+RESUME_LOCKED_SECTIONS = ("seed", "method", "method_args", "data", "dp", "optim")
+
+
+class BudgetExceededError(PrivacyError):
+    """A step past the planned number of DP steps was requested."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the update became NaN/inf; the step is named in the message."""
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be used (not writable, disk full, or holds another run)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything ``setup`` builds: what the loop, sampling and export need."""
+
+    config: run_config.RunConfig
+    workdir: str
+    method: Any
+    spec: DataSpec
+    plan: plan_lib.DPPlan
+    streams: Streams
+    state: TrainState
+    checkpointer: ckpt_lib.Checkpointer
+    releases: list[dict[str, Any]]
+
+
+def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Creates ``workdir`` and fails early, clearly, if it is unwritable or the disk is full."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"Workdir {workdir} is not writable: {e.strerror or e}.") from e
+    free = shutil.disk_usage(workdir).free
+    if free < min_free_bytes:
+        raise WorkdirError(
+            f"Only {free / 2**20:.1f} MiB free under {workdir}; need at least "
+            f"{min_free_bytes / 2**20:.0f} MiB for checkpoints. Free space or pick another workdir."
+        )
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """On resume, the sections that define the run must equal the stored ones."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(run_config.config_to_json(config))
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            f.write(run_config.config_to_json(config))
+        os.replace(path + ".tmp", path)
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = []
+    for section in RESUME_LOCKED_SECTIONS:
+        if old.get(section) != new.get(section):
+            a, b = old.get(section), new.get(section)
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+            else:
+                diffs.append(f"{section}: {a!r} -> {b!r}")
+    if diffs:
+        raise ckpt_lib.CheckpointError(
+            f"Workdir {workdir} holds a run with a different config; refusing to resume it "
+            f"with: {'; '.join(diffs)}. Use a new --workdir (the existing checkpoints are untouched)."
+        )
+
+
+def make_optimizer(cfg: run_config.OptimConfig) -> optax.GradientTransformation:
+    """The optax optimizer of the config (Adam by default, as DPDM)."""
+    lr: Any = cfg.learning_rate
+    if cfg.warmup_steps > 0:
+        lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    if cfg.name == "adam":
+        return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.name == "adamw":
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return optax.sgd(lr)
+    raise ValueError(f"Unknown optimizer '{cfg.name}'; use 'adam', 'adamw' or 'sgd'.")
+
+
+def resolve_plan(cfg: run_config.RunConfig, num_examples: int, workdir: str) -> plan_lib.DPPlan:
+    """The run's plan: the stored one on resume (checked against the config), else a new one."""
+    dp = cfg.dp
+    path = os.path.join(workdir, "dp_plan.json")
+    q = dp.batch_size / num_examples
+    steps = dp.steps if dp.steps > 0 else int(dp.epochs / q) if q <= 1 else 0
+    if os.path.exists(path):
+        stored, _ = plan_lib.load_plan(path)
+        expected = {
+            "num_examples": num_examples,
+            "sampling_rate": q,
+            "clip_norm": dp.clip_norm,
+            "delta": dp.delta,
+            "accountant": dp.accountant,
+            "neighbouring": dp.neighbouring,
+            "enabled": dp.enabled,
+        }
+        for k, v in expected.items():
+            s = getattr(stored, k)
+            same = math.isclose(s, v, rel_tol=1e-12) if isinstance(v, float) else s == v
+            if not same:
+                raise PrivacyError(
+                    f"{path} was planned with {k}={s!r} but the config gives {v!r}; refusing to "
+                    "resume under a different privacy plan. Use a new workdir."
+                )
+        if steps > stored.steps:
+            raise BudgetExceededError(
+                f"The privacy plan in {path} allows {stored.steps} steps (epsilon "
+                f"{stored.target_epsilon}); the config asks for {steps}. Training past the "
+                "budget is refused: start a new run with a new plan instead."
+            )
+        return stored
+    plan = plan_lib.make_plan(
+        num_examples=num_examples,
+        batch_size=dp.batch_size,
+        delta=dp.delta,
+        clip_norm=dp.clip_norm,
+        epochs=dp.epochs,
+        steps=dp.steps,
+        epsilon=dp.epsilon if dp.noise_multiplier is None else None,
+        noise_multiplier=dp.noise_multiplier,
+        accountant=dp.accountant,
+        neighbouring=dp.neighbouring,
+        enabled=dp.enabled,
+    )
+    plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
+    return plan
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[Run, Any]:
+    """Builds the run and restores the latest checkpoint. Returns (run, private dataset)."""
+    cfg = run_config.from_configdict(config)
+    check_workdir(workdir)
+    dataset = data_lib.load(cfg.data)
+    if cfg.dp.microbatch_size <= 0:
+        raise ValueError("dp.microbatch_size must be > 0.")
+    check_resume_config(workdir, config)
+    plan = resolve_plan(cfg, len(dataset), workdir)
+    spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
+    sample.save_spec(workdir, spec)
+    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    streams = Streams.from_seed(cfg.seed)
+    params: Params = method.init(streams.init, spec)
+    optimizer = make_optimizer(cfg.optim)
+    state = TrainState.create(params.trainable, params.frozen, optimizer.init(params.trainable))
+    log(
+        f"[dpjax] {cfg.method}: {count_params(params.trainable):,} trainable parameters, "
+        f"{count_params(params.frozen):,} frozen; data {dataset.name}: {len(dataset)} x "
+        f"{dataset.image_shape}"
+    )
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
+    )
+    releases: list[dict[str, Any]] = []
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state)
+        stored = plan_lib.DPPlan.from_dict(meta["plan"])
+        if not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
+            raise ckpt_lib.CheckpointError(
+                f"The latest checkpoint was written under plan {meta['plan']}, not the workdir's "
+                f"dp_plan.json {plan.to_dict()}; refusing to mix them."
+            )
+        releases = list(meta.get("releases", []))
+        log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
+    return Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases), dataset
+
+
+def _meta(run: Run, steps_done: int) -> dict[str, Any]:
+    eps = report_lib.epsilon_spent(run.plan, steps_done, run.releases)
+    return {
+        "plan": run.plan.to_dict(),
+        "steps_done": steps_done,
+        "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "releases": run.releases,
+        "method": run.config.method,
+    }
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Checkpoint, then the plan file with the epsilon now spent (both atomic)."""
+    steps_done = int(state.step)
+    meta = _meta(run, steps_done)
+    run.checkpointer.save(steps_done, state, meta)
+    plan_lib.save_plan(
+        os.path.join(run.workdir, "dp_plan.json"),
+        run.plan,
+        {k: v for k, v in meta.items() if k != "plan"},
+    )
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
+    """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps."""
+    run, dataset = setup(config, workdir, log)
+    cfg, plan = run.config, run.plan
+    state = run.state
+    start = int(state.step)
+    end = plan.steps
+    if cfg.train.max_steps_per_run > 0:
+        end = min(end, start + cfg.train.max_steps_per_run)
+    eps_target = plan.target_epsilon
+    log(
+        f"[dpjax] plan: q={plan.sampling_rate:.5g} (E[B]={plan.expected_batch_size:.1f}), "
+        f"sigma={plan.noise_multiplier:.5g}, C={plan.clip_norm}, T={plan.steps}, "
+        f"delta={plan.delta:g}, target epsilon={eps_target} ({plan.accountant})"
+        if plan.enabled
+        else f"[dpjax] NON-PRIVATE training for {plan.steps} steps (public data only)"
+    )
+    sampler = PoissonSampler(
+        plan.num_examples, plan.sampling_rate, seed=cfg.seed * 1_000_003 + DATA_STREAM,
+        multiple=cfg.dp.microbatch_size,
+    )
+    step_fn = make_train_step(
+        run.method,
+        make_optimizer(cfg.optim),
+        plan,
+        microbatch_size=cfg.dp.microbatch_size,
+        ema_rate=cfg.train.ema_rate,
+        ema_warmup=cfg.train.ema_warmup,
+        clipping_impl=cfg.dp.clipping,
+    )
+    images = jnp.asarray(dataset.images)
+    labels = jnp.asarray(dataset.labels)
+    logger = metrics_log.MetricsLog(workdir, resume_step=start)
+    bar = _progress(plan.steps, start, cfg.train.progress)
+    t0, last_saved = time.time(), start
+    try:
+        for t in range(start, end):
+            if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
+                raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
+            batch = sampler.batch(t)
+            state, metrics = step_fn(
+                state, images, labels, batch.indices, batch.mask, batch.num_real, run.streams
+            )
+            m = jax.device_get(metrics)
+            if not (np.isfinite(m["update_norm"]) and np.isfinite(m["private_loss_nonprivate"])):
+                raise NonFiniteError(
+                    f"Non-finite loss/update at step {t} (loss {m['private_loss_nonprivate']}, "
+                    f"update norm {m['update_norm']}, {int(m['nonfinite_examples'])} non-finite "
+                    f"examples). Nothing was checkpointed after step {last_saved}; lower the "
+                    "learning rate or check the data."
+                )
+            done = t + 1
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.train.log_every == 0 or done == end:
+                eps = plan.epsilon(done, "rdp") if plan.enabled else math.inf
+                row = {k: float(v) for k, v in m.items()}
+                row.update(epsilon_rdp=eps, steps_per_s=(done - start) / (time.time() - t0))
+                logger.write(done, row)
+                if bar is not None:
+                    bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row['private_loss_nonprivate']:.4g}")
+            if done % cfg.train.ckpt_every == 0 or done == end:
+                save_checkpoint(run, state)
+                last_saved = done
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    final = int(state.step)
+    if final == start and start > 0:
+        log(f"[dpjax] nothing to do: {final} of {plan.steps} planned steps already done.")
+    write_privacy_report(run, final)
+    if final > start and cfg.train.grid_samples > 0:
+        path = sample.write_grid(
+            run.method,
+            Params(state.ema, state.frozen),
+            run.spec,
+            jax.random.fold_in(run.streams.sample, final),
+            cfg.train.grid_samples,
+            os.path.join(workdir, "samples_grid.png"),
+        )
+        log(f"[dpjax] sample grid (EMA weights, step {final}): {path}")
+    run.checkpointer.close()
+    return state
+
+
+def write_privacy_report(run: Run, steps_done: int) -> dict[str, Any]:
+    """Writes privacy_report.json and privacy_report.md to the workdir."""
+    rep = report_lib.privacy_report(run.plan, steps_done, run.config.method, run.releases)
+    with open(os.path.join(run.workdir, "privacy_report.json"), "w") as f:
+        json.dump(rep, f, indent=2)
+    with open(os.path.join(run.workdir, "privacy_report.md"), "w") as f:
+        f.write(report_lib.report_markdown(rep))
+    return rep

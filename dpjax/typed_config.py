@@ -1,0 +1,118 @@
+"""Config sections as typed frozen dataclasses.
+
+Experiments are ml_collections ConfigDicts (runnable documentation, command-line
+overrides). Below ``train.py`` nothing reads a ConfigDict: each section is turned into a
+frozen dataclass here, so that a missing, extra or mistyped key fails at start-up with a
+message that names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, TypeVar
+
+import ml_collections
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type."""
+
+
+def to_configdict(instance: Any) -> ml_collections.ConfigDict:
+    """A ConfigDict holding the fields of a dataclass instance (nested dataclasses too)."""
+    out = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_configdict(value)
+        elif isinstance(value, tuple):
+            value = tuple(value)
+        out[f.name] = value
+    return ml_collections.ConfigDict(out)
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Checks ``value`` against a (simple) type hint, converting lists to tuples."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}.")
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{where}: expected a tuple, got {value!r}.")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        return tuple(value)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {list(typing.get_args(hint))}."
+            )
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected True or False, got {value!r}.")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_configdict(hint, value, where)
+    return value
+
+
+def from_configdict(cls: type[T], section: Any, where: str = "config") -> T:
+    """Builds dataclass ``cls`` from a ConfigDict (or dict), checking every key and type.
+
+    Raises:
+      ConfigError: for an unknown key (with a suggestion), or a value of the wrong type.
+    """
+    if isinstance(section, ml_collections.ConfigDict):
+        section = section.to_dict()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a section, got {section!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in section if k not in names]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(
+            f"Unknown config key '{where}.{k}'.{suggest(k, names)} Valid keys: {sorted(names)}."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in section.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e

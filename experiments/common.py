@@ -1,0 +1,96 @@
+"""The locked base config every experiment overrides, and the string-argument parser.
+
+Usage in an experiment file::
+
+    def get_config(arg: str = "") -> ml_collections.ConfigDict:
+        args = common.parse_args(arg, {"eps": 10.0, "smoke": False})
+        c = common.base_config("dpdm", dpdm.Config())
+        ...  # overrides
+        return common.finalize(c, args)
+
+The config is locked by ``finalize``: assigning a key that the base does not have (a
+typo) raises at once, and so does an unknown ``key=value`` in the argument string.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any
+
+import ml_collections
+
+from dpjax import run_config
+from dpjax.data.config import DataConfig
+from dpjax.typed_config import ConfigError, to_configdict
+
+
+def base_config(method: str, method_config: Any) -> ml_collections.ConfigDict:
+    """All sections with their defaults; ``method_config`` is the method's Config()."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = method
+    c.method_args = to_configdict(method_config)
+    c.data = to_configdict(DataConfig())
+    c.dp = to_configdict(run_config.DPConfig())
+    c.optim = to_configdict(run_config.OptimConfig())
+    c.train = to_configdict(run_config.TrainConfig())
+    c.sample = to_configdict(run_config.SampleConfig())
+    c.eval = ml_collections.ConfigDict()
+    return c
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_args(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Parses 'eps=1,smoke' into a dict over ``defaults``; a bare name means True.
+
+    Raises:
+      ConfigError: for a name not in ``defaults`` (with a suggestion and the valid names).
+    """
+    out = dict(defaults)
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown experiment argument '{name}'.{hint} Valid arguments: "
+                f"{', '.join(f'{k}={v!r}' for k, v in defaults.items())}."
+            )
+        out[name] = True if not _ == "=" else _parse_value(value.strip())
+    return out
+
+
+def smoke_overrides(c: ml_collections.ConfigDict, num_classes: int = 10,
+                    image_shape: tuple[int, int, int] = (28, 28, 1)) -> None:
+    """Fake data, 2 DP steps, tiny batches: what the test suite runs for every experiment."""
+    c.data.source = "fake"
+    c.data.num_classes = num_classes
+    c.data.fake_num_examples = 64
+    c.data.fake_image_shape = image_shape
+    c.data.limit = 0
+    c.data.image_size = 0
+    c.data.center_crop = 0
+    c.dp.batch_size = 8
+    c.dp.steps = 2
+    c.dp.microbatch_size = 4
+    c.train.log_every = 1
+    c.train.ckpt_every = 2
+    c.train.grid_samples = max(num_classes, 4)
+    c.train.progress = False
+    c.sample.num = 8
+    c.sample.batch_size = 8
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locks the config (typos become errors) and checks it converts to typed sections."""
+    c.lock()
+    run_config.from_configdict(c)
+    return c

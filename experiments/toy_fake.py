@@ -1,0 +1,30 @@
+"""A toy per-class Gaussian trained with DP-SGD on fake data: the engine's fastest run.
+
+Command::
+
+    python -m dpjax.main --config=experiments/toy_fake.py --workdir=/tmp/toy
+
+Expected: epsilon as configured (default 10 at delta=1e-5), seconds on a CPU.
+"""
+
+import ml_collections
+
+from dpjax.methods import toy
+from experiments import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    args = common.parse_args(arg, {"eps": 10.0, "steps": 20, "smoke": False, "K": 2})
+    c = common.base_config("toy", toy.Config(noise_multiplicity=int(args["K"])))
+    c.data.source = "fake"
+    c.data.fake_num_examples = 512
+    c.dp.epsilon = float(args["eps"])
+    c.dp.batch_size = 64
+    c.dp.steps = int(args["steps"])
+    c.dp.microbatch_size = 16
+    c.train.log_every = 5
+    c.train.ckpt_every = 5
+    c.train.grid_samples = 20
+    if args["smoke"]:
+        common.smoke_overrides(c)
+    return common.finalize(c)

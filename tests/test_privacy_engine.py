@@ -1,0 +1,243 @@
+"""The DP engine's guarantees: clipping, sensitivity, masking, noise, scaling, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpjax.methods import toy
+from dpjax.methods.base import DataSpec
+from dpjax.privacy import clipping, noise
+from dpjax.privacy.dp_step import example_keys, make_train_step
+from dpjax.privacy.plan import DPPlan
+from dpjax.privacy.sampling import PoissonSampler
+from dpjax.randomness import Streams
+from dpjax.state import TrainState
+
+C = 0.5
+SPEC = DataSpec((4, 4, 1), 3)
+
+
+def _method(k=4):
+    return toy.make(toy.Config(noise_multiplicity=k, input_noise=0.3), SPEC)
+
+
+def _params(method, seed=0):
+    p = method.init(jax.random.key(0), SPEC)
+    rng = np.random.default_rng(seed)
+    # Random parameters so that gradients are large and differ per example.
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 2, x.dtype),
+                                  p.trainable)
+
+
+def _data(n=8, seed=1, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, 4, 4, 1)) * scale, jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 3, size=n), jnp.int32),
+    }
+
+
+def _keys(n, offset=0):
+    return example_keys(jax.random.key(7), jnp.arange(offset, offset + n))
+
+
+def _flat(tree):
+    return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _sum(method, trainable, ex, mask, keys, m=4, clip=C):
+    return clipping.clipped_grad_sum(
+        method.loss_per_example, trainable, {}, ex, mask, keys, clip_norm=clip, microbatch_size=m
+    )
+
+
+def _contribution(method, trainable, ex, keys, i):
+    """Example i's clipped gradient alone (mask selects only row i)."""
+    n = ex["label"].shape[0]
+    mask = jnp.arange(n) == i
+    return _flat(_sum(method, trainable, ex, mask, keys).grad_sum)
+
+
+def test_every_clipped_per_example_norm_is_at_most_c():
+    method = _method()
+    tr = _params(method)
+    ex = _data()
+    keys = _keys(8)
+    res = _sum(method, tr, ex, jnp.ones(8, bool), keys)
+    assert 0 < int(res.num_clipped) < 8, "test needs gradients above and below C"
+    for i in range(8):
+        n = float(jnp.linalg.norm(_contribution(method, tr, ex, keys, i)))
+        assert n <= C * (1 + 1e-5), (i, n)
+        # Clipped rows have norm exactly C; the others keep their own norm.
+        assert n == pytest.approx(min(C, float(res.norms[i])), rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_sensitivity_replace_remove_pad(k):
+    """Two parameter groups (mean, log_scale) under ONE clip, K noise draws inside the loss."""
+    method = _method(k)
+    tr = _params(method)
+    assert len(jax.tree_util.tree_leaves(tr)) == 2
+    ex = _data()
+    keys = _keys(8)
+    full = _flat(_sum(method, tr, ex, jnp.ones(8, bool), keys).grad_sum)
+    # Remove example 3 (add/remove neighbour): keys of the others are unchanged.
+    keep = np.array([i for i in range(8) if i != 3])
+    ex_rm = jax.tree_util.tree_map(lambda x: jnp.concatenate([x[keep], x[:1]]), ex)
+    keys_rm = jnp.concatenate([keys[keep], keys[:1]])
+    mask_rm = jnp.arange(8) < 7
+    removed = _flat(_sum(method, tr, ex_rm, mask_rm, keys_rm).grad_sum)
+    assert float(jnp.linalg.norm(full - removed)) <= clipping.sensitivity(C) * (1 + 1e-5)
+    # Pad out example 3 (zero-out / replace-special neighbour).
+    mask_pad = jnp.arange(8) != 3
+    padded = _flat(_sum(method, tr, ex, mask_pad, keys).grad_sum)
+    assert float(jnp.linalg.norm(full - padded)) <= C * (1 + 1e-5)
+    # Replace example 3 by a wildly different one.
+    ex_rep = {
+        "image": ex["image"].at[3].set(-50.0),
+        "label": ex["label"].at[3].set((ex["label"][3] + 1) % 3),
+    }
+    replaced = _flat(_sum(method, tr, ex_rep, jnp.ones(8, bool), keys).grad_sum)
+    diff = float(jnp.linalg.norm(full - replaced))
+    assert diff <= clipping.sensitivity(C, "replace_one") * (1 + 1e-5)
+    assert diff > C * 0.5  # The replaced example did change the sum.
+
+
+def test_perturbing_one_example_leaves_the_others_unchanged():
+    method = _method()
+    tr = _params(method)
+    ex = _data()
+    keys = _keys(8)
+    ex2 = {"image": ex["image"].at[5].multiply(-7.0), "label": ex["label"]}
+    for i in range(8):
+        a = _contribution(method, tr, ex, keys, i)
+        b = _contribution(method, tr, ex2, keys, i)
+        if i == 5:
+            assert not np.allclose(a, b)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_padding_and_nan_rows_contribute_exactly_zero():
+    method = _method()
+    tr = _params(method)
+    ex = _data()
+    keys = _keys(8)
+    mask = jnp.arange(8) < 5
+    ref = _sum(method, tr, ex, mask, keys)
+    garbage = {"image": ex["image"].at[5:].set(1e30), "label": ex["label"]}
+    out = _sum(method, tr, garbage, mask, keys)
+    np.testing.assert_array_equal(np.asarray(_flat(ref.grad_sum)), np.asarray(_flat(out.grad_sum)))
+    # A NaN example among real ones is dropped, reported, and equals a padded row.
+    nan_ex = {"image": ex["image"].at[2].set(jnp.nan), "label": ex["label"]}
+    res_nan = _sum(method, tr, nan_ex, jnp.ones(8, bool), keys)
+    res_pad = _sum(method, tr, ex, jnp.arange(8) != 2, keys)
+    assert int(res_nan.num_nonfinite) == 1 and int(res_nan.num_valid) == 7
+    assert bool(jnp.all(jnp.isfinite(_flat(res_nan.grad_sum))))
+    np.testing.assert_array_equal(
+        np.asarray(_flat(res_nan.grad_sum)), np.asarray(_flat(res_pad.grad_sum))
+    )
+
+
+def test_microbatching_equals_one_big_batch():
+    method = _method()
+    tr = _params(method)
+    ex = _data(n=12)
+    keys = _keys(12)
+    mask = jnp.arange(12) < 10
+    a = _sum(method, tr, ex, mask, keys, m=12)
+    b = _sum(method, tr, ex, mask, keys, m=2)
+    c = clipping.clipped_grad_sum(method.loss_per_example, tr, {}, ex, mask, keys,
+                                  clip_norm=C, microbatch_size=2, num_real=10)
+    for r in (b, c):
+        np.testing.assert_allclose(_flat(a.grad_sum), _flat(r.grad_sum), rtol=1e-5, atol=1e-6)
+        assert int(r.num_valid) == 10
+    np.testing.assert_allclose(a.norms[:10], c.norms[:10], rtol=1e-5)
+    assert bool(jnp.all(jnp.isnan(c.norms[10:])))
+
+
+def test_noise_std_is_sigma_times_c():
+    sigma = 1.7
+    zeros = {"a": jnp.zeros((50, 40)), "b": jnp.zeros((1000,))}
+    draws = jnp.stack([_flat(noise.add_gaussian_noise(zeros, jax.random.key(i), sigma * C))
+                       for i in range(40)])
+    assert float(jnp.std(draws)) == pytest.approx(sigma * C, rel=0.01)
+    assert abs(float(jnp.mean(draws))) < 0.01
+    # Different keys give different noise; the same key the same noise.
+    a = noise.add_gaussian_noise(zeros, jax.random.key(1), 1.0)
+    b = noise.add_gaussian_noise(zeros, jax.random.key(1), 1.0)
+    np.testing.assert_array_equal(_flat(a), _flat(b))
+    assert not np.allclose(_flat(a), draws[2] / (sigma * C))
+
+
+def _step_setup(sigma, n=40, q=0.25):
+    method = _method()
+    plan = DPPlan(num_examples=n, sampling_rate=q, noise_multiplier=sigma, clip_norm=C,
+                  steps=10, delta=1e-5)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, size=(n, 4, 4, 1)), jnp.uint8)
+    labels = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+    tr = _params(method)
+    opt = optax.sgd(1.0)
+    state = TrainState.create(jax.tree_util.tree_map(jnp.copy, tr), {}, opt.init(tr))
+    step = make_train_step(method, opt, plan, microbatch_size=4, ema_rate=0.9)
+    sampler = PoissonSampler(n, q, seed=3, multiple=4)
+    return method, plan, images, labels, tr, state, step, sampler
+
+
+def test_update_divides_by_expected_batch_size_not_realized():
+    method, plan, images, labels, tr, state, step, sampler = _step_setup(sigma=0.0)
+    batch = next(b for b in map(sampler.batch, range(20)) if b.num_real != 10)
+    assert batch.num_real != plan.expected_batch_size
+    streams = Streams.from_seed(0)
+    new, metrics = step(state, images, labels, batch.indices, batch.mask, batch.num_real, streams)
+    from dpjax.privacy.dp_step import gather_examples
+
+    ex = gather_examples(images, labels, jnp.asarray(batch.indices))
+    keys = example_keys(jax.random.fold_in(streams.loss, 0), jnp.asarray(batch.indices))
+    ref = _sum(method, tr, ex, jnp.asarray(batch.mask), keys).grad_sum
+    expected = jax.tree_util.tree_map(lambda p, g: p - g / plan.expected_batch_size, tr, ref)
+    np.testing.assert_allclose(_flat(new.trainable), _flat(expected), rtol=1e-5, atol=1e-6)
+    assert int(metrics["batch_size"]) == batch.num_real
+
+
+def test_step_noise_has_std_sigma_c_over_nq():
+    sigma = 3.0
+    method, plan, images, labels, tr, state, step, sampler = _step_setup(sigma=sigma)
+    batch = sampler.batch(0)
+    # Same state and batch, noise seed varies through the streams: the update's spread is
+    # the noise alone.
+    ups = []
+    for s in range(12):
+        st = TrainState.create(jax.tree_util.tree_map(jnp.copy, tr), {}, optax.sgd(1.0).init(tr))
+        streams = Streams.from_seed(0)
+        streams = Streams(streams.init, streams.loss, jax.random.key(100 + s), streams.sample,
+                          streams.extra)
+        new, _ = step(st, images, labels, batch.indices, batch.mask, batch.num_real, streams)
+        ups.append(_flat(new.trainable))
+    spread = float(jnp.std(jnp.stack(ups), axis=0).mean())
+    expected = sigma * C / plan.expected_batch_size
+    assert spread == pytest.approx(expected * np.sqrt(11 / 12), rel=0.1)
+
+
+def test_sampler_rate_padding_and_determinism():
+    n, q = 5000, 0.03
+    s = PoissonSampler(n, q, seed=11, multiple=32)
+    sizes = [s.batch(t).num_real for t in range(300)]
+    assert np.mean(sizes) == pytest.approx(n * q, rel=0.02)
+    counts = np.zeros(n)
+    for t in range(300):
+        counts[s.indices(t)] += 1
+    assert counts.mean() / 300 == pytest.approx(q, rel=0.02)
+    b = s.batch(17)
+    assert b.indices.shape[0] % 32 == 0 and b.indices.shape[0] >= b.num_real
+    assert np.all(b.indices[b.num_real:] == -1) and not b.mask[b.num_real:].any()
+    np.testing.assert_array_equal(b.indices, PoissonSampler(n, q, seed=11, multiple=32).batch(17).indices)
+    assert not np.array_equal(s.indices(17), s.indices(18))
+    assert not np.array_equal(s.indices(17), PoissonSampler(n, q, seed=12).indices(17))
+    # Every padded batch shape is the same except with negligible probability.
+    assert len({s.batch(t).indices.shape for t in range(300)}) == 1
+    # A batch larger than the base size is padded up, never truncated.
+    assert s.padded_size(s.base_size + 1) == s.base_size + 32
