@@ -15,8 +15,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/dpdm_fmnist.py:eps=1", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs, samples).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file, e.g. experiments/dpdm_fmnist.py:eps=1", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory of the run (checkpoints, logs, samples)."
+)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
 _NUM = flags.DEFINE_integer("num", None, "--mode=sample: number of samples (default: config).")
 _PNG = flags.DEFINE_boolean("png", False, "--mode=sample: also write a PNG folder.")
@@ -32,8 +36,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dpjax.train import NonFiniteError, WorkdirError
     from dpjax.typed_config import ConfigError
 
-    return (ConfigError, DataError, PrivacyError, CheckpointError, NonFiniteError,
-            WorkdirError, FileNotFoundError)
+    return (
+        ConfigError,
+        DataError,
+        PrivacyError,
+        CheckpointError,
+        NonFiniteError,
+        WorkdirError,
+        FileNotFoundError,
+    )
 
 
 def run(argv: list[str]) -> None:
@@ -53,12 +64,16 @@ def run(argv: list[str]) -> None:
         num = _NUM.value
         if num is None:
             from dpjax.sample import load_spec  # noqa: F401  (spec check happens in sample)
+
             num = 60000
         path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value)
         print(f"[dpjax] wrote {path}")
 
 
 def main(argv: list[str]) -> None:
+    from dpjax import log_setup
+
+    log_setup.quiet()
     try:
         run(argv)
     except user_errors() as e:

@@ -126,35 +126,50 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     return path
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Params, DataSpec, Any, int]:
-    """(method, EMA params, spec, run config, step) from a workdir, without private data."""
-    from dpjax.train import make_optimizer  # Local import: train imports this module.
-
+def load_run_config(workdir: str) -> run_config.RunConfig:
+    """The typed config stored in a workdir (no private data is read)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ckpt_lib.CheckpointError(f"{workdir} holds no dpjax run (no config.json).")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    cfg = run_config.from_configdict(config)
+        return run_config.from_configdict(ml_collections.ConfigDict(json.load(f)))
+
+
+def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainState, DataSpec, Any]:
+    """(method, full TrainState, spec, run config) of a workdir's checkpoint ``step``."""
+    from dpjax.train import make_optimizer  # Local import: train imports this module.
+
+    cfg = load_run_config(workdir)
     spec = load_spec(workdir)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
-    opt = make_optimizer(cfg.optim)
     template = TrainState(
-        jnp.zeros((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
         params.trainable,
         params.frozen,
-        jax.eval_shape(opt.init, params.trainable),
+        jax.eval_shape(make_optimizer(cfg.optim).init, params.trainable),
         params.trainable,
     )
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    state, _ = checkpointer.restore(template, step)
-    checkpointer.close()
+    try:
+        state, _ = checkpointer.restore(template, step)
+    finally:
+        checkpointer.close()
+    return method, state, spec, cfg
+
+
+def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Params, DataSpec, Any, int]:
+    """(method, EMA params, spec, run config, step) from a workdir, without private data."""
+    method, state, spec, cfg = restore_state(workdir, step)
     return method, Params(state.ema, state.frozen), spec, cfg, int(state.step)
 
 
 def sample_from_workdir(
-    workdir: str, num: int, out_dir: str | None = None, png: bool = False, seed: int = 0,
+    workdir: str,
+    num: int,
+    out_dir: str | None = None,
+    png: bool = False,
+    seed: int = 0,
     batch_size: int = 1000,
 ) -> str:
     """``--mode=sample``: samples from the latest checkpoint's EMA weights into ``out_dir``."""

@@ -113,7 +113,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     if diffs:
         raise ckpt_lib.CheckpointError(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "
-            f"with: {'; '.join(diffs)}. Use a new --workdir (the existing checkpoints are untouched)."
+            f"with: {'; '.join(diffs)}. Use a new --workdir (existing checkpoints are untouched)."
         )
 
 
@@ -187,8 +187,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     dataset = data_lib.load(cfg.data)
     if cfg.dp.microbatch_size <= 0:
         raise ValueError("dp.microbatch_size must be > 0.")
+    plan = resolve_plan(cfg, len(dataset), workdir)  # First: a budget overrun says so.
     check_resume_config(workdir, config)
-    plan = resolve_plan(cfg, len(dataset), workdir)
     spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
     sample.save_spec(workdir, spec)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
@@ -219,7 +219,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
 
 
 def _meta(run: Run, steps_done: int) -> dict[str, Any]:
-    eps = report_lib.epsilon_spent(run.plan, steps_done, run.releases)
+    # The plan's own accountant only: PLD at small sigma takes seconds per call, too slow
+    # for every checkpoint; the final privacy report gives both.
+    eps = report_lib.epsilon_spent(run.plan, steps_done, run.releases, (run.plan.accountant,))
     return {
         "plan": run.plan.to_dict(),
         "steps_done": steps_done,
@@ -269,7 +271,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
         else f"[dpjax] NON-PRIVATE training for {plan.steps} steps (public data only)"
     )
     sampler = PoissonSampler(
-        plan.num_examples, plan.sampling_rate, seed=cfg.seed * 1_000_003 + DATA_STREAM,
+        plan.num_examples,
+        plan.sampling_rate,
+        seed=cfg.seed * 1_000_003 + DATA_STREAM,
         multiple=cfg.dp.microbatch_size,
     )
     step_fn = make_train_step(

@@ -68,9 +68,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(value)
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(
-                f"{where}: {value!r} is not one of {list(typing.get_args(hint))}."
-            )
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}.")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

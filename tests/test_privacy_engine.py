@@ -27,8 +27,9 @@ def _params(method, seed=0):
     p = method.init(jax.random.key(0), SPEC)
     rng = np.random.default_rng(seed)
     # Random parameters so that gradients are large and differ per example.
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 2, x.dtype),
-                                  p.trainable)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 2, x.dtype), p.trainable
+    )
 
 
 def _data(n=8, seed=1, scale=3.0):
@@ -149,8 +150,9 @@ def test_microbatching_equals_one_big_batch():
     mask = jnp.arange(12) < 10
     a = _sum(method, tr, ex, mask, keys, m=12)
     b = _sum(method, tr, ex, mask, keys, m=2)
-    c = clipping.clipped_grad_sum(method.loss_per_example, tr, {}, ex, mask, keys,
-                                  clip_norm=C, microbatch_size=2, num_real=10)
+    c = clipping.clipped_grad_sum(
+        method.loss_per_example, tr, {}, ex, mask, keys, clip_norm=C, microbatch_size=2, num_real=10
+    )
     for r in (b, c):
         np.testing.assert_allclose(_flat(a.grad_sum), _flat(r.grad_sum), rtol=1e-5, atol=1e-6)
         assert int(r.num_valid) == 10
@@ -161,8 +163,9 @@ def test_microbatching_equals_one_big_batch():
 def test_noise_std_is_sigma_times_c():
     sigma = 1.7
     zeros = {"a": jnp.zeros((50, 40)), "b": jnp.zeros((1000,))}
-    draws = jnp.stack([_flat(noise.add_gaussian_noise(zeros, jax.random.key(i), sigma * C))
-                       for i in range(40)])
+    draws = jnp.stack(
+        [_flat(noise.add_gaussian_noise(zeros, jax.random.key(i), sigma * C)) for i in range(40)]
+    )
     assert float(jnp.std(draws)) == pytest.approx(sigma * C, rel=0.01)
     assert abs(float(jnp.mean(draws))) < 0.01
     # Different keys give different noise; the same key the same noise.
@@ -174,8 +177,9 @@ def test_noise_std_is_sigma_times_c():
 
 def _step_setup(sigma, n=40, q=0.25):
     method = _method()
-    plan = DPPlan(num_examples=n, sampling_rate=q, noise_multiplier=sigma, clip_norm=C,
-                  steps=10, delta=1e-5)
+    plan = DPPlan(
+        num_examples=n, sampling_rate=q, noise_multiplier=sigma, clip_norm=C, steps=10, delta=1e-5
+    )
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, size=(n, 4, 4, 1)), jnp.uint8)
     labels = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
@@ -213,8 +217,9 @@ def test_step_noise_has_std_sigma_c_over_nq():
     for s in range(12):
         st = TrainState.create(jax.tree_util.tree_map(jnp.copy, tr), {}, optax.sgd(1.0).init(tr))
         streams = Streams.from_seed(0)
-        streams = Streams(streams.init, streams.loss, jax.random.key(100 + s), streams.sample,
-                          streams.extra)
+        streams = Streams(
+            streams.init, streams.loss, jax.random.key(100 + s), streams.sample, streams.extra
+        )
         new, _ = step(st, images, labels, batch.indices, batch.mask, batch.num_real, streams)
         ups.append(_flat(new.trainable))
     spread = float(jnp.std(jnp.stack(ups), axis=0).mean())
@@ -233,8 +238,10 @@ def test_sampler_rate_padding_and_determinism():
     assert counts.mean() / 300 == pytest.approx(q, rel=0.02)
     b = s.batch(17)
     assert b.indices.shape[0] % 32 == 0 and b.indices.shape[0] >= b.num_real
-    assert np.all(b.indices[b.num_real:] == -1) and not b.mask[b.num_real:].any()
-    np.testing.assert_array_equal(b.indices, PoissonSampler(n, q, seed=11, multiple=32).batch(17).indices)
+    assert np.all(b.indices[b.num_real :] == -1) and not b.mask[b.num_real :].any()
+    np.testing.assert_array_equal(
+        b.indices, PoissonSampler(n, q, seed=11, multiple=32).batch(17).indices
+    )
     assert not np.array_equal(s.indices(17), s.indices(18))
     assert not np.array_equal(s.indices(17), PoissonSampler(n, q, seed=12).indices(17))
     # Every padded batch shape is the same except with negligible probability.

@@ -40,11 +40,15 @@ class PrivacyError(ValueError):
 def neighbouring_relation(name: str) -> dp_accounting.NeighboringRelation:
     """The dp_accounting relation for a name in ``_RELATIONS``."""
     if name not in _RELATIONS:
-        raise PrivacyError(f"Unknown neighbouring relation '{name}'; use one of {list(_RELATIONS)}.")
+        raise PrivacyError(
+            f"Unknown neighbouring relation '{name}'; use one of {list(_RELATIONS)}."
+        )
     return _RELATIONS[name]
 
 
-def make_accountant(kind: str, relation: str = "add_or_remove_one") -> dp_accounting.PrivacyAccountant:
+def make_accountant(
+    kind: str, relation: str = "add_or_remove_one"
+) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant: RDP (dp_accounting's default orders) or PLD (discretization 1e-4)."""
     rel = neighbouring_relation(relation)
     if kind == "rdp":

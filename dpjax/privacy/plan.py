@@ -61,7 +61,7 @@ class DPPlan:
 
     @property
     def expected_batch_size(self) -> float:
-        """N * q: the public denominator of the averaged noisy gradient (never the realized size)."""
+        """N * q: the public denominator of the averaged noisy gradient (not the realized size)."""
         return self.num_examples * self.sampling_rate
 
     @property
@@ -141,16 +141,35 @@ def make_plan(
             raise accounting.PrivacyError("Give either steps > 0 or epochs > 0.")
         steps = int(epochs / q)  # As Opacus/DPDM: T = int(epochs / q).
     if not enabled:
-        return DPPlan(num_examples, q, 0.0, clip_norm, steps, delta, None, accountant,
-                      neighbouring, enabled=False)
+        return DPPlan(
+            num_examples,
+            q,
+            0.0,
+            clip_norm,
+            steps,
+            delta,
+            None,
+            accountant,
+            neighbouring,
+            enabled=False,
+        )
     if (epsilon is None) == (noise_multiplier is None):
         raise accounting.PrivacyError("Give exactly one of dp.epsilon and dp.noise_multiplier.")
     if epsilon is not None:
         noise_multiplier = accounting.calibrate_noise_multiplier(
             epsilon, delta, q, steps, accountant, neighbouring
         )
-    return DPPlan(num_examples, q, float(noise_multiplier), clip_norm, steps, delta, epsilon,
-                  accountant, neighbouring)
+    return DPPlan(
+        num_examples,
+        q,
+        float(noise_multiplier),
+        clip_norm,
+        steps,
+        delta,
+        epsilon,
+        accountant,
+        neighbouring,
+    )
 
 
 def save_plan(path: str, plan: DPPlan, extra: dict[str, Any] | None = None) -> None:

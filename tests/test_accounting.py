@@ -1,0 +1,55 @@
+"""The accountant against dp_accounting golden values, and calibration."""
+
+import math
+
+import pytest
+
+from dpjax.privacy import accounting, report
+from dpjax.privacy.plan import DPPlan, make_plan
+
+
+def test_golden_epsilons():
+    ev = accounting.dpsgd_event(1.5, 0.04, 2250)
+    assert accounting.epsilon([ev], 1e-5, "rdp") == pytest.approx(7.3293, abs=1e-4)
+    assert accounting.epsilon([ev], 1e-5, "pld") == pytest.approx(6.7688, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind,expected", [("rdp", 2.487), ("pld", 2.355)])
+def test_calibration_matches_dpdm_table_and_stays_within_target(kind, expected):
+    sigma = accounting.calibrate_noise_multiplier(10.0, 1e-5, 1 / 15, 4500, kind)
+    assert round(sigma, 3) == expected
+    eps = accounting.epsilon([accounting.dpsgd_event(sigma, 1 / 15, 4500)], 1e-5, kind)
+    assert eps <= 10.0
+    assert eps > 10.0 - 0.01  # And it is not needlessly conservative.
+
+
+def test_plan_derives_q_and_steps_like_dpdm():
+    plan = make_plan(
+        num_examples=60000,
+        batch_size=4096,
+        delta=1e-5,
+        clip_norm=1.0,
+        epochs=300,
+        noise_multiplier=2.4,
+    )
+    assert plan.sampling_rate == pytest.approx(4096 / 60000)
+    assert plan.steps == int(300 / (4096 / 60000))
+    assert plan.expected_batch_size == pytest.approx(4096)
+    with pytest.raises(accounting.PrivacyError, match="exactly one"):
+        make_plan(num_examples=10, batch_size=2, delta=1e-5, clip_norm=1.0, steps=3)
+
+
+def test_releases_compose_and_nonprivate_is_infinite():
+    plan = DPPlan(1000, 0.1, 1.0, 1.0, 100, 1e-5)
+    alone = report.epsilon_spent(plan, 100, [])["rdp"]
+    more = report.epsilon_spent(plan, 100, [{"kind": "gaussian", "noise_multiplier": 5.0}])
+    assert more["rdp"] > alone
+    assert math.isinf(report.epsilon_spent(plan, 100, [{"kind": "non_private"}])["rdp"])
+    public = DPPlan(1000, 0.1, 0.0, 1.0, 100, 1e-5, enabled=False)
+    assert math.isinf(public.epsilon())
+
+
+def test_zero_steps_cost_nothing_and_eps_grows_with_steps():
+    plan = DPPlan(1000, 0.1, 1.0, 1.0, 100, 1e-5)
+    assert plan.epsilon(0) == 0.0
+    assert plan.epsilon(10) < plan.epsilon(50) < plan.epsilon(100)

@@ -1,0 +1,187 @@
+"""The train loop: resume after SIGKILL, the budget, NaN handling, bad input, artifacts."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dpjax import metrics_log, sample, train
+from dpjax.checkpoint import CheckpointError
+from dpjax.privacy.accounting import PrivacyError
+from dpjax.typed_config import ConfigError
+from experiments import toy_fake
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(steps=12, **over):
+    c = toy_fake.get_config(f"steps={steps}")
+    c.unlock()
+    c.train.progress = False
+    c.train.log_every = 1
+    c.train.ckpt_every = 3
+    c.train.grid_samples = 10
+    c.data.fake_num_examples = 128
+    c.dp.batch_size = 16
+    c.dp.microbatch_size = 8
+    for path, value in over.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+def _cli(workdir, *args, config="experiments/toy_fake.py:steps=12", wait=True):
+    cmd = [sys.executable, "-m", "dpjax.main", f"--workdir={workdir}", *args]
+    if config:
+        cmd.insert(3, f"--config={config}")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _flat_state(workdir):
+    _, state, _, _ = sample.restore_state(workdir)
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.as_dict())]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    args = [
+        "--config.train.ckpt_every=3",
+        "--config.train.log_every=1",
+        "--config.train.progress=False",
+        "--config.train.grid_samples=0",
+    ]
+    ref = tmp_path / "ref"
+    out = _cli(ref, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    killed = tmp_path / "killed"
+    kill_at = random.Random(time.time()).randint(2, 10)
+    proc = _cli(killed, *args, wait=False)
+    log = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows = metrics_log.read(str(killed))
+    assert rows and rows[-1]["step"] < 12, "the run finished before it was killed"
+    out = _cli(killed, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for a, b in zip(_flat_state(ref), _flat_state(killed)):
+        np.testing.assert_array_equal(a, b)
+    # The epsilon log continues: one row per step, increasing epsilon, no restart.
+    rows = metrics_log.read(str(killed))
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    eps = [r["epsilon_rdp"] for r in rows]
+    assert all(b > a for a, b in zip(eps, eps[1:]))
+    ref_eps = [r["epsilon_rdp"] for r in metrics_log.read(str(ref))]
+    np.testing.assert_allclose(eps, ref_eps)
+    plan = json.loads((killed / "dp_plan.json").read_text())
+    assert plan["steps_done"] == 12
+
+
+def test_budget_is_never_exceeded(tmp_path):
+    wd = str(tmp_path)
+    train.train(_config(steps=4), wd, log=lambda *_: None)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(train.BudgetExceededError, match="allows 4 steps"):
+        train.train(_config(steps=6), wd, log=lambda *_: None)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    # Re-running the same plan does nothing more.
+    msgs = []
+    state = train.train(_config(steps=4), wd, log=msgs.append)
+    assert int(state.step) == 4 and any("nothing to do" in m for m in msgs)
+
+
+def test_resume_under_another_privacy_config_is_refused(tmp_path):
+    wd = str(tmp_path)
+    train.train(_config(steps=3), wd, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="dp.noise_multiplier"):
+        train.train(_config(steps=3, **{"dp.noise_multiplier": 0.5}), wd, log=lambda *_: None)
+
+
+def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path):
+    cfg = _config(steps=12, **{"optim.learning_rate": 1e30, "optim.name": "sgd"})
+    with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
+        train.train(cfg, str(tmp_path), log=lambda *_: None)
+    # Whatever was saved before the NaN restores to finite values.
+    if os.listdir(tmp_path / "checkpoints"):
+        assert all(np.isfinite(x).all() for x in _flat_state(str(tmp_path)))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(train.WorkdirError, match="not writable"):
+        train.train(_config(), str(blocker / "run"), log=lambda *_: None)
+
+
+def test_cli_bad_inputs_give_one_line(tmp_path):
+    # A mistyped config key.
+    out = _cli(tmp_path / "a", "--config.dp.clip_nrom=2")
+    assert out.returncode != 0 and "clip_nrom" in out.stderr
+    # A mistyped experiment argument.
+    out = _cli(tmp_path / "b", config="experiments/toy_fake.py:stesp=3")
+    assert out.returncode != 0 and "Did you mean 'steps'" in (out.stderr + out.stdout)
+    # A missing dataset path: one line, no traceback.
+    out = _cli(tmp_path / "c", "--config.data.source=idx", "--config.data.path=/nonexistent")
+    assert out.returncode == 2, out.stderr
+    assert "dpjax error:" in out.stderr and "/nonexistent" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    np.savez(
+        tmp_path / "d.npz", images=np.zeros((20, 28, 28, 1), np.uint8), labels=np.full((20,), 12)
+    )
+    cfg = _config(**{"data.source": "npz", "data.path": str(tmp_path / "d.npz")})
+    from dpjax.data import DataError
+
+    with pytest.raises(DataError, match="out of range"):
+        train.train(cfg, str(tmp_path / "w"), log=lambda *_: None)
+    cfg = _config(**{"dp.batch_size": 500})
+    with pytest.raises(PrivacyError, match="exceeds the dataset size"):
+        train.train(cfg, str(tmp_path / "w2"), log=lambda *_: None)
+
+
+def test_typos_in_config_are_errors():
+    c = toy_fake.get_config("")
+    with pytest.raises(AttributeError):
+        c.dp.clip_nrom = 1.0
+    with pytest.raises(ConfigError, match="Did you mean 'smoke'"):
+        toy_fake.get_config("smok")
+
+
+def test_sampling_from_checkpoint_writes_files_and_never_reads_data(tmp_path, monkeypatch):
+    wd = str(tmp_path / "run")
+    train.train(_config(steps=3), wd, log=lambda *_: None)
+    assert os.path.exists(os.path.join(wd, "samples_grid.png"))
+    assert os.path.exists(os.path.join(wd, "privacy_report.md"))
+
+    def no_data(*a, **k):
+        raise AssertionError("sampling read the private data")
+
+    monkeypatch.setattr("dpjax.data.load", no_data)
+    path = sample.sample_from_workdir(wd, 25, str(tmp_path / "out"), png=True)
+    with np.load(path) as z:
+        assert z["images"].shape == (25, 28, 28, 1) and z["images"].dtype == np.uint8
+        assert sorted(set(z["labels"].tolist())) == list(range(10))
+    assert os.path.exists(tmp_path / "out" / "samples_grid.png")
+    assert len(os.listdir(tmp_path / "out" / "png")) == 10
