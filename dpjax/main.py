@@ -2,6 +2,8 @@
 
     python -m dpjax.main --config=experiments/dpdm_fmnist.py:eps=10 --workdir=runs/x
     python -m dpjax.main --mode=sample --workdir=runs/x --num=60000 [--png]
+    python -m dpjax.main --mode=audit --workdir=runs/x            # or --config=... instead
+    python -m dpjax.main --mode=export --workdir=runs/x --out=release/x [--num=10000]
 
 Errors a user can cause (a mistyped config key, a missing dataset, a corrupt image, a
 corrupt checkpoint, a budget overrun) end with one readable line, not a traceback.
@@ -9,6 +11,7 @@ corrupt checkpoint, a budget overrun) end with one readable line, not a tracebac
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -21,10 +24,37 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory of the run (checkpoints, logs, samples)."
 )
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
-_NUM = flags.DEFINE_integer("num", None, "--mode=sample: number of samples (default: config).")
-_PNG = flags.DEFINE_boolean("png", False, "--mode=sample: also write a PNG folder.")
-_OUT = flags.DEFINE_string("out", None, "--mode=sample: output directory.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "eval", "audit", "export"], "What to do."
+)
+_NUM = flags.DEFINE_integer(
+    "num", None, "--mode=sample/export: number of samples (default: config)."
+)
+_PNG = flags.DEFINE_boolean("png", False, "--mode=sample/export: also write a PNG folder.")
+_OUT = flags.DEFINE_string(
+    "out", None, "--mode=sample/export: output directory; --mode=audit: where audit.json goes."
+)
+_AUDIT_CANARIES = flags.DEFINE_integer("audit_canaries", 2000, "--mode=audit: canaries m.")
+_AUDIT_STEPS = flags.DEFINE_integer(
+    "audit_steps", 0, "--mode=audit: DP steps to audit (0: all planned steps)."
+)
+_AUDIT_SEED = flags.DEFINE_integer("audit_seed", 0, "--mode=audit: seed of canaries and noise.")
+_AUDIT_CONFIDENCE = flags.DEFINE_float(
+    "audit_confidence", 0.95, "--mode=audit: confidence of the lower bound."
+)
+_AUDIT_DATA = flags.DEFINE_enum(
+    "audit_data",
+    "fake",
+    ["fake", "config"],
+    "--mode=audit: rows the canaries join: 'fake' (a public stand-in of the same shape and "
+    "size; the audit then reads no private data) or 'config' (the run's data).",
+)
+_AUDIT_NOISE_SCALE = flags.DEFINE_float(
+    "audit_noise_scale", 1.0, "--mode=audit FAULT INJECTION: multiply sigma (0: no noise)."
+)
+_AUDIT_CLIP_SCALE = flags.DEFINE_float(
+    "audit_clip_scale", 1.0, "--mode=audit FAULT INJECTION: clip at C * this, noise unchanged."
+)
 _DEBUG = flags.DEFINE_boolean("debug", False, "Show full tracebacks for user errors.")
 
 
@@ -32,6 +62,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix: reported in one line."""
     from dpjax.checkpoint import CheckpointError
     from dpjax.data.dataset import DataError
+    from dpjax.export import ExportError
     from dpjax.privacy.accounting import PrivacyError
     from dpjax.train import NonFiniteError, WorkdirError
     from dpjax.typed_config import ConfigError
@@ -44,7 +75,93 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NonFiniteError,
         WorkdirError,
         FileNotFoundError,
+        ExportError,
     )
+
+
+def run_audit_mode(
+    workdir: str,
+    config=None,
+    audit_config=None,
+    data: str = "fake",
+    out: str | None = None,
+    log=print,
+):
+    """``--mode=audit``: audits a config's plan (if given) or a workdir's run.
+
+    With ``config``, the plan is the one training ``config`` would make and the method
+    runs at its initial parameters; otherwise the workdir's ``dp_plan.json``, config and
+    latest checkpoint are used. Writes ``audit.json`` to ``out`` (default: ``workdir``)
+    and returns the ``AuditResult``.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from dpjax import data as data_lib
+    from dpjax import export, run_config, train
+    from dpjax.data.fake import make_fake
+    from dpjax.methods import get_method_module
+    from dpjax.methods.base import DataSpec
+    from dpjax.privacy import audit
+    from dpjax.randomness import Streams
+
+    audit_config = audit_config or audit.AuditConfig()
+    dataset = None
+    if config is not None:
+        cfg = run_config.from_configdict(config)
+        dataset = data_lib.load(cfg.data)
+        spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
+        scratch = tempfile.mkdtemp(prefix="dpjax_audit_plan.")
+        try:  # The plan exactly as training would make it, without touching the workdir.
+            plan = train.resolve_plan(cfg, len(dataset), scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        method = get_method_module(cfg.method).make(cfg.method_args, spec)
+        params = method.init(Streams.from_seed(cfg.seed).init, spec)
+        trainable, frozen, source = params.trainable, params.frozen, "config, initial parameters"
+    else:
+        run = export.load_run(workdir)
+        cfg, plan, spec, method = run.config, run.plan, run.spec, run.method
+        trainable, frozen = run.state.trainable, run.state.frozen
+        source = f"workdir {workdir}, checkpoint step {run.step}"
+    if data == "config":
+        dataset = dataset or data_lib.load(cfg.data)
+        if len(dataset) != plan.num_examples:
+            raise audit.accounting.PrivacyError(
+                f"The data has {len(dataset)} examples but the plan was made for "
+                f"{plan.num_examples}."
+            )
+        images, labels = dataset.images, dataset.labels
+    else:
+        images, labels = make_fake(plan.num_examples, spec.image_shape, spec.num_classes, 0)
+        labels = np.asarray(labels, np.int32)
+    log(
+        f"[dpjax] auditing {cfg.method} ({source}; {data} data): {audit_config.num_canaries} "
+        f"canaries, {audit_config.steps or plan.steps} steps"
+    )
+    result = audit.run_audit(
+        method,
+        trainable,
+        frozen,
+        plan,
+        images,
+        labels,
+        audit_config,
+        microbatch_size=cfg.dp.microbatch_size,
+        clipping_impl=cfg.dp.clipping,
+    )
+    payload = result.to_dict()
+    payload["details"].update(source=source, data=data)
+    out = out or workdir
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "audit.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return result
 
 
 def run(argv: list[str]) -> None:
@@ -68,6 +185,42 @@ def run(argv: list[str]) -> None:
             num = 60000
         path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value)
         print(f"[dpjax] wrote {path}")
+    elif _MODE.value == "audit":
+        from dpjax.privacy import audit
+
+        result = run_audit_mode(
+            workdir,
+            _CONFIG.value,
+            audit.AuditConfig(
+                num_canaries=_AUDIT_CANARIES.value,
+                steps=_AUDIT_STEPS.value,
+                confidence=_AUDIT_CONFIDENCE.value,
+                seed=_AUDIT_SEED.value,
+                noise_scale=_AUDIT_NOISE_SCALE.value,
+                clip_scale=_AUDIT_CLIP_SCALE.value,
+            ),
+            _AUDIT_DATA.value,
+            _OUT.value,
+        )
+        print(f"[dpjax] {result.verdict()}")
+        if result.flagged:
+            sys.exit(3)
+    elif _MODE.value == "export":
+        from dpjax import export
+
+        if not _OUT.value:
+            raise app.UsageError("--out is required for --mode=export.")
+        export.export_run(workdir, _OUT.value, _NUM.value, _PNG.value, command=" ".join(sys.argv))
+    elif _MODE.value == "eval":
+        from dpjax.eval import report
+
+        cfg = report.eval_config(_CONFIG.value.eval if _CONFIG.value is not None else None)
+        if _NUM.value is not None:
+            cfg = dataclasses.replace(cfg, num_samples=_NUM.value)
+        if _CONFIG.value is None:
+            cfg = None  # The eval section stored with the run.
+        report.evaluate_workdir(workdir, cfg)
+        print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 
 
 def main(argv: list[str]) -> None:

@@ -59,6 +59,10 @@ class TrainConfig:
     max_steps_per_run: int = 0  # stop this invocation after this many steps (0: no limit)
     grid_samples: int = 100  # samples in the grid written at the end (0: none)
     progress: bool = True
+    # Data parallelism (dpjax/parallel.py): 1 = one device (the reference path), 0 = all
+    # devices of the job (every host's), n = the first n. Not part of the run's identity:
+    # a run may resume on another device count (same numbers up to float rounding).
+    num_devices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         optim=typed_config.from_configdict(OptimConfig, d["optim"], "optim"),
         train=typed_config.from_configdict(TrainConfig, d["train"], "train"),
         sample=typed_config.from_configdict(SampleConfig, d.get("sample", {}), "sample"),
-        eval=d.get("eval"),
+        eval=d.get("eval") or {},
     )
 
 

@@ -22,6 +22,7 @@ import ml_collections
 
 from dpjax import run_config
 from dpjax.data.config import DataConfig
+from dpjax.eval.report import EvalConfig, eval_config
 from dpjax.typed_config import ConfigError, to_configdict
 
 
@@ -36,7 +37,7 @@ def base_config(method: str, method_config: Any) -> ml_collections.ConfigDict:
     c.optim = to_configdict(run_config.OptimConfig())
     c.train = to_configdict(run_config.TrainConfig())
     c.sample = to_configdict(run_config.SampleConfig())
-    c.eval = ml_collections.ConfigDict()
+    c.eval = to_configdict(EvalConfig())
     return c
 
 
@@ -94,10 +95,16 @@ def smoke_overrides(
     c.train.progress = False
     c.sample.num = 8
     c.sample.batch_size = 8
+    c.eval.num_samples = 20
+    c.eval.sample_batch = 20
+    c.eval.fid = False
+    c.eval.downstream_models = ("logreg",)
+    c.eval.downstream_epochs = 1
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Locks the config (typos become errors) and checks it converts to typed sections."""
     c.lock()
     run_config.from_configdict(c)
+    eval_config(c.eval)
     return c

@@ -1,0 +1,191 @@
+"""``--mode=eval``: FID, downstream accuracy and memorization of a trained run.
+
+Writes ``eval.json`` and ``eval_report.md`` (with the sample grid and the closest-pair
+image) next to the checkpoints. Evaluation reads the real train and test splits: its
+numbers are for the researcher and are not DP releases. Nothing here feeds back into
+training, checkpoint choice or hyperparameters (that would be a private release).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpjax import data as data_lib
+from dpjax import sample as sample_lib
+from dpjax.randomness import Streams
+from dpjax.typed_config import from_configdict
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``--mode=eval`` computes (the ``eval`` section of an experiment).
+
+    Attributes:
+      num_samples: synthetic images to generate (DPDM: 60,000).
+      sample_batch: images per sampling call.
+      fid: compute FID (TF Inception 2015-12-05, pool3) against each reference split.
+      fid_references: splits of the experiment's dataset to compare with.
+      fid_batch: Inception batch size.
+      inception_weights: a weights file; '' searches the usual places (dpjax.eval.fid).
+      downstream: train classifiers on the labelled samples, test on the real test set.
+      downstream_models: among 'logreg', 'mlp', 'cnn'.
+      downstream_epochs: epochs per classifier (DPDM: 50); the epoch is selected on a
+        held-out part of the synthetic data, never on the test set.
+      memorization: nearest training image of each sample (pixels, and Inception
+        features when ``fid``).
+      seed: sampling seed (a stream separate from training's).
+    """
+
+    num_samples: int = 60000
+    sample_batch: int = 1000
+    fid: bool = True
+    fid_references: tuple[str, ...] = ("train", "test")
+    fid_batch: int = 200
+    inception_weights: str = ""
+    downstream: bool = True
+    downstream_models: tuple[str, ...] = ("logreg", "mlp", "cnn")
+    downstream_epochs: int = 50
+    memorization: bool = True
+    seed: int = 0
+
+
+def eval_config(section: Any) -> EvalConfig:
+    """The typed eval section (an empty or missing section gives the defaults)."""
+    return from_configdict(EvalConfig, section or {}, "eval")
+
+
+def _samples(workdir: str, cfg: EvalConfig, log) -> tuple[np.ndarray, np.ndarray, int, Any]:
+    method, params, spec, run_cfg, step = sample_lib.load_trained(workdir)
+    out_dir = os.path.join(workdir, "samples", f"step_{step}")
+    path = os.path.join(out_dir, "samples.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            if len(z["labels"]) >= cfg.num_samples:
+                log(f"[dpjax] eval: reusing {path}")
+                return (
+                    z["images"][: cfg.num_samples],
+                    z["labels"][: cfg.num_samples],
+                    step,
+                    (spec, run_cfg),
+                )
+    key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
+    t = time.time()
+    images, labels = sample_lib.generate(
+        method, params, spec, key, cfg.num_samples, cfg.sample_batch
+    )
+    log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
+    sample_lib.write_samples(images, labels, out_dir, png=False)
+    return images, labels, step, (spec, run_cfg)
+
+
+def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of ``workdir``; returns what it writes to eval.json."""
+    from dpjax.eval import downstream, fid, memorization  # Heavy imports, eval only.
+
+    run_cfg = sample_lib.load_run_config(workdir)
+    cfg = cfg or eval_config(run_cfg.eval)
+    images, labels, step, (spec, run_cfg) = _samples(workdir, cfg, log)
+    splits = {"train": data_lib.load(run_cfg.data)}
+    test_cfg = dataclasses.replace(run_cfg.data, split="test")
+    splits["test"] = data_lib.load(test_cfg)
+    result: dict[str, Any] = {"step": step, "num_samples": int(len(images)), "workdir": workdir}
+    feature_kwargs = {"weights_path": cfg.inception_weights or None}
+
+    if cfg.fid:
+        t = time.time()
+        feats = fid.inception_features(images, cfg.fid_batch, **feature_kwargs)
+        mu, sigma = fid.compute_stats(feats)
+        result["fid"] = {}
+        for split in cfg.fid_references:
+            ref = splits[split]
+            name = f"{run_cfg.data.source}-{run_cfg.data.name}-{split}-n{len(ref)}"
+            ref_mu, ref_sigma = fid.reference_stats(
+                name, ref.images, batch_size=cfg.fid_batch, **feature_kwargs
+            )
+            result["fid"][split] = fid.fid_from_stats(mu, sigma, ref_mu, ref_sigma)
+        result["fid_seconds"] = time.time() - t
+        log(f"[dpjax] eval: FID {result['fid']}")
+
+    if cfg.downstream and spec.num_classes > 0:
+        t = time.time()
+        test = splits["test"]
+        result["downstream"] = downstream.evaluate_downstream(
+            images,
+            labels,
+            test.images,
+            test.labels,
+            spec.num_classes,
+            models=cfg.downstream_models,
+            epochs=cfg.downstream_epochs,
+            seed=cfg.seed,
+        )
+        result["downstream_seconds"] = time.time() - t
+        acc = {k: round(v["test_accuracy"], 4) for k, v in result["downstream"].items()}
+        log(f"[dpjax] eval: downstream test accuracy {acc}")
+
+    if cfg.memorization:
+        features_fn = None
+        if cfg.fid:
+            features_fn = lambda x: fid.inception_features(x, cfg.fid_batch, **feature_kwargs)
+        result["memorization"] = memorization.memorization_report(
+            images,
+            splits["train"].images,
+            features_fn=features_fn,
+            png_prefix=os.path.join(workdir, "eval_closest"),
+        )
+    sample_lib.grid_image(
+        images[: 10 * max(spec.num_classes, 1)],
+        labels[: 10 * max(spec.num_classes, 1)],
+        spec.num_classes,
+    ).save(os.path.join(workdir, "eval_samples_grid.png"))
+    privacy_path = os.path.join(workdir, "privacy_report.json")
+    if os.path.exists(privacy_path):
+        with open(privacy_path) as f:
+            result["privacy"] = json.load(f)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    with open(os.path.join(workdir, "eval_report.md"), "w") as f:
+        f.write(report_markdown(result))
+    return result
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """A short human-readable report of ``evaluate_workdir``'s result."""
+    lines = [f"# Evaluation (step {result['step']}, {result['num_samples']} samples)", ""]
+    privacy = result.get("privacy")
+    if privacy:
+        eps = privacy["epsilon"]
+        lines += [
+            f"Privacy: epsilon {eps.get('rdp')} (RDP) / {eps.get('pld')} (PLD) at delta "
+            f"{privacy['delta']:g}, sigma {privacy['noise_multiplier']:.4g}, "
+            f"{privacy['steps_done']} steps.",
+            "",
+        ]
+    if "fid" in result:
+        lines += ["| FID vs | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in result["fid"].items()]
+        lines.append("")
+    if "downstream" in result:
+        lines += [
+            "| classifier | test accuracy | selected epoch (synthetic val) |",
+            "|---|---|---|",
+        ]
+        for k, v in result["downstream"].items():
+            lines.append(f"| {k} | {100 * v['test_accuracy']:.1f}% | {v['selected_epoch']} |")
+        lines.append("")
+    if "memorization" in result:
+        for space, summary in result["memorization"].items():
+            shown = ", ".join(
+                f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))
+            )
+            lines.append(f"- memorization ({space}): {shown}")
+        lines += ["", "![closest pairs](eval_closest_pixel.png)", ""]
+    lines.append("![samples](eval_samples_grid.png)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""--mode=eval on a smoke run: eval.json, the markdown report and its images."""
+
+import json
+import os
+
+import numpy as np
+
+from dpjax import train
+from dpjax.eval import fid, report
+from experiments import toy_fake
+
+
+def _fake_features(images, batch_size=200, **kwargs):
+    """A cheap stand-in for Inception: a fixed random projection of the pixels."""
+    x = np.asarray(images, np.float32).reshape(len(images), -1)
+    proj = np.random.default_rng(0).normal(size=(x.shape[1], 16)).astype(np.float32)
+    return x @ proj
+
+
+def test_eval_writes_json_and_report(tmp_path, monkeypatch):
+    wd = str(tmp_path)
+    train.train(toy_fake.get_config("smoke"), wd, log=lambda *_: None)
+    monkeypatch.setattr(fid, "inception_features", _fake_features)
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "cache"))
+    cfg = report.EvalConfig(
+        num_samples=30,
+        sample_batch=30,
+        fid=True,
+        downstream_models=("logreg",),
+        downstream_epochs=1,
+    )
+    result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    assert set(result["fid"]) == {"train", "test"}
+    assert all(np.isfinite(v) and v >= 0 for v in result["fid"].values())
+    assert 0.0 <= result["downstream"]["logreg"]["test_accuracy"] <= 1.0
+    assert set(result["memorization"]) == {"pixel", "features"}
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["num_samples"] == 30 and saved["privacy"]["private"] is True
+    md = (tmp_path / "eval_report.md").read_text()
+    assert "FID" in md and "logreg" in md and "eval_closest_pixel.png" in md
+    for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
+        assert os.path.exists(tmp_path / f), f
+    # A second evaluation reuses the stored samples.
+    msgs = []
+    report.evaluate_workdir(wd, cfg, log=msgs.append)
+    assert any("reusing" in m for m in msgs)
+
+
+def test_eval_section_typos_are_errors():
+    import pytest
+
+    from dpjax.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match="Did you mean 'num_samples'"):
+        report.eval_config({"num_sample": 3})

@@ -1,0 +1,63 @@
+"""Every experiment file builds its configs and trains 2 smoke steps end to end."""
+
+import glob
+import os
+
+import pytest
+
+from dpjax import sample, train
+from dpjax.typed_config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
+    if not os.path.basename(p).startswith(("_", "common"))
+)
+
+
+def _load(name):
+    import importlib
+
+    return importlib.import_module(f"experiments.{name}")
+
+
+def test_there_are_experiments():
+    assert {"dpdm_fmnist", "dpdm_mnist", "dpdm_cifar10", "dpdm_celeba32"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_run(name, tmp_path):
+    config = _load(name).get_config("smoke")
+    assert config.dp.steps == 2
+    state = train.train(config, str(tmp_path), log=lambda *_: None)
+    assert int(state.step) == 2
+    for f in (
+        "dp_plan.json",
+        "privacy_report.json",
+        "privacy_report.md",
+        "samples_grid.png",
+        "metrics.jsonl",
+        "config.json",
+    ):
+        assert os.path.exists(tmp_path / f), f
+    path = sample.sample_from_workdir(str(tmp_path), 4, str(tmp_path / "s"))
+    assert os.path.exists(path)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_default_configs_build_and_reject_typos(name):
+    module = _load(name)
+    module.get_config("")
+    with pytest.raises(ConfigError, match="Unknown experiment argument"):
+        module.get_config("smoke,no_such_arg=1")
+
+
+def test_dpdm_paper_configs():
+    from experiments import dpdm_fmnist
+
+    for eps, precond in [(10.0, "edm"), (1.0, "edm"), (0.2, "v")]:
+        c = dpdm_fmnist.get_config(f"eps={eps}")
+        assert c.dp.epsilon == eps and c.method_args.precond == precond
+        assert c.dp.batch_size == 4096 and c.method_args.noise_multiplicity == 32
+        assert c.dp.epochs == 300 and c.dp.clip_norm == 1.0 and c.dp.delta == 1e-5
