@@ -6,8 +6,12 @@ Guarantees:
   stale temporary directories are ignored on restore and cleaned up.
 * Every checkpoint carries ``meta``: the DP plan, the steps done and the epsilon spent,
   so a checkpoint alone says what privacy it has cost.
-* ``restore_latest`` restores onto the structure, dtypes and shardings of a template
-  state, so a checkpoint saved on N devices restores on M.
+* ``Checkpointer.restore`` restores onto the structure, dtypes and shardings of a
+  template state, so a checkpoint saved on N devices restores on M (4 -> 1 and 1 -> 4
+  are tested): template leaves that are arrays keep their sharding (e.g. replicated
+  over a data-parallel mesh), and abstract leaves without a sharding (``eval_shape``
+  templates) restore onto this process's first local device, never onto the topology
+  that wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.Checkpoi
     return ocp.CheckpointManager(
         os.path.abspath(directory), options=options, item_names=("state", "meta")
     )
+
+
+def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
+    """The abstract restore target of a template leaf; one local device if it has no sharding."""
+    target = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(target, "sharding", None) is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=device)
+    return target
 
 
 class Checkpointer:
@@ -82,7 +95,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"No checkpoint in {self.directory}.")
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template.as_dict())
+        target = jax.tree_util.tree_map(_restore_target, template.as_dict())
         try:
             out = self._mgr.restore(
                 step,

@@ -8,6 +8,10 @@ Every method trains through ``train``. The privacy contract it enforces:
 Fault tolerance: checkpoints are atomic; a run killed at any point resumes from the
 last checkpoint and ends bit-identical to an uninterrupted run (batches and keys depend
 only on (seed, step)); a non-finite update stops the run before it is checkpointed.
+Scale-out: with ``train.num_devices`` != 1 the step runs data-parallel over a mesh
+(``parallel.py``; the same Poisson batch, clipping, single noise draw and accounting as
+on one device), a run resumes on any device count, and in a multi-host run every
+process trains while only process 0 writes logs, plan files, reports and samples.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
-from dpjax import metrics_log, run_config, sample
+from dpjax import metrics_log, parallel, run_config, sample
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.privacy import plan as plan_lib
@@ -70,13 +75,14 @@ class Run:
     state: TrainState
     checkpointer: ckpt_lib.Checkpointer
     releases: list[dict[str, Any]]
+    mesh: Mesh | None = None  # None: one device; else the 'data' mesh the step runs on.
 
 
 def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
     """Creates ``workdir`` and fails early, clearly, if it is unwritable or the disk is full."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -90,11 +96,15 @@ def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         )
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_resume_config(
+    workdir: str, config: ml_collections.ConfigDict, write: bool = True
+) -> None:
     """On resume, the sections that define the run must equal the stored ones."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(run_config.config_to_json(config))
     if not os.path.exists(path):
+        if not write:
+            return
         with open(path + ".tmp", "w") as f:
             f.write(run_config.config_to_json(config))
         os.replace(path + ".tmp", path)
@@ -131,8 +141,12 @@ def make_optimizer(cfg: run_config.OptimConfig) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer '{cfg.name}'; use 'adam', 'adamw' or 'sgd'.")
 
 
-def resolve_plan(cfg: run_config.RunConfig, num_examples: int, workdir: str) -> plan_lib.DPPlan:
-    """The run's plan: the stored one on resume (checked against the config), else a new one."""
+def resolve_plan(
+    cfg: run_config.RunConfig, num_examples: int, workdir: str, write: bool = True
+) -> plan_lib.DPPlan:
+    """The run's plan: the stored one on resume (checked against the config), else a new one.
+
+    A new plan is written to ``dp_plan.json`` when ``write`` (process 0 only)."""
     dp = cfg.dp
     path = os.path.join(workdir, "dp_plan.json")
     q = dp.batch_size / num_examples
@@ -176,24 +190,36 @@ def resolve_plan(cfg: run_config.RunConfig, num_examples: int, workdir: str) -> 
         neighbouring=dp.neighbouring,
         enabled=dp.enabled,
     )
-    plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
+    if write:
+        plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
     return plan
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[Run, Any]:
-    """Builds the run and restores the latest checkpoint. Returns (run, private dataset)."""
+    """Builds the run and restores the latest checkpoint. Returns (run, private dataset).
+
+    With ``train.num_devices`` != 1 the state is replicated over the 'data' mesh and the
+    checkpoint is restored onto it, whatever device count wrote it.
+    """
+    parallel.initialize_distributed()  # First: before any JAX computation.
+    main = parallel.is_main_process()
+    if not main:
+        log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
+    mesh = parallel.make_data_mesh(cfg.train.num_devices)
     check_workdir(workdir)
     dataset = data_lib.load(cfg.data)
     if cfg.dp.microbatch_size <= 0:
         raise ValueError("dp.microbatch_size must be > 0.")
-    plan = resolve_plan(cfg, len(dataset), workdir)  # First: a budget overrun says so.
-    check_resume_config(workdir, config)
+    plan = resolve_plan(cfg, len(dataset), workdir, main)  # First: a budget overrun says so.
+    check_resume_config(workdir, config, main)
     spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
-    sample.save_spec(workdir, spec)
+    if main:
+        sample.save_spec(workdir, spec)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
     streams = Streams.from_seed(cfg.seed)
-    params: Params = method.init(streams.init, spec)
+    # One compiled init instead of one compilation per initializer op.
+    params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
     optimizer = make_optimizer(cfg.optim)
     state = TrainState.create(params.trainable, params.frozen, optimizer.init(params.trainable))
     log(
@@ -204,6 +230,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
     )
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+        log(
+            f"[dpjax] data parallel over {mesh.size} devices ({jax.process_count()} "
+            f"process(es)); the DP step is the same as on one device"
+        )
     releases: list[dict[str, Any]] = []
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
@@ -215,7 +247,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
             )
         releases = list(meta.get("releases", []))
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
-    return Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases), dataset
+    run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh)
+    return run, dataset
 
 
 def _meta(run: Run, steps_done: int) -> dict[str, Any]:
@@ -235,7 +268,9 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     """Checkpoint, then the plan file with the epsilon now spent (both atomic)."""
     steps_done = int(state.step)
     meta = _meta(run, steps_done)
-    run.checkpointer.save(steps_done, state, meta)
+    run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
+    if not parallel.is_main_process():
+        return
     plan_lib.save_plan(
         os.path.join(run.workdir, "dp_plan.json"),
         run.plan,
@@ -253,9 +288,23 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
+class _NoLog:
+    """The metrics log of processes other than 0: writes nothing."""
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        del step, metrics
+
+    def close(self) -> None:
+        pass
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
     """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps."""
     run, dataset = setup(config, workdir, log)
+    main = parallel.is_main_process()
+    if not main:
+        log = lambda *_: None  # noqa: E731 - only process 0 talks.
+    mesh = run.mesh
     cfg, plan = run.config, run.plan
     state = run.state
     start = int(state.step)
@@ -274,7 +323,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
         plan.num_examples,
         plan.sampling_rate,
         seed=cfg.seed * 1_000_003 + DATA_STREAM,
-        multiple=cfg.dp.microbatch_size,
+        # Padded sizes split into equal per-device parts of whole micro-batches; the
+        # batch itself depends on (seed, step) only.
+        multiple=cfg.dp.microbatch_size * parallel.num_shards(mesh),
     )
     step_fn = make_train_step(
         run.method,
@@ -284,20 +335,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
         ema_rate=cfg.train.ema_rate,
         ema_warmup=cfg.train.ema_warmup,
         clipping_impl=cfg.dp.clipping,
+        mesh=mesh,
     )
-    images = jnp.asarray(dataset.images)
-    labels = jnp.asarray(dataset.labels)
-    logger = metrics_log.MetricsLog(workdir, resume_step=start)
-    bar = _progress(plan.steps, start, cfg.train.progress)
+    if mesh is None:
+        images = jnp.asarray(dataset.images)
+        labels = jnp.asarray(dataset.labels)
+        streams = run.streams
+    else:
+        images, labels, streams = parallel.replicate(
+            (np.asarray(dataset.images), np.asarray(dataset.labels), run.streams), mesh
+        )
+    logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
+    bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
     try:
         for t in range(start, end):
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
             batch = sampler.batch(t)
-            state, metrics = step_fn(
-                state, images, labels, batch.indices, batch.mask, batch.num_real, run.streams
-            )
+            if mesh is None:
+                indices, mask = batch.indices, batch.mask
+            else:
+                indices, mask = parallel.shard_batch(batch, mesh)
+            state, metrics = step_fn(state, images, labels, indices, mask, batch.num_real, streams)
             m = jax.device_get(metrics)
             if not (np.isfinite(m["update_norm"]) and np.isfinite(m["private_loss_nonprivate"])):
                 raise NonFiniteError(
@@ -326,11 +386,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     final = int(state.step)
     if final == start and start > 0:
         log(f"[dpjax] nothing to do: {final} of {plan.steps} planned steps already done.")
-    write_privacy_report(run, final)
-    if final > start and cfg.train.grid_samples > 0:
+    if main:
+        write_privacy_report(run, final)
+    if main and final > start and cfg.train.grid_samples > 0:
         path = sample.write_grid(
             run.method,
-            Params(state.ema, state.frozen),
+            parallel.local_copy(Params(state.ema, state.frozen)),
             run.spec,
             jax.random.fold_in(run.streams.sample, final),
             cfg.train.grid_samples,

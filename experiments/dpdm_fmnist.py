@@ -92,3 +92,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.method_args.num_steps = 2
         c.method_args.sample_batch = 10
     return common.finalize(c)
+
+
+def sweep() -> list[str]:
+    """The paper's three privacy levels x 2 seeds: ``python -m launch.sweep
+    experiments/dpdm_fmnist.py --root=runs/fm_sweep [--mode=slurm|tpu]`` (see launch/README.md).
+
+    Each string is the experiment argument, then optional ``--config.KEY=VALUE`` overrides.
+    """
+    return [f"eps={eps} --config.seed={seed}" for eps in (10, 1, 0.2) for seed in (0, 1)]

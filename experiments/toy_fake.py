@@ -29,3 +29,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if args["smoke"]:
         common.smoke_overrides(c)
     return common.finalize(c)
+
+
+def sweep() -> list[str]:
+    """A grid for ``python -m launch.sweep experiments/toy_fake.py``: sigma x learning rate.
+
+    Each string is the experiment argument, then optional ``--config.KEY=VALUE`` overrides.
+    """
+    return [
+        f"sigma={sigma} --config.optim.learning_rate={lr}"
+        for sigma in (0.5, 1.0, 2.0)
+        for lr in (3e-4, 1e-3)
+    ]

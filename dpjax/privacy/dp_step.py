@@ -14,6 +14,17 @@ One call of the returned step function performs exactly one DP-SGD step of the p
 
 With ``plan.enabled == False`` (public pre-training) steps 2-4 become the plain mean
 gradient over the real examples, through the same code.
+
+Data parallel (``mesh`` given, a ``jax.sharding.Mesh`` with a ``'data'`` axis): only
+step 2 is distributed. Each device runs ``clipping.clipped_grad_sum`` on its shard of
+the padded batch (its own count of real rows for the early stop), then the sums and
+counts are ``psum``-ed over ``'data'``. Steps 3-5 run on the replicated sum inside the
+same jit, so the Gaussian noise is drawn ONCE per logical step from the same noise key
+as on one device, never once per device. Guarantees on S devices, for the same state,
+streams and Poisson batch (any arrangement of its rows, e.g. ``parallel.deal_batch``):
+the same per-example clipping, the same sensitivity, the same single noise draw and
+the same division by N*q as on one device, so the same accounting; the update equals
+the one-device update up to float summation order.
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpjax.privacy import clipping, noise
 from dpjax.privacy.plan import DPPlan
@@ -31,6 +45,7 @@ from dpjax.randomness import Streams
 from dpjax.state import TrainState, ema_decay
 
 PyTree = Any
+DATA_AXIS = "data"
 
 
 def example_keys(step_key: jax.Array, indices: jax.Array) -> jax.Array:
@@ -45,6 +60,86 @@ def gather_examples(images: jax.Array, labels: jax.Array, indices: jax.Array) ->
     return {"image": x, "label": labels[safe].astype(jnp.int32)}
 
 
+def _clipped_sum_fn(
+    method: Any, clip: float | None, microbatch_size: int, clipping_impl: str
+) -> Callable[..., clipping.ClipResult]:
+    """``f(trainable, frozen, images, labels, indices, mask, num_real, loss_key)``: the
+    clipped-gradient sum of the examples at ``indices`` (one device's work)."""
+
+    def clipped_sum(trainable, frozen, images, labels, indices, mask, num_real, loss_key):
+        examples = gather_examples(images, labels, indices)
+        keys = example_keys(loss_key, indices)
+        return clipping.clipped_grad_sum(
+            method.loss_per_example,
+            trainable,
+            frozen,
+            examples,
+            mask,
+            keys,
+            clip_norm=clip,
+            microbatch_size=microbatch_size,
+            num_real=num_real,
+            impl=clipping_impl,
+        )
+
+    return clipped_sum
+
+
+def _sharded(clipped_sum: Callable[..., clipping.ClipResult], mesh: Mesh) -> Callable[..., Any]:
+    """``clipped_sum`` data-parallel over ``mesh``'s 'data' axis, psum-ed to a replicated sum.
+
+    Each device sees its (P/S,) slice of ``indices``/``mask`` and counts its own real rows
+    (real rows must come first within each slice; ``parallel.deal_batch`` and a plain
+    contiguous split of a real-rows-first batch both guarantee it).
+    """
+
+    def local(trainable, frozen, images, labels, indices, mask, loss_key):
+        # Mark the replicated parameters device-varying BEFORE differentiating: with
+        # shard_map's replication checking on, the gradient w.r.t. a replicated input is
+        # transposed into a psum over devices, which would sum example b of every device
+        # before clipping (wrong gradients, broken sensitivity). With check_vma=False
+        # (below) this is a no-op, kept so that turning the checker on stays correct.
+        trainable = lax.pcast(trainable, DATA_AXIS, to="varying")
+        num_local = jnp.sum(mask.astype(jnp.int32))
+        res = clipped_sum(trainable, frozen, images, labels, indices, mask, num_local, loss_key)
+        summed = lax.psum(
+            (
+                res.grad_sum,
+                res.loss_sum,
+                res.aux_sum,
+                res.num_valid,
+                res.num_clipped,
+                res.num_nonfinite,
+            ),
+            DATA_AXIS,
+        )
+        grad_sum, loss_sum, aux_sum, num_valid, num_clipped, num_nonfinite = summed
+        return clipping.ClipResult(
+            grad_sum, loss_sum, aux_sum, res.norms, num_valid, num_clipped, num_nonfinite
+        )
+
+    out_specs = clipping.ClipResult(
+        grad_sum=P(),
+        loss_sum=P(),
+        aux_sum=P(),
+        norms=P(DATA_AXIS),
+        num_valid=P(),
+        num_clipped=P(),
+        num_nonfinite=P(),
+    )
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+        out_specs=out_specs,
+        # The clipped sum's fori_loop starts from replicated zeros and accumulates
+        # per-device values, which the replication checker rejects; the outputs are made
+        # replicated explicitly by the psum above (and the test suite checks the result
+        # against the one-device step).
+        check_vma=False,
+    )
+
+
 def make_train_step(
     method: Any,
     optimizer: optax.GradientTransformation,
@@ -54,32 +149,47 @@ def make_train_step(
     ema_rate: float,
     ema_warmup: bool = True,
     clipping_impl: str = "vmap",
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Returns ``step(state, images, labels, indices, mask, num_real, streams)``.
 
     ``images`` (N, H, W, C) uint8 and ``labels`` (N,) are the whole private dataset on
     device; ``indices``/``mask`` (P,) come from the Poisson sampler. The function is
     pure and jitted; the state's ``step`` selects the keys.
+
+    With ``mesh`` (a ``jax.sharding.Mesh`` with a ``'data'`` axis of S devices), the
+    per-example work is split over the devices (see the module docstring): P must be a
+    multiple of S * ``microbatch_size``, ``indices``/``mask`` should be sharded over
+    ``'data'`` (``parallel.shard_batch``) and everything else replicated
+    (``parallel.replicate``); the new state and the metrics come back replicated.
+    ``num_real`` is then unused: each device counts the real rows of its own slice.
     """
     clip = plan.clip_norm if plan.enabled else None
     noise_std = plan.noise_std if plan.enabled else 0.0
+    clipped_sum = _clipped_sum_fn(method, clip, microbatch_size, clipping_impl)
+    if mesh is not None:
+        if DATA_AXIS not in mesh.axis_names:
+            raise ValueError(f"The mesh needs a '{DATA_AXIS}' axis; it has {mesh.axis_names}.")
+        sharded_sum = _sharded(clipped_sum, mesh)
 
     def step(state: TrainState, images, labels, indices, mask, num_real, streams: Streams):
         t = state.step
-        examples = gather_examples(images, labels, indices)
-        keys = example_keys(jax.random.fold_in(streams.loss, t), indices)
-        res = clipping.clipped_grad_sum(
-            method.loss_per_example,
-            state.trainable,
-            state.frozen,
-            examples,
-            mask,
-            keys,
-            clip_norm=clip,
-            microbatch_size=microbatch_size,
-            num_real=num_real,
-            impl=clipping_impl,
-        )
+        loss_key = jax.random.fold_in(streams.loss, t)
+        if mesh is None:
+            res = clipped_sum(
+                state.trainable, state.frozen, images, labels, indices, mask, num_real, loss_key
+            )
+        else:
+            if mask.shape[0] % (mesh.shape[DATA_AXIS] * microbatch_size):
+                raise ValueError(
+                    f"Padded batch {mask.shape[0]} is not a multiple of devices x micro-batch "
+                    f"({mesh.shape[DATA_AXIS]} x {microbatch_size}); build the sampler with "
+                    "multiple=devices*microbatch_size."
+                )
+            res = sharded_sum(
+                state.trainable, state.frozen, images, labels, indices, mask, loss_key
+            )
+        # From here on every value is replicated: ONE noise draw per logical step.
         if plan.enabled:
             noisy = noise.add_gaussian_noise(
                 res.grad_sum, jax.random.fold_in(streams.noise, t), noise_std
@@ -121,4 +231,6 @@ def make_train_step(
         new = TrainState(t + 1, trainable, state.frozen, opt_state, ema)
         return new, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=NamedSharding(mesh, P()))

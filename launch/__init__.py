@@ -1,0 +1,1 @@
+"""Sweep launchers: local GPUs, SLURM array jobs, Cloud TPU VMs (``python -m launch.sweep``)."""

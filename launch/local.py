@@ -1,0 +1,118 @@
+"""Runs sweep points as local processes: one per GPU (or GPU group), the rest queued.
+
+Guarantees of ``run_local``: points start in order; a point runs with
+CUDA_VISIBLE_DEVICES set to its slot's GPUs (removed from the environment on a CPU-only
+machine); no two running points share a slot; each point's output goes to
+``<workdir>/launch.log``; every exit code is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+class SlotError(ValueError):
+    """The GPUs cannot be split into the requested slots."""
+
+
+def detect_gpus(spec: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """GPU ids for ``--gpus``: 'none', a list '0,1', or 'auto' (CUDA_VISIBLE_DEVICES if set,
+    else one id per line of ``nvidia-smi -L``, else none)."""
+    env = os.environ if env is None else env
+    if spec == "none":
+        return []
+    if spec != "auto":
+        return [g.strip() for g in spec.split(",") if g.strip()]
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def make_slots(gpus: Sequence[str], per_point: int, parallel: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES value of each concurrent slot; None (CPU) slots without GPUs."""
+    if not gpus:
+        return [None] * max(1, parallel)
+    if per_point < 1 or per_point > len(gpus):
+        raise SlotError(f"--gpus-per-point={per_point} with {len(gpus)} GPUs {list(gpus)}.")
+    return [
+        ",".join(gpus[i : i + per_point]) for i in range(0, len(gpus) - per_point + 1, per_point)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A point ready to run."""
+
+    name: str
+    cmd: list[str]
+    workdir: str
+
+
+def run_local(
+    jobs: Sequence[Job],
+    slots: Sequence[str | None],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    echo: Callable[[str], None] = print,
+    poll_seconds: float = 0.2,
+) -> dict[str, int]:
+    """Runs ``jobs`` in order, one process per free slot, the rest queued.
+
+    A slot is a CUDA_VISIBLE_DEVICES value (None: the variable is removed, CPU). Each
+    job's output goes to ``<workdir>/launch.log``. Returns the exit code of every job.
+    Guarantee: no two running jobs share a slot; on KeyboardInterrupt the running jobs
+    are terminated (they resume from their workdirs when the sweep is run again).
+    """
+    base_env = dict(os.environ if env is None else env)
+    pending = list(jobs)
+    free = list(range(len(slots)))
+    running: dict[int, tuple[Job, subprocess.Popen, Any]] = {}
+    results: dict[str, int] = {}
+    try:
+        while pending or running:
+            while pending and free:
+                slot, job = free.pop(0), pending.pop(0)
+                child_env = dict(base_env)
+                if slots[slot] is None:
+                    child_env.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    child_env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                os.makedirs(job.workdir, exist_ok=True)
+                log = open(os.path.join(job.workdir, "launch.log"), "a")  # noqa: SIM115
+                proc = subprocess.Popen(
+                    job.cmd, cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT
+                )
+                running[slot] = (job, proc, log)
+                where = "CPU" if slots[slot] is None else f"CUDA_VISIBLE_DEVICES={slots[slot]}"
+                echo(f"[sweep] start {job.name} ({where}); log: {job.workdir}/launch.log")
+            time.sleep(poll_seconds)
+            for slot, (job, proc, log) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                results[job.name] = rc
+                del running[slot]
+                free.append(slot)
+                echo(f"[sweep] {'done' if rc == 0 else f'FAILED (exit {rc})'} {job.name}")
+    except KeyboardInterrupt:
+        for _job, proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        raise
+    return results

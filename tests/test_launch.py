@@ -1,0 +1,220 @@
+"""launch/: sweep points, the SLURM array file, the TPU VM script, the local queue."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import local, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_bin(tmp_path, name, body):
+    """An executable shell script ``name`` in tmp_path/bin that appends its argv to $FAKE_LOG."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text(f'#!/bin/bash\necho "{name} $*" >> "$FAKE_LOG"\n{body}\n')
+    path.chmod(0o755)
+    return path
+
+
+def _dry_main(monkeypatch, args):
+    """``sweep.main(args)`` with subprocesses forbidden: a dry run runs or submits nothing."""
+
+    def forbidden(*a, **k):
+        raise AssertionError(f"dry run ran {a}")
+
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "run", forbidden)
+        m.setattr(subprocess, "Popen", forbidden)
+        return sweep.main(args)
+
+
+def test_sweeps_of_the_experiments():
+    path, points = sweep.sweep_points("experiments/dpdm_fmnist.py")
+    assert [p.config_arg for p in points] == [f"eps={e}" for e in (10, 10, 1, 1, 0.2, 0.2)]
+    assert [p.flags for p in points][:2] == [("--config.seed=0",), ("--config.seed=1",)]
+    assert len({p.name for p in points}) == 6 and points[0].name == "eps=10_seed=0"
+    _, toy = sweep.sweep_points("experiments/toy_fake.py:smoke", limit=2)
+    assert [p.config_arg for p in toy] == ["smoke,sigma=0.5", "smoke,sigma=0.5"]
+    assert toy[1].name == "sigma=0.5_learning_rate=0.001"
+    cmd = sweep.command("py", "experiments/toy_fake.py", toy[0], "/w/x", ["train.log_every=5"])
+    assert cmd == [
+        "py", "-m", "dpjax.main", "--config=experiments/toy_fake.py:smoke,sigma=0.5",
+        "--workdir=/w/x", "--config.optim.learning_rate=0.0003", "--config.train.log_every=5",
+    ]  # fmt: skip
+    assert sweep.command("py", "e.py", toy[0], "/w", all_devices=True)[-1] == (
+        "--config.train.num_devices=0"
+    )
+
+
+def test_bad_points_fail_before_anything_runs(tmp_path):
+    with pytest.raises(sweep.SweepError, match="not a --config"):
+        sweep.parse_point("eps=1 --workdir=/x")
+    with pytest.raises(sweep.SweepError, match="one experiment argument"):
+        sweep.parse_point("eps=1 eps=2")
+    exp = tmp_path / "exp.py"
+
+    def write(points):
+        exp.write_text(
+            "from experiments import toy_fake\nget_config = toy_fake.get_config\n"
+            f"def sweep():\n    return {points!r}\n"
+        )
+
+    write(["sigma=1 --config.optim.learning_rat=0.1"])
+    with pytest.raises(sweep.SweepError, match="no key 'optim.learning_rat'"):
+        sweep.sweep_points(str(exp))
+    write(["sigma=1 --config.seed=1", "sigma=1 --config.seed=1"])
+    with pytest.raises(sweep.SweepError, match="same workdir name"):
+        sweep.sweep_points(str(exp))
+    write(["sigmaa=2"])
+    with pytest.raises(sweep.SweepError, match="sigmaa"):
+        sweep.sweep_points(str(exp))
+    assert sweep.main(["experiments/common.py", "--root", str(tmp_path / "r"), "--dry-run"]) == 2
+
+
+def test_slurm_array_file_dry_run_and_requeue(tmp_path, capsys, monkeypatch):
+    fake_py = _fake_bin(tmp_path, "fakepy", "sleep 2\nexit 3")
+    _fake_bin(tmp_path, "scontrol", "")
+    root = tmp_path / "runs"
+    args = ["experiments/dpdm_fmnist.py", "--root", str(root), "--mode=slurm", "--dry-run",
+            "--partition=gpu", "--time=12:00:00", "--max-parallel=4",
+            f"--python={fake_py}"]  # fmt: skip
+    assert _dry_main(monkeypatch, args) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and f"sbatch {root}/sweep.sbatch" in out
+    text = (root / "sweep.sbatch").read_text()
+    for line in ("#SBATCH --array=0-5%4", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00",
+                 f"#SBATCH --output={root}/slurm/%A_%a.out", f"cd {ROOT}",
+                 'scontrol requeue "$TASK"', "trap requeue USR1"):  # fmt: skip
+        assert line in text, line
+    manifest = json.loads((root / "sweep.json").read_text())
+    assert len(manifest["points"]) == 6
+    for i, p in enumerate(manifest["points"]):
+        assert f"  {i}) POINT={shlex.quote(p['name'])}; CMD=({p['command']}) ;;" in text
+        assert p["workdir"] == f"{root}/{p['name']}"
+        assert f"--workdir={p['workdir']}" in p["command"]
+    assert (root / "slurm").is_dir()
+    subprocess.run(["bash", "-n", str(root / "sweep.sbatch")], check=True)
+    # Execute task 2 as SLURM would, with fake python/scontrol, and send the time-limit
+    # signal: the task requeues itself, keeps waiting for its run, returns its exit code.
+    log = tmp_path / "fake.log"
+    env = dict(os.environ, FAKE_LOG=str(log), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+               SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="2")  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(root / "sweep.sbatch")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 20
+    while not (log.exists() and "fakepy" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3, output
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"fakepy {manifest['points'][2]['command'].split(' ', 1)[1]}"
+    assert "scontrol requeue 77_2" in calls
+    assert "requeueing 77_2" in output
+
+
+def test_tpu_script(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "local"
+    args = ["experiments/dpdm_fmnist.py", "--root=/mnt/shared/fm", "--mode=tpu", "--dry-run",
+            "--tpu-name=v4-pod", "--zone=us-central2-b", "--project=proj",
+            "--repo-dir=~/src/dpjax", f"--out={out_dir}"]  # fmt: skip
+    assert _dry_main(monkeypatch, args) == 0
+    script = out_dir / "sweep_tpu.sh"
+    text = script.read_text()
+    assert "TPU=v4-pod" in text and "ZONE=us-central2-b" in text
+    assert (
+        'gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --project=proj --worker=all '
+        '--command="$2"' in text
+    )
+    assert text.count("run_point eps=") == 6
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    # Run it with a fake gcloud: one call per point, same command on all workers.
+    _fake_bin(tmp_path, "gcloud", "")
+    log = tmp_path / "fake.log"
+    env = dict(os.environ, FAKE_LOG=str(log), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6
+    first = (
+        "gcloud compute tpus tpu-vm ssh v4-pod --zone=us-central2-b --project=proj --worker=all "
+        "--command=cd ~/src/dpjax && DPJAX_DISTRIBUTED=1 python3 -m dpjax.main "
+        "--config=experiments/dpdm_fmnist.py:eps=10 --workdir=/mnt/shared/fm/eps=10_seed=0 "
+        "--config.seed=0 --config.train.num_devices=0"
+    )
+    assert calls[0] == first
+    assert _dry_main(monkeypatch, args[:4] + [f"--out={out_dir}"]) == 2  # No --tpu-name/--zone.
+
+
+def test_local_dry_run_assigns_gpus_and_queues(tmp_path, capsys, monkeypatch):
+    args = ["experiments/toy_fake.py", "--root", str(tmp_path), "--dry-run", "--gpus=0,1,2,3",
+            "--gpus-per-point=2"]  # fmt: skip
+    assert _dry_main(monkeypatch, args) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "dpjax.main" in x]
+    assert len(lines) == 6
+    assert "[0,1]: CUDA_VISIBLE_DEVICES=0,1 " in lines[0]
+    assert "[2,3]: CUDA_VISIBLE_DEVICES=2,3 " in lines[1]
+    assert all("[queued]" in x for x in lines[2:])
+    assert all(x.endswith("--config.train.num_devices=0") for x in lines)
+    assert not any(p.is_dir() for p in tmp_path.iterdir())  # No workdir was made.
+    assert local.make_slots([], 1, 2) == [None, None]
+    assert local.detect_gpus("auto", {"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    with pytest.raises(local.SlotError):
+        local.make_slots(["0"], 2, 1)
+
+
+def test_run_local_queue_never_shares_a_gpu(tmp_path):
+    code = (
+        "import os, sys, time; t = time.time(); time.sleep(0.3);"
+        "open(sys.argv[1], 'w').write(f\"{os.environ.get('CUDA_VISIBLE_DEVICES')} {t} "
+        '{time.time()}")'
+    )
+    jobs = [
+        local.Job(
+            f"p{i}",
+            [sys.executable, "-c", code, str(tmp_path / f"p{i}.txt")],
+            str(tmp_path / f"p{i}"),
+        )  # fmt: skip
+        for i in range(5)
+    ]
+    results = local.run_local(jobs, ["0", "1"], echo=lambda *_: None, poll_seconds=0.02)
+    assert results == {f"p{i}": 0 for i in range(5)}
+    spans = {}
+    for i in range(5):
+        gpu, start, end = (tmp_path / f"p{i}.txt").read_text().split()
+        spans.setdefault(gpu, []).append((float(start), float(end)))
+        assert (tmp_path / f"p{i}" / "launch.log").exists()
+    assert set(spans) == {"0", "1"}
+    for s in spans.values():
+        s.sort()
+        assert all(a[1] <= b[0] for a, b in zip(s, s[1:])), "two points shared a GPU"
+
+
+def test_local_sweep_runs_two_smoke_points(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    cmd = [sys.executable, "-m", "launch.sweep", "experiments/toy_fake.py:smoke",
+           f"--root={tmp_path}", "--limit=2", "--parallel=2", "--gpus=none"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2/2 points succeeded" in out.stdout
+    for name in ("sigma=0.5_learning_rate=0.0003", "sigma=0.5_learning_rate=0.001"):
+        wd = tmp_path / name
+        assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 2
+        assert (wd / "privacy_report.md").exists()
+        cfg = json.loads((wd / "config.json").read_text())
+        assert cfg["optim"]["learning_rate"] == float(name.split("=")[-1])
