@@ -79,6 +79,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _drop_closed_loop_noise() -> None:
+    """Silences orbax/tensorstore's 'Event loop is closed' unraisable errors.
+
+    After a failed restore (a truncated checkpoint file), tensorstore callbacks still
+    fire into orbax's closed asyncio loop; Python prints each as a traceback although
+    the failure itself is already reported as one CheckpointError line.
+    """
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def run_audit_mode(
     workdir: str,
     config=None,
@@ -152,6 +170,7 @@ def run_audit_mode(
         audit_config,
         microbatch_size=cfg.dp.microbatch_size,
         clipping_impl=cfg.dp.clipping,
+        log=log,
     )
     payload = result.to_dict()
     payload["details"].update(source=source, data=data)
@@ -180,9 +199,7 @@ def run(argv: list[str]) -> None:
 
         num = _NUM.value
         if num is None:
-            from dpjax.sample import load_spec  # noqa: F401  (spec check happens in sample)
-
-            num = 60000
+            num = sample.load_run_config(workdir).sample.num
         path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value)
         print(f"[dpjax] wrote {path}")
     elif _MODE.value == "audit":
@@ -210,15 +227,17 @@ def run(argv: list[str]) -> None:
 
         if not _OUT.value:
             raise app.UsageError("--out is required for --mode=export.")
-        export.export_run(workdir, _OUT.value, _NUM.value, _PNG.value, command=" ".join(sys.argv))
+        command = "python -m dpjax.main " + " ".join(sys.argv[1:])
+        export.export_run(workdir, _OUT.value, _NUM.value, _PNG.value, command=command)
     elif _MODE.value == "eval":
+        from dpjax import sample
         from dpjax.eval import report
 
-        cfg = report.eval_config(_CONFIG.value.eval if _CONFIG.value is not None else None)
+        # The eval section of --config if given, else the one stored with the run.
+        section = (_CONFIG.value or sample.load_run_config(workdir)).eval
+        cfg = report.eval_config(section)
         if _NUM.value is not None:
             cfg = dataclasses.replace(cfg, num_samples=_NUM.value)
-        if _CONFIG.value is None:
-            cfg = None  # The eval section stored with the run.
         report.evaluate_workdir(workdir, cfg)
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 
@@ -227,6 +246,7 @@ def main(argv: list[str]) -> None:
     from dpjax import log_setup
 
     log_setup.quiet()
+    _drop_closed_loop_noise()
     try:
         run(argv)
     except user_errors() as e:

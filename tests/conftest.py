@@ -9,7 +9,9 @@ the tests run with them off (numerics are unchanged: every comparison is within 
 configuration).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -20,6 +22,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 _CACHE = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -44,7 +44,8 @@ def _cli(workdir, *args, config="experiments/toy_fake.py:steps=12", wait=True):
     cmd = [sys.executable, "-m", "dpjax.main", f"--workdir={workdir}", *args]
     if config:
         cmd.insert(3, f"--config={config}")
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0")
     if not wait:
         return subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -1,0 +1,216 @@
+"""--mode=export: only publishable files, only from a private run; clear errors otherwise."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpjax import checkpoint as ckpt_lib
+from dpjax import export, run_config, sample, train
+from dpjax.methods import get_method_module
+from dpjax.methods.base import DataSpec
+from dpjax.randomness import Streams
+from dpjax.state import TrainState
+from experiments import toy_fake
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECTED = [
+    "ema_params.npz",
+    "model_card.md",
+    "model_config.json",
+    "privacy_report.json",
+    "privacy_report.md",
+    "samples.npz",
+    "samples_grid.png",
+]
+# Strings that only non-publishable artifacts contain.
+FORBIDDEN = [b"metrics", b"opt_state", b"private_loss", b"nonprivate", b"tensorboard"]
+
+
+def toy_config(steps: int = 3, **over):
+    """The toy experiment, shrunk (as tests/test_train_loop.py does)."""
+    c = toy_fake.get_config(f"steps={steps}")
+    c.unlock()
+    c.train.progress = False
+    c.train.log_every = 1
+    c.train.ckpt_every = steps
+    c.train.grid_samples = 0
+    c.data.fake_num_examples = 128
+    c.dp.batch_size = 16
+    c.dp.microbatch_size = 16
+    for path, value in over.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+def fake_run(directory, steps: int = 3, releases=(), **over) -> str:
+    """A workdir as training leaves it (config, plan, spec, one checkpoint), with no training.
+
+    The checkpoint holds the initial parameters, with EMA weights deliberately different
+    from the trainable ones. ``over`` overrides config keys, e.g. ``{'dp.enabled': False}``.
+    """
+    c = toy_config(steps, **over)
+    cfg = run_config.from_configdict(c)
+    wd = str(directory)
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        f.write(run_config.config_to_json(c))
+    plan = train.resolve_plan(cfg, cfg.data.fake_num_examples, wd)  # Writes dp_plan.json.
+    spec = DataSpec(tuple(cfg.data.fake_image_shape), cfg.data.num_classes)
+    sample.save_spec(wd, spec)
+    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    params = method.init(Streams.from_seed(cfg.seed).init, spec)
+    opt = train.make_optimizer(cfg.optim)
+    state = TrainState(
+        jnp.asarray(steps, jnp.int32),
+        params.trainable,
+        params.frozen,
+        opt.init(params.trainable),
+        jax.tree_util.tree_map(lambda x: x + 0.25, params.trainable),
+    )
+    meta = {
+        "plan": plan.to_dict(),
+        "steps_done": steps,
+        "epsilon_spent": {},
+        "releases": list(releases),
+        "method": cfg.method,
+    }
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
+    checkpointer.save(steps, state, meta)
+    checkpointer.close()
+    return wd
+
+
+def corrupt_latest_checkpoint(workdir: str, how: str = "truncate") -> None:
+    """Damages the latest checkpoint: truncates its array files or deletes its manifest."""
+    latest = max(glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")), key=os.path.getmtime)
+    if how == "truncate":
+        files = glob.glob(os.path.join(latest, "state", "**", "d", "*"), recursive=True)
+        assert files
+        for path in files:
+            open(path, "w").close()
+    else:
+        files = glob.glob(os.path.join(latest, "state", "**", "manifest.ocdbt"), recursive=True)
+        assert files
+        for path in files:
+            os.remove(path)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dpjax.main", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _no_forbidden_content(out: str) -> None:
+    for name in os.listdir(out):
+        with open(os.path.join(out, name), "rb") as f:
+            data = f.read()
+        for word in FORBIDDEN:
+            assert word not in data, f"{name} contains {word!r}"
+
+
+def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
+    wd = str(tmp_path / "run")
+    train.train(toy_config(3), wd, log=lambda *_: None)
+    assert os.path.exists(os.path.join(wd, "metrics.jsonl"))  # What must NOT be exported.
+    out = str(tmp_path / "release")
+    names = export.export_run(wd, out, num_samples=20, command="test", log=lambda *_: None)
+    assert names == EXPECTED == sorted(os.listdir(out))
+    _no_forbidden_content(out)
+    # The weights are the EMA weights, not the trainable ones, and nothing else.
+    _, state, _, _ = sample.restore_state(wd)
+    with np.load(os.path.join(out, "ema_params.npz")) as z:
+        assert sorted(z.files) == ["log_scale", "mean"]
+        np.testing.assert_array_equal(z["mean"], np.asarray(state.ema["mean"]))
+        assert not np.array_equal(z["mean"], np.asarray(state.trainable["mean"]))
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        assert sorted(z.files) == ["images", "labels"]
+        assert z["images"].shape == (20, 28, 28, 1) and z["images"].dtype == np.uint8
+    with open(os.path.join(out, "privacy_report.json")) as f:
+        report = json.load(f)
+    assert report["private"] and report["steps_done"] == 3
+    assert 0 < report["epsilon"]["rdp"] < 10
+    with open(os.path.join(out, "model_card.md")) as f:
+        card = f.read()
+    for section in ("## Data", "## Privacy guarantee", "## Intended use", "## Limitations"):
+        assert section in card
+    assert "-differential privacy" in card and "Exported with: `test`" in card
+    # An existing, non-empty output is never overwritten.
+    with pytest.raises(export.ExportError, match="not empty"):
+        export.export_run(wd, out, num_samples=2, log=lambda *_: None)
+
+
+def test_non_private_runs_are_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "release"
+    public = fake_run(tmp_path / "public", **{"dp.enabled": False})
+    with pytest.raises(export.NotPrivateError, match="not differentially private"):
+        export.export_run(public, str(out), num_samples=2, log=lambda *_: None)
+    no_noise = fake_run(tmp_path / "no_noise", **{"dp.noise_multiplier": 0.0})
+    with pytest.raises(export.NotPrivateError, match="epsilon is inf"):
+        export.export_run(no_noise, str(out), num_samples=2, log=lambda *_: None)
+    leaked = fake_run(
+        tmp_path / "leak", releases=[{"kind": "non_private", "description": "a raw mean"}]
+    )
+    with pytest.raises(export.NotPrivateError, match="epsilon is inf"):
+        export.export_run(leaked, str(out), num_samples=2, log=lambda *_: None)
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
+
+
+def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):
+    wd = fake_run(tmp_path / "run")
+    audit = {"flagged": True, "epsilon_lower_bound": 9.0, "accountant_epsilon": 3.0}
+    with open(os.path.join(wd, "audit.json"), "w") as f:
+        json.dump({**audit, "details": {"faults": {}, "data": "fake"}}, f)
+    with pytest.raises(export.NotPrivateError, match="flags this run"):
+        export.export_run(wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None)
+    # A flagged audit with an injected fault is the audit's self-test, not a finding.
+    with open(os.path.join(wd, "audit.json"), "w") as f:
+        json.dump({**audit, "details": {"faults": {"noise_scale": 0.0}, "data": "fake"}}, f)
+    assert "ema_params.npz" in export.export_run(
+        wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None
+    )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_corrupt_or_missing_runs_are_clear_errors(tmp_path, how):
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not exist"):
+        export.export_run(str(tmp_path / "nope"), str(tmp_path / "o"), log=lambda *_: None)
+    wd = fake_run(tmp_path / "run")
+    corrupt_latest_checkpoint(wd, how)
+    with pytest.raises(ckpt_lib.CheckpointError, match="corrupt"):
+        export.export_run(wd, str(tmp_path / "o"), num_samples=2, log=lambda *_: None)
+    os.remove(os.path.join(wd, "dp_plan.json"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="dp_plan.json is missing"):
+        export.export_run(wd, str(tmp_path / "o"), num_samples=2, log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_export_and_audit_bad_inputs_give_one_line(tmp_path):
+    out = cli("--mode=export", f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'o'}")
+    assert out.returncode == 2, out.stderr
+    assert "dpjax error:" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    wd = fake_run(tmp_path / "run")
+    corrupt_latest_checkpoint(wd, "truncate")
+    for mode in ("export", "audit"):
+        out = cli(f"--mode={mode}", f"--workdir={wd}", f"--out={tmp_path / 'o'}")
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "dpjax error:" in out.stderr and "corrupt" in out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "o").exists()
