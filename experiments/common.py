@@ -102,6 +102,25 @@ def smoke_overrides(
     c.eval.downstream_epochs = 1
 
 
+def small_dpdm_unet(
+    c: ml_collections.ConfigDict,
+    nf: int,
+    attn_resolutions: tuple[int, ...],
+    num_steps: int,
+    sample_batch: int,
+    noise_multiplicity: int = 2,
+) -> None:
+    """A small 2-level DPDM UNet (quick CPU runs and smoke tests), one block per level."""
+    c.method_args.unet = "custom"
+    c.method_args.nf = nf
+    c.method_args.ch_mult = (1, 2)
+    c.method_args.num_res_blocks = 1
+    c.method_args.attn_resolutions = attn_resolutions
+    c.method_args.noise_multiplicity = noise_multiplicity
+    c.method_args.num_steps = num_steps
+    c.method_args.sample_batch = sample_batch
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Locks the config (typos become errors) and checks it converts to typed sections."""
     c.lock()

@@ -20,7 +20,6 @@ import ml_collections
 
 from dpjax.methods import dpdm
 from experiments import common
-from experiments.dpdm_cifar10 import _tiny_unet
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -42,5 +41,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.dp.microbatch_size = int(args["microbatch"])
     if args["smoke"]:
         common.smoke_overrides(c, num_classes=0, image_shape=(res, res, 3))
-        _tiny_unet(c)
+        common.small_dpdm_unet(c, nf=8, attn_resolutions=(16,), num_steps=2, sample_batch=10)
     return common.finalize(c)

@@ -34,27 +34,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.dp.epochs = 500.0
     c.dp.microbatch_size = int(args["microbatch"])
     if args["quick"]:
-        c.method_args.unet = "custom"
-        c.method_args.nf = 16
-        c.method_args.ch_mult = (1, 2)
-        c.method_args.num_res_blocks = 1
-        c.method_args.attn_resolutions = ()
-        c.method_args.noise_multiplicity = 2
+        common.small_dpdm_unet(c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=100)
         c.dp.batch_size = 64
         c.dp.steps = 40
         c.dp.microbatch_size = 16
     if args["smoke"]:
         common.smoke_overrides(c, num_classes=10, image_shape=(32, 32, 3))
-        _tiny_unet(c)
+        common.small_dpdm_unet(c, nf=8, attn_resolutions=(16,), num_steps=2, sample_batch=10)
     return common.finalize(c)
-
-
-def _tiny_unet(c: ml_collections.ConfigDict) -> None:
-    c.method_args.unet = "custom"
-    c.method_args.nf = 8
-    c.method_args.ch_mult = (1, 2)
-    c.method_args.num_res_blocks = 1
-    c.method_args.attn_resolutions = (16,)
-    c.method_args.noise_multiplicity = 2
-    c.method_args.num_steps = 2
-    c.method_args.sample_batch = 10

@@ -66,14 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # epsilon for THIS plan. Per-example gradients of convolutions are slow on CPU,
         # so this shows the pipeline end to end; its samples are blurry blobs, not the
         # paper's quality (see benchmarks/ for CPU timings of the paper recipe).
-        c.method_args.unet = "custom"
-        c.method_args.nf = 16
-        c.method_args.ch_mult = (1, 2)
-        c.method_args.num_res_blocks = 1
-        c.method_args.attn_resolutions = ()
-        c.method_args.noise_multiplicity = 2
-        c.method_args.num_steps = 30
-        c.method_args.sample_batch = 100
+        common.small_dpdm_unet(c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=100)
         c.dp.batch_size = 32
         c.dp.steps = 30
         c.dp.microbatch_size = 16
@@ -83,14 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.train.ckpt_every = 10
     if args["smoke"]:
         common.smoke_overrides(c)
-        c.method_args.unet = "custom"
-        c.method_args.nf = 8
-        c.method_args.ch_mult = (1, 2)
-        c.method_args.num_res_blocks = 1
-        c.method_args.attn_resolutions = (14,)
-        c.method_args.noise_multiplicity = 2
-        c.method_args.num_steps = 2
-        c.method_args.sample_batch = 10
+        common.small_dpdm_unet(c, nf=8, attn_resolutions=(14,), num_steps=2, sample_batch=10)
     return common.finalize(c)
 
 
