@@ -186,3 +186,57 @@ def test_sampling_from_checkpoint_writes_files_and_never_reads_data(tmp_path, mo
         assert sorted(set(z["labels"].tolist())) == list(range(10))
     assert os.path.exists(tmp_path / "out" / "samples_grid.png")
     assert len(os.listdir(tmp_path / "out" / "png")) == 10
+
+
+def test_five_kills_including_during_checkpoint_writes(tmp_path):
+    """SIGKILL 5 times (twice while a checkpoint is being written), then finish."""
+    args = ["--config.train.ckpt_every=2", "--config.train.log_every=1",
+            "--config.train.progress=False", "--config.train.grid_samples=0"]
+    config = "experiments/toy_fake.py:steps=16"
+    ref = tmp_path / "ref"
+    assert _cli(ref, *args, config=config).returncode == 0
+    wd = tmp_path / "faulty"
+    rng = random.Random(1234)
+    steps_done_seen, kills_during_write = [], 0
+    for attempt in range(5):
+        proc = _cli(wd, *args, config=config, wait=False)
+        ckpt_dir = wd / "checkpoints"
+        during_write = attempt in (1, 3)
+        target = rng.randint(1, 3)
+        deadline = time.time() + 300
+        killed = False
+        while time.time() < deadline and proc.poll() is None:
+            if during_write and ckpt_dir.exists() and any(
+                "tmp" in p.name for p in ckpt_dir.iterdir()
+            ):
+                proc.send_signal(signal.SIGKILL)
+                kills_during_write += 1
+                killed = True
+                break
+            log = wd / "metrics.jsonl"
+            if not during_write and log.exists():
+                rows = log.read_text().splitlines()
+                if rows and json.loads(rows[-1])["step"] >= min(15, target + 3 * attempt):
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                    break
+            time.sleep(0.01)
+        if not killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        plan_file = wd / "dp_plan.json"
+        if plan_file.exists():
+            steps_done_seen.append(json.loads(plan_file.read_text()).get("steps_done", 0))
+        # The checkpoint directory is never corrupt: the latest checkpoint restores.
+        if (wd / "checkpoints").exists() and any(
+            p.name.isdigit() for p in (wd / "checkpoints").iterdir()
+        ):
+            assert all(np.isfinite(x).all() for x in _flat_state(str(wd)))
+    assert steps_done_seen == sorted(steps_done_seen), "epsilon/steps went backwards"
+    out = _cli(wd, *args, config=config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for a, b in zip(_flat_state(ref), _flat_state(wd)):
+        np.testing.assert_array_equal(a, b)
+    rows = metrics_log.read(str(wd))
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 16
