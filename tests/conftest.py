@@ -33,3 +33,20 @@ def _quiet_logs():
     from dpjax import log_setup
 
     log_setup.quiet()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Reports how many faults and bad inputs the run tried (issue: trust)."""
+    import sys
+
+    tried = []
+    for name, attr in (("tests.test_train_loop", "FAULTS_TRIED"),
+                       ("tests.test_bad_inputs", "BAD_INPUTS_TRIED")):
+        module = sys.modules.get(name)
+        if module is not None:
+            tried.append((attr, list(getattr(module, attr, []))))
+    for attr, items in tried:
+        label = attr.lower().replace("_", " ")
+        terminalreporter.write_line(f"dpjax {label}: {len(items)}")
+        for item in items:
+            terminalreporter.write_line(f"  - {item}")

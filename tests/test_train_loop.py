@@ -18,6 +18,7 @@ from dpjax.typed_config import ConfigError
 from experiments import toy_fake
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULTS_TRIED: list[str] = []
 
 
 def _config(steps=12, **over):
@@ -81,6 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    FAULTS_TRIED.append(f"SIGKILL after {kill_at} logged steps, then resume")
     rows = metrics_log.read(str(killed))
     assert rows and rows[-1]["step"] < 12, "the run finished before it was killed"
     out = _cli(killed, *args)
@@ -120,6 +122,7 @@ def test_resume_under_another_privacy_config_is_refused(tmp_path):
 
 def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path):
     cfg = _config(steps=12, **{"optim.learning_rate": 1e30, "optim.name": "sgd"})
+    FAULTS_TRIED.append("NaN loss")
     with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
         train.train(cfg, str(tmp_path), log=lambda *_: None)
     # Whatever was saved before the NaN restores to finite values.
@@ -128,6 +131,7 @@ def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path):
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path):
+    FAULTS_TRIED.append("unwritable workdir")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(train.WorkdirError, match="not writable"):
@@ -224,6 +228,10 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path):
         if not killed:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+        FAULTS_TRIED.append(
+            f"SIGKILL {attempt + 1}/5 " + ("during a checkpoint write" if during_write and killed
+                                           else "between steps")
+        )
         plan_file = wd / "dp_plan.json"
         if plan_file.exists():
             steps_done_seen.append(json.loads(plan_file.read_text()).get("steps_done", 0))

@@ -1,0 +1,138 @@
+"""Bad input on every entry point (train, sample, eval, export, audit): one clear error.
+
+Each case must raise one of the error types the CLI reports in one line
+(``dpjax.main.user_errors``), with a message naming the problem, and must leave an
+existing run's checkpoints untouched. The count of cases tried is printed in the test
+summary (see conftest.py).
+"""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpjax import export, sample, train
+from dpjax.eval import report
+from dpjax.main import user_errors
+from experiments import toy_fake
+from tests.test_export import corrupt_latest_checkpoint
+
+BAD_INPUTS_TRIED: list[str] = []
+
+
+def _config(**over):
+    c = toy_fake.get_config("smoke")
+    c.unlock()
+    for path, value in over.items():
+        section, key = path.split(".")
+        c[section][key] = value
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("run"))
+    train.train(_config(), wd, log=lambda *_: None)
+    return wd
+
+
+def _folder(tmp_path, kind):
+    root = tmp_path / kind
+    for k in range(10):
+        (root / str(k)).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / str(k) / "a.png")
+    if kind == "corrupt":
+        (root / "3" / "b.png").write_bytes(b"not a png at all")
+    else:
+        Image.fromarray(np.zeros((30, 28), np.uint8)).save(root / "4" / "b.png")
+    return str(root)
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+TRAIN_CASES = {
+    "missing dataset path": (lambda t: {"data.source": "idx", "data.path": "/nonexistent"},
+                             "/nonexistent"),
+    "corrupt image": (lambda t: {"data.source": "folder", "data.path": _folder(t, "corrupt")},
+                      "b.png"),
+    "mixed image sizes": (lambda t: {"data.source": "folder", "data.path": _folder(t, "mixed")},
+                          "b.png"),
+    "labels out of range": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "labels", images=np.zeros((20, 28, 28, 1), np.uint8), labels=np.full(20, 12))},
+        "out of range"),
+    "float images outside [-1, 1]": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "float", images=np.full((20, 28, 28, 1), 7.0, np.float32),
+        labels=np.zeros(20, np.int64))}, "images"),
+    "wrong image rank": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "rank", images=np.zeros((20, 28), np.uint8), labels=np.zeros(20, np.int64))},
+        "shape"),
+    "empty dataset": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "empty", images=np.zeros((0, 28, 28, 1), np.uint8), labels=np.zeros(0, np.int64))},
+        "empty"),
+    "dataset smaller than the expected batch": (lambda t: {"dp.batch_size": 1000},
+                                                "exceeds the dataset size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_bad_input(case, tmp_path):
+    over, needle = TRAIN_CASES[case]
+    BAD_INPUTS_TRIED.append(f"train: {case}")
+    with pytest.raises(user_errors()) as e:
+        train.train(_config(**over(tmp_path)), str(tmp_path / "w"), log=lambda *_: None)
+    assert needle.lower() in str(e.value).lower(), str(e.value)
+    assert not os.path.exists(tmp_path / "w" / "checkpoints" / "2")
+
+
+def test_train_disk_full_fails_before_training(tmp_path, monkeypatch):
+    BAD_INPUTS_TRIED.append("train: disk full")
+
+    class Usage:
+        free = 1024
+
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda _: Usage())
+    with pytest.raises(train.WorkdirError, match="MiB free"):
+        train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_resume_with_mismatched_config_keeps_checkpoints(trained):
+    BAD_INPUTS_TRIED.append("train: mismatched config on resume")
+    before = sorted(os.listdir(os.path.join(trained, "checkpoints")))
+    with pytest.raises(user_errors(), match="different config"):
+        train.train(_config(**{"optim.learning_rate": 0.5}), trained, log=lambda *_: None)
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == before
+
+
+ENTRY_POINTS = {
+    "sample": lambda wd, out: sample.sample_from_workdir(wd, 4, out),
+    "eval": lambda wd, out: report.evaluate_workdir(
+        wd, report.EvalConfig(num_samples=4, fid=False, downstream=False), log=lambda *_: None
+    ),
+    "export": lambda wd, out: export.export_run(wd, out, 4, log=lambda *_: None),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_missing_run_is_a_clear_error(entry, tmp_path):
+    BAD_INPUTS_TRIED.append(f"{entry}: missing workdir")
+    with pytest.raises(user_errors(), match="no dpjax run|No checkpoint|not"):
+        ENTRY_POINTS[entry](str(tmp_path / "nothing"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path):
+    import shutil
+
+    BAD_INPUTS_TRIED.append(f"{entry}: corrupt checkpoint")
+    wd = str(tmp_path / "copy")
+    shutil.copytree(trained, wd)
+    corrupt_latest_checkpoint(wd, "truncate")
+    with pytest.raises(user_errors()):
+        ENTRY_POINTS[entry](wd, str(tmp_path / "out"))
