@@ -16,19 +16,14 @@ from dpjax import export, sample, train
 from dpjax.eval import report
 from dpjax.main import user_errors
 from experiments import toy_fake
+from tests.config_overrides import with_overrides
 from tests.test_export import corrupt_latest_checkpoint
 
 BAD_INPUTS_TRIED: list[str] = []
 
 
 def _config(**over):
-    c = toy_fake.get_config("smoke")
-    c.unlock()
-    for path, value in over.items():
-        section, key = path.split(".")
-        c[section][key] = value
-    c.lock()
-    return c
+    return with_overrides(toy_fake.get_config("smoke"), over)
 
 
 @pytest.fixture(scope="module")

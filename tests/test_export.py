@@ -20,6 +20,7 @@ from dpjax.methods.base import DataSpec
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
 from experiments import toy_fake
+from tests.config_overrides import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = [
@@ -46,14 +47,7 @@ def toy_config(steps: int = 3, **over):
     c.data.fake_num_examples = 128
     c.dp.batch_size = 16
     c.dp.microbatch_size = 16
-    for path, value in over.items():
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    c.lock()
-    return c
+    return with_overrides(c, over)
 
 
 def fake_run(directory, steps: int = 3, releases=(), **over) -> str:

@@ -16,6 +16,7 @@ from dpjax.checkpoint import CheckpointError
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.typed_config import ConfigError
 from experiments import toy_fake
+from tests.config_overrides import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS_TRIED: list[str] = []
@@ -31,14 +32,7 @@ def _config(steps=12, **over):
     c.data.fake_num_examples = 128
     c.dp.batch_size = 16
     c.dp.microbatch_size = 8
-    for path, value in over.items():
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    c.lock()
-    return c
+    return with_overrides(c, over)
 
 
 def _cli(workdir, *args, config="experiments/toy_fake.py:steps=12", wait=True):
