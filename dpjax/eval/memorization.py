@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from dpjax.eval.downstream import _as_nhwc
 
 FeaturesFn = Callable[[np.ndarray], Any]  # images (B, H, W, C) -> features (B, D)
 
@@ -53,13 +56,10 @@ _EXTRA_CANDIDATES = 8
 
 def _check_images(images: np.ndarray | jax.Array, name: str) -> np.ndarray:
     """Returns NHWC host images, uint8 or float32 in [-1, 1]; raises ValueError otherwise."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"{name}: expected non-empty images (N, H, W, C), got {images.shape}.")
-    if images.dtype == np.uint8:
-        return images
+    with warnings.catch_warnings():
+        # The [0, 1]-range warning is about classifier inputs; distances do not care.
+        warnings.simplefilter("ignore", UserWarning)
+        return _as_nhwc(images, name)
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"{name}: images must be uint8 or float in [-1, 1], got {images.dtype}.")
     images = images.astype(np.float32)
