@@ -83,8 +83,15 @@ def test_dpdm_step_sums_equal_between_paths():
     micro-batches of 2, so the traced loop, the finite check and the mask are covered.
     """
     spec = base.DataSpec((8, 8, 1), 3)
-    cfg = dpdm.Config(unet="custom", nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                      attn_resolutions=(4,), noise_multiplicity=3, dropout=0.0)
+    cfg = dpdm.Config(
+        unet="custom",
+        nf=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        noise_multiplicity=3,
+        dropout=0.0,
+    )
     method = dpdm.make(cfg, spec)
     params = method.init(jax.random.PRNGKey(0), spec)
     images = jax.random.uniform(jax.random.PRNGKey(1), (6, 8, 8, 1), minval=-1, maxval=1)
@@ -96,8 +103,16 @@ def test_dpdm_step_sums_equal_between_paths():
     for impl in ("vmap", "layerwise"):
         out[impl] = jax.jit(
             lambda t, f, e, m, k, impl=impl: clipping.clipped_grad_sum(
-                method.loss_per_example, t, f, e, m, k, clip_norm=0.05, microbatch_size=2,
-                num_real=5, impl=impl,
+                method.loss_per_example,
+                t,
+                f,
+                e,
+                m,
+                k,
+                clip_norm=0.05,
+                microbatch_size=2,
+                num_real=5,
+                impl=impl,
             )
         )(params.trainable, params.frozen, ex, mask, keys)
     ref, fast = out["vmap"], out["layerwise"]

@@ -159,9 +159,7 @@ def _microbatch_layerwise(
     clipping, the finite check and the weighted sum are the reference path's own
     functions, so the two paths differ only in how the per-example gradients are formed.
     """
-    loss, aux, grads = layerwise.per_example_grads(
-        loss_fn, trainable, frozen, examples, mask, keys
-    )
+    loss, aux, grads = layerwise.per_example_grads(loss_fn, trainable, frozen, examples, mask, keys)
     return _clip_and_sum(loss, aux, grads, mask, clip_norm)
 
 

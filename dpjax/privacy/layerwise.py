@@ -69,11 +69,7 @@ class _Recorder:
 
     def _trainable_direct(self, module: nn.Module) -> dict[str, jax.Array]:
         params = module.variables.get("params", {}) if module.scope is not None else {}
-        return {
-            k: v
-            for k, v in params.items()
-            if not isinstance(v, Mapping) and id(v) in self.ids
-        }
+        return {k: v for k, v in params.items() if not isinstance(v, Mapping) and id(v) in self.ids}
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
@@ -87,8 +83,10 @@ class _Recorder:
             and not kwargs
             and all(isinstance(a, jax.Array) for a in args)
             and _rule_for(module) is not None
-            and (_rule_for(module) != "generic"
-                 or len(own) == len(_direct(module.variables.get("params", {}))))
+            and (
+                _rule_for(module) != "generic"
+                or len(own) == len(_direct(module.variables.get("params", {})))
+            )
         )
         if not supported:
             self.unsupported.append(f"{where} ({type(module).__name__}.{context.method_name})")
@@ -97,13 +95,16 @@ class _Recorder:
         if self.zero_params:
             # Used by the outside-use check: the layer sees constants, so any remaining
             # dependence of the loss on a trainable leaf is a use outside its layer.
-            params = {k: (jnp.zeros(v.shape, v.dtype) if k in own else v)
-                      for k, v in module.variables["params"].items()}
+            params = {
+                k: (jnp.zeros(v.shape, v.dtype) if k in own else v)
+                for k, v in module.variables["params"].items()
+            }
             return clone.apply({"params": params}, *args)
         out = next_fun(*args, **kwargs)
         index = len(self.calls)
-        self.calls.append(_Call(clone, tuple(own), tuple(self.ids[id(v)] for v in own.values()),
-                                tuple(out.shape)))
+        self.calls.append(
+            _Call(clone, tuple(own), tuple(self.ids[id(v)] for v in own.values()), tuple(out.shape))
+        )
         self.inputs.append(tuple(args))
         if self.taps is not None:
             out = out + self.taps[index].astype(out.dtype)
@@ -150,12 +151,14 @@ def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
     a = inputs[0].astype(jnp.float32)
     g = g.astype(jnp.float32)
     b = a.shape[0]
-    spatial_in = a.shape[-(n + 1):]
+    spatial_in = a.shape[-(n + 1) :]
     a = a.reshape((-1, *spatial_in))
     pad = module.padding
     if not isinstance(pad, str):
-        pad = [(p, p) if isinstance(p, int) else tuple(p) for p in
-               (pad if not isinstance(pad, int) else [pad] * n)]
+        pad = [
+            (p, p) if isinstance(p, int) else tuple(p)
+            for p in (pad if not isinstance(pad, int) else [pad] * n)
+        ]
     patches = lax.conv_general_dilated_patches(
         a,
         filter_shape=kernel_size,
@@ -207,8 +210,18 @@ def _rule_for(module: nn.Module):
     if type(module) is nn.Conv and _conv_supported(module):
         return _conv_rule
     # Any other layer that has no submodules and whose parameters live in 'params' only.
-    if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.Embed, nn.ConvTranspose, nn.Conv,
-                           nn.DenseGeneral, nn.RMSNorm)):
+    if isinstance(
+        module,
+        (
+            nn.GroupNorm,
+            nn.LayerNorm,
+            nn.Embed,
+            nn.ConvTranspose,
+            nn.Conv,
+            nn.DenseGeneral,
+            nn.RMSNorm,
+        ),
+    ):
         return "generic"
     return None
 
