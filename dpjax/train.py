@@ -37,6 +37,7 @@ from dpjax import data as data_lib
 from dpjax import metrics_log, parallel, run_config, sample
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
+from dpjax.privacy import microbatch as microbatch_lib
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
@@ -209,8 +210,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     mesh = parallel.make_data_mesh(cfg.train.num_devices)
     check_workdir(workdir)
     dataset = data_lib.load(cfg.data)
-    if cfg.dp.microbatch_size <= 0:
-        raise ValueError("dp.microbatch_size must be > 0.")
+    if cfg.dp.microbatch_size < 0:
+        raise ValueError("dp.microbatch_size must be > 0, or 0 to choose it from the memory.")
     plan = resolve_plan(cfg, len(dataset), workdir, main)  # First: a budget overrun says so.
     check_resume_config(workdir, config, main)
     spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
@@ -247,8 +248,32 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
             )
         releases = list(meta.get("releases", []))
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
+    if cfg.dp.microbatch_size == 0:
+        cfg = _with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh)
     return run, dataset
+
+
+def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
+    """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``).
+
+    Capped at a quarter of the expected per-device batch, so that the last, partly
+    padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
+    """
+    per_device = plan.expected_batch_size / parallel.num_shards(mesh)
+    choice = microbatch_lib.auto_microbatch_size(
+        method,
+        params.trainable,
+        params.frozen,
+        spec.image_shape,
+        cfg.dp.clipping,
+        max_size=max(1, int(per_device // 4)),
+    )
+    log(
+        f"[dpjax] micro-batch size {choice.size} (auto: {choice.bytes_per_example / 2**20:.1f} "
+        f"MiB per example measured at {choice.probe}, budget {choice.budget_bytes / 2**30:.1f} GiB)"
+    )
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, microbatch_size=choice.size))
 
 
 def _meta(run: Run, steps_done: int) -> dict[str, Any]:

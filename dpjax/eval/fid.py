@@ -98,7 +98,8 @@ def _not_found_message(cache: pathlib.Path) -> str:
 def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as f:
-            flat = {k: f[k] for k in f.files}
+            # Float32 whatever the file stores (a float16 copy is smaller to move around).
+            flat = {k: f[k].astype(np.float32) for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"Cannot read converted weights {path}: {e}; delete it.") from e
     expected = inception.expected_param_shapes()

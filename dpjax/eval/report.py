@@ -112,6 +112,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
             result["fid"][split] = fid.fid_from_stats(mu, sigma, ref_mu, ref_sigma)
         result["fid_seconds"] = time.time() - t
         log(f"[dpjax] eval: FID {result['fid']}")
+        _write_json(workdir, result)  # Each finished part is kept if a later one fails.
 
     if cfg.downstream and spec.num_classes > 0:
         t = time.time()
@@ -129,6 +130,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         result["downstream_seconds"] = time.time() - t
         acc = {k: round(v["test_accuracy"], 4) for k, v in result["downstream"].items()}
         log(f"[dpjax] eval: downstream test accuracy {acc}")
+        _write_json(workdir, result)
 
     if cfg.memorization:
         features_fn = None
@@ -149,11 +151,17 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     if os.path.exists(privacy_path):
         with open(privacy_path) as f:
             result["privacy"] = json.load(f)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+    _write_json(workdir, result)
     with open(os.path.join(workdir, "eval_report.md"), "w") as f:
         f.write(report_markdown(result))
     return result
+
+
+def _write_json(workdir: str, result: dict[str, Any]) -> None:
+    tmp = os.path.join(workdir, "eval.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    os.replace(tmp, os.path.join(workdir, "eval.json"))
 
 
 def report_markdown(result: dict[str, Any]) -> str:
