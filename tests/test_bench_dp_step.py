@@ -1,0 +1,105 @@
+"""The DP-step benchmark (benchmarks/dp_step.py) runs end to end on CPU with a tiny UNet.
+
+It checks the benchmark itself: its correctness gate (the fast layerwise step equals the
+vmap reference step), that every requested entry is timed without error and recorded
+incrementally in the --out file, and its case parsing. Timings are not asserted.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    path = os.path.join(ROOT, "benchmarks", "dp_step.py")
+    spec = importlib.util.spec_from_file_location("bench_dp_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there.
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def test_parse_cases():
+    cases = bench.parse_cases("256x1, 32x32,4096x32,8x2/2", microbatch=64, microbatch_above=1024)
+    assert [(c.batch, c.k, c.microbatch, c.logical) for c in cases] == [
+        (256, 1, 256, False),
+        (32, 32, 32, False),
+        (4096, 32, 64, True),
+        (8, 2, 2, True),
+    ]
+    assert cases[2].name == "4096x32/64"
+    for bad in ("8x2/3", "8by2", "0x1"):
+        with pytest.raises(ValueError, match="Bad case"):
+            bench.parse_cases(bad, 64, 1024)
+
+
+def entries_params(written):
+    (params,) = {e["params"] for e in written["entries"]}
+    return params
+
+
+def test_tiny_benchmark_with_check(tmp_path):
+    out = tmp_path / "dp_step.json"
+    argv = [
+        "--tiny",
+        "--check",
+        # One logical batch of two micro-batches: plain's own micro-batch loop, the fast
+        # DP step's, the ratio and the recipe projection. The check runs the reference.
+        "--cases=4x1/2",
+        "--variants=plain,fast",
+        "--steps=1",
+        "--warmup=1",
+        f"--out={out}",
+    ]
+    result = bench.main(argv)
+    with open(out) as f:
+        written = json.load(f)
+    assert written == json.loads(json.dumps(result))
+
+    check = written["check"]
+    assert check["passed"], check
+    assert check["update_rel_err"] <= 1e-4 and check["params_ok"]
+
+    meta = written["meta"]
+    assert meta["jax"] and meta["devices"] and meta["tiny"] is True
+    assert meta["params"] == check["params"] == entries_params(written)
+    assert "--check" in meta["command"]
+
+    entries = written["entries"]
+    got = [(e["case"], e["variant"]) for e in entries]
+    assert got == [("4x1/2", "plain"), ("4x1/2", "fast")]
+    for e in entries:
+        assert "error" not in e and "skipped" not in e, e
+        assert e["params"] > 0 and e["finite"]
+        assert e["step_ms"] > 0 and e["examples_per_s"] > 0 and e["compile_s"] > 0
+        assert e["examples_per_s"] == pytest.approx(e["B"] / (e["step_ms"] / 1e3))
+        assert "peak_bytes" in e and "memory_analysis" in e
+    plain, fast = entries
+    assert plain["ratio_to_plain"] == pytest.approx(1.0) and plain["clipping_impl"] is None
+    assert fast["clipping_impl"] == "layerwise"
+    assert fast["ratio_to_plain"] == pytest.approx(fast["step_ms"] / plain["step_ms"])
+    for e in entries:
+        assert (e["B"], e["K"], e["microbatch"]) == (4, 1, 2)
+        assert e["recipe_steps"] == int(300 * 60000 / 4)
+        assert e["projected_recipe_h"] == pytest.approx(
+            e["recipe_steps"] * e["step_ms"] / 1e3 / 3600
+        )
+
+
+def test_time_budget_skips_and_records(tmp_path):
+    out = tmp_path / "dp_step.json"
+    result = bench.main(
+        ["--tiny", "--cases=2x2", "--variants=plain", "--time-budget=1e-9", f"--out={out}"]
+    )
+    (entry,) = result["entries"]
+    assert "skipped" in entry and "step_ms" not in entry
+    with open(out) as f:
+        assert json.load(f)["entries"][0]["skipped"] == entry["skipped"]
