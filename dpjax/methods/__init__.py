@@ -6,6 +6,7 @@ from types import ModuleType
 
 METHODS: dict[str, str] = {
     "dpdm": "dpjax.methods.dpdm",
+    "dplflow": "dpjax.methods.dplflow",
     "toy": "dpjax.methods.toy",
 }
 
