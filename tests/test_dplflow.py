@@ -109,3 +109,17 @@ def test_samples_and_bits_per_dim():
     assert bpd.shape == (3,) and bool(jnp.all(jnp.isfinite(bpd))) and float(bpd.min()) > 0
     with pytest.raises(ValueError, match="labelled"):
         dplflow.make(dplflow.Config(), base.DataSpec((28, 28, 1), 0))
+
+
+def test_smoke_run_then_eval_reports_bits_per_dim(tmp_path):
+    from dpjax import train
+    from dpjax.eval import report
+    from experiments import dplflow_fmnist
+
+    wd = str(tmp_path)
+    train.train(dplflow_fmnist.get_config("smoke"), wd, log=lambda *_: None)
+    cfg = report.EvalConfig(num_samples=8, sample_batch=8, fid=False, downstream=False,
+                            memorization=False)  # fmt: skip
+    result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    assert np.isfinite(result["bits_per_dim"]["test"]) and result["bits_per_dim"]["test"] > 0
+    assert "bits per dimension" in (tmp_path / "eval_report.md").read_text()

@@ -34,6 +34,7 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert all(np.isfinite(v) and v >= 0 for v in result["fid"].values())
     assert 0.0 <= result["downstream"]["logreg"]["test_accuracy"] <= 1.0
     assert set(result["memorization"]) == {"pixel", "features"}
+    assert "bits_per_dim" not in result  # the toy method has no exact likelihood
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 30 and saved["privacy"]["private"] is True
     md = (tmp_path / "eval_report.md").read_text()

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dpjax import data as data_lib
@@ -40,6 +41,8 @@ class EvalConfig:
         held-out part of the synthetic data, never on the test set.
       memorization: nearest training image of each sample (pixels, and Inception
         features when ``fid``).
+      bits_per_dim: for methods with an exact likelihood (``method.bits_per_dim``, e.g.
+        DP-LFlow), the mean bits per dimension of the real test split.
       seed: sampling seed (a stream separate from training's).
     """
 
@@ -53,6 +56,7 @@ class EvalConfig:
     downstream_models: tuple[str, ...] = ("logreg", "mlp", "cnn")
     downstream_epochs: int = 50
     memorization: bool = True
+    bits_per_dim: bool = True
     seed: int = 0
 
 
@@ -132,6 +136,14 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         log(f"[dpjax] eval: downstream test accuracy {acc}")
         _write_json(workdir, result)
 
+    if cfg.bits_per_dim:
+        method, params = sample_lib.load_trained(workdir)[:2]
+        if hasattr(method, "bits_per_dim"):
+            test = splits["test"]
+            result["bits_per_dim"] = {"test": _mean_bits_per_dim(method, params, test)}
+            log(f"[dpjax] eval: bits/dim on the test split {result['bits_per_dim']['test']:.4f}")
+            _write_json(workdir, result)
+
     if cfg.memorization:
         features_fn = None
         if cfg.fid:
@@ -155,6 +167,17 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     with open(os.path.join(workdir, "eval_report.md"), "w") as f:
         f.write(report_markdown(result))
     return result
+
+
+def _mean_bits_per_dim(method, params, dataset, batch: int = 1000) -> float:
+    """Mean of ``method.bits_per_dim`` over a dataset, in batches."""
+    fn = jax.jit(lambda x, y: method.bits_per_dim(params, x, y))
+    total, n = 0.0, len(dataset)
+    for i in range(0, n, batch):
+        x = jnp.asarray(dataset.images[i : i + batch], jnp.float32) / 127.5 - 1.0
+        y = jnp.asarray(dataset.labels[i : i + batch], jnp.int32)
+        total += float(jnp.sum(fn(x, y)))
+    return total / n
 
 
 def _write_json(workdir: str, result: dict[str, Any]) -> None:
@@ -188,6 +211,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         for k, v in result["downstream"].items():
             lines.append(f"| {k} | {100 * v['test_accuracy']:.1f}% | {v['selected_epoch']} |")
         lines.append("")
+    if "bits_per_dim" in result:
+        lines.append(f"- bits per dimension, real test split: {result['bits_per_dim']['test']:.4f}")
     if "memorization" in result:
         for space, summary in result["memorization"].items():
             shown = ", ".join(

