@@ -18,10 +18,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from dpjax import params_select
 from dpjax.diffusion import samplers
 from dpjax.diffusion.precond import SIGMA_DATA, NetFn, Preconditioning
 from dpjax.methods import base
-from dpjax.models import ncsnpp
+from dpjax.models import lora, ncsnpp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,18 @@ class Config:
       s_churn, s_min, s_max, s_noise: Heun churn parameters.
       guidance: classifier-free guidance weight w (0 = none, DPDM's default).
       sample_batch: images per jitted sampling call.
+      init_from: a workdir of a run of this method trained on PUBLIC data (e.g. with
+        dp.enabled=False); its EMA UNet initializes this one. DP fine-tuning (DP-LDM and
+        DP-LoRA style) starts here. Its data must be public: the privacy report of this
+        run covers this run's private data only.
+      trainable: regular expressions selecting the trained UNet parameters by path (e.g.
+        'attn' for the attention blocks, 'label_embed' for the class embedding);
+        empty = all (or none when LoRA adapters are used). A pattern matching nothing is
+        an error.
+      lora_rank, lora_targets, lora_alpha: LoRA adapters (rank r > 0) on the dense and
+        1x1-conv layers whose module path matches a target; scale alpha / r (alpha 0
+        means alpha = r). The adapters are trained, the UNet weights they adapt are not
+        (unless ``trainable`` selects them).
     """
 
     unet: str = "auto"
@@ -73,6 +86,11 @@ class Config:
     s_noise: float = 1.0
     guidance: float = 0.0
     sample_batch: int = 256
+    init_from: str = ""
+    trainable: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.noise_multiplicity < 1:
@@ -87,6 +105,8 @@ class Config:
             raise ValueError(f"precond must be 'edm' or 'v', got '{self.precond}'.")
         if self.sampler not in ("ddim", "heun", "euler_stochastic"):
             raise ValueError(f"Unknown sampler '{self.sampler}'.")
+        if self.lora_rank < 0 or (self.lora_rank > 0) != bool(self.lora_targets):
+            raise ValueError("LoRA needs both lora_rank > 0 and lora_targets (or neither).")
 
 
 def resolve_unet(config: Config, spec: base.DataSpec) -> ncsnpp.UNetConfig:
@@ -148,6 +168,28 @@ class DPDM(base.Method):
         if config.guidance != 0 and not self.conditional:
             raise ValueError("guidance != 0 needs class labels; this data is unconditional.")
         self._sample_fn = jax.jit(self._sample_batch, static_argnames="batch")
+        self.pretrained = _load_pretrained(config.init_from, self) if config.init_from else None
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Whether parameters are split into {'unet': ..., 'lora': ...} / {'unet': ...}."""
+        c = self.config
+        return bool(c.init_from or c.trainable or c.lora_rank)
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r of the LoRA update (Hu et al. 2022, Sec. 4.1)."""
+        c = self.config
+        return (c.lora_alpha or c.lora_rank) / max(c.lora_rank, 1)
+
+    def weights(
+        self, trainable: base.PyTree, frozen: base.PyTree
+    ) -> tuple[base.PyTree, base.PyTree | None]:
+        """(the full UNet parameter tree, the LoRA adapters or None)."""
+        if not self.fine_tuning:
+            return trainable, None
+        unet = params_select.merge(trainable.get("unet", {}), (frozen or {}).get("unet", {}))
+        return unet, trainable.get("lora")
 
     @property
     def conditional(self) -> bool:
@@ -160,28 +202,71 @@ class DPDM(base.Method):
         return self.spec.num_classes if self.conditional else None
 
     def init(self, key: jax.Array, spec: base.DataSpec) -> base.Params:
-        """Fresh UNet parameters, all trainable."""
+        """UNet parameters: fresh, or ``init_from``'s; split by ``trainable``; LoRA adapters.
+
+        Without fine-tuning options all parameters are trainable (``frozen`` is empty).
+        """
         if spec != self.spec:
             raise ValueError(f"DPDM was built for {self.spec}, init was given {spec}.")
-        return base.Params(trainable=ncsnpp.init_params(self.unet_config, key), frozen={})
+        k_unet, k_lora = jax.random.split(key)
+        if self.pretrained is not None:
+            unet = jax.tree_util.tree_map(jnp.asarray, self.pretrained)
+        else:
+            unet = ncsnpp.init_params(self.unet_config, k_unet)
+        if not self.fine_tuning:
+            return base.Params(trainable=unet, frozen={})
+        c = self.config
+        if c.trainable:
+            selected, rest = params_select.split(unet, c.trainable)
+        elif c.lora_rank:
+            selected, rest = {}, unet
+        else:
+            selected, rest = unet, {}
+        trainable: dict = {"unet": selected}
+        if c.lora_rank:
+            trainable["lora"] = lora.init(k_lora, self.lora_layers(unet), c.lora_rank)
+        return base.Params(trainable=trainable, frozen={"unet": rest})
+
+    def lora_layers(self, unet: base.PyTree) -> dict[str, lora.LayerShape]:
+        """The layers ``lora_targets`` select (an error if a target matches none)."""
+        h, w, ch = self.spec.image_shape
+        x = jnp.zeros((1, h, w, ch))
+        labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+        return lora.discover(
+            lambda: self.network.apply({"params": unet}, x, jnp.zeros((1,)), labels),
+            self.config.lora_targets,
+        )
 
     def net(
-        self, trainable: base.PyTree, train: bool = False, dropout_key: jax.Array | None = None
+        self,
+        trainable: base.PyTree,
+        frozen: base.PyTree = None,
+        train: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> NetFn:
-        """The raw network F(c_in x, c_noise, labels) with parameters bound."""
+        """The raw network F(c_in x, c_noise, labels) with parameters (and adapters) bound."""
         rngs = {"dropout": dropout_key} if train and dropout_key is not None else None
+        unet, adapters = self.weights(trainable, frozen)
 
         def apply(x: jax.Array, c_noise: jax.Array, labels: jax.Array | None) -> jax.Array:
-            variables = {"params": trainable}
-            return self.network.apply(variables, x, c_noise, labels, train=train, rngs=rngs)
+            variables = {"params": unet}
+            if adapters is None:
+                return self.network.apply(variables, x, c_noise, labels, train=train, rngs=rngs)
+            with lora.applied(adapters, self.lora_scale):
+                return self.network.apply(variables, x, c_noise, labels, train=train, rngs=rngs)
 
         return apply
 
     def denoise(
-        self, trainable: base.PyTree, x: jax.Array, sigma: jax.Array, labels: jax.Array | None
+        self,
+        trainable: base.PyTree,
+        x: jax.Array,
+        sigma: jax.Array,
+        labels: jax.Array | None,
+        frozen: base.PyTree = None,
     ) -> jax.Array:
         """The preconditioned denoiser D(x; sigma, y) (EDM Eq. 7), x (N, H, W, C), sigma (N,)."""
-        return self.precond.denoise(self.net(trainable), x, sigma, labels)
+        return self.precond.denoise(self.net(trainable, frozen), x, sigma, labels)
 
     def copy_labels(self, label: jax.Array, key: jax.Array) -> jax.Array | None:
         """The labels of the K noisy copies of one example.
@@ -208,14 +293,13 @@ class DPDM(base.Method):
 
         Args:
           trainable: UNet parameters.
-          frozen: unused (DPDM has no frozen part).
+          frozen: the UNet parameters that are not trained (fine-tuning), else empty.
           example: {'image': (H, W, C) in [-1, 1], 'label': () int}.
           key: this example's randomness.
 
         Returns:
           (loss, {'loss': loss}).
         """
-        del frozen
         x = jnp.asarray(example["image"], jnp.float32)
         if x.shape != self.spec.image_shape:
             raise ValueError(f"Expected an image of shape {self.spec.image_shape}, got {x.shape}.")
@@ -225,15 +309,20 @@ class DPDM(base.Method):
         sigma = self.precond.sample_sigma(k_sigma, (num,))
         noise = jax.random.normal(k_noise, (num, *x.shape))
         copies = jnp.broadcast_to(x, (num, *x.shape))
-        net = self.net(trainable, train=True, dropout_key=k_dropout)
+        net = self.net(trainable, frozen, train=True, dropout_key=k_dropout)
         loss = jnp.mean(self.precond.loss(net, copies, labels, sigma, noise))
         return loss, {"loss": loss}
 
     def _sample_batch(
-        self, trainable: base.PyTree, key: jax.Array, labels: jax.Array | None, batch: int
+        self,
+        trainable: base.PyTree,
+        frozen: base.PyTree,
+        key: jax.Array,
+        labels: jax.Array | None,
+        batch: int,
     ) -> jax.Array:
         cfg = self.config
-        denoise = lambda x, sigma, y: self.denoise(trainable, x, sigma, y)
+        denoise = lambda x, sigma, y: self.denoise(trainable, x, sigma, y, frozen)
         images = samplers.sample(
             denoise,
             key,
@@ -302,7 +391,9 @@ class DPDM(base.Method):
                 # Pad the last chunk to the static batch size; its extra rows are dropped.
                 chunk_labels = jnp.pad(labels[start : start + count], (0, batch - count))
             chunk_key = jax.random.fold_in(image_key, i)
-            images = self._sample_fn(params.trainable, chunk_key, chunk_labels, batch)
+            images = self._sample_fn(
+                params.trainable, params.frozen, chunk_key, chunk_labels, batch
+            )
             chunks.append(images[:count])
         return jnp.concatenate(chunks), labels
 
@@ -311,6 +402,24 @@ class DPDM(base.Method):
     ) -> jax.Array:
         """``n`` images in [-1, 1], shape (n, H, W, C); see ``sample_labelled``."""
         return self.sample_labelled(params, key, n, labels)[0]
+
+
+def _load_pretrained(workdir: str, method: DPDM) -> dict:
+    """The EMA UNet of the DPDM run in ``workdir`` (as NumPy), checked against ``method``."""
+    import numpy as np
+
+    from dpjax import sample as sample_lib  # Deferred: sample imports the method registry.
+
+    source, params, spec, _, step = sample_lib.load_trained(workdir)
+    if not isinstance(source, DPDM) or source.unet_config != method.unet_config:
+        raise ValueError(
+            f"init_from={workdir!r} holds a {type(source).__name__} with UNet "
+            f"{getattr(source, 'unet_config', None)}, not this run's {method.unet_config}."
+        )
+    unet, adapters = source.weights(params.trainable, params.frozen)
+    if adapters is not None:
+        raise ValueError(f"init_from={workdir!r} has LoRA adapters; merge them first.")
+    return jax.tree_util.tree_map(np.asarray, unet)
 
 
 def make(config: Config, spec: base.DataSpec) -> DPDM:
