@@ -57,6 +57,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 3
     max_steps_per_run: int = 0  # stop this invocation after this many steps (0: no limit)
+    # Stop this invocation, with a checkpoint, once this much wall time has passed (0: no
+    # limit); a rerun resumes. For job time limits (SLURM, lent GPUs).
+    max_seconds_per_run: float = 0.0
     grid_samples: int = 100  # samples in the grid written at the end (0: none)
     progress: bool = True
     # Data parallelism (dpjax/parallel.py): 1 = one device (the reference path), 0 = all

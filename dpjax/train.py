@@ -401,9 +401,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
                 logger.write(done, row)
                 if bar is not None:
                     bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row['private_loss_nonprivate']:.4g}")
-            if done % cfg.train.ckpt_every == 0 or done == end:
+            out_of_time = 0 < cfg.train.max_seconds_per_run < time.time() - t0
+            if done % cfg.train.ckpt_every == 0 or done == end or out_of_time:
                 save_checkpoint(run, state)
                 last_saved = done
+            if out_of_time and done < end:
+                log(
+                    f"[dpjax] stopping at step {done} of {plan.steps}: "
+                    f"train.max_seconds_per_run={cfg.train.max_seconds_per_run:g} s passed; "
+                    "run the same command again to resume."
+                )
+                break
     finally:
         if bar is not None:
             bar.close()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -242,3 +243,23 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path):
     rows = metrics_log.read(str(wd))
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 16
+
+
+def test_wall_time_limit_checkpoints_and_reruns_resume_bit_identically(tmp_path):
+    """train.max_seconds_per_run stops with a checkpoint; reruns end where one run ends."""
+    ref = train.train(_config(steps=4), str(tmp_path / "ref"), log=lambda *_: None)
+    wd = str(tmp_path / "limited")
+    runs, msgs = 0, []
+    while True:
+        state = train.train(
+            _config(steps=4, **{"train.max_seconds_per_run": 1e-9}), wd, log=msgs.append
+        )
+        runs += 1
+        if int(state.step) == 4:
+            break
+        assert runs < 6
+    assert runs == 4  # one step per invocation: the limit is checked after each step
+    assert sum("max_seconds_per_run" in m for m in msgs) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(ref.as_dict()),
+                    jax.tree_util.tree_leaves(state.as_dict()), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

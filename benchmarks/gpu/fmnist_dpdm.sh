@@ -10,6 +10,8 @@
 #                   rounded to float16 so that data + weights fit one 64 MiB transfer
 # Environment: EPS, BATCH, K, EPOCHS, MB (micro-batch), LR, TAG, TRAIN_LIMIT, EVAL_LIMIT
 # (seconds), EXTRA (more --config overrides). Results go to $OUT/$TAG.tgz (eval.json, reports, grids, metrics, export).
+# Two runs sharing one GPU: export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 for each (by
+# default each JAX process takes 75% of the memory and the second one fails).
 set -uo pipefail
 : "${EPS:?}" "${BATCH:?}" "${K:?}" "${EPOCHS:?}" "${MB:=256}" "${LR:=3e-4}" "${TAG:=run}"
 : "${TRAIN_LIMIT:=300}" "${EVAL_LIMIT:=240}" "${OUT:=/tmp/out}"
@@ -30,10 +32,13 @@ W="$C/runs/$TAG"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 date -u
 T0=$(date +%s)
-timeout "$TRAIN_LIMIT" python3 -m dpjax.main \
+# The loop stops itself with a checkpoint at TRAIN_LIMIT (max_seconds_per_run, which
+# excludes start-up and compilation); the outer timeout is only a safety net.
+timeout "$((TRAIN_LIMIT + 180))" python3 -m dpjax.main \
   --config="experiments/dpdm_fmnist.py:eps=$EPS,K=$K,batch=$BATCH,epochs=$EPOCHS,microbatch=$MB" \
   --config.dp.clipping=layerwise --config.data.path="$C/data" \
   --config.optim.learning_rate="$LR" --config.train.ckpt_every=100 \
+  --config.train.max_seconds_per_run="$TRAIN_LIMIT" \
   --config.train.log_every=25 --config.eval.inception_weights="$W16" \
   --config.eval.sample_batch=6000 --config.eval.fid_batch=500 ${EXTRA:-} --workdir="$W" 2>&1 | grep -v Warning
 T1=$(date +%s)
