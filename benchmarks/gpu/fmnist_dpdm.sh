@@ -32,8 +32,8 @@ W="$C/runs/$TAG"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 date -u
 T0=$(date +%s)
-# The loop stops itself with a checkpoint at TRAIN_LIMIT (max_seconds_per_run, which
-# excludes start-up and compilation); the outer timeout is only a safety net.
+# The loop stops itself with a checkpoint at TRAIN_LIMIT (max_seconds_per_run, counted
+# from the first step, its compilation included); the outer timeout is only a safety net.
 timeout "$((TRAIN_LIMIT + 180))" python3 -m dpjax.main \
   --config="experiments/dpdm_fmnist.py:eps=$EPS,K=$K,batch=$BATCH,epochs=$EPOCHS,microbatch=$MB" \
   --config.dp.clipping=layerwise --config.data.path="$C/data" \
