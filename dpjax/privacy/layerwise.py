@@ -6,7 +6,8 @@ g_i = dL_i/dy_i. Because examples never interact (no BatchNorm), g_i is also the
 gradient of the SUMMED loss w.r.t. y_i, so ONE ordinary backward pass of sum_i L_i,
 taken w.r.t. zero "taps" added to every layer's output, yields every g_i; the inputs
 a_i are recorded on the forward pass. Each layer's per-example gradient is then a
-batched matrix product (dense: a_i^T g_i; convolution: patches(a_i)^T g_i), the
+batched matrix product (dense: a_i^T g_i; convolution and transposed convolution:
+patches(a_i)^T g_i; norms and embeddings: the layer's own VJP per example), the
 book-keeping idea of Bu et al., "Differentially private optimization on large model at
 small cost" (ICML 2023), and the per-sample-gradient hooks of Opacus, done in one pass.
 The expensive part of ``vmap(grad)`` (per-example weight gradients as grouped
@@ -144,8 +145,17 @@ def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
-    """Per-example kernel gradient = patches(a_i)^T g_i, patches as lax extracts them."""
+def _patch_rule(
+    module: nn.Module,
+    inputs,
+    g: jax.Array,
+    window_strides: tuple[int, ...],
+    padding,
+    lhs_dilation: tuple[int, ...],
+) -> dict[str, jax.Array]:
+    """Per-example kernel gradient = patches(a_i)^T g_i for y = conv(a, W) written as
+    ``lax.conv_general_dilated(a, W, window_strides, padding, lhs_dilation,
+    rhs_dilation=kernel_dilation)`` in flax's channels-last layout."""
     kernel_size = tuple(module.kernel_size)
     n = len(kernel_size)
     a = inputs[0].astype(jnp.float32)
@@ -153,18 +163,12 @@ def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
     b = a.shape[0]
     spatial_in = a.shape[-(n + 1) :]
     a = a.reshape((-1, *spatial_in))
-    pad = module.padding
-    if not isinstance(pad, str):
-        pad = [
-            (p, p) if isinstance(p, int) else tuple(p)
-            for p in (pad if not isinstance(pad, int) else [pad] * n)
-        ]
     patches = lax.conv_general_dilated_patches(
         a,
         filter_shape=kernel_size,
-        window_strides=_tuple(module.strides, n),
-        padding=pad,
-        lhs_dilation=_tuple(module.input_dilation, n),
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
         rhs_dilation=_tuple(module.kernel_dilation, n),
         dimension_numbers=_nd_spec(n),
     )  # (N', *spatial_out, C_in * prod(kernel)), features ordered (C_in, *kernel)
@@ -178,6 +182,46 @@ def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
     if module.use_bias:
         out["bias"] = jnp.sum(gg, axis=1)
     return out
+
+
+def _explicit_padding(pad, n: int):
+    if isinstance(pad, str):
+        return pad
+    return [
+        (p, p) if isinstance(p, int) else tuple(p)
+        for p in (pad if not isinstance(pad, int) else [pad] * n)
+    ]
+
+
+def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
+    n = len(tuple(module.kernel_size))
+    return _patch_rule(
+        module,
+        inputs,
+        g,
+        _tuple(module.strides, n),
+        _explicit_padding(module.padding, n),
+        _tuple(module.input_dilation, n),
+    )
+
+
+def _conv_transpose_rule(module: nn.ConvTranspose, inputs, g: jax.Array) -> dict[str, jax.Array]:
+    """``lax.conv_transpose`` (transpose_kernel=False) is a stride-1 convolution of the
+    input dilated by the strides, with the padding below; the patch rule applies."""
+    kernel_size = tuple(module.kernel_size)
+    n = len(kernel_size)
+    strides = _tuple(module.strides, n)
+    pad = module.padding
+    if isinstance(pad, str):
+        pads = []
+        for k, d, s_ in zip(kernel_size, _tuple(module.kernel_dilation, n), strides):
+            k = (k - 1) * d + 1  # the dilated kernel's extent
+            pad_len = k + s_ - 2 + max(k - s_, 0)
+            pad_a = -(-pad_len // 2) if pad == "SAME" else k - 1
+            pads.append((pad_a, pad_len - pad_a))
+    else:
+        pads = _explicit_padding(pad, n)
+    return _patch_rule(module, inputs, g, (1,) * n, pads, strides)
 
 
 def _nd_spec(n: int) -> tuple[str, str, str]:
@@ -204,11 +248,22 @@ def _generic_rule(module: nn.Module, inputs, g: jax.Array, names, params) -> dic
     return jax.vmap(one)(inputs, g)
 
 
+def _conv_transpose_supported(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.ConvTranspose
+        and not module.transpose_kernel
+        and module.mask is None
+        and module.padding in ("SAME", "VALID")
+    )
+
+
 def _rule_for(module: nn.Module):
     if type(module) is nn.Dense:
         return _dense_rule
     if type(module) is nn.Conv and _conv_supported(module):
         return _conv_rule
+    if _conv_transpose_supported(module):
+        return _conv_transpose_rule
     # Any other layer that has no submodules and whose parameters live in 'params' only.
     if isinstance(
         module,
