@@ -12,14 +12,15 @@ from dpjax.methods import base, dpdm
 from dpjax.privacy import clipping, layerwise
 
 
-def _assert_trees_close(a, b, rtol=1e-4):
+def _assert_trees_close(a, b, rtol=1e-4, atol=0.0):
+    """Leaf by leaf: max |x - y| < rtol * max |x| + atol."""
     for (path, x), y in zip(
         jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
     ):
         x, y = np.asarray(x), np.asarray(y)
-        scale = max(float(np.max(np.abs(x))), 1e-12)
-        err = float(np.max(np.abs(x - y))) / scale
-        assert err < rtol, f"{jax.tree_util.keystr(path)}: relative error {err}"
+        err = float(np.max(np.abs(x - y)))
+        bound = rtol * float(np.max(np.abs(x))) + atol
+        assert err <= bound, f"{jax.tree_util.keystr(path)}: error {err} > {bound}"
 
 
 class _Zoo(nn.Module):
@@ -121,7 +122,9 @@ def test_dpdm_step_sums_equal_between_paths():
     assert int(fast.num_nonfinite) == int(ref.num_nonfinite) == 1
     assert int(fast.num_valid) == int(ref.num_valid) == 4
     assert int(fast.num_clipped) == int(ref.num_clipped) > 0
-    _assert_trees_close(ref.grad_sum, fast.grad_sum)
+    # Sums of clipped gradients cancel: bound the error by the contributions' scale too
+    # (each has norm C = 0.05; float32 rounding of per-example gradients is ~1e-7 of it).
+    _assert_trees_close(ref.grad_sum, fast.grad_sum, atol=1e-5 * 0.05)
     # Sensitivity: each contribution is clipped, so the sum's norm is at most 4 C.
     total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(fast.grad_sum)))
     assert total <= 4 * 0.05 * (1 + 1e-5)

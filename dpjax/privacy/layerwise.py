@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -153,32 +154,50 @@ def _patch_rule(
     padding,
     lhs_dilation: tuple[int, ...],
 ) -> dict[str, jax.Array]:
-    """Per-example kernel gradient = patches(a_i)^T g_i for y = conv(a, W) written as
+    """Per-example kernel gradient for y = conv(a, W) written as
     ``lax.conv_general_dilated(a, W, window_strides, padding, lhs_dilation,
-    rhs_dilation=kernel_dilation)`` in flax's channels-last layout."""
+    rhs_dilation=kernel_dilation)`` in flax's channels-last layout.
+
+    dL_i/dW[offset] = sum over output positions t of a_i[t + offset]^T g_i[t]: one batched
+    matrix product per kernel offset on a strided slice of the (dilated, padded) input.
+    Slicing costs memory traffic only; ``lax.conv_general_dilated_patches`` would instead
+    run a convolution with a one-hot kernel C_in * prod(kernel) channels wide.
+    """
     kernel_size = tuple(module.kernel_size)
     n = len(kernel_size)
+    rhs_dilation = _tuple(module.kernel_dilation, n)
     a = inputs[0].astype(jnp.float32)
     g = g.astype(jnp.float32)
     b = a.shape[0]
-    spatial_in = a.shape[-(n + 1) :]
-    a = a.reshape((-1, *spatial_in))
-    patches = lax.conv_general_dilated_patches(
-        a,
-        filter_shape=kernel_size,
-        window_strides=window_strides,
-        padding=padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=_tuple(module.kernel_dilation, n),
-        dimension_numbers=_nd_spec(n),
-    )  # (N', *spatial_out, C_in * prod(kernel)), features ordered (C_in, *kernel)
-    cin = spatial_in[-1]
-    p = patches.reshape(b, -1, patches.shape[-1])
+    a = a.reshape((-1, *a.shape[-(n + 1) :]))  # (B * copies, *spatial, C_in)
+    spatial = a.shape[1:-1]
+    dilated = tuple((s - 1) * d + 1 for s, d in zip(spatial, lhs_dilation))
+    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dilation))
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(dilated, extent, window_strides, padding)
+    config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+    a = lax.pad(a, jnp.zeros((), a.dtype), [*config, (0, 0, 0)])
+    out_sizes = tuple(
+        (p - e) // st + 1 for p, e, st in zip(a.shape[1:-1], extent, window_strides)
+    )
     gg = g.reshape(b, -1, g.shape[-1])
-    w = jnp.einsum("btp,bto->bpo", p, gg)  # (B, C_in * prod(kernel), C_out)
-    w = w.reshape(b, cin, *kernel_size, gg.shape[-1])
-    w = jnp.moveaxis(w, 1, n + 1)  # -> (B, *kernel, C_in, C_out): flax's HWIO layout
-    out = {"kernel": w}
+    cin = a.shape[-1]
+    per_offset = []
+    for offset in np.ndindex(*kernel_size):
+        starts = [o * d for o, d in zip(offset, rhs_dilation)]
+        view = lax.slice(
+            a,
+            (0, *starts, 0),
+            (
+                a.shape[0],
+                *(st + (o - 1) * w + 1 for st, o, w in zip(starts, out_sizes, window_strides)),
+                cin,
+            ),
+            (1, *window_strides, 1),
+        )
+        per_offset.append(jnp.einsum("btc,bto->bco", view.reshape(b, -1, cin), gg))
+    w = jnp.stack(per_offset, axis=1)  # (B, prod(kernel), C_in, C_out)
+    out = {"kernel": w.reshape(b, *kernel_size, cin, gg.shape[-1])}
     if module.use_bias:
         out["bias"] = jnp.sum(gg, axis=1)
     return out
@@ -222,13 +241,6 @@ def _conv_transpose_rule(module: nn.ConvTranspose, inputs, g: jax.Array) -> dict
     else:
         pads = _explicit_padding(pad, n)
     return _patch_rule(module, inputs, g, (1,) * n, pads, strides)
-
-
-def _nd_spec(n: int) -> tuple[str, str, str]:
-    sp = "DHW"[-n:] if n <= 3 else None
-    if sp is None:
-        raise ValueError(f"{n}-d convolutions are not supported by the layerwise path.")
-    return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
 
 
 def _generic_rule(module: nn.Module, inputs, g: jax.Array, names, params) -> dict[str, jax.Array]:
