@@ -33,6 +33,7 @@ class _Zoo(nn.Module):
         h = nn.LayerNorm()(h)
         h = nn.GroupNorm(num_groups=1)(nn.Conv(6, (1, 1), use_bias=False)(h))
         h = nn.ConvTranspose(3, (2, 2), strides=(2, 2))(h)
+        h = nn.ConvTranspose(4, (3, 3), strides=(2, 2))(h)  # SAME with k - 1 >= s
         h = nn.ConvTranspose(3, (3, 3), strides=(2, 1), padding="VALID", kernel_dilation=(1, 2))(h)
         h = h + nn.Embed(3, 3)(label)[:, None, None, :]
         h = nn.Dense(7)(h)  # dense over the channel axis of a 4-d input

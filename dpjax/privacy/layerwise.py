@@ -231,15 +231,16 @@ def _conv_transpose_rule(module: nn.ConvTranspose, inputs, g: jax.Array) -> dict
     n = len(kernel_size)
     strides = _tuple(module.strides, n)
     pad = module.padding
-    if isinstance(pad, str):
-        pads = []
-        for k, d, s_ in zip(kernel_size, _tuple(module.kernel_dilation, n), strides):
-            k = (k - 1) * d + 1  # the dilated kernel's extent
-            pad_len = k + s_ - 2 + max(k - s_, 0)
-            pad_a = -(-pad_len // 2) if pad == "SAME" else k - 1
-            pads.append((pad_a, pad_len - pad_a))
-    else:
-        pads = _explicit_padding(pad, n)
+    pads = []  # lax.conv_transpose's padding of the dilated input, per spatial dim
+    for k, d, st in zip(kernel_size, _tuple(module.kernel_dilation, n), strides):
+        k = (k - 1) * d + 1  # the dilated kernel's extent
+        if pad == "SAME":
+            pad_len = k + st - 2
+            pad_a = k - 1 if st > k - 1 else -(-pad_len // 2)
+        else:  # 'VALID'
+            pad_len = k + st - 2 + max(k - st, 0)
+            pad_a = k - 1
+        pads.append((pad_a, pad_len - pad_a))
     return _patch_rule(module, inputs, g, (1,) * n, pads, strides)
 
 
