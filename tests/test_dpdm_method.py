@@ -80,7 +80,7 @@ class RecordingNet:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, trainable, train=False, dropout_key=None):
+    def __call__(self, trainable, frozen=None, train=False, dropout_key=None):
         def net(x, c_noise, labels):
             self.calls.append((np.asarray(x), np.asarray(c_noise), np.asarray(labels)))
             return jnp.zeros_like(x)
