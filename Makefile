@@ -28,7 +28,7 @@ demo: install fmnist
 	@cat workdirs/demo/privacy_report.md
 
 test: install fmnist
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 test-slow: install fmnist
 	$(PY) -m pytest -m slow
