@@ -75,27 +75,29 @@ def test_joint_step_clips_autoencoder_and_flow_together():
     keys = jax.random.split(jax.random.PRNGKey(2), n)
     mask = jnp.ones((n,), bool)
     clip = 0.1
-    grads = jax.vmap(jax.grad(lambda t, e, k: method.loss_per_example(t, {}, e, k)[0]),
-                     in_axes=(None, 0, 0))(params.trainable, ex, keys)  # fmt: skip
+    grads = jax.jit(jax.vmap(jax.grad(lambda t, e, k: method.loss_per_example(t, {}, e, k)[0]),
+                             in_axes=(None, 0, 0)))(params.trainable, ex, keys)  # fmt: skip
     sq = {part: sum(float(jnp.sum(g[0] ** 2)) for g in jax.tree_util.tree_leaves(grads[part]))
           for part in ("ae", "flow")}  # fmt: skip
     assert sq["ae"] > 0 and sq["flow"] > 0
     # Sensitivity: each example alone, clipped, has norm <= C over ALL parameters.
+    one_example = jax.jit(
+        lambda e, k: clipping.clipped_grad_sum(method.loss_per_example, params.trainable, {}, e,
+                                               mask[:1], k, clip_norm=clip, microbatch_size=1)
+    )  # fmt: skip
     for i in range(n):
         one = jax.tree_util.tree_map(lambda x, i=i: x[i : i + 1], ex)
-        res = clipping.clipped_grad_sum(
-            method.loss_per_example, params.trainable, {}, one, mask[:1], keys[i : i + 1],
-            clip_norm=clip, microbatch_size=1,
-        )  # fmt: skip
+        res = one_example(one, keys[i : i + 1])
         norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(res.grad_sum)))
         assert norm <= clip * (1 + 1e-5)
         assert norm == pytest.approx(clip, rel=1e-4)  # these gradients are far above C
     # And the layerwise path covers the whole model (Conv, Dense, ConvTranspose).
-    ref = clipping.clipped_grad_sum(method.loss_per_example, params.trainable, {}, ex, mask,
-                                    keys, clip_norm=clip, microbatch_size=n)  # fmt: skip
-    fast = clipping.clipped_grad_sum(method.loss_per_example, params.trainable, {}, ex, mask,
-                                     keys, clip_norm=clip, microbatch_size=n,
-                                     impl="layerwise")  # fmt: skip
+    ref, fast = (
+        jax.jit(lambda t, e, m, k, impl=impl: clipping.clipped_grad_sum(
+            method.loss_per_example, t, {}, e, m, k, clip_norm=clip, microbatch_size=n,
+            impl=impl))(params.trainable, ex, mask, keys)
+        for impl in ("vmap", "layerwise")
+    )  # fmt: skip
     np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-4)
 
 
