@@ -260,6 +260,9 @@ def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mes
     Capped at a quarter of the expected per-device batch, so that the last, partly
     padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
     """
+    if jax.process_count() > 1:
+        # Each host would measure its own memory; the padded batch shape must agree.
+        raise ValueError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
     per_device = plan.expected_batch_size / parallel.num_shards(mesh)
     choice = microbatch_lib.auto_microbatch_size(
         method,
