@@ -3,7 +3,7 @@
 # 60k samples, FID against the train and test statistics, LogReg/MLP/CNN accuracy.
 # benchmarks/results.md quotes what this printed; the exact command is recorded there.
 #
-# Carried to the machine (prepared on the dev machine, git-ignored, see results.md):
+# Carried to the machine (made by benchmarks/gpu/prepare_carry.sh, git-ignored):
 #   .gpu/whl_min/   dp-accounting and ml-collections wheels (the image lacks them)
 #   .gpu/fmnist/    the four Fashion-MNIST IDX files, xz-compressed
 #   .gpu/inception16.npz.xz   the FID Inception weights converted by dpjax.eval.fid and
