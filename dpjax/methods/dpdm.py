@@ -50,7 +50,8 @@ class Config:
       init_from: a workdir of a run of this method trained on PUBLIC data (e.g. with
         dp.enabled=False); its EMA UNet initializes this one. DP fine-tuning (DP-LDM and
         DP-LoRA style) starts here. Its data must be public: the privacy report of this
-        run covers this run's private data only.
+        run covers this run's private data only. Known limitation: the method loads it
+        when built, so sampling, eval and export of the fine-tuned run also need it.
       trainable: regular expressions selecting the trained UNet parameters by path (e.g.
         'attn' for the attention blocks, 'label_embed' for the class embedding);
         empty = all (or none when LoRA adapters are used). A pattern matching nothing is
