@@ -20,6 +20,7 @@ import numpy as np
 
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
+from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
 from dpjax.typed_config import from_configdict
 
@@ -65,8 +66,10 @@ def eval_config(section: Any) -> EvalConfig:
     return from_configdict(EvalConfig, section or {}, "eval")
 
 
-def _samples(workdir: str, cfg: EvalConfig, log) -> tuple[np.ndarray, np.ndarray, int, Any]:
-    method, params, spec, run_cfg, step = sample_lib.load_trained(workdir)
+def _samples(
+    workdir: str, cfg: EvalConfig, log, trained: tuple
+) -> tuple[np.ndarray, np.ndarray, int, Any]:
+    method, params, spec, run_cfg, step = trained
     out_dir = os.path.join(workdir, "samples", f"step_{step}")
     path = os.path.join(out_dir, "samples.npz")
     if os.path.exists(path):
@@ -95,7 +98,8 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
 
     run_cfg = sample_lib.load_run_config(workdir)
     cfg = cfg or eval_config(run_cfg.eval)
-    images, labels, step, (spec, run_cfg) = _samples(workdir, cfg, log)
+    trained = sample_lib.load_trained(workdir)  # Restored once, for every part below.
+    images, labels, step, (spec, run_cfg) = _samples(workdir, cfg, log, trained)
     splits = {"train": data_lib.load(run_cfg.data)}
     test_cfg = dataclasses.replace(run_cfg.data, split="test")
     splits["test"] = data_lib.load(test_cfg)
@@ -137,7 +141,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         _write_json(workdir, result)
 
     if cfg.bits_per_dim:
-        method, params = sample_lib.load_trained(workdir)[:2]
+        method, params = trained[:2]
         if hasattr(method, "bits_per_dim"):
             test = splits["test"]
             result["bits_per_dim"] = {"test": _mean_bits_per_dim(method, params, test)}
@@ -174,7 +178,7 @@ def _mean_bits_per_dim(method, params, dataset, batch: int = 1000) -> float:
     fn = jax.jit(lambda x, y: method.bits_per_dim(params, x, y))
     total, n = 0.0, len(dataset)
     for i in range(0, n, batch):
-        x = jnp.asarray(dataset.images[i : i + batch], jnp.float32) / 127.5 - 1.0
+        x = to_model_range(jnp.asarray(dataset.images[i : i + batch]))
         y = jnp.asarray(dataset.labels[i : i + batch], jnp.int32)
         total += float(jnp.sum(fn(x, y)))
     return total / n

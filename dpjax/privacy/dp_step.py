@@ -39,6 +39,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpjax.methods.base import to_model_range
 from dpjax.privacy import clipping, noise
 from dpjax.privacy.plan import DPPlan
 from dpjax.randomness import Streams
@@ -56,7 +57,7 @@ def example_keys(step_key: jax.Array, indices: jax.Array) -> jax.Array:
 def gather_examples(images: jax.Array, labels: jax.Array, indices: jax.Array) -> dict:
     """Examples at ``indices`` (padding -1 reads row 0; the mask removes it), images in [-1, 1]."""
     safe = jnp.maximum(indices, 0)
-    x = images[safe].astype(jnp.float32) / 127.5 - 1.0
+    x = to_model_range(images[safe])
     return {"image": x, "label": labels[safe].astype(jnp.int32)}
 
 
