@@ -143,11 +143,12 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainStat
     spec = load_spec(workdir)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
+    optimizer = method.optimizer(make_optimizer(cfg.optim))
     template = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32),
         params.trainable,
         params.frozen,
-        jax.eval_shape(make_optimizer(cfg.optim).init, params.trainable),
+        jax.eval_shape(optimizer.init, params.trainable),
         params.trainable,
     )
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

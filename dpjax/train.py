@@ -43,6 +43,7 @@ from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.privacy.dp_step import make_train_step
 from dpjax.privacy.sampling import PoissonSampler
+from dpjax.public_step import make_public_step
 from dpjax.randomness import DATA_STREAM, Streams
 from dpjax.state import TrainState
 
@@ -143,15 +144,22 @@ def make_optimizer(cfg: run_config.OptimConfig) -> optax.GradientTransformation:
 
 
 def resolve_plan(
-    cfg: run_config.RunConfig, num_examples: int, workdir: str, write: bool = True
+    cfg: run_config.RunConfig,
+    num_examples: int,
+    workdir: str,
+    write: bool = True,
+    method: Any = None,
 ) -> plan_lib.DPPlan:
     """The run's plan: the stored one on resume (checked against the config), else a new one.
 
+    With ``method``, a target epsilon is the total over the method's prior releases and
+    its own private access (DP-SGD, or its one release when ``uses_dp_sgd`` is False).
     A new plan is written to ``dp_plan.json`` when ``write`` (process 0 only)."""
     dp = cfg.dp
     path = os.path.join(workdir, "dp_plan.json")
-    q = dp.batch_size / num_examples
-    steps = dp.steps if dp.steps > 0 else int(dp.epochs / q) if q <= 1 else 0
+    one_release = method is not None and not method.uses_dp_sgd
+    q = 1.0 if one_release else dp.batch_size / num_examples
+    steps = dp.steps if dp.steps > 0 or one_release else int(dp.epochs / q) if q <= 1 else 0
     if os.path.exists(path):
         stored, _ = plan_lib.load_plan(path)
         expected = {
@@ -162,6 +170,7 @@ def resolve_plan(
             "accountant": dp.accountant,
             "neighbouring": dp.neighbouring,
             "enabled": dp.enabled,
+            "mechanism": "release" if one_release else "dpsgd",
         }
         for k, v in expected.items():
             s = getattr(stored, k)
@@ -190,17 +199,33 @@ def resolve_plan(
         accountant=dp.accountant,
         neighbouring=dp.neighbouring,
         enabled=dp.enabled,
+        prior_events=[report_lib.release_event(r) for r in prior_records(method)],
+        release_events=method.release_events if one_release else None,
     )
     if write:
         plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
     return plan
 
 
+def prior_records(method: Any) -> list[dict[str, Any]]:
+    """The method's prior releases, each marked ``stage='prior'`` (none without a method)."""
+    if method is None:
+        return []
+    return [{**r, "stage": "prior"} for r in method.prior_releases()]
+
+
+def release_done(releases: list[dict[str, Any]]) -> bool:
+    """Whether the run's own one-shot release is among ``releases`` (stage 'release')."""
+    return any(r.get("stage") == "release" for r in releases)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[Run, Any]:
     """Builds the run and restores the latest checkpoint. Returns (run, private dataset).
 
     With ``train.num_devices`` != 1 the state is replicated over the 'data' mesh and the
-    checkpoint is restored onto it, whatever device count wrote it.
+    checkpoint is restored onto it, whatever device count wrote it. A one-release
+    method (DP-MEPF) resumed after its release does not read the private data at all:
+    the dataset returned is then None and the size and spec come from the workdir.
     """
     parallel.initialize_distributed()  # First: before any JAX computation.
     main = parallel.is_main_process()
@@ -209,27 +234,50 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     cfg = run_config.from_configdict(config)
     mesh = parallel.make_data_mesh(cfg.train.num_devices)
     check_workdir(workdir)
-    dataset = data_lib.load(cfg.data)
     if cfg.dp.microbatch_size < 0:
         raise ValueError("dp.microbatch_size must be > 0, or 0 to choose it from the memory.")
-    plan = resolve_plan(cfg, len(dataset), workdir, main)  # First: a budget overrun says so.
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
+    )
+    plan_path = os.path.join(workdir, "dp_plan.json")
+    after_release = (
+        checkpointer.latest_step() is not None
+        and os.path.exists(plan_path)
+        and os.path.exists(os.path.join(workdir, sample.SPEC_FILE))
+        and release_done(checkpointer.restore_meta().get("releases", []))
+    )
+    if after_release:  # Post-processing only: the private data is not opened again.
+        dataset = None
+        spec = sample.load_spec(workdir)
+        num_examples = plan_lib.load_plan(plan_path)[0].num_examples
+        log(f"[dpjax] the release is done; the private data ({cfg.data.source}) is not read")
+    else:
+        dataset = data_lib.load(cfg.data)
+        spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
+        num_examples = len(dataset)
+    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    if not method.uses_dp_sgd and mesh is not None:
+        raise ValueError(
+            f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
+        )
+    # First: a budget overrun or a changed plan says so before anything is written.
+    plan = resolve_plan(cfg, num_examples, workdir, main, method)
     check_resume_config(workdir, config, main)
-    spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
     if main:
         sample.save_spec(workdir, spec)
-    method = get_method_module(cfg.method).make(cfg.method_args, spec)
     streams = Streams.from_seed(cfg.seed)
     # One compiled init instead of one compilation per initializer op.
     params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
-    optimizer = make_optimizer(cfg.optim)
+    optimizer = method.optimizer(make_optimizer(cfg.optim))
     state = TrainState.create(params.trainable, params.frozen, optimizer.init(params.trainable))
+    data_line = (
+        f"data {dataset.name}: {len(dataset)} x {dataset.image_shape}"
+        if dataset is not None
+        else f"data not read: {num_examples} x {spec.image_shape}"
+    )
     log(
         f"[dpjax] {cfg.method}: {count_params(params.trainable):,} trainable parameters, "
-        f"{count_params(params.frozen):,} frozen; data {dataset.name}: {len(dataset)} x "
-        f"{dataset.image_shape}"
-    )
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
+        f"{count_params(params.frozen):,} frozen; {data_line}"
     )
     if mesh is not None:
         state = parallel.replicate(state, mesh)
@@ -237,7 +285,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
             f"[dpjax] data parallel over {mesh.size} devices ({jax.process_count()} "
             f"process(es)); the DP step is the same as on one device"
         )
-    releases: list[dict[str, Any]] = []
+    releases = prior_records(method)
+    for r in releases:
+        if r.get("neighbouring", plan.neighbouring) != plan.neighbouring:
+            raise PrivacyError(
+                f"A prior release ({r.get('description')}) is under the "
+                f"'{r['neighbouring']}' relation but this run is under '{plan.neighbouring}'; "
+                "their epsilons cannot be composed. Use the same dp.neighbouring."
+            )
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         stored = plan_lib.DPPlan.from_dict(meta["plan"])
@@ -246,9 +301,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
                 f"The latest checkpoint was written under plan {meta['plan']}, not the workdir's "
                 f"dp_plan.json {plan.to_dict()}; refusing to mix them."
             )
+        stored_prior = [r for r in meta.get("releases", []) if r.get("stage") == "prior"]
+        if stored_prior != releases:
+            raise ckpt_lib.CheckpointError(
+                f"The checkpoint was trained on prior releases {stored_prior}, but the method "
+                f"now reports {releases}; refusing to mix them. Use a new workdir."
+            )
         releases = list(meta.get("releases", []))
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
-    if cfg.dp.microbatch_size == 0:
+    if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = _with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh)
     return run, dataset
@@ -332,7 +393,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     main = parallel.is_main_process()
     if not main:
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
-    mesh = run.mesh
     cfg, plan = run.config, run.plan
     state = run.state
     start = int(state.step)
@@ -340,39 +400,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     if cfg.train.max_steps_per_run > 0:
         end = min(end, start + cfg.train.max_steps_per_run)
     eps_target = plan.target_epsilon
-    log(
-        f"[dpjax] plan: q={plan.sampling_rate:.5g} (E[B]={plan.expected_batch_size:.1f}), "
-        f"sigma={plan.noise_multiplier:.5g}, C={plan.clip_norm}, T={plan.steps}, "
-        f"delta={plan.delta:g}, target epsilon={eps_target} ({plan.accountant})"
-        if plan.enabled
-        else f"[dpjax] NON-PRIVATE training for {plan.steps} steps (public data only)"
-    )
-    sampler = PoissonSampler(
-        plan.num_examples,
-        plan.sampling_rate,
-        seed=cfg.seed * 1_000_003 + DATA_STREAM,
-        # Padded sizes split into equal per-device parts of whole micro-batches; the
-        # batch itself depends on (seed, step) only.
-        multiple=cfg.dp.microbatch_size * parallel.num_shards(mesh),
-    )
-    step_fn = make_train_step(
-        run.method,
-        make_optimizer(cfg.optim),
-        plan,
-        microbatch_size=cfg.dp.microbatch_size,
-        ema_rate=cfg.train.ema_rate,
-        ema_warmup=cfg.train.ema_warmup,
-        clipping_impl=cfg.dp.clipping,
-        mesh=mesh,
-    )
-    if mesh is None:
-        images = jnp.asarray(dataset.images)
-        labels = jnp.asarray(dataset.labels)
-        streams = run.streams
-    else:
-        images, labels, streams = parallel.replicate(
-            (np.asarray(dataset.images), np.asarray(dataset.labels), run.streams), mesh
+    if not plan.enabled:
+        log(f"[dpjax] NON-PRIVATE training for {plan.steps} steps (public data only)")
+    elif plan.mechanism == "release":
+        log(
+            f"[dpjax] plan: one release of N={plan.num_examples} with sigma="
+            f"{plan.noise_multiplier:.5g} (bound C={plan.clip_norm}), then {plan.steps} "
+            f"post-processing steps; delta={plan.delta:g}, target epsilon={eps_target} "
+            f"({plan.accountant})"
         )
+    else:
+        log(
+            f"[dpjax] plan: q={plan.sampling_rate:.5g} (E[B]={plan.expected_batch_size:.1f}), "
+            f"sigma={plan.noise_multiplier:.5g}, C={plan.clip_norm}, T={plan.steps}, "
+            f"delta={plan.delta:g}, target epsilon={eps_target} ({plan.accountant})"
+        )
+    if plan.mechanism == "release":
+        state = _release_once(run, state, dataset, log)
+        advance = _public_advance(run)
+    else:
+        advance = _dpsgd_advance(run, dataset)
     logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
@@ -380,17 +427,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
         for t in range(start, end):
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
-            batch = sampler.batch(t)
-            if mesh is None:
-                indices, mask = batch.indices, batch.mask
-            else:
-                indices, mask = parallel.shard_batch(batch, mesh)
-            state, metrics = step_fn(state, images, labels, indices, mask, batch.num_real, streams)
-            m = jax.device_get(metrics)
-            if not (np.isfinite(m["update_norm"]) and np.isfinite(m["private_loss_nonprivate"])):
+            state, m, loss_name = advance(state, t)
+            if not (np.isfinite(m["update_norm"]) and np.isfinite(m[loss_name])):
                 raise NonFiniteError(
-                    f"Non-finite loss/update at step {t} (loss {m['private_loss_nonprivate']}, "
-                    f"update norm {m['update_norm']}, {int(m['nonfinite_examples'])} non-finite "
+                    f"Non-finite loss/update at step {t} (loss {m[loss_name]}, update norm "
+                    f"{m['update_norm']}, {int(m.get('nonfinite_examples', 0))} non-finite "
                     f"examples). Nothing was checkpointed after step {last_saved}; lower the "
                     "learning rate or check the data."
                 )
@@ -398,12 +439,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
             if bar is not None:
                 bar.update(1)
             if done % cfg.train.log_every == 0 or done == end:
-                eps = plan.epsilon(done, "rdp") if plan.enabled else math.inf
+                eps = report_lib.epsilon_spent(plan, done, run.releases, ("rdp",))["rdp"]
                 row = {k: float(v) for k, v in m.items()}
                 row.update(epsilon_rdp=eps, steps_per_s=(done - start) / (time.time() - t0))
                 logger.write(done, row)
                 if bar is not None:
-                    bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row['private_loss_nonprivate']:.4g}")
+                    bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")
             out_of_time = 0 < cfg.train.max_seconds_per_run < time.time() - t0
             if done % cfg.train.ckpt_every == 0 or done == end or out_of_time:
                 save_checkpoint(run, state)
@@ -438,9 +479,106 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     return state
 
 
+def _dpsgd_advance(run: Run, dataset: Any):
+    """``advance(state, t) -> (state, host metrics, loss metric name)``: DP-SGD step t."""
+    cfg, plan, mesh = run.config, run.plan, run.mesh
+    sampler = PoissonSampler(
+        plan.num_examples,
+        plan.sampling_rate,
+        seed=cfg.seed * 1_000_003 + DATA_STREAM,
+        # Padded sizes split into equal per-device parts of whole micro-batches; the
+        # batch itself depends on (seed, step) only.
+        multiple=cfg.dp.microbatch_size * parallel.num_shards(mesh),
+    )
+    step_fn = make_train_step(
+        run.method,
+        run.method.optimizer(make_optimizer(cfg.optim)),
+        plan,
+        microbatch_size=cfg.dp.microbatch_size,
+        ema_rate=cfg.train.ema_rate,
+        ema_warmup=cfg.train.ema_warmup,
+        clipping_impl=cfg.dp.clipping,
+        mesh=mesh,
+    )
+    if mesh is None:
+        images = jnp.asarray(dataset.images)
+        labels = jnp.asarray(dataset.labels)
+        streams = run.streams
+    else:
+        images, labels, streams = parallel.replicate(
+            (np.asarray(dataset.images), np.asarray(dataset.labels), run.streams), mesh
+        )
+
+    def advance(state: TrainState, t: int):
+        batch = sampler.batch(t)
+        if mesh is None:
+            indices, mask = batch.indices, batch.mask
+        else:
+            indices, mask = parallel.shard_batch(batch, mesh)
+        state, metrics = step_fn(state, images, labels, indices, mask, batch.num_real, streams)
+        return state, jax.device_get(metrics), "private_loss_nonprivate"
+
+    return advance
+
+
+def _public_advance(run: Run):
+    """``advance`` for the post-processing steps after a one-shot release (no data)."""
+    cfg = run.config
+    step_fn = make_public_step(
+        run.method,
+        run.method.optimizer(make_optimizer(cfg.optim)),
+        ema_rate=cfg.train.ema_rate,
+        ema_warmup=cfg.train.ema_warmup,
+    )
+
+    def advance(state: TrainState, t: int):
+        del t  # The state's step selects the keys.
+        state, metrics = step_fn(state, run.streams)
+        return state, jax.device_get(metrics), "public_loss"
+
+    return advance
+
+
+def _release_once(run: Run, state: TrainState, dataset: Any, log) -> TrainState:
+    """Performs the method's one release (if not done yet) and checkpoints it at step 0.
+
+    The released values replace ``frozen['release']``; the release's records join the
+    run's accounting. The checkpoint written here is what every later step (and every
+    resume) starts from, so the private data is read exactly once.
+    """
+    if release_done(run.releases):
+        return state
+    if int(state.step) != 0:
+        raise ckpt_lib.CheckpointError(
+            f"Step {int(state.step)} was checkpointed without the release; use a new workdir."
+        )
+    key = jax.random.fold_in(run.streams.noise, 0)  # A release plan runs no DP-SGD step.
+    images, labels = jnp.asarray(dataset.images), jnp.asarray(dataset.labels)
+    release = run.method.private_release(
+        Params(state.trainable, state.frozen), images, labels, key, run.plan
+    )
+    placeholder = jax.tree_util.tree_structure(state.frozen["release"])
+    got = jax.tree_util.tree_structure(release.values)
+    if got != placeholder:
+        raise ValueError(f"The release's structure {got} is not the placeholder's {placeholder}.")
+    frozen = {**state.frozen, "release": release.values}
+    state = TrainState(state.step, state.trainable, frozen, state.opt_state, state.ema)
+    run.releases.extend({**r, "stage": "release"} for r in release.records)
+    save_checkpoint(run, state)
+    eps = report_lib.epsilon_spent(run.plan, 0, run.releases, (run.plan.accountant,))
+    log(
+        f"[dpjax] released once ({len(release.records)} Gaussian mechanism(s)); epsilon "
+        f"{eps[run.plan.accountant]:.4g} ({run.plan.accountant}); from here on the private "
+        "data is not read"
+    )
+    return state
+
+
 def write_privacy_report(run: Run, steps_done: int) -> dict[str, Any]:
     """Writes privacy_report.json and privacy_report.md to the workdir."""
-    rep = report_lib.privacy_report(run.plan, steps_done, run.config.method, run.releases)
+    rep = report_lib.privacy_report(
+        run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes()
+    )
     with open(os.path.join(run.workdir, "privacy_report.json"), "w") as f:
         json.dump(rep, f, indent=2)
     with open(os.path.join(run.workdir, "privacy_report.md"), "w") as f:

@@ -20,9 +20,7 @@ from experiments import common, dplflow_fmnist
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, {**dplflow_fmnist.ARGS, "source": "tfds"})
-    c = dplflow_fmnist.get_config(
-        ",".join(f"{k}={v!r}" for k, v in args.items() if k != "source")
-    )
+    c = dplflow_fmnist.get_config(",".join(f"{k}={v!r}" for k, v in args.items() if k != "source"))
     c.unlock()
     if not args["smoke"]:
         c.data.source = str(args["source"])

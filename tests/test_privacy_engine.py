@@ -160,6 +160,23 @@ def test_microbatching_equals_one_big_batch():
     assert bool(jnp.all(jnp.isnan(c.norms[10:])))
 
 
+def test_unclipped_sum_is_the_sum_of_per_example_gradients():
+    """Public training (no clip) takes one backward pass of the summed loss; it equals
+    the sum of the real rows' per-example gradients, padding excluded."""
+    method = _method()
+    tr = _params(method)
+    ex = _data(n=12)
+    keys = _keys(12)
+    mask = jnp.arange(12) < 9
+    got = _sum(method, tr, ex, mask, keys, m=4, clip=None)
+    per_example = jax.vmap(
+        jax.grad(lambda t, e, k: method.loss_per_example(t, {}, e, k)[0]), in_axes=(None, 0, 0)
+    )(tr, ex, keys)
+    want = jax.tree_util.tree_map(lambda g: jnp.sum(g[:9], axis=0), per_example)
+    np.testing.assert_allclose(_flat(got.grad_sum), _flat(want), rtol=1e-5, atol=1e-6)
+    assert int(got.num_valid) == 9 and int(got.num_clipped) == 0
+
+
 def test_noise_std_is_sigma_times_c():
     sigma = 1.7
     zeros = {"a": jnp.zeros((50, 40)), "b": jnp.zeros((1000,))}

@@ -5,7 +5,9 @@ import importlib
 from types import ModuleType
 
 METHODS: dict[str, str] = {
+    "classifier": "dpjax.methods.classifier",
     "dpdm": "dpjax.methods.dpdm",
+    "dpmepf": "dpjax.methods.dpmepf",
     "dplflow": "dpjax.methods.dplflow",
     "toy": "dpjax.methods.toy",
 }

@@ -16,9 +16,16 @@ that the unit of clipping stays the example and the sensitivity stays C. Nothing
 method may compute a statistic across examples of a private batch (no BatchNorm).
 
 Methods whose private access is not a DP-SGD loss (DP-MEPF's one-shot noised mean
-embedding) implement ``private_release``; it returns the released values and the
-``dp_accounting`` event that describes the release, and the loop composes that event
-with everything else.
+embedding) set ``uses_dp_sgd = False`` and implement ``release_events`` (the release's
+accounting as a function of sigma, for calibration) and ``private_release`` (the
+release itself, called ONCE by the loop before step 0). The released values replace
+``frozen['release']`` (placeholders of the same structure made by ``init``), the
+release's records go into the run's accounting, and every later step is
+post-processing: it trains on ``public_loss`` only and never reads private data.
+
+Methods that build on an earlier release of the same private data (a teacher trained
+with DP-SGD on it) list it in ``prior_releases``; the loop composes it into the
+calibration, the budget and every report.
 """
 
 from __future__ import annotations
@@ -64,14 +71,15 @@ class Release:
     """A one-shot private release (e.g. DP-MEPF's noised embedding).
 
     Attributes:
-      values: the released (already noised) arrays; from here on they are public.
-      dp_event: the ``dp_accounting.DpEvent`` that describes exactly this release.
-      description: a short human-readable line for the privacy report.
+      values: the released (already noised) arrays; from here on they are public. Same
+        structure, shapes and dtypes as the ``frozen['release']`` placeholders of ``init``.
+      records: JSON-serializable records, one per Gaussian mechanism of the release, in
+        the form ``privacy.report.release_event`` reads (kind, noise_multiplier,
+        description); their composition is exactly this release.
     """
 
     values: PyTree
-    dp_event: Any
-    description: str
+    records: tuple[dict[str, Any], ...]
 
 
 class Method:
@@ -99,17 +107,50 @@ class Method:
         """
         raise NotImplementedError
 
-    def public_loss(self, trainable: PyTree, frozen: PyTree, key: jax.Array) -> jax.Array | None:
-        """A data-independent loss term (default: none). Its gradient is added after noising."""
+    def public_loss(self, trainable: PyTree, frozen: PyTree, key: jax.Array) -> Any:
+        """A data-independent loss term (default: none). Its gradient is added after noising.
+
+        Returns None, a scalar, or (scalar, dict of scalar metrics).
+        """
         del trainable, frozen, key
         return None
 
+    def prior_releases(self) -> list[dict[str, Any]]:
+        """Records of earlier releases of the SAME private data this method builds on.
+
+        Default: none. A method that starts from a model trained on the private data
+        (e.g. a DP teacher) must list that training here (a 'dpsgd' record, see
+        ``privacy.report.release_event``) so that its epsilon is composed into the total.
+        """
+        return []
+
+    def privacy_notes(self) -> list[str]:
+        """Sentences the privacy report adds on how this method's guarantee is obtained."""
+        return []
+
+    def release_events(self, noise_multiplier: float) -> list[Any]:
+        """The dp_accounting events of this method's one release at ``noise_multiplier``.
+
+        Only for ``uses_dp_sgd = False``; the plan calibrates sigma on these events.
+        """
+        del noise_multiplier
+        raise NotImplementedError(f"{type(self).__name__} has no one-shot release.")
+
     def private_release(
-        self, params: Params, images: np.ndarray, labels: np.ndarray, key: jax.Array, plan: Any
-    ) -> Release | None:
-        """A one-shot release computed on the private data (default: none)."""
+        self, params: Params, images: jax.Array, labels: jax.Array, key: jax.Array, plan: Any
+    ) -> Release:
+        """The one-shot release computed on the whole private dataset (``uses_dp_sgd = False``).
+
+        ``images`` are uint8 (N, H, W, C), ``labels`` (N,); ``plan.noise_multiplier`` is
+        the calibrated sigma. Must match ``release_events(plan.noise_multiplier)``.
+        """
         del params, images, labels, key, plan
-        return None
+        raise NotImplementedError(f"{type(self).__name__} has no one-shot release.")
+
+    def optimizer(self, default: Any) -> Any:
+        """The optax optimizer (default: the config's). Post-processing of the noised
+        gradient, so any choice keeps the guarantee (e.g. per-part learning rates)."""
+        return default
 
     def sample(
         self, params: Params, key: jax.Array, n: int, labels: jax.Array | None = None

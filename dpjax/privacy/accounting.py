@@ -16,7 +16,7 @@ Guarantees:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import dp_accounting
@@ -78,6 +78,35 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+def for_accountant(
+    event: dp_accounting.DpEvent, kind: str, relation: str
+) -> dp_accounting.DpEvent:
+    """``event`` rewritten so that ``kind`` accounts for it under dpjax's one convention.
+
+    dpjax's convention (dp_accounting's PLD accountant and jax_privacy's): the noise
+    multiplier of a Gaussian is its std divided by the per-example norm bound C, which
+    is the sensitivity under add-or-remove-one; under replace-one the sensitivity is 2C.
+    dp_accounting's PLD accountant applies this itself. Its RDP accountant ignores the
+    relation for an unsampled ``GaussianDpEvent`` (it would account for sensitivity C
+    under replace-one and understate epsilon), so for RDP under replace-one each such
+    event's noise multiplier is halved here. Sampled events are left alone: the RDP
+    accountant rejects Poisson sampling under replace-one on its own.
+    """
+    if kind != "rdp" or relation != "replace_one":
+        return event
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return dp_accounting.GaussianDpEvent(event.noise_multiplier / 2.0)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return dp_accounting.ComposedDpEvent(
+            [for_accountant(e, kind, relation) for e in event.events]
+        )
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return dp_accounting.SelfComposedDpEvent(
+            for_accountant(event.event, kind, relation), event.count
+        )
+    return event
+
+
 def epsilon(
     events: Sequence[dp_accounting.DpEvent],
     delta: float,
@@ -92,6 +121,7 @@ def epsilon(
         return math.inf
     acc = make_accountant(kind, relation)
     event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(list(events))
+    event = for_accountant(event, kind, relation)
     try:
         acc.compose(event)
     except dp_accounting.UnsupportedEventError as e:
@@ -114,34 +144,62 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest sigma (up to ``tol``) whose total epsilon is at most the target.
 
-    Uses dp_accounting's Brent search (``calibrate_dp_mechanism``) over the DP-SGD event
-    composed with ``extra_events``, then checks the result.
+    The mechanism is T DP-SGD steps (``dpsgd_event``) composed with ``extra_events``
+    (releases that happened before, e.g. a DP teacher's training); see ``calibrate``.
 
     Raises:
       PrivacyError: if the target is unreachable or the check fails.
     """
-    if target_epsilon <= 0 or delta <= 0 or delta >= 1:
-        raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
         return dp_accounting.ComposedDpEvent(
             [dpsgd_event(sigma, sampling_rate, steps), *extra_events]
         )
 
+    return calibrate(
+        make_event,
+        target_epsilon,
+        delta,
+        kind,
+        relation,
+        tol,
+        what=f"q={sampling_rate}, T={steps}",
+    )
+
+
+def calibrate(
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    target_epsilon: float,
+    delta: float,
+    kind: str = "rdp",
+    relation: str = "add_or_remove_one",
+    tol: float = 1e-4,
+    what: str = "",
+) -> float:
+    """The smallest sigma (up to ``tol``) with epsilon(make_event(sigma)) <= target.
+
+    ``make_event`` must describe a mechanism whose epsilon decreases as sigma grows (any
+    composition of Gaussian mechanisms whose noise multipliers scale with sigma). Uses
+    dp_accounting's Brent search (``calibrate_dp_mechanism``), then checks the result:
+    the returned sigma is never one whose epsilon exceeds the target.
+
+    Raises:
+      PrivacyError: if the target is unreachable or the check fails.
+    """
+    if target_epsilon <= 0 or delta <= 0 or delta >= 1:
+        raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
     if kind == "pld" and relation != "replace_one":
         # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
         # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
         # the PLD search below the cheap RDP answer instead of searching from ~0.
-        hi = calibrate_noise_multiplier(
-            target_epsilon, delta, sampling_rate, steps, "rdp", relation, extra_events, tol
-        )
+        hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
         bracket = dp_accounting.ExplicitBracketInterval(0.5 * hi, hi)
     else:
         bracket = dp_accounting.LowerEndpointAndGuess(0.1, 1.0)
     try:
         sigma = dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(kind, relation),
-            make_event,
+            lambda s: for_accountant(make_event(s), kind, relation),
             target_epsilon,
             delta,
             bracket_interval=bracket,
@@ -149,8 +207,8 @@ def calibrate_noise_multiplier(
         )
     except (ValueError, RuntimeError) as e:
         raise PrivacyError(
-            f"Cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate}, "
-            f"T={steps} ({e})."
+            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
+            f"{' with ' + what if what else ''} ({e})."
         ) from e
     sigma = float(sigma)
     got = epsilon([make_event(sigma)], delta, kind, relation)

@@ -163,6 +163,41 @@ def _microbatch_layerwise(
     return _clip_and_sum(loss, aux, grads, mask, clip_norm)
 
 
+def _microbatch_summed(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+    clip_norm: float | None,
+) -> ClipResult:
+    """Non-private training only (``clip_norm`` None): the gradient of the summed loss of
+    the real rows, from ONE backward pass; no per-example gradient is formed, so there
+    are no per-example norms (NaN). A non-finite loss makes the sum non-finite, and the
+    train loop stops on it."""
+    if clip_norm is not None:
+        raise ValueError("The summed-gradient path is for non-private training only.")
+
+    def total(tr):
+        loss, aux = jax.vmap(loss_fn, in_axes=(None, None, 0, 0))(tr, frozen, examples, keys)
+        w = mask.astype(loss.dtype)
+        return jnp.sum(w * loss), (loss, aux)
+
+    (loss_sum, (loss, aux)), grad = jax.value_and_grad(total, has_aux=True)(trainable)
+    finite = jnp.isfinite(loss)
+    zero = jnp.zeros_like(loss, dtype=jnp.float32)
+    return ClipResult(
+        grad_sum=grad,
+        loss_sum=loss_sum,
+        aux_sum={k: jnp.sum(jnp.where(mask, v, zero)) for k, v in aux.items()},
+        norms=jnp.full(mask.shape, jnp.nan, jnp.float32),
+        num_valid=jnp.sum(mask.astype(jnp.int32)),
+        num_clipped=jnp.zeros((), jnp.int32),
+        num_nonfinite=jnp.sum((mask & ~finite).astype(jnp.int32)),
+    )
+
+
 MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
     "vmap": _microbatch_vmap,
     "layerwise": _microbatch_layerwise,
@@ -191,7 +226,8 @@ def clipped_grad_sum(
       examples: pytree of arrays with leading axis P, a multiple of ``microbatch_size``.
       mask: (P,) bool, True for real examples. Real examples must come first.
       keys: (P,) PRNG keys, one per example.
-      clip_norm: C; None disables clipping (non-private public training only).
+      clip_norm: C; None disables clipping (non-private public training only: then the
+        sum comes from one backward pass of the summed loss, and ``norms`` are NaN).
       microbatch_size: examples per vectorized chunk.
       num_real: number of real examples (default: P); micro-batches past it are skipped.
       impl: the per-micro-batch implementation (see ``MICROBATCH_IMPLS``).
@@ -205,7 +241,8 @@ def clipped_grad_sum(
         raise ValueError(f"batch size {size} is not a multiple of the micro-batch size {m}.")
     if impl not in MICROBATCH_IMPLS:
         raise ValueError(f"Unknown clipping implementation '{impl}': {list(MICROBATCH_IMPLS)}.")
-    one_mb = MICROBATCH_IMPLS[impl]
+    # Without clipping (public training) per-example gradients are not needed at all.
+    one_mb = _microbatch_summed if clip_norm is None else MICROBATCH_IMPLS[impl]
     num_mb = size // m
 
     def take(x, i):

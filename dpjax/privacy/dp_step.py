@@ -61,6 +61,23 @@ def gather_examples(images: jax.Array, labels: jax.Array, indices: jax.Array) ->
     return {"image": x, "label": labels[safe].astype(jnp.int32)}
 
 
+def public_loss_and_grad(
+    method: Any, trainable: PyTree, frozen: PyTree, key: jax.Array
+) -> tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree]:
+    """((loss, metrics), gradient) of ``method.public_loss`` (zeros if it has none).
+
+    The public loss never sees private data, so its gradient is added without clipping
+    or noise (post-processing)."""
+
+    def public(tr):
+        out = method.public_loss(tr, frozen, key)
+        if out is None:
+            return jnp.zeros(()), {}
+        return out if isinstance(out, tuple) else (out, {})
+
+    return jax.value_and_grad(public, has_aux=True)(trainable)
+
+
 def _clipped_sum_fn(
     method: Any, clip: float | None, microbatch_size: int, clipping_impl: str
 ) -> Callable[..., clipping.ClipResult]:
@@ -201,11 +218,9 @@ def make_train_step(
             denom = jnp.maximum(res.num_valid, 1).astype(jnp.float32)
         grads = jax.tree_util.tree_map(lambda g: g / denom, noisy)
 
-        def public(tr):
-            out = method.public_loss(tr, state.frozen, jax.random.fold_in(streams.extra, t))
-            return jnp.zeros(()) if out is None else out
-
-        pub_loss, pub_grads = jax.value_and_grad(public)(state.trainable)
+        (pub_loss, pub_aux), pub_grads = public_loss_and_grad(
+            method, state.trainable, state.frozen, jax.random.fold_in(streams.extra, t)
+        )
         grads = jax.tree_util.tree_map(
             lambda g, p, w: (g + p).astype(w.dtype), grads, pub_grads, state.trainable
         )
@@ -228,6 +243,7 @@ def make_train_step(
             # Loss on private rows: itself a release; logged as non-private, never exported.
             "private_loss_nonprivate": res.loss_sum / valid,
             **{f"private_{k}_nonprivate": v / valid for k, v in res.aux_sum.items()},
+            **{f"public_{k}": v for k, v in pub_aux.items()},
         }
         new = TrainState(t + 1, trainable, state.frozen, opt_state, ema)
         return new, metrics

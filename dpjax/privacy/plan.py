@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpjax.privacy import accounting
+
+MECHANISMS = ("dpsgd", "release")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,10 @@ class DPPlan:
       accountant: 'rdp' or 'pld', the accountant used for calibration and the budget.
       neighbouring: the neighbouring relation of the guarantee.
       enabled: False for non-private (public) training; then epsilon is not finite.
+      mechanism: 'dpsgd' (the run's private access is T DP-SGD steps) or 'release' (one
+        Gaussian release of the whole dataset, DP-MEPF: q = 1, ``noise_multiplier`` is the
+        release's, and the ``steps`` are post-processing that never read private data;
+        the release is accounted for in the run's ``releases`` once it has happened).
     """
 
     num_examples: int
@@ -46,8 +53,13 @@ class DPPlan:
     accountant: str = "rdp"
     neighbouring: str = "add_or_remove_one"
     enabled: bool = True
+    mechanism: str = "dpsgd"
 
     def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise accounting.PrivacyError(
+                f"Unknown mechanism {self.mechanism!r}; use one of {MECHANISMS}."
+            )
         if self.num_examples <= 0:
             raise accounting.PrivacyError("The private dataset is empty.")
         if not 0.0 < self.sampling_rate <= 1.0:
@@ -74,6 +86,9 @@ class DPPlan:
         steps = self.steps if steps is None else steps
         if not self.enabled:
             return accounting.dp_accounting.NonPrivateDpEvent()
+        if self.mechanism == "release":
+            # Post-processing steps; the release itself is in the run's ``releases``.
+            return accounting.dp_accounting.NoOpDpEvent()
         return accounting.dpsgd_event(self.noise_multiplier, self.sampling_rate, steps)
 
     def epsilon(self, steps: int | None = None, kind: str | None = None, extra_events=()) -> float:
@@ -94,6 +109,7 @@ class DPPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DPPlan:
+        # Plans written before ``mechanism`` existed were all DP-SGD plans (the default).
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -120,12 +136,36 @@ def make_plan(
     accountant: str = "rdp",
     neighbouring: str = "add_or_remove_one",
     enabled: bool = True,
+    prior_events: Sequence[Any] = (),
+    release_events: Callable[[float], Sequence[Any]] | None = None,
 ) -> DPPlan:
     """Builds a plan: q = B/N, T from ``steps`` or ``epochs`` (T = int(epochs / q)).
 
     Exactly one of ``epsilon`` (then sigma is calibrated, conservatively) and
-    ``noise_multiplier`` must be given when ``enabled``.
+    ``noise_multiplier`` must be given when ``enabled``. A target epsilon is the TOTAL
+    of the run: it includes ``prior_events`` (dp_accounting events of earlier releases
+    of the same private data that the run builds on, e.g. a DP teacher's training).
+
+    With ``release_events`` (a method whose private access is one release, DP-MEPF) the
+    plan's mechanism is 'release': ``release_events(sigma)`` lists the release's
+    Gaussian events as a function of the noise multiplier, sigma is calibrated on them
+    (with the prior events), q is 1 and ``steps`` (required) counts post-processing
+    steps; ``batch_size`` and ``epochs`` are not used.
     """
+    if release_events is not None:
+        return _release_plan(
+            num_examples=num_examples,
+            delta=delta,
+            clip_norm=clip_norm,
+            steps=steps,
+            epsilon=epsilon,
+            noise_multiplier=noise_multiplier,
+            accountant=accountant,
+            neighbouring=neighbouring,
+            enabled=enabled,
+            prior_events=prior_events,
+            release_events=release_events,
+        )
     if num_examples <= 0:
         raise accounting.PrivacyError("The private dataset is empty.")
     if batch_size <= 0:
@@ -157,7 +197,7 @@ def make_plan(
         raise accounting.PrivacyError("Give exactly one of dp.epsilon and dp.noise_multiplier.")
     if epsilon is not None:
         noise_multiplier = accounting.calibrate_noise_multiplier(
-            epsilon, delta, q, steps, accountant, neighbouring
+            epsilon, delta, q, steps, accountant, neighbouring, extra_events=prior_events
         )
     return DPPlan(
         num_examples,
@@ -169,6 +209,56 @@ def make_plan(
         epsilon,
         accountant,
         neighbouring,
+    )
+
+
+def _release_plan(
+    *,
+    num_examples: int,
+    delta: float,
+    clip_norm: float,
+    steps: int,
+    epsilon: float | None,
+    noise_multiplier: float | None,
+    accountant: str,
+    neighbouring: str,
+    enabled: bool,
+    prior_events: Sequence[Any],
+    release_events: Callable[[float], Sequence[Any]],
+) -> DPPlan:
+    """The plan of a one-release method (see ``make_plan``)."""
+    if num_examples <= 0:
+        raise accounting.PrivacyError("The private dataset is empty.")
+    if steps <= 0:
+        raise accounting.PrivacyError(
+            "A release method needs dp.steps > 0 (the post-processing steps after the release)."
+        )
+    if enabled:
+        if (epsilon is None) == (noise_multiplier is None):
+            raise accounting.PrivacyError("Give exactly one of dp.epsilon and dp.noise_multiplier.")
+        if epsilon is not None:
+            noise_multiplier = accounting.calibrate(
+                lambda s: accounting.dp_accounting.ComposedDpEvent(
+                    [*release_events(s), *prior_events]
+                ),
+                epsilon,
+                delta,
+                accountant,
+                neighbouring,
+                what="one release",
+            )
+    return DPPlan(
+        num_examples,
+        1.0,
+        float(noise_multiplier) if enabled else 0.0,
+        clip_norm,
+        steps,
+        delta,
+        epsilon if enabled else None,
+        accountant,
+        neighbouring,
+        enabled=enabled,
+        mechanism="release",
     )
 
 

@@ -19,13 +19,24 @@ from dpjax.privacy.plan import DPPlan
 def release_event(release: dict[str, Any]) -> dp_accounting.DpEvent:
     """The dp_accounting event of a recorded release.
 
-    Supported kinds: 'gaussian' (one Gaussian mechanism with ``noise_multiplier`` relative
-    to the release's sensitivity) and 'non_private' (a statistic of private data released
-    without noise: epsilon becomes infinite).
+    Supported kinds:
+    * 'gaussian': one Gaussian mechanism with ``noise_multiplier`` = noise std / the
+      release's sensitivity under the run's neighbouring relation;
+    * 'dpsgd': a whole earlier DP-SGD run on the same private data (e.g. DP-SAD's DP
+      teacher): ``steps`` Poisson-subsampled Gaussian steps (``noise_multiplier``,
+      ``sampling_rate``), as ``accounting.dpsgd_event``;
+    * 'non_private': a statistic of private data released without noise (epsilon
+      becomes infinite).
     """
     kind = release.get("kind")
     if kind == "gaussian":
         return dp_accounting.GaussianDpEvent(float(release["noise_multiplier"]))
+    if kind == "dpsgd":
+        return accounting.dpsgd_event(
+            float(release["noise_multiplier"]),
+            float(release["sampling_rate"]),
+            int(release["steps"]),
+        )
     if kind == "non_private":
         return dp_accounting.NonPrivateDpEvent()
     raise accounting.PrivacyError(f"Unknown release kind {kind!r} in {release}.")
@@ -51,19 +62,29 @@ def epsilon_spent(
 
 
 def privacy_report(
-    plan: DPPlan, steps_done: int, method: str, releases: list[dict[str, Any]] = ()
+    plan: DPPlan,
+    steps_done: int,
+    method: str,
+    releases: list[dict[str, Any]] = (),
+    notes: list[str] = (),
 ) -> dict[str, Any]:
-    """A JSON-serializable report of the guarantee of a run."""
+    """A JSON-serializable report of the guarantee of a run (``notes``: the method's own
+    sentences on how its guarantee is obtained, e.g. parallel composition)."""
     eps = epsilon_spent(plan, steps_done, list(releases))
     return {
         "method": method,
         "private": plan.enabled,
-        "mechanism": "DP-SGD: Poisson-subsampled Gaussian, flat per-example clipping",
+        "mechanism": (
+            "one Gaussian release of the whole dataset (see releases), then post-processing"
+            if plan.mechanism == "release"
+            else "DP-SGD: Poisson-subsampled Gaussian, flat per-example clipping"
+        ),
         "noise_multiplier": plan.noise_multiplier,
         "clip_norm": plan.clip_norm,
         "sampling_rate": plan.sampling_rate,
         "expected_batch_size": plan.expected_batch_size,
         "num_examples": plan.num_examples,
+        "plan_mechanism": plan.mechanism,
         "steps_planned": plan.steps,
         "steps_done": int(steps_done),
         "delta": plan.delta,
@@ -72,6 +93,7 @@ def privacy_report(
         "neighbouring_relation": plan.neighbouring,
         "epsilon": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
         "releases": list(releases),
+        "notes": list(notes),
     }
 
 
@@ -85,9 +107,19 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
         f"- clip norm C: {report['clip_norm']}",
-        f"- sampling rate q: {report['sampling_rate']:.6g} "
-        f"(expected batch {report['expected_batch_size']:.1f} of N={report['num_examples']})",
-        f"- steps: {report['steps_done']} done of {report['steps_planned']} planned",
+        *(
+            [
+                f"- private data read once, all N={report['num_examples']} examples",
+                f"- post-processing steps (no private data): {report['steps_done']} done of "
+                f"{report['steps_planned']} planned",
+            ]
+            if report.get("plan_mechanism") == "release"
+            else [
+                f"- sampling rate q: {report['sampling_rate']:.6g} (expected batch "
+                f"{report['expected_batch_size']:.1f} of N={report['num_examples']})",
+                f"- steps: {report['steps_done']} done of {report['steps_planned']} planned",
+            ]
+        ),
         f"- delta: {report['delta']:g}",
         f"- epsilon (RDP): {eps.get('rdp')}",
         f"- epsilon (PLD): {eps.get('pld')}",
@@ -97,4 +129,5 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- other releases: {len(report['releases'])}",
     ]
     lines += [f"  - {r.get('description', r)}" for r in report["releases"]]
+    lines += [f"- note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,238 @@
+"""DP-MEPF: the release's sensitivity and accounting, and nothing private after it."""
+
+import math
+import os
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from dpjax import sample, train
+from dpjax.methods import base, dpmepf
+from dpjax.privacy import accounting
+from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import report as report_lib
+from experiments import dpmepf_fmnist, features_mnist
+from tests.config_overrides import with_overrides
+
+SPEC = base.DataSpec((28, 28, 1), 10)
+
+
+def _method(**kw):
+    cfg = dpmepf.Config(feature_widths=(4, 8), ngf=8, z_dim=8, gen_batch=20, release_batch=8, **kw)
+    return dpmepf.make(cfg, SPEC)
+
+
+def _data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n,)).astype(np.int32)
+    return jnp.asarray(images), jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("second_moment", [False, True])
+def test_release_sensitivity_is_the_stated_one(second_moment):
+    """Add/remove one example: the exact sum moves by exactly C (= 1 in release units);
+    replace one: by at most 2C. Every example's part has norm exactly C."""
+    method = _method(second_moment=second_moment)
+    params = method.init(jax.random.key(0), SPEC)
+    images, labels = _data(13)
+    sums = jax.jit(method.exact_sums)
+    full = sums(params.frozen["features"], images, labels)
+    u = method.contributions(params.frozen["features"], images / 127.5 - 1.0, labels)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(u).reshape(13, -1), axis=1), 1.0, 1e-5)
+    for i in (0, 6, 12):  # Also the last, partly padded chunk of release_batch=8.
+        keep = np.arange(13) != i
+        removed = sums(params.frozen["features"], images[keep], labels[keep])
+        np.testing.assert_allclose(np.linalg.norm(full - removed), 1.0, rtol=1e-4)
+    other, other_label = _data(1, seed=5)
+    for new_label in (labels[3], (labels[3] + 1) % 10):
+        img = images.at[3].set(other[0])
+        lab = labels.at[3].set(new_label)
+        replaced = sums(params.frozen["features"], img, lab)
+        assert float(jnp.linalg.norm(full - replaced)) <= 2.0 + 1e-5
+    # The count coordinate counts: sum over classes of the last column / w = N.
+    assert float(jnp.sum(full[:, -1]) / method.config.count_weight) == pytest.approx(13, rel=1e-5)
+
+
+def _analytic_gaussian_epsilon(noise_over_sensitivity, delta):
+    """Exact epsilon of the Gaussian mechanism (Balle & Wang 2018, Theorem 8)."""
+    s = noise_over_sensitivity
+
+    def gap(eps):
+        return (
+            stats.norm.cdf(0.5 / s - eps * s)
+            - math.exp(eps) * stats.norm.cdf(-0.5 / s - eps * s)
+            - delta
+        )
+
+    return optimize.brentq(gap, 1e-6, 200.0)
+
+
+@pytest.mark.parametrize("relation,sensitivity", [("add_or_remove_one", 1.0), ("replace_one", 2.0)])
+def test_one_release_epsilon_matches_the_closed_form(relation, sensitivity):
+    """The accountant's epsilon for ONE release equals the analytic Gaussian mechanism
+    with the stated sensitivity (PLD to 1%; RDP never below it)."""
+    sigma, delta = 3.0, 1e-5
+    exact = _analytic_gaussian_epsilon(sigma / sensitivity, delta)
+    record = {"kind": "gaussian", "noise_multiplier": sigma}
+    plan = plan_lib.make_plan(
+        num_examples=100,
+        batch_size=1,
+        delta=delta,
+        clip_norm=1.0,
+        steps=5,
+        noise_multiplier=sigma,
+        neighbouring=relation,
+        release_events=_method().release_events,
+    )
+    eps = report_lib.epsilon_spent(plan, 5, [record])
+    assert eps["pld"] == pytest.approx(exact, rel=1e-2)
+    assert exact <= eps["rdp"] <= 1.3 * exact
+    # Before the release happened nothing is spent: the steps are post-processing.
+    assert report_lib.epsilon_spent(plan, 5, []) == {"rdp": 0.0, "pld": 0.0}
+
+
+def test_calibration_counts_the_validation_release():
+    """With a validation release, sigma is calibrated on BOTH Gaussians (DP-MEPF composes
+    them); the main release alone would be cheaper than the target."""
+    method = _method(val_noise_scale=10.0)
+    plan = plan_lib.make_plan(
+        num_examples=100,
+        batch_size=1,
+        delta=1e-5,
+        clip_norm=1.0,
+        steps=1,
+        epsilon=1.0,
+        accountant="pld",
+        release_events=method.release_events,
+    )
+    assert plan.mechanism == "release" and plan.sampling_rate == 1.0
+    events = method.release_events(plan.noise_multiplier)
+    assert len(events) == 2 and events[1].noise_multiplier == pytest.approx(
+        10 * plan.noise_multiplier
+    )
+    both = accounting.epsilon(events, 1e-5, "pld")
+    alone = accounting.epsilon(events[:1], 1e-5, "pld")
+    assert 0.99 <= both <= 1.0 and alone < both
+
+
+def test_release_adds_noise_of_std_sigma_and_gradients_are_the_matching_ones():
+    method = _method(val_noise_scale=4.0)
+    params = method.init(jax.random.key(0), SPEC)
+    images, labels = _data(10)
+    plan = plan_lib.make_plan(
+        num_examples=10,
+        batch_size=1,
+        delta=1e-5,
+        clip_norm=3.0,
+        steps=1,
+        noise_multiplier=2.0,
+        release_events=method.release_events,
+    )
+    release = method.private_release(params, images, labels, jax.random.key(1), plan)
+    exact = method.exact_sums(params.frozen["features"], images, labels)
+    # In units of C: the noise std is sigma whatever C is.
+    assert float(jnp.std(release.values["sum"] - exact)) == pytest.approx(2.0, rel=0.02)
+    assert float(jnp.std(release.values["val_sum"] - exact)) == pytest.approx(8.0, rel=0.02)
+    assert [r["noise_multiplier"] for r in release.records] == [2.0, 8.0]
+    # The moving average's gradient at m = 0 is -(target - fake mean): the matching loss
+    # of GFMN.
+    frozen = {**params.frozen, "release": release.values}
+    key = jax.random.key(2)
+    grads = jax.grad(lambda tr: method.public_loss(tr, frozen, key)[0])(params.trainable)
+    target, counts = method.targets(release.values["sum"])
+    labels_b = jnp.arange(20) % 10
+    fake = method.embedding(
+        frozen["features"], method._generate(params.trainable["gen"], key, labels_b)
+    )
+    fake_mean = fake.reshape(2, 10, -1).mean(0)
+    np.testing.assert_allclose(grads["m"], -(target - fake_mean), rtol=1e-4, atol=1e-6)
+    # At m = 0 the generator gets no gradient (GFMN: m leads); with m != 0 it does.
+    assert float(optax_norm(grads["gen"])) == 0.0
+    moved = {**params.trainable, "m": jnp.ones_like(params.trainable["m"])}
+    grads = jax.grad(lambda tr: method.public_loss(tr, frozen, key)[0])(moved)
+    assert float(optax_norm(grads["gen"])) > 0
+    assert counts.shape == (10,)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _smoke(**over):
+    return with_overrides(dpmepf_fmnist.get_config("smoke"), {"dp.steps": 3, **over})
+
+
+def test_private_data_is_not_read_after_the_release(tmp_path, monkeypatch):
+    """A run whose data disappears after the release resumes and ends bit-identical."""
+    ref = train.train(_smoke(), str(tmp_path / "ref"), log=lambda *_: None)
+    wd = str(tmp_path / "run")
+    first = train.train(_smoke(**{"train.max_steps_per_run": 1}), wd, log=lambda *_: None)
+    assert int(first.step) == 1
+
+    def no_data(*_a, **_k):
+        raise AssertionError("the private data was read after the release")
+
+    monkeypatch.setattr(train.data_lib, "load", no_data)
+    state = train.train(_smoke(), wd, log=lambda *_: None)
+    assert int(state.step) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    report = train.report_lib.privacy_report(*_plan_and_steps(wd), "dpmepf", _releases(wd))
+    assert len(report["releases"]) == 1 and report["releases"][0]["stage"] == "release"
+
+
+def _plan_and_steps(wd):
+    plan, extra = plan_lib.load_plan(os.path.join(wd, "dp_plan.json"))
+    return plan, extra["steps_done"]
+
+
+def _releases(wd):
+    return plan_lib.load_plan(os.path.join(wd, "dp_plan.json"))[1]["releases"]
+
+
+def test_dp_feature_network_is_composed_into_the_total(tmp_path):
+    """Features from a classifier trained WITH DP on the same data: its DP-SGD steps and
+    the release are composed, in calibration (the target is the total) and in reports."""
+    fdir = str(tmp_path / "features")
+    fcfg = with_overrides(
+        features_mnist.get_config("smoke"), {"dp.enabled": True, "dp.noise_multiplier": 2.0}
+    )
+    train.train(fcfg, fdir, log=lambda *_: None)
+    wd = str(tmp_path / "mepf")
+    cfg = _smoke(
+        **{
+            "method_args.features_from": fdir,
+            "method_args.feature_widths": (32, 64, 128),  # Ignored: read from the run.
+            "dp.noise_multiplier": None,
+            "dp.epsilon": 8.0,
+            "dp.accountant": "rdp",
+            "dp.steps": 1,
+        }
+    )
+    state = train.train(cfg, wd, log=lambda *_: None)
+    _, params, _, _, _ = sample.load_trained(fdir)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params.trainable["net"]),
+        jax.tree_util.tree_leaves(state.frozen["features"]),
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    plan, steps = _plan_and_steps(wd)
+    releases = _releases(wd)
+    assert [r["stage"] for r in releases] == ["prior", "release"]
+    fplan = plan_lib.load_plan(os.path.join(fdir, "dp_plan.json"))[0]
+    expected = accounting.epsilon(
+        [
+            accounting.dpsgd_event(2.0, fplan.sampling_rate, fplan.steps),
+            dp_accounting.GaussianDpEvent(plan.noise_multiplier),
+        ],
+        1e-5,
+        "rdp",
+    )
+    got = report_lib.epsilon_spent(plan, steps, releases, ("rdp",))["rdp"]
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert 7.9 <= got <= 8.0  # Calibrated on the total, not on the release alone.
