@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -99,6 +100,47 @@ def test_joint_step_clips_autoencoder_and_flow_together():
         for impl in ("vmap", "layerwise")
     )  # fmt: skip
     np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-4)
+
+
+def test_per_class_models_touch_only_their_class_and_report_parallel_composition():
+    """per_class: example i's gradient is zero outside its class's models (so the K
+    per-class runs are parallel), its clipped norm is C, and samples / bits per dim use
+    the model of their label."""
+    spec = base.DataSpec((28, 28, 1), 3)
+    cfg = dplflow.Config(latent_dim=4, width=8, flow_layers=2, flow_hidden=8, per_class=True)
+    method = dplflow.make(cfg, spec)
+    params = method.init(jax.random.PRNGKey(0), spec)
+    leaves = jax.tree_util.tree_leaves(params.trainable)
+    assert all(x.shape[0] == 3 for x in leaves)
+    # The classes' models are independent draws, not copies.
+    assert any(not np.allclose(x[0], x[1]) for x in leaves)
+    ex = {
+        "image": jax.random.uniform(jax.random.PRNGKey(1), (1, 28, 28, 1), minval=-1, maxval=1),
+        "label": jnp.array([1]),
+    }
+    keys = jax.random.split(jax.random.PRNGKey(2), 1)
+    res = clipping.clipped_grad_sum(method.loss_per_example, params.trainable, {}, ex,
+                                    jnp.ones((1,), bool), keys, clip_norm=0.1,
+                                    microbatch_size=1)  # fmt: skip
+    for g in jax.tree_util.tree_leaves(res.grad_sum):
+        assert float(jnp.abs(g[0]).max()) == 0.0 and float(jnp.abs(g[2]).max()) == 0.0
+    total = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(res.grad_sum)))
+    assert total == pytest.approx(0.1, rel=1e-4)
+    # Samples of class 2 come from class 2's models: equal to a one-model run with them.
+    key = jax.random.PRNGKey(3)
+    got = method.sample(params, key, 2, labels=jnp.array([2, 2]))
+    single = dplflow.make(dataclasses.replace(cfg, per_class=False, conditional=False), spec)
+    tr2 = jax.tree_util.tree_map(lambda p: p[2], params.trainable)
+    want = single.sample(base.Params(tr2), key, 2)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    x = ex["image"]
+    np.testing.assert_allclose(
+        method.bits_per_dim(params, x, jnp.array([2])),
+        single.bits_per_dim(base.Params(tr2), x),
+        rtol=1e-5,
+    )
+    assert "parallel composition" in method.privacy_notes()[0]
+    assert dplflow.make(dataclasses.replace(cfg, per_class=False), spec).privacy_notes() == []
 
 
 def test_samples_and_bits_per_dim():
