@@ -5,7 +5,9 @@
 * ``ema_params.npz``: the EMA weights of the trainable parameters of the latest
   checkpoint (the DP model; keys are the parameter paths),
 * ``frozen_params.npz``: only when the method has frozen parameters (public pieces it
-  closed over, e.g. a public autoencoder; never trained on the private data),
+  closed over, e.g. a public autoencoder; never trained on the private data) that it
+  lets an export publish: a method may narrow them with ``exported_frozen(frozen)``
+  (DP-SAD publishes none: its teacher is not the released model),
 * ``model_config.json``: method name, method settings and the public data spec, enough
   to rebuild the model,
 * ``samples.npz`` and ``samples_grid.png`` (and ``png/`` with ``png=True``): samples of
@@ -169,6 +171,12 @@ def check_private(plan: plan_lib.DPPlan, steps_done: int, releases: list[dict[st
     return eps
 
 
+def exported_frozen(method: Any, frozen: Any) -> Any:
+    """The frozen parameters an export publishes: all of them, unless the method narrows
+    them with ``exported_frozen(frozen)`` (e.g. DP-SAD never publishes its teacher)."""
+    return method.exported_frozen(frozen)
+
+
 def _path_name(path: tuple) -> str:
     parts = []
     for k in path:
@@ -254,7 +262,7 @@ def model_card(
     plan, spec, cfg = run.plan, run.spec, run.config
     eps = report["epsilon"]
     classes = f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
-    frozen = count_params(run.state.frozen)
+    frozen = count_params(exported_frozen(run.method, run.state.frozen))
     rel = plan.neighbouring.replace("_", " ")
     lines = [
         f"# Model card: {cfg.method} image generator trained with differential privacy",
@@ -355,8 +363,9 @@ def export_run(
     try:
         files = ["ema_params.npz"]
         save_params(os.path.join(tmp, "ema_params.npz"), run.state.ema)
-        if jax.tree_util.tree_leaves(run.state.frozen):
-            save_params(os.path.join(tmp, "frozen_params.npz"), run.state.frozen)
+        public_frozen = exported_frozen(run.method, run.state.frozen)
+        if jax.tree_util.tree_leaves(public_frozen):
+            save_params(os.path.join(tmp, "frozen_params.npz"), public_frozen)
             files.append("frozen_params.npz")
         model = {
             "method": cfg.method,

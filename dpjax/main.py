@@ -132,12 +132,12 @@ def run_audit_mode(
         cfg = run_config.from_configdict(config)
         dataset = data_lib.load(cfg.data)
         spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
+        method = get_method_module(cfg.method).make(cfg.method_args, spec)
         scratch = tempfile.mkdtemp(prefix="dpjax_audit_plan.")
         try:  # The plan exactly as training would make it, without touching the workdir.
-            plan = train.resolve_plan(cfg, len(dataset), scratch)
+            plan = train.resolve_plan(cfg, len(dataset), scratch, method=method)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        method = get_method_module(cfg.method).make(cfg.method_args, spec)
         params = method.init(Streams.from_seed(cfg.seed).init, spec)
         trainable, frozen, source = params.trainable, params.frozen, "config, initial parameters"
     else:
@@ -156,6 +156,12 @@ def run_audit_mode(
     else:
         images, labels = make_fake(plan.num_examples, spec.image_shape, spec.num_classes, 0)
         labels = np.asarray(labels, np.int32)
+    if plan.mechanism != "dpsgd":
+        raise audit.accounting.PrivacyError(
+            f"The canary audit runs the DP-SGD step; {cfg.method} makes one Gaussian release "
+            "instead (its sensitivity and epsilon are tested against the closed form in "
+            "tests/test_dpmepf.py)."
+        )
     log(
         f"[dpjax] auditing {cfg.method} ({source}; {data} data): {audit_config.num_canaries} "
         f"canaries, {audit_config.steps or plan.steps} steps"

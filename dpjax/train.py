@@ -260,6 +260,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         raise ValueError(
             f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
         )
+    for r in prior_records(method):
+        if r.get("neighbouring", cfg.dp.neighbouring) != cfg.dp.neighbouring:
+            raise PrivacyError(
+                f"A prior release ({r.get('description')}) is under the "
+                f"'{r['neighbouring']}' relation but this run is under "
+                f"'{cfg.dp.neighbouring}'; their epsilons cannot be composed. Use the same "
+                "dp.neighbouring."
+            )
     # First: a budget overrun or a changed plan says so before anything is written.
     plan = resolve_plan(cfg, num_examples, workdir, main, method)
     check_resume_config(workdir, config, main)
@@ -286,13 +294,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
             f"process(es)); the DP step is the same as on one device"
         )
     releases = prior_records(method)
-    for r in releases:
-        if r.get("neighbouring", plan.neighbouring) != plan.neighbouring:
-            raise PrivacyError(
-                f"A prior release ({r.get('description')}) is under the "
-                f"'{r['neighbouring']}' relation but this run is under '{plan.neighbouring}'; "
-                "their epsilons cannot be composed. Use the same dp.neighbouring."
-            )
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         stored = plan_lib.DPPlan.from_dict(meta["plan"])

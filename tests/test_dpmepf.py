@@ -236,3 +236,10 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
     got = report_lib.epsilon_spent(plan, steps, releases, ("rdp",))["rdp"]
     assert got == pytest.approx(expected, rel=1e-9)
     assert 7.9 <= got <= 8.0  # Calibrated on the total, not on the release alone.
+
+
+def test_canary_audit_refuses_a_release_method_clearly():
+    from dpjax import main
+
+    with pytest.raises(accounting.PrivacyError, match="one Gaussian release"):
+        main.run_audit_mode("unused", config=dpmepf_fmnist.get_config("smoke"), log=lambda *_: None)

@@ -9,6 +9,7 @@ METHODS: dict[str, str] = {
     "dpdm": "dpjax.methods.dpdm",
     "dpmepf": "dpjax.methods.dpmepf",
     "dplflow": "dpjax.methods.dplflow",
+    "dpsad": "dpjax.methods.dpsad",
     "toy": "dpjax.methods.toy",
 }
 

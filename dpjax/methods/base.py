@@ -147,6 +147,13 @@ class Method:
         del params, images, labels, key, plan
         raise NotImplementedError(f"{type(self).__name__} has no one-shot release.")
 
+    def exported_frozen(self, frozen: PyTree) -> PyTree:
+        """The frozen parameters an export may publish (default: all of them).
+
+        A method whose frozen part is not the released model (DP-SAD's teacher) returns
+        only what may be published."""
+        return frozen
+
     def optimizer(self, default: Any) -> Any:
         """The optax optimizer (default: the config's). Post-processing of the noised
         gradient, so any choice keeps the guarantee (e.g. per-part learning rates)."""
