@@ -26,10 +26,22 @@ def test_there_are_experiments():
     assert {"dpdm_fmnist", "dpdm_mnist", "dpdm_cifar10", "dpdm_celeba32"} <= set(EXPERIMENTS)
 
 
-# The DPDM variants for other datasets run the same code as dpdm_fmnist on fake data of
-# another shape; their smoke runs take a minute each on 2 cores, so they are 'slow'.
+# The variants for other datasets run the same code as the Fashion-MNIST files on fake
+# data of another shape; their smoke runs take up to a minute each on 2 cores, so they
+# are 'slow'.
 # Every experiment's config still builds in the default run (test below).
-SLOW_SMOKE = {"dpdm_mnist", "dpdm_cifar10", "dpdm_celeba32"}
+SLOW_SMOKE = {
+    "dpdm_mnist",
+    "dpdm_cifar10",
+    "dpdm_celeba32",
+    # The same for DP-MEPF, its feature networks and the LDM pairs on other shapes:
+    "dpmepf_cifar10",
+    "dpmepf_celeba32",
+    "features_imagenet32",
+    "ldm_cifar10",
+    "ldm_mnist",
+    "ldm_celeba32",
+}
 # Experiments whose smoke run needs a teacher workdir made first; their own test file
 # builds one and runs the same smoke checks (tests/test_dpsad.py).
 NEEDS_TEACHER = {"dpsad_fmnist": "tests/test_dpsad.py"}

@@ -5,11 +5,13 @@ import importlib
 from types import ModuleType
 
 METHODS: dict[str, str] = {
+    "autoencoder": "dpjax.methods.autoencoder",
     "classifier": "dpjax.methods.classifier",
     "dpdm": "dpjax.methods.dpdm",
     "dpmepf": "dpjax.methods.dpmepf",
     "dplflow": "dpjax.methods.dplflow",
     "dpsad": "dpjax.methods.dpsad",
+    "ldm": "dpjax.methods.ldm",
     "toy": "dpjax.methods.toy",
 }
 

@@ -58,6 +58,18 @@ class UNetConfig:
         class used for classifier-free guidance.
       image_size: height (= width) of the input images.
       channels: number of image channels.
+      cross_attention: latent-diffusion class conditioning (Rombach et al., CVPR 2022,
+        Sec. 3.3; DP-LDM, Lyu et al., TMLR 2024): the label is embedded by a learned
+        class embedder ``class_embed`` into ``context_tokens`` tokens of width
+        ``context_dim``, and every attention block is followed by a cross-attention
+        block (``*_xattn*``) whose queries are the feature map and whose keys/values are
+        those tokens. The label then enters ONLY through this context (no
+        ``label_embed`` in the noise embedding). Off by default: with False the
+        parameters and outputs are exactly DPDM's.
+      context_dim: width of the class context tokens; 0 means 4 * nf.
+      context_tokens: number of context tokens per label (LDM's ClassEmbedder: 1).
+      cross_attention_heads: heads of the cross-attention blocks (must divide the
+        channel count at every attention resolution).
     """
 
     nf: int = 32
@@ -68,10 +80,21 @@ class UNetConfig:
     num_classes: int = 0
     image_size: int = 32
     channels: int = 3
+    cross_attention: bool = False
+    context_dim: int = 0
+    context_tokens: int = 1
+    cross_attention_heads: int = 1
 
     def __post_init__(self) -> None:
         if self.nf < 4 or self.nf % 2:
             raise ValueError(f"nf must be even and >= 4, got {self.nf}.")
+        if self.cross_attention and self.num_classes == 0:
+            raise ValueError("cross_attention conditions on class labels; num_classes is 0.")
+        if self.context_dim < 0 or self.context_tokens < 1 or self.cross_attention_heads < 1:
+            raise ValueError(
+                "context_dim must be >= 0, context_tokens and cross_attention_heads >= 1; got "
+                f"{self.context_dim}, {self.context_tokens}, {self.cross_attention_heads}."
+            )
         if not self.ch_mult:
             raise ValueError("ch_mult must have at least one level.")
         if self.num_classes < 0:
@@ -95,6 +118,11 @@ class UNetConfig:
     def resolutions(self) -> tuple[int, ...]:
         """Spatial size at each level."""
         return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+    @property
+    def context_width(self) -> int:
+        """Width of the class context tokens of the cross-attention blocks."""
+        return self.context_dim or 4 * self.nf
 
 
 # The DPDM configurations (configs/<dataset>/train_*.yaml of nv-tlabs/DPDM), with their
@@ -221,12 +249,55 @@ class AttnBlock(nn.Module):
         return (x + h) / _SQRT2
 
 
+class CrossAttnBlock(nn.Module):
+    """Cross-attention from the feature map to a context sequence, skip_rescale=True.
+
+    The attention of LDM's SpatialTransformer (``attn2`` of Rombach et al. 2022,
+    ldm/modules/attention.py): queries from the GroupNorm-ed features, keys and values
+    from the context tokens (no bias, as LDM's ``to_q/to_k/to_v``), softmax over the
+    tokens, output projection ``to_out`` initialised at (almost) zero so the block
+    starts as the identity, residual divided by sqrt(2) as in AttnBlock. Everything is
+    per example (the context of example n is only seen by example n).
+    """
+
+    num_heads: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        n, height, width, c = x.shape
+        heads = self.num_heads
+        if c % heads:
+            raise ValueError(f"cross_attention_heads={heads} does not divide {c} channels.")
+        d = c // heads
+        h = _group_norm(c, "GroupNorm_0")(x).reshape(n, height * width, c)
+
+        def proj(name: str, bias: bool, scale: float = 0.1) -> nn.Dense:
+            return nn.Dense(
+                c,
+                use_bias=bias,
+                kernel_init=default_init(scale),
+                bias_init=nn.initializers.zeros,
+                name=name,
+            )
+
+        q = proj("to_q", False)(h).reshape(n, height * width, heads, d)
+        k = proj("to_k", False)(context).reshape(n, context.shape[1], heads, d)
+        v = proj("to_v", False)(context).reshape(n, context.shape[1], heads, d)
+        # Softmax(q k^T / sqrt(d)) over the context tokens, per example and head.
+        weights = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k) * (d**-0.5), axis=-1)
+        h = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, height, width, c)
+        h = proj("to_out", True, 0.0)(h)
+        return (x + h) / _SQRT2
+
+
 class NCSNpp(nn.Module):
     """The DDPM++/NCSN++ UNet F(x, c_noise, y) of DPDM.
 
     Call with ``x`` (N, H, W, C), ``c_noise`` (N,) and integer ``labels`` (N,) (ignored when
     ``config.num_classes == 0``; the value ``num_classes`` is the null class). Returns an
-    array shaped like ``x``.
+    array shaped like ``x``. With ``config.cross_attention`` the labels condition the
+    network through cross-attention to a learned class embedding (``CrossAttnBlock``)
+    instead of the noise embedding.
     """
 
     config: UNetConfig
@@ -243,9 +314,20 @@ class NCSNpp(nn.Module):
             )
         nf = cfg.nf
         temb = sinusoidal_embedding(c_noise, nf)
-        if cfg.num_classes > 0:
-            if labels is None:
-                raise ValueError("A class-conditional NCSNpp needs labels.")
+        context = None
+        if cfg.num_classes > 0 and labels is None:
+            raise ValueError("A class-conditional NCSNpp needs labels.")
+        if cfg.num_classes > 0 and cfg.cross_attention:
+            # LDM's ClassEmbedder: a learned embedding per class (num_classes + 1 rows, the
+            # last one the null class) read as context_tokens tokens of context_width.
+            tokens, width = cfg.context_tokens, cfg.context_width
+            context = nn.Embed(
+                cfg.num_classes + 1,
+                tokens * width,
+                embedding_init=nn.initializers.normal(1.0),
+                name="class_embed",
+            )(labels).reshape(labels.shape[0], tokens, width)
+        elif cfg.num_classes > 0:
             # num_classes + 1 rows: the last one is the null class of classifier-free guidance.
             temb = temb + nn.Embed(
                 cfg.num_classes + 1,
@@ -263,6 +345,14 @@ class NCSNpp(nn.Module):
             block = ResBlock(out_ch=out_ch, dropout=cfg.dropout, name=name, **kw)
             return block(h, temb, train)
 
+        def attn(h: jax.Array, name: str, xname: str) -> jax.Array:
+            # Self-attention, then (LDM only) cross-attention to the class context, the
+            # order of LDM's SpatialTransformer.
+            h = AttnBlock(name=name)(h)
+            if context is not None:
+                h = CrossAttnBlock(cfg.cross_attention_heads, name=xname)(h, context)
+            return h
+
         levels = len(cfg.ch_mult)
         # Down path; every intermediate output is kept as a skip connection.
         hs = [_conv(nf, 3, "conv_in")(x)]
@@ -270,13 +360,13 @@ class NCSNpp(nn.Module):
             for i in range(cfg.num_res_blocks):
                 h = res(hs[-1], f"down_{level}_res_{i}", nf * cfg.ch_mult[level])
                 if cfg.resolutions[level] in cfg.attn_resolutions:
-                    h = AttnBlock(name=f"down_{level}_attn_{i}")(h)
+                    h = attn(h, f"down_{level}_attn_{i}", f"down_{level}_xattn_{i}")
                 hs.append(h)
             if level != levels - 1:
                 hs.append(res(hs[-1], f"down_{level}_downsample", down=True))
 
         h = res(hs[-1], "mid_res_0")
-        h = AttnBlock(name="mid_attn")(h)
+        h = attn(h, "mid_attn", "mid_xattn")
         h = res(h, "mid_res_1")
 
         # Up path; each block consumes one skip connection.
@@ -285,7 +375,7 @@ class NCSNpp(nn.Module):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = res(h, f"up_{level}_res_{i}", nf * cfg.ch_mult[level])
             if cfg.resolutions[level] in cfg.attn_resolutions:
-                h = AttnBlock(name=f"up_{level}_attn")(h)
+                h = attn(h, f"up_{level}_attn", f"up_{level}_xattn")
             if level != 0:
                 h = res(h, f"up_{level}_upsample", up=True)
         assert not hs, "every skip connection must be consumed"
