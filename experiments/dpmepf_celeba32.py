@@ -12,23 +12,19 @@ Commands::
 
 import ml_collections
 
-from experiments import common, dpmepf_fmnist
-
-ARGS = {**dpmepf_fmnist.ARGS, "steps": 50000, "features": "workdirs/in32"}
+from experiments import dpmepf_fmnist
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ARGS)
-    c = dpmepf_fmnist.get_config(",".join(f"{k}={v!r}" for k, v in args.items()))
-    c.unlock()
-    if not args["smoke"]:
-        c.data.source = "tfds"
-        c.data.name = "celeb_a"
-        c.data.num_classes = 2
-        c.data.tfds_label_key = "attributes/Male"
-        c.data.center_crop = 178
-        c.data.image_size = 32
-    else:
-        common.smoke_overrides(c, num_classes=2, image_shape=(32, 32, 3))
-        c.method_args.gen_batch = 20
-    return common.finalize(c)
+    return dpmepf_fmnist.for_tfds(
+        arg,
+        {
+            "source": "tfds",
+            "name": "celeb_a",
+            "num_classes": 2,
+            "tfds_label_key": "attributes/Male",
+            "center_crop": 178,
+            "image_size": 32,
+        },
+        smoke_classes=2,
+    )

@@ -15,19 +15,12 @@ Commands::
 
 import ml_collections
 
-from experiments import common, dpmepf_fmnist
-
-ARGS = {**dpmepf_fmnist.ARGS, "steps": 50000, "features": "workdirs/in32"}
+from experiments import dpmepf_fmnist
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ARGS)
-    c = dpmepf_fmnist.get_config(",".join(f"{k}={v!r}" for k, v in args.items()))
-    c.unlock()
-    if not args["smoke"]:
-        c.data.source = "tfds"
-        c.data.name = "cifar10"
-        c.data.num_classes = 10
-    else:
-        common.smoke_overrides(c, num_classes=10, image_shape=(32, 32, 3))
-    return common.finalize(c)
+    return dpmepf_fmnist.for_tfds(
+        arg,
+        {"source": "tfds", "name": "cifar10", "num_classes": 10},
+        smoke_classes=10,
+    )

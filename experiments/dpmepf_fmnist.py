@@ -80,3 +80,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def sweep() -> list[str]:
     """The three privacy levels of issue 9 x 2 seeds (``python -m launch.sweep ...``)."""
     return [f"eps={eps} --config.seed={seed}" for eps in (10, 1, 0.2) for seed in (0, 1)]
+
+
+def for_tfds(
+    arg: str, data: dict, smoke_classes: int, smoke_shape=(32, 32, 3)
+) -> ml_collections.ConfigDict:
+    """This recipe on a TFDS dataset (``data``: the data-section overrides), with the
+    ImageNet32 feature network and 50k generator steps by default (dpmepf_cifar10.py,
+    dpmepf_celeba32.py)."""
+    args = common.parse_args(arg, {**ARGS, "steps": 50000, "features": "workdirs/in32"})
+    c = get_config(",".join(f"{k}={v!r}" for k, v in args.items()))
+    c.unlock()
+    if args["smoke"]:
+        common.smoke_overrides(c, num_classes=smoke_classes, image_shape=smoke_shape)
+    else:
+        for key, value in data.items():
+            c.data[key] = value
+    return common.finalize(c)

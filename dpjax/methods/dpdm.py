@@ -322,9 +322,21 @@ class DPDM(base.Method):
         labels: jax.Array | None,
         batch: int,
     ) -> jax.Array:
+        return jnp.clip(self.run_sampler(trainable, frozen, key, labels, batch), -1.0, 1.0)
+
+    def run_sampler(
+        self,
+        trainable: base.PyTree,
+        frozen: base.PyTree,
+        key: jax.Array,
+        labels: jax.Array | None,
+        batch: int,
+    ) -> jax.Array:
+        """The configured sampler's output for ``batch`` draws, shape (batch, *spec shape),
+        not clipped (the caller decides: pixels are clipped, LDM latents are decoded)."""
         cfg = self.config
         denoise = lambda x, sigma, y: self.denoise(trainable, x, sigma, y, frozen)
-        images = samplers.sample(
+        return samplers.sample(
             denoise,
             key,
             (batch, *self.spec.image_shape),
@@ -341,7 +353,6 @@ class DPDM(base.Method):
             guidance=cfg.guidance,
             null_label=self.null_label,
         )
-        return jnp.clip(images, -1.0, 1.0)
 
     def sample_labelled(
         self, params: base.Params, key: jax.Array, n: int, labels: jax.Array | None = None

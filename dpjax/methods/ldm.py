@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.diffusion import samplers
 from dpjax.diffusion.precond import Preconditioning
 from dpjax.methods import autoencoder, base, dpdm
 from dpjax.models import ncsnpp
@@ -258,25 +257,7 @@ class LDM(dpdm.DPDM):
         batch: int,
     ) -> jax.Array:
         # DPDM's sampler on latents (not clipped: latents are not in [-1, 1]), then decode.
-        cfg = self.config
-        denoise = lambda x, sigma, y: self.denoise(trainable, x, sigma, y, frozen)
-        latents = samplers.sample(
-            denoise,
-            key,
-            (batch, *self.spec.image_shape),
-            labels,
-            sampler=cfg.sampler,
-            num_steps=cfg.num_steps,
-            sigma_min=cfg.sigma_min,
-            sigma_max=cfg.sigma_max,
-            rho=cfg.rho,
-            s_churn=cfg.s_churn,
-            s_min=cfg.s_min,
-            s_max=cfg.s_max,
-            s_noise=cfg.s_noise,
-            guidance=cfg.guidance,
-            null_label=self.null_label,
-        )
+        latents = self.run_sampler(trainable, frozen, key, labels, batch)
         return jnp.clip(self.decode(frozen, latents), -1.0, 1.0)
 
     def sample_labelled(
