@@ -134,7 +134,7 @@ def test_release_adds_noise_of_std_sigma_and_gradients_are_the_matching_ones():
         release_events=method.release_events,
     )
     release = method.private_release(params, images, labels, jax.random.key(1), plan)
-    exact = method.exact_sums(params.frozen["features"], images, labels)
+    exact = jax.jit(method.exact_sums)(params.frozen["features"], images, labels)
     # In units of C: the noise std is sigma whatever C is.
     assert float(jnp.std(release.values["sum"] - exact)) == pytest.approx(2.0, rel=0.02)
     assert float(jnp.std(release.values["val_sum"] - exact)) == pytest.approx(8.0, rel=0.02)
@@ -143,18 +143,19 @@ def test_release_adds_noise_of_std_sigma_and_gradients_are_the_matching_ones():
     # of GFMN.
     frozen = {**params.frozen, "release": release.values}
     key = jax.random.key(2)
-    grads = jax.grad(lambda tr: method.public_loss(tr, frozen, key)[0])(params.trainable)
+    grad_fn = jax.jit(jax.grad(lambda tr: method.public_loss(tr, frozen, key)[0]))
+    grads = grad_fn(params.trainable)
     target, counts = method.targets(release.values["sum"])
     labels_b = jnp.arange(20) % 10
-    fake = method.embedding(
-        frozen["features"], method._generate(params.trainable["gen"], key, labels_b)
-    )
+    fake = jax.jit(
+        lambda f, g: method.embedding(f, method._generate(g, key, labels_b))
+    )(frozen["features"], params.trainable["gen"])
     fake_mean = fake.reshape(2, 10, -1).mean(0)
     np.testing.assert_allclose(grads["m"], -(target - fake_mean), rtol=1e-4, atol=1e-6)
     # At m = 0 the generator gets no gradient (GFMN: m leads); with m != 0 it does.
     assert float(optax_norm(grads["gen"])) == 0.0
     moved = {**params.trainable, "m": jnp.ones_like(params.trainable["m"])}
-    grads = jax.grad(lambda tr: method.public_loss(tr, frozen, key)[0])(moved)
+    grads = grad_fn(moved)
     assert float(optax_norm(grads["gen"])) > 0
     assert counts.shape == (10,)
 
