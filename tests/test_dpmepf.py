@@ -244,3 +244,23 @@ def test_canary_audit_refuses_a_release_method_clearly():
 
     with pytest.raises(accounting.PrivacyError, match="one Gaussian release"):
         main.run_audit_mode("unused", config=dpmepf_fmnist.get_config("smoke"), log=lambda *_: None)
+
+
+def test_a_release_that_is_not_the_planned_mechanism_is_refused(tmp_path, monkeypatch):
+    """The loop checks the release's records against the calibrated plan: a method that
+    noised with another sigma than planned stops before anything is saved."""
+    original = dpmepf.DPMEPF.private_release
+
+    def weaker(self, params, images, labels, key, plan):
+        release = original(self, params, images, labels, key, plan)
+        wrong = [{**r, "noise_multiplier": r["noise_multiplier"] / 2} for r in release.records]
+        return base.Release(release.values, tuple(wrong))
+
+    monkeypatch.setattr(dpmepf.DPMEPF, "private_release", weaker)
+    with pytest.raises(accounting.PrivacyError, match="do not match the planned"):
+        train.train(_smoke(), str(tmp_path), log=lambda *_: None)
+    from dpjax import checkpoint as ckpt_lib
+
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    assert checkpointer.latest_step() is None
+    checkpointer.close()

@@ -20,8 +20,9 @@ def release_event(release: dict[str, Any]) -> dp_accounting.DpEvent:
     """The dp_accounting event of a recorded release.
 
     Supported kinds:
-    * 'gaussian': one Gaussian mechanism with ``noise_multiplier`` = noise std / the
-      release's sensitivity under the run's neighbouring relation;
+    * 'gaussian': one Gaussian mechanism with ``noise_multiplier`` = noise std / C, the
+      per-example norm bound (the sensitivity under add-or-remove-one; under
+      replace-one the accountant counts 2C, see ``accounting.for_accountant``);
     * 'dpsgd': a whole earlier DP-SGD run on the same private data (e.g. DP-SAD's DP
       teacher): ``steps`` Poisson-subsampled Gaussian steps (``noise_multiplier``,
       ``sampling_rate``), as ``accounting.dpsgd_event``;
