@@ -157,6 +157,13 @@ class DPDM(base.Method):
         self.config = config
         self.spec = spec
         self.unet_config = resolve_unet(config, spec)
+        self._build_diffusion()
+        self.pretrained = _load_pretrained(config.init_from, self) if config.init_from else None
+
+    def _build_diffusion(self) -> None:
+        """The network, preconditioning and jitted sampler of ``self.unet_config``
+        (shared with subclasses that choose their own spec, e.g. LDM's latent one)."""
+        config = self.config
         self.network = ncsnpp.NCSNpp(self.unet_config)
         self.precond = Preconditioning(
             kind=config.precond,
@@ -169,7 +176,6 @@ class DPDM(base.Method):
         if config.guidance != 0 and not self.conditional:
             raise ValueError("guidance != 0 needs class labels; this data is unconditional.")
         self._sample_fn = jax.jit(self._sample_batch, static_argnames="batch")
-        self.pretrained = _load_pretrained(config.init_from, self) if config.init_from else None
 
     @property
     def fine_tuning(self) -> bool:

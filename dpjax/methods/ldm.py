@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.diffusion.precond import Preconditioning
 from dpjax.methods import autoencoder, base, dpdm
 from dpjax.models import ncsnpp
 
@@ -165,18 +164,7 @@ class LDM(dpdm.DPDM):
                 f"init_from={config.init_from!r} has UNet {self.public.source.unet_config}, "
                 f"but this config gives {self.unet_config}."
             )
-        self.network = ncsnpp.NCSNpp(self.unet_config)
-        self.precond = Preconditioning(
-            kind=config.precond,
-            sigma_data=config.sigma_data,
-            p_mean=config.p_mean,
-            p_std=config.p_std,
-            logsnr_min=config.logsnr_min,
-            logsnr_max=config.logsnr_max,
-        )
-        if config.guidance != 0 and not self.conditional:
-            raise ValueError("guidance != 0 needs class labels; this data is unconditional.")
-        self._sample_fn = jax.jit(self._sample_batch, static_argnames="batch")
+        self._build_diffusion()
         self.pretrained = self.public.unet
 
     @property
