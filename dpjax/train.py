@@ -260,7 +260,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         raise ValueError(
             f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
         )
-    for r in prior_records(method):
+    prior = prior_records(method)  # Read once (a method may read another workdir).
+    for r in prior:
         if r.get("neighbouring", cfg.dp.neighbouring) != cfg.dp.neighbouring:
             raise PrivacyError(
                 f"A prior release ({r.get('description')}) is under the "
@@ -293,7 +294,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
             f"[dpjax] data parallel over {mesh.size} devices ({jax.process_count()} "
             f"process(es)); the DP step is the same as on one device"
         )
-    releases = prior_records(method)
+    releases = list(prior)
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         stored = plan_lib.DPPlan.from_dict(meta["plan"])
