@@ -59,6 +59,13 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"No checkpoint directory at {self.directory}.")
         self._mgr = _manager(self.directory, keep, read_only)
+        # The manager removes stale temporary directories (a write killed midway) in a
+        # background thread that only its ``save`` waits for (orbax 0.11). Wait here: a
+        # process that fails before saving (a missing dataset) would otherwise end while
+        # that thread runs and print its traceback under the user's one-line error.
+        wait = getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", None)
+        if wait is not None:
+            wait()
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

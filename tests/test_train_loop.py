@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpjax import checkpoint as ckpt_lib
 from dpjax import metrics_log, sample, train
 from dpjax.checkpoint import CheckpointError
 from dpjax.privacy.accounting import PrivacyError
@@ -145,6 +146,19 @@ def test_cli_bad_inputs_give_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "dpjax error:" in out.stderr and "/nonexistent" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_checkpointer_finishes_its_cleanup_before_it_is_used(tmp_path):
+    """A stale temporary directory (a write killed midway) is gone once the Checkpointer
+    exists: orbax removes it in a thread that only ``save`` waits for, and a run that
+    failed before its first save used to end with that thread's traceback."""
+    stale = tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-1700000000"
+    stale.mkdir(parents=True)
+    (stale / "part").write_text("partial write")
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+    assert not stale.exists()
+    assert checkpointer.latest_step() is None
+    checkpointer.close()
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
