@@ -32,12 +32,12 @@ from dpjax import data as data_lib  # noqa: E402
 from dpjax import run_config  # noqa: E402
 from dpjax.methods import get_method_module  # noqa: E402
 from dpjax.methods.base import DataSpec, count_params  # noqa: E402
+from dpjax.optim import make_optimizer  # noqa: E402
 from dpjax.privacy.dp_step import make_train_step  # noqa: E402
 from dpjax.privacy.plan import make_plan  # noqa: E402
 from dpjax.privacy.sampling import PoissonSampler  # noqa: E402
 from dpjax.randomness import Streams  # noqa: E402
 from dpjax.state import TrainState  # noqa: E402
-from dpjax.train import make_optimizer  # noqa: E402
 from experiments import dpdm_fmnist  # noqa: E402
 
 

@@ -137,7 +137,7 @@ def load_run_config(workdir: str) -> run_config.RunConfig:
 
 def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainState, DataSpec, Any]:
     """(method, full TrainState, spec, run config) of a workdir's checkpoint ``step``."""
-    from dpjax.train import make_optimizer  # Local import: train imports this module.
+    from dpjax.optim import make_optimizer
 
     cfg = load_run_config(workdir)
     spec = load_spec(workdir)

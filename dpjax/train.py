@@ -16,357 +16,59 @@ process trains while only process 0 writes logs, plan files, reports and samples
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-import shutil
 import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import Mesh
 
-from dpjax import checkpoint as ckpt_lib
-from dpjax import data as data_lib
-from dpjax import metrics_log, parallel, run_config, sample
-from dpjax.methods import get_method_module
-from dpjax.methods.base import DataSpec, Params, count_params
-from dpjax.privacy import microbatch as microbatch_lib
-from dpjax.privacy import plan as plan_lib
+from dpjax import metrics_log, parallel, sample
+from dpjax.advance import dpsgd_advance, public_advance, release_once
+from dpjax.methods.base import Params
+from dpjax.optim import make_optimizer
 from dpjax.privacy import report as report_lib
-from dpjax.privacy.accounting import PrivacyError
-from dpjax.privacy.dp_step import make_train_step
-from dpjax.privacy.sampling import PoissonSampler
-from dpjax.public_step import make_public_step
-from dpjax.randomness import DATA_STREAM, Streams
+from dpjax.run_setup import (
+    RESUME_LOCKED_SECTIONS,
+    BudgetExceededError,
+    Run,
+    WorkdirError,
+    check_resume_config,
+    check_workdir,
+    prior_records,
+    release_done,
+    resolve_plan,
+    save_checkpoint,
+    setup,
+    write_privacy_report,
+)
 from dpjax.state import TrainState
 
-MIN_FREE_BYTES = 50 * 2**20
-# Sections whose change on resume would change what is trained or its privacy.
-RESUME_LOCKED_SECTIONS = ("seed", "method", "method_args", "data", "dp", "optim")
-
-
-class BudgetExceededError(PrivacyError):
-    """A step past the planned number of DP steps was requested."""
+# The loop's public names, wherever they are defined (callers import them from here).
+__all__ = [
+    "RESUME_LOCKED_SECTIONS",
+    "BudgetExceededError",
+    "NonFiniteError",
+    "Run",
+    "WorkdirError",
+    "check_resume_config",
+    "check_workdir",
+    "make_optimizer",
+    "prior_records",
+    "release_done",
+    "resolve_plan",
+    "save_checkpoint",
+    "setup",
+    "train",
+    "write_privacy_report",
+]
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the update became NaN/inf; the step is named in the message."""
 
-
-class WorkdirError(OSError):
-    """The workdir cannot be used (not writable, disk full, or holds another run)."""
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything ``setup`` builds: what the loop, sampling and export need."""
-
-    config: run_config.RunConfig
-    workdir: str
-    method: Any
-    spec: DataSpec
-    plan: plan_lib.DPPlan
-    streams: Streams
-    state: TrainState
-    checkpointer: ckpt_lib.Checkpointer
-    releases: list[dict[str, Any]]
-    mesh: Mesh | None = None  # None: one device; else the 'data' mesh the step runs on.
-
-
-def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
-    """Creates ``workdir`` and fails early, clearly, if it is unwritable or the disk is full."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe.{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise WorkdirError(f"Workdir {workdir} is not writable: {e.strerror or e}.") from e
-    free = shutil.disk_usage(workdir).free
-    if free < min_free_bytes:
-        raise WorkdirError(
-            f"Only {free / 2**20:.1f} MiB free under {workdir}; need at least "
-            f"{min_free_bytes / 2**20:.0f} MiB for checkpoints. Free space or pick another workdir."
-        )
-
-
-def check_resume_config(
-    workdir: str, config: ml_collections.ConfigDict, write: bool = True
-) -> None:
-    """On resume, the sections that define the run must equal the stored ones."""
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(run_config.config_to_json(config))
-    if not os.path.exists(path):
-        if not write:
-            return
-        with open(path + ".tmp", "w") as f:
-            f.write(run_config.config_to_json(config))
-        os.replace(path + ".tmp", path)
-        return
-    with open(path) as f:
-        old = json.load(f)
-    diffs = []
-    for section in RESUME_LOCKED_SECTIONS:
-        if old.get(section) != new.get(section):
-            a, b = old.get(section), new.get(section)
-            if isinstance(a, dict) and isinstance(b, dict):
-                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
-            else:
-                diffs.append(f"{section}: {a!r} -> {b!r}")
-    if diffs:
-        raise ckpt_lib.CheckpointError(
-            f"Workdir {workdir} holds a run with a different config; refusing to resume it "
-            f"with: {'; '.join(diffs)}. Use a new --workdir (existing checkpoints are untouched)."
-        )
-
-
-def make_optimizer(cfg: run_config.OptimConfig) -> optax.GradientTransformation:
-    """The optax optimizer of the config (Adam by default, as DPDM)."""
-    lr: Any = cfg.learning_rate
-    if cfg.warmup_steps > 0:
-        lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-    if cfg.name == "adam":
-        return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    if cfg.name == "adamw":
-        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return optax.sgd(lr)
-    raise ValueError(f"Unknown optimizer '{cfg.name}'; use 'adam', 'adamw' or 'sgd'.")
-
-
-def resolve_plan(
-    cfg: run_config.RunConfig,
-    num_examples: int,
-    workdir: str,
-    write: bool = True,
-    method: Any = None,
-) -> plan_lib.DPPlan:
-    """The run's plan: the stored one on resume (checked against the config), else a new one.
-
-    With ``method``, a target epsilon is the total over the method's prior releases and
-    its own private access (DP-SGD, or its one release when ``uses_dp_sgd`` is False).
-    A new plan is written to ``dp_plan.json`` when ``write`` (process 0 only)."""
-    dp = cfg.dp
-    path = os.path.join(workdir, "dp_plan.json")
-    one_release = method is not None and not method.uses_dp_sgd
-    q = 1.0 if one_release else dp.batch_size / num_examples
-    steps = dp.steps if dp.steps > 0 or one_release else int(dp.epochs / q) if q <= 1 else 0
-    if os.path.exists(path):
-        stored, _ = plan_lib.load_plan(path)
-        expected = {
-            "num_examples": num_examples,
-            "sampling_rate": q,
-            "clip_norm": dp.clip_norm,
-            "delta": dp.delta,
-            "accountant": dp.accountant,
-            "neighbouring": dp.neighbouring,
-            "enabled": dp.enabled,
-            "mechanism": "release" if one_release else "dpsgd",
-        }
-        for k, v in expected.items():
-            s = getattr(stored, k)
-            same = math.isclose(s, v, rel_tol=1e-12) if isinstance(v, float) else s == v
-            if not same:
-                raise PrivacyError(
-                    f"{path} was planned with {k}={s!r} but the config gives {v!r}; refusing to "
-                    "resume under a different privacy plan. Use a new workdir."
-                )
-        if steps > stored.steps:
-            raise BudgetExceededError(
-                f"The privacy plan in {path} allows {stored.steps} steps (epsilon "
-                f"{stored.target_epsilon}); the config asks for {steps}. Training past the "
-                "budget is refused: start a new run with a new plan instead."
-            )
-        return stored
-    plan = plan_lib.make_plan(
-        num_examples=num_examples,
-        batch_size=dp.batch_size,
-        delta=dp.delta,
-        clip_norm=dp.clip_norm,
-        epochs=dp.epochs,
-        steps=dp.steps,
-        epsilon=dp.epsilon if dp.noise_multiplier is None else None,
-        noise_multiplier=dp.noise_multiplier,
-        accountant=dp.accountant,
-        neighbouring=dp.neighbouring,
-        enabled=dp.enabled,
-        prior_events=[report_lib.release_event(r) for r in prior_records(method)],
-        release_events=method.release_events if one_release else None,
-    )
-    if write:
-        plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
-    return plan
-
-
-def prior_records(method: Any) -> list[dict[str, Any]]:
-    """The method's prior releases, each marked ``stage='prior'`` (none without a method)."""
-    if method is None:
-        return []
-    return [{**r, "stage": "prior"} for r in method.prior_releases()]
-
-
-def release_done(releases: list[dict[str, Any]]) -> bool:
-    """Whether the run's own one-shot release is among ``releases`` (stage 'release')."""
-    return any(r.get("stage") == "release" for r in releases)
-
-
-def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[Run, Any]:
-    """Builds the run and restores the latest checkpoint. Returns (run, private dataset).
-
-    With ``train.num_devices`` != 1 the state is replicated over the 'data' mesh and the
-    checkpoint is restored onto it, whatever device count wrote it. A one-release
-    method (DP-MEPF) resumed after its release does not read the private data at all:
-    the dataset returned is then None and the size and spec come from the workdir.
-    """
-    parallel.initialize_distributed()  # First: before any JAX computation.
-    main = parallel.is_main_process()
-    if not main:
-        log = lambda *_: None  # noqa: E731 - only process 0 talks.
-    cfg = run_config.from_configdict(config)
-    mesh = parallel.make_data_mesh(cfg.train.num_devices)
-    check_workdir(workdir)
-    if cfg.dp.microbatch_size < 0:
-        raise ValueError("dp.microbatch_size must be > 0, or 0 to choose it from the memory.")
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
-    )
-    plan_path = os.path.join(workdir, "dp_plan.json")
-    after_release = (
-        checkpointer.latest_step() is not None
-        and os.path.exists(plan_path)
-        and os.path.exists(os.path.join(workdir, sample.SPEC_FILE))
-        and release_done(checkpointer.restore_meta().get("releases", []))
-    )
-    if after_release:  # Post-processing only: the private data is not opened again.
-        dataset = None
-        spec = sample.load_spec(workdir)
-        num_examples = plan_lib.load_plan(plan_path)[0].num_examples
-        log(f"[dpjax] the release is done; the private data ({cfg.data.source}) is not read")
-    else:
-        dataset = data_lib.load(cfg.data)
-        spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
-        num_examples = len(dataset)
-    method = get_method_module(cfg.method).make(cfg.method_args, spec)
-    if not method.uses_dp_sgd and mesh is not None:
-        raise ValueError(
-            f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
-        )
-    prior = prior_records(method)  # Read once (a method may read another workdir).
-    for r in prior:
-        if r.get("neighbouring", cfg.dp.neighbouring) != cfg.dp.neighbouring:
-            raise PrivacyError(
-                f"A prior release ({r.get('description')}) is under the "
-                f"'{r['neighbouring']}' relation but this run is under "
-                f"'{cfg.dp.neighbouring}'; their epsilons cannot be composed. Use the same "
-                "dp.neighbouring."
-            )
-    # First: a budget overrun or a changed plan says so before anything is written.
-    plan = resolve_plan(cfg, num_examples, workdir, main, method)
-    check_resume_config(workdir, config, main)
-    if main:
-        sample.save_spec(workdir, spec)
-    streams = Streams.from_seed(cfg.seed)
-    # One compiled init instead of one compilation per initializer op.
-    params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
-    optimizer = method.optimizer(make_optimizer(cfg.optim))
-    state = TrainState.create(params.trainable, params.frozen, optimizer.init(params.trainable))
-    data_line = (
-        f"data {dataset.name}: {len(dataset)} x {dataset.image_shape}"
-        if dataset is not None
-        else f"data not read: {num_examples} x {spec.image_shape}"
-    )
-    log(
-        f"[dpjax] {cfg.method}: {count_params(params.trainable):,} trainable parameters, "
-        f"{count_params(params.frozen):,} frozen; {data_line}"
-    )
-    if mesh is not None:
-        state = parallel.replicate(state, mesh)
-        log(
-            f"[dpjax] data parallel over {mesh.size} devices ({jax.process_count()} "
-            f"process(es)); the DP step is the same as on one device"
-        )
-    releases = list(prior)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
-        stored = plan_lib.DPPlan.from_dict(meta["plan"])
-        if not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
-            raise ckpt_lib.CheckpointError(
-                f"The latest checkpoint was written under plan {meta['plan']}, not the workdir's "
-                f"dp_plan.json {plan.to_dict()}; refusing to mix them."
-            )
-        stored_prior = [r for r in meta.get("releases", []) if r.get("stage") == "prior"]
-        if stored_prior != releases:
-            raise ckpt_lib.CheckpointError(
-                f"The checkpoint was trained on prior releases {stored_prior}, but the method "
-                f"now reports {releases}; refusing to mix them. Use a new workdir."
-            )
-        releases = list(meta.get("releases", []))
-        log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
-    if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
-        cfg = _with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
-    run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh)
-    return run, dataset
-
-
-def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
-    """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``).
-
-    Capped at a quarter of the expected per-device batch, so that the last, partly
-    padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
-    """
-    if jax.process_count() > 1:
-        # Each host would measure its own memory; the padded batch shape must agree.
-        raise ValueError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
-    per_device = plan.expected_batch_size / parallel.num_shards(mesh)
-    choice = microbatch_lib.auto_microbatch_size(
-        method,
-        params.trainable,
-        params.frozen,
-        spec.image_shape,
-        cfg.dp.clipping,
-        max_size=max(1, int(per_device // 4)),
-    )
-    log(
-        f"[dpjax] micro-batch size {choice.size} (auto: {choice.bytes_per_example / 2**20:.1f} "
-        f"MiB per example measured at {choice.probe}, budget {choice.budget_bytes / 2**30:.1f} GiB)"
-    )
-    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, microbatch_size=choice.size))
-
-
-def _meta(run: Run, steps_done: int) -> dict[str, Any]:
-    # The plan's own accountant only: PLD at small sigma takes seconds per call, too slow
-    # for every checkpoint; the final privacy report gives both.
-    eps = report_lib.epsilon_spent(run.plan, steps_done, run.releases, (run.plan.accountant,))
-    return {
-        "plan": run.plan.to_dict(),
-        "steps_done": steps_done,
-        "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
-        "releases": run.releases,
-        "method": run.config.method,
-    }
-
-
-def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Checkpoint, then the plan file with the epsilon now spent (both atomic)."""
-    steps_done = int(state.step)
-    meta = _meta(run, steps_done)
-    run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
-    if not parallel.is_main_process():
-        return
-    plan_lib.save_plan(
-        os.path.join(run.workdir, "dp_plan.json"),
-        run.plan,
-        {k: v for k, v in meta.items() if k != "plan"},
-    )
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -392,6 +94,15 @@ class _NoLog:
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
     """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps."""
     run, dataset = setup(config, workdir, log)
+    try:
+        return _train_run(run, dataset, log)
+    finally:
+        run.checkpointer.close()  # Waits for orbax's threads, also when a step failed.
+
+
+def _train_run(run: Run, dataset: Any, log) -> TrainState:
+    """``train`` after ``setup``: the release (if any), the step loop, report and grid."""
+    workdir = run.workdir
     main = parallel.is_main_process()
     if not main:
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
@@ -418,10 +129,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
             f"delta={plan.delta:g}, target epsilon={eps_target} ({plan.accountant})"
         )
     if plan.mechanism == "release":
-        state = _release_once(run, state, dataset, log)
-        advance = _public_advance(run)
+        state = release_once(run, state, dataset, log)
+        advance = public_advance(run)
     else:
-        advance = _dpsgd_advance(run, dataset)
+        advance = dpsgd_advance(run, dataset)
     logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
@@ -477,120 +188,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
             os.path.join(workdir, "samples_grid.png"),
         )
         log(f"[dpjax] sample grid (EMA weights, step {final}): {path}")
-    run.checkpointer.close()
     return state
-
-
-def _dpsgd_advance(run: Run, dataset: Any):
-    """``advance(state, t) -> (state, host metrics, loss metric name)``: DP-SGD step t."""
-    cfg, plan, mesh = run.config, run.plan, run.mesh
-    sampler = PoissonSampler(
-        plan.num_examples,
-        plan.sampling_rate,
-        seed=cfg.seed * 1_000_003 + DATA_STREAM,
-        # Padded sizes split into equal per-device parts of whole micro-batches; the
-        # batch itself depends on (seed, step) only.
-        multiple=cfg.dp.microbatch_size * parallel.num_shards(mesh),
-    )
-    step_fn = make_train_step(
-        run.method,
-        run.method.optimizer(make_optimizer(cfg.optim)),
-        plan,
-        microbatch_size=cfg.dp.microbatch_size,
-        ema_rate=cfg.train.ema_rate,
-        ema_warmup=cfg.train.ema_warmup,
-        clipping_impl=cfg.dp.clipping,
-        mesh=mesh,
-    )
-    if mesh is None:
-        images = jnp.asarray(dataset.images)
-        labels = jnp.asarray(dataset.labels)
-        streams = run.streams
-    else:
-        images, labels, streams = parallel.replicate(
-            (np.asarray(dataset.images), np.asarray(dataset.labels), run.streams), mesh
-        )
-
-    def advance(state: TrainState, t: int):
-        batch = sampler.batch(t)
-        if mesh is None:
-            indices, mask = batch.indices, batch.mask
-        else:
-            indices, mask = parallel.shard_batch(batch, mesh)
-        state, metrics = step_fn(state, images, labels, indices, mask, batch.num_real, streams)
-        return state, jax.device_get(metrics), "private_loss_nonprivate"
-
-    return advance
-
-
-def _public_advance(run: Run):
-    """``advance`` for the post-processing steps after a one-shot release (no data)."""
-    cfg = run.config
-    step_fn = make_public_step(
-        run.method,
-        run.method.optimizer(make_optimizer(cfg.optim)),
-        ema_rate=cfg.train.ema_rate,
-        ema_warmup=cfg.train.ema_warmup,
-    )
-
-    def advance(state: TrainState, t: int):
-        del t  # The state's step selects the keys.
-        state, metrics = step_fn(state, run.streams)
-        return state, jax.device_get(metrics), "public_loss"
-
-    return advance
-
-
-def _release_once(run: Run, state: TrainState, dataset: Any, log) -> TrainState:
-    """Performs the method's one release (if not done yet) and checkpoints it at step 0.
-
-    The released values replace ``frozen['release']``; the release's records join the
-    run's accounting. The checkpoint written here is what every later step (and every
-    resume) starts from, so the private data is read exactly once.
-    """
-    if release_done(run.releases):
-        return state
-    if int(state.step) != 0:
-        raise ckpt_lib.CheckpointError(
-            f"Step {int(state.step)} was checkpointed without the release; use a new workdir."
-        )
-    key = jax.random.fold_in(run.streams.noise, 0)  # A release plan runs no DP-SGD step.
-    images, labels = jnp.asarray(dataset.images), jnp.asarray(dataset.labels)
-    release = run.method.private_release(
-        Params(state.trainable, state.frozen), images, labels, key, run.plan
-    )
-    if run.plan.enabled:  # The release must be exactly what the plan calibrated.
-        planned = [e.noise_multiplier for e in run.method.release_events(run.plan.noise_multiplier)]
-        made = [r.get("noise_multiplier") for r in release.records if r.get("kind") == "gaussian"]
-        if len(made) != len(release.records) or not np.allclose(made, planned, rtol=1e-12):
-            raise PrivacyError(
-                f"The release's records {release.records} do not match the planned Gaussian "
-                f"mechanisms (noise multipliers {planned}); nothing was saved."
-            )
-    placeholder = jax.tree_util.tree_structure(state.frozen["release"])
-    got = jax.tree_util.tree_structure(release.values)
-    if got != placeholder:
-        raise ValueError(f"The release's structure {got} is not the placeholder's {placeholder}.")
-    frozen = {**state.frozen, "release": release.values}
-    state = TrainState(state.step, state.trainable, frozen, state.opt_state, state.ema)
-    run.releases.extend({**r, "stage": "release"} for r in release.records)
-    save_checkpoint(run, state)
-    eps = report_lib.epsilon_spent(run.plan, 0, run.releases, (run.plan.accountant,))
-    log(
-        f"[dpjax] released once ({len(release.records)} Gaussian mechanism(s)); epsilon "
-        f"{eps[run.plan.accountant]:.4g} ({run.plan.accountant}); from here on the private "
-        "data is not read"
-    )
-    return state
-
-
-def write_privacy_report(run: Run, steps_done: int) -> dict[str, Any]:
-    """Writes privacy_report.json and privacy_report.md to the workdir."""
-    rep = report_lib.privacy_report(
-        run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes()
-    )
-    with open(os.path.join(run.workdir, "privacy_report.json"), "w") as f:
-        json.dump(rep, f, indent=2)
-    with open(os.path.join(run.workdir, "privacy_report.md"), "w") as f:
-        f.write(report_lib.report_markdown(rep))
-    return rep

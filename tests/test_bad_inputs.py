@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpjax import export, sample, train
+from dpjax import export, run_setup, sample, train
 from dpjax.eval import report
 from dpjax.main import user_errors
 from experiments import toy_fake
@@ -91,7 +91,7 @@ def test_train_disk_full_fails_before_training(tmp_path, monkeypatch):
     class Usage:
         free = 1024
 
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda _: Usage())
+    monkeypatch.setattr(run_setup.shutil, "disk_usage", lambda _: Usage())
     with pytest.raises(train.WorkdirError, match="MiB free"):
         train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
     assert not os.path.exists(tmp_path / "w" / "checkpoints")

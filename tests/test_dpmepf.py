@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from dpjax import sample, train
+from dpjax import run_setup, sample, train
 from dpjax.methods import base, dpmepf
 from dpjax.privacy import accounting
 from dpjax.privacy import plan as plan_lib
@@ -178,12 +178,12 @@ def test_private_data_is_not_read_after_the_release(tmp_path, monkeypatch):
     def no_data(*_a, **_k):
         raise AssertionError("the private data was read after the release")
 
-    monkeypatch.setattr(train.data_lib, "load", no_data)
+    monkeypatch.setattr(run_setup.data_lib, "load", no_data)
     state = train.train(_smoke(), wd, log=lambda *_: None)
     assert int(state.step) == 3
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    report = train.report_lib.privacy_report(*_plan_and_steps(wd), "dpmepf", _releases(wd))
+    report = report_lib.privacy_report(*_plan_and_steps(wd), "dpmepf", _releases(wd))
     assert len(report["releases"]) == 1 and report["releases"][0]["stage"] == "release"
 
 
