@@ -145,3 +145,22 @@ def test_guidance_needs_null_label_and_unknown_sampler_fails():
         samplers.sample(gaussian_denoiser, jax.random.key(0), (1, 1, 1, 1), guidance=1.0)
     with pytest.raises(ValueError, match="Unknown sampler"):
         samplers.sample(gaussian_denoiser, jax.random.key(0), (1, 1, 1, 1), sampler="dpm")
+
+
+@pytest.mark.parametrize("config_cls", ["dpdm", "dpsad", "ldm"])
+def test_every_diffusion_config_validates_its_sampler_when_built(config_cls):
+    """The sampling fields are one definition (``SamplerSettings``) for all methods."""
+    from dpjax.methods import dpdm, dpsad, ldm
+
+    cls = {"dpdm": dpdm.Config, "dpsad": dpsad.Config, "ldm": ldm.Config}[config_cls]
+    cfg = cls(sampler="heun", num_steps=7, s_churn=2.0)
+    assert cfg.sample_kwargs()["sampler"] == "heun" and "sample_batch" not in cfg.sample_kwargs()
+    assert cfg.sampler_settings()["num_steps"] == 7
+    for bad, match in (
+        ({"sampler": "hune"}, "Unknown sampler 'hune'"),
+        ({"num_steps": 1}, "num_steps"),
+        ({"sample_batch": 0}, "sample_batch"),
+        ({"sigma_min": 90.0}, "sigma_min < sigma_max"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cls(**bad)

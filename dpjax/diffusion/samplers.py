@@ -13,6 +13,7 @@ churn limit of 1 and no second-order correction on the last Heun step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -22,6 +23,57 @@ import jax.numpy as jnp
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 SamplerName = Literal["ddim", "heun", "euler_stochastic"]
+SAMPLERS = ("ddim", "heun", "euler_stochastic")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The sampling fields of a diffusion method's config (DPDM, DP-LDM, DP-SAD).
+
+    A method's ``Config`` inherits them, so every diffusion method validates them the
+    same way, when the config is built.
+
+    Attributes:
+      sampler: 'ddim' (Euler ODE), 'heun' (EDM Algorithm 2) or 'euler_stochastic'.
+      num_steps, sigma_min, sigma_max, rho: the Karras sampling grid.
+      s_churn, s_min, s_max, s_noise: Heun churn parameters.
+      guidance: classifier-free guidance weight w (0 = none, DPDM's default).
+      sample_batch: images per jitted sampling call.
+    """
+
+    sampler: SamplerName = "ddim"
+    num_steps: int = 50
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = math.inf
+    s_noise: float = 1.0
+    guidance: float = 0.0
+    sample_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler '{self.sampler}'; use one of {SAMPLERS}.")
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2, got {self.num_steps}.")
+        if self.sample_batch < 1:
+            raise ValueError(f"sample_batch must be >= 1, got {self.sample_batch}.")
+        if not 0.0 < self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}."
+            )
+
+    def sampler_settings(self) -> dict[str, object]:
+        """These fields (of this or a subclass' instance) by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
+
+    def sample_kwargs(self) -> dict[str, object]:
+        """The keyword arguments of ``sample`` that these settings give."""
+        out = self.sampler_settings()
+        del out["sample_batch"]
+        return out
 
 
 def karras_sigmas(

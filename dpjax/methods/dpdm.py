@@ -12,7 +12,6 @@ drawn once per example before the K repeats.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
@@ -26,7 +25,7 @@ from dpjax.models import lora, ncsnpp
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(samplers.SamplerSettings):
     """DPDM settings (defaults: nv-tlabs/DPDM configs/mnist_28/train_eps_10.0.yaml).
 
     Attributes:
@@ -42,11 +41,7 @@ class Config:
       logsnr_min, logsnr_max: training log-SNR range of the 'v' loss.
       noise_multiplicity: K, noise draws per example averaged in the per-example loss.
       label_dropout: probability of training on the null class (classifier-free guidance).
-      sampler: 'ddim' (Euler ODE), 'heun' (EDM Algorithm 2) or 'euler_stochastic'.
-      num_steps, sigma_min, sigma_max, rho: the Karras sampling grid.
-      s_churn, s_min, s_max, s_noise: Heun churn parameters.
-      guidance: classifier-free guidance weight w (0 = none, DPDM's default).
-      sample_batch: images per jitted sampling call.
+      sampler, ..., sample_batch: ``samplers.SamplerSettings`` (inherited).
       init_from: a workdir of a run of this method trained on PUBLIC data (e.g. with
         dp.enabled=False); its EMA UNet initializes this one. DP fine-tuning (DP-LDM and
         DP-LoRA style) starts here. Its data must be public: the privacy report of this
@@ -76,17 +71,6 @@ class Config:
     logsnr_max: float = 13.0
     noise_multiplicity: int = 32
     label_dropout: float = 0.1
-    sampler: Literal["ddim", "heun", "euler_stochastic"] = "ddim"
-    num_steps: int = 50
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = math.inf
-    s_noise: float = 1.0
-    guidance: float = 0.0
-    sample_batch: int = 256
     init_from: str = ""
     trainable: tuple[str, ...] = ()
     lora_rank: int = 0
@@ -94,18 +78,13 @@ class Config:
     lora_alpha: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.noise_multiplicity < 1:
             raise ValueError(f"noise_multiplicity must be >= 1, got {self.noise_multiplicity}.")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}.")
-        if self.num_steps < 2:
-            raise ValueError(f"num_steps must be >= 2, got {self.num_steps}.")
-        if self.sample_batch < 1:
-            raise ValueError(f"sample_batch must be >= 1, got {self.sample_batch}.")
         if self.precond not in ("edm", "v"):
             raise ValueError(f"precond must be 'edm' or 'v', got '{self.precond}'.")
-        if self.sampler not in ("ddim", "heun", "euler_stochastic"):
-            raise ValueError(f"Unknown sampler '{self.sampler}'.")
         if self.lora_rank < 0 or (self.lora_rank > 0) != bool(self.lora_targets):
             raise ValueError("LoRA needs both lora_rank > 0 and lora_targets (or neither).")
 
@@ -347,16 +326,7 @@ class DPDM(base.Method):
             key,
             (batch, *self.spec.image_shape),
             labels,
-            sampler=cfg.sampler,
-            num_steps=cfg.num_steps,
-            sigma_min=cfg.sigma_min,
-            sigma_max=cfg.sigma_max,
-            rho=cfg.rho,
-            s_churn=cfg.s_churn,
-            s_min=cfg.s_min,
-            s_max=cfg.s_max,
-            s_noise=cfg.s_noise,
-            guidance=cfg.guidance,
+            **cfg.sample_kwargs(),
             null_label=self.null_label,
         )
 

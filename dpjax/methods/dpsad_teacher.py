@@ -1,0 +1,178 @@
+"""DP-SAD's teacher: which run it is, whether its privacy is what the config declares,
+and its weights.
+
+The checks here are what make DP-SAD's epsilon a guarantee (see ``dpsad.py``): a 'dp'
+teacher must carry a finite DP-SGD plan (then ``DPSAD.prior_releases`` composes it), a
+'public' teacher must have been trained on data other than the private data, and no
+teacher may start (``init_from``) from a run on the private data. Everything is read
+from the teacher's workdir before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from dpjax.methods import base, dpdm
+
+if TYPE_CHECKING:
+    from dpjax.methods.dpsad import Config
+
+#: The fields of a run's data section that identify WHICH data it reads (not how it is
+#: prepared): two runs whose identities agree read the same examples (or overlapping
+#: ones, e.g. a 'limit' subset). Used to refuse a "public" teacher of the private data.
+#: The path is left out on purpose: the identity is a method setting, and method
+#: settings are exported (model_config.json), which must not name a private location.
+#: Two datasets of one source, name and split therefore count as the same data (the
+#: check errs on the side of refusing; give them different ``data.name`` values).
+DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
+
+
+def data_identity(data: Mapping[str, Any]) -> str:
+    """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
+    return "|".join(f"{k}={data.get(k, '')}" for k in DATA_IDENTITY_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """The public facts of the teacher's workdir, read before any weight is loaded."""
+
+    workdir: str
+    method: str  # its config's method name
+    plan: dict  # its dp_plan.json plan
+    data: dict  # its config's data section
+    init_from: str  # the run its weights started from ('' for none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The teacher as DP-SAD uses it: its run, its DPDM settings and its EMA UNet."""
+
+    run: TeacherRun
+    config: dpdm.Config  # its DPDM settings
+    unet: dict  # its EMA UNet weights (NumPy)
+    step: int  # the loaded checkpoint's step = the DP-SGD steps behind these weights
+    releases: tuple[dict[str, Any], ...]  # its own releases (checkpoint metadata)
+
+
+def read_teacher_run(workdir: str) -> TeacherRun:
+    """Reads ``config.json`` and ``dp_plan.json`` of the teacher's workdir (no weights).
+
+    Raises:
+      ValueError: no workdir given, or not a run of a method DP-SAD can distill from.
+    """
+    from dpjax.privacy import plan as plan_lib  # Deferred: keeps this module light.
+
+    if not workdir:
+        raise ValueError(
+            "DP-SAD needs method_args.teacher_from: the workdir of a DPDM run (see "
+            "experiments/dpsad_fmnist.py for the two commands)."
+        )
+    workdir = os.path.abspath(workdir)
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = json.load(f)
+        plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
+    except OSError as e:
+        raise ValueError(f"teacher_from={workdir!r} holds no complete dpjax run ({e}).") from e
+    if config.get("method") != "dpdm":
+        raise ValueError(f"teacher_from={workdir!r} is a {config.get('method')!r} run, not dpdm.")
+    init_from = str(config.get("method_args", {}).get("init_from", "") or "")
+    return TeacherRun(workdir, config["method"], plan.to_dict(), config.get("data", {}), init_from)
+
+
+def check_teacher_privacy(config: Config, run: TeacherRun) -> None:
+    """Refuses a teacher whose privacy is not what ``config.teacher_privacy`` declares.
+
+    Also refuses a teacher whose weights started (``init_from``) from a run on the
+    private data: DPDM's ``init_from`` must be public, and its privacy is not composed.
+
+    Raises:
+      ValueError: a 'dp' teacher without a finite DP plan, a 'public' teacher of the
+        private data, a teacher initialized from a run on the private data, or a check
+        that needs ``private_data`` without it.
+    """
+    plan = run.plan
+    if run.init_from:
+        if not config.private_data:
+            raise ValueError(
+                f"The teacher in {run.workdir} started from {run.init_from}; checking that "
+                "run needs method_args.private_data (see dpsad.data_identity)."
+            )
+        try:
+            with open(os.path.join(run.init_from, "config.json")) as f:
+                start_data = json.load(f).get("data", {})
+        except OSError as e:
+            raise ValueError(
+                f"The teacher in {run.workdir} started from {run.init_from}, which cannot be "
+                f"read ({e}); its data cannot be checked."
+            ) from e
+        if data_identity(start_data) == config.private_data:
+            raise ValueError(
+                f"The teacher in {run.workdir} started from {run.init_from}, a run on the "
+                "private data; an init_from run must be public (its privacy is not composed)."
+            )
+    if config.teacher_privacy == "dp":
+        if not plan.get("enabled", False):
+            raise ValueError(
+                f"The teacher in {run.workdir} was trained WITHOUT DP (dp.enabled=False); "
+                "a non-private teacher of the private data would void the student's guarantee "
+                "and is refused. If it was trained on other, public data, declare "
+                "teacher_privacy='public'."
+            )
+        if plan.get("mechanism", "dpsgd") != "dpsgd" or not plan["noise_multiplier"] > 0:
+            raise ValueError(
+                f"The teacher in {run.workdir} has no finite DP-SGD guarantee (plan {plan})."
+            )
+        return
+    if not config.private_data:
+        raise ValueError(
+            "teacher_privacy='public' needs method_args.private_data (the data identity of "
+            "this run, see dpsad.data_identity) to check that the teacher was trained on "
+            "other data."
+        )
+    if data_identity(run.data) == config.private_data:
+        raise ValueError(
+            f"The teacher in {run.workdir} was trained on the private data itself "
+            f"({config.private_data}); it is not public. Train the teacher with DP-SGD "
+            "(teacher_privacy='dp') or on other, public data."
+        )
+
+
+def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
+    """Loads the teacher's EMA UNet (latest checkpoint) and that checkpoint's releases.
+
+    Raises:
+      ValueError: not a DPDM run, another data spec, or LoRA adapters left unmerged.
+    """
+    from dpjax import checkpoint as ckpt_lib  # Deferred: sample imports the registry.
+    from dpjax import sample as sample_lib
+
+    source, params, teacher_spec, _, step = sample_lib.load_trained(run.workdir)
+    if not isinstance(source, dpdm.DPDM):
+        raise ValueError(f"The teacher in {run.workdir} is a {type(source).__name__}, not DPDM.")
+    if teacher_spec != spec:
+        raise ValueError(
+            f"The teacher in {run.workdir} was trained on {teacher_spec}, this run has {spec}."
+        )
+    unet, adapters = source.weights(params.trainable, params.frozen)
+    if adapters is not None:
+        raise ValueError(f"The teacher in {run.workdir} has LoRA adapters; merge them first.")
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(run.workdir, "checkpoints"), read_only=True)
+    try:
+        meta = checkpointer.restore_meta(step)
+    finally:
+        checkpointer.close()
+    return Teacher(
+        run=run,
+        config=source.config,
+        unet=jax.tree_util.tree_map(np.asarray, unet),
+        step=int(step),
+        releases=tuple(meta.get("releases", [])),
+    )
