@@ -10,6 +10,9 @@ and synthetic batch:
 * ``fast``: ``dpjax.privacy.dp_step.make_train_step(..., clipping_impl='layerwise')``,
   exactly the step ``dpjax.train`` runs.
 * ``reference``: the same with ``clipping_impl='vmap'`` (vmap of grad).
+* ``bf16``: the reference path with ``compute_dtype='bfloat16'``: the per-example
+  forward and backward passes in bfloat16, gradients, clipping, sum and noise in float32.
+  Not part of the default ``--variants``.
 
 All three donate the training state. Each (B, K) case uses B real examples (no Poisson
 padding: the batch has exactly the expected size), uint8 images on the device gathered
@@ -79,8 +82,9 @@ NUM_EXAMPLES = 60000  # Fashion-MNIST: the plan's (public) N.
 RECIPE_EPOCHS = 300  # DPDM's Fashion-MNIST recipe: 300 epochs of 4096-example batches.
 LEARNING_RATE = 3e-4
 EMA_RATE = 0.999
-CLIPPING_IMPL = {"fast": "layerwise", "reference": "vmap"}
-VARIANTS = ("plain", "fast", "reference")
+CLIPPING_IMPL = {"fast": "layerwise", "reference": "vmap", "bf16": "vmap"}
+COMPUTE_DTYPE = {"bf16": "bfloat16"}  # The others: float32.
+VARIANTS = ("plain", "fast", "reference", "bf16")
 DEFAULT_CASES = "256x1,64x4,32x32,4096x32"
 TINY_CASES = "4x1,2x2,8x2/2"
 CHECK_CASE = "4x2/2"  # Two micro-batches, the last row padding: loop and mask both covered.
@@ -223,7 +227,7 @@ def make_step(
     plan: DPPlan,
     microbatch: int,
 ) -> Callable[..., Any]:
-    """The jitted step of ``variant`` ('plain', 'fast' or 'reference')."""
+    """The jitted step of ``variant`` ('plain', 'fast', 'reference' or 'bf16')."""
     if variant == "plain":
         return make_plain_step(method, optimizer, microbatch_size=microbatch, ema_rate=EMA_RATE)
     if variant not in CLIPPING_IMPL:
@@ -235,6 +239,7 @@ def make_step(
         microbatch_size=microbatch,
         ema_rate=EMA_RATE,
         clipping_impl=CLIPPING_IMPL[variant],
+        compute_dtype=COMPUTE_DTYPE.get(variant, "float32"),
     )
 
 
@@ -588,6 +593,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                 "microbatch": case.microbatch,
                 "variant": variant,
                 "clipping_impl": CLIPPING_IMPL.get(variant),
+                "compute_dtype": COMPUTE_DTYPE.get(variant, "float32"),
             }
             if args.time_budget > 0 and time.perf_counter() - start > args.time_budget:
                 entry["skipped"] = f"time budget of {args.time_budget:g} s exceeded"

@@ -50,6 +50,7 @@ def dpsgd_advance(run: Run, dataset: Any):
         ema_warmup=cfg.train.ema_warmup,
         clipping_impl=cfg.dp.clipping,
         mesh=mesh,
+        compute_dtype=cfg.dp.compute_dtype,
     )
     if mesh is None:
         images = jnp.asarray(dataset.images)

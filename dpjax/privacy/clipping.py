@@ -11,7 +11,12 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   exactly 0, not NaN.
 * Hence replacing, removing or padding out one example changes the sum by at most
   ``sensitivity(C, relation)``: C for add/remove (and zero-out), 2C for replace-one.
-* Clipping and summation happen in float32 whatever the compute dtype.
+* Clipping and summation happen in float32 whatever the compute dtype: with
+  ``compute_dtype='bfloat16'`` the loss's forward and backward arithmetic runs in
+  bfloat16 (``in_compute_dtype``), but the parameters stay float32 and the cast sits
+  inside the differentiated function, so each per-example gradient arrives in float32
+  and its norm, the clip, the sum (and the noise, ``dp_step.py``) are float32. The
+  sensitivity bound does not depend on how the per-example gradient was computed.
 * Two implementations give the same result up to rounding: 'vmap' (vmap of grad, the
   reference) and 'layerwise' (per-example gradients from layer inputs and output
   cotangents of one ordinary backward pass; see ``dpjax.privacy.layerwise``), the fast one
@@ -203,6 +208,43 @@ MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
     "layerwise": _microbatch_layerwise,
 }
 
+#: The compute dtypes of the loss (``dp.compute_dtype``); None: as the parameters are.
+COMPUTE_DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
+    """``loss_fn`` with its floating inputs cast to ``compute_dtype`` and outputs to float32.
+
+    Parameters, examples and frozen weights are cast INSIDE the returned function, so
+    ``jax.grad`` of it w.r.t. float32 parameters is float32 (the transpose of a cast
+    casts the cotangent back): only the model's arithmetic runs in the compute dtype
+    (bfloat16: tensor-core matmuls and half the activation memory). Integer and key
+    inputs (labels, PRNG keys) are untouched. 'float32' returns ``loss_fn`` itself.
+
+    Raises:
+      ValueError: an unknown dtype name.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
+        )
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    if dtype is None:
+        return loss_fn
+
+    def cast(tree: PyTree, to: Any) -> PyTree:
+        def one(x):
+            is_float = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+            return x.astype(to) if is_float else x
+
+        return jax.tree_util.tree_map(one, tree)
+
+    def loss(trainable, frozen, example, key):
+        out = loss_fn(cast(trainable, dtype), cast(frozen, dtype), cast(example, dtype), key)
+        return cast(out, jnp.float32)
+
+    return loss
+
 
 def clipped_grad_sum(
     loss_fn: LossFn,
@@ -216,6 +258,7 @@ def clipped_grad_sum(
     microbatch_size: int,
     num_real: jax.Array | int | None = None,
     impl: str = "vmap",
+    compute_dtype: str = "float32",
 ) -> ClipResult:
     """Sum over examples of per-example gradients clipped to ``clip_norm``.
 
@@ -231,9 +274,16 @@ def clipped_grad_sum(
       microbatch_size: examples per vectorized chunk.
       num_real: number of real examples (default: P); micro-batches past it are skipped.
       impl: the per-micro-batch implementation (see ``MICROBATCH_IMPLS``).
+      compute_dtype: the loss's arithmetic dtype (``COMPUTE_DTYPES``; see
+        ``in_compute_dtype``). Gradients, norms, clipping and the sum stay float32.
 
     Returns:
       A ClipResult; see its docstring.
+
+    Raises:
+      ValueError: a batch that is not a whole number of micro-batches, an unknown
+        implementation or dtype, or 'layerwise' with a compute dtype other than float32
+        (it reads the layers' own float32 parameters and refuses casts).
     """
     size = mask.shape[0]
     m = microbatch_size
@@ -241,6 +291,12 @@ def clipped_grad_sum(
         raise ValueError(f"batch size {size} is not a multiple of the micro-batch size {m}.")
     if impl not in MICROBATCH_IMPLS:
         raise ValueError(f"Unknown clipping implementation '{impl}': {list(MICROBATCH_IMPLS)}.")
+    if impl == "layerwise" and compute_dtype != "float32" and clip_norm is not None:
+        raise ValueError(
+            f"compute_dtype='{compute_dtype}' needs clipping='vmap': the layerwise path "
+            "forms per-example gradients from the layers' float32 parameters."
+        )
+    loss_fn = in_compute_dtype(loss_fn, compute_dtype)
     # Without clipping (public training) per-example gradients are not needed at all.
     one_mb = _microbatch_summed if clip_norm is None else MICROBATCH_IMPLS[impl]
     num_mb = size // m

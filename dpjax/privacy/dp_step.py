@@ -79,7 +79,11 @@ def public_loss_and_grad(
 
 
 def _clipped_sum_fn(
-    method: Any, clip: float | None, microbatch_size: int, clipping_impl: str
+    method: Any,
+    clip: float | None,
+    microbatch_size: int,
+    clipping_impl: str,
+    compute_dtype: str = "float32",
 ) -> Callable[..., clipping.ClipResult]:
     """``f(trainable, frozen, images, labels, indices, mask, num_real, loss_key)``: the
     clipped-gradient sum of the examples at ``indices`` (one device's work)."""
@@ -98,6 +102,7 @@ def _clipped_sum_fn(
             microbatch_size=microbatch_size,
             num_real=num_real,
             impl=clipping_impl,
+            compute_dtype=compute_dtype,
         )
 
     return clipped_sum
@@ -168,6 +173,7 @@ def make_train_step(
     ema_warmup: bool = True,
     clipping_impl: str = "vmap",
     mesh: Mesh | None = None,
+    compute_dtype: str = "float32",
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Returns ``step(state, images, labels, indices, mask, num_real, streams)``.
 
@@ -181,10 +187,21 @@ def make_train_step(
     ``'data'`` (``parallel.shard_batch``) and everything else replicated
     (``parallel.replicate``); the new state and the metrics come back replicated.
     ``num_real`` is then unused: each device counts the real rows of its own slice.
+
+    ``compute_dtype`` ('float32' or 'bfloat16') is the arithmetic dtype of the
+    per-example losses and their backward pass; parameters, per-example gradients,
+    clipping, the sum, the noise and the update stay float32 (``clipping.py``).
     """
     clip = plan.clip_norm if plan.enabled else None
     noise_std = plan.noise_std if plan.enabled else 0.0
-    clipped_sum = _clipped_sum_fn(method, clip, microbatch_size, clipping_impl)
+    if clipping_impl == "layerwise" and compute_dtype != "float32" and clip is not None:
+        # Checked here too, so that the error comes before the first step's trace.
+        raise ValueError(f"compute_dtype='{compute_dtype}' needs dp.clipping='vmap'.")
+    if compute_dtype not in clipping.COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown compute dtype '{compute_dtype}': use one of {list(clipping.COMPUTE_DTYPES)}."
+        )
+    clipped_sum = _clipped_sum_fn(method, clip, microbatch_size, clipping_impl, compute_dtype)
     if mesh is not None:
         if DATA_AXIS not in mesh.axis_names:
             raise ValueError(f"The mesh needs a '{DATA_AXIS}' axis; it has {mesh.axis_names}.")
