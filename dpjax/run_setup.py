@@ -107,7 +107,15 @@ def check_resume_config(
         if old.get(section) != new.get(section):
             a, b = old.get(section), new.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
-                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                defaults = _section_defaults(section, new.get("method", ""))
+                keys = sorted(
+                    k
+                    for k in set(a) | set(b)
+                    if a.get(k) != b.get(k)
+                    # A field added to dpjax after the run started, left at its default,
+                    # does not change the run.
+                    and not (k not in a and k in defaults and b[k] == defaults[k])
+                )
                 diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
             else:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
@@ -116,6 +124,21 @@ def check_resume_config(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "
             f"with: {'; '.join(diffs)}. Use a new --workdir (existing checkpoints are untouched)."
         )
+
+
+def _section_defaults(section: str, method: str) -> dict[str, Any]:
+    """The defaults of a config section's fields, as ``config.json`` stores them."""
+    cls = {"dp": run_config.DPConfig, "optim": run_config.OptimConfig}.get(section)
+    if section == "data":
+        cls = data_lib.DataConfig
+    elif section == "method_args" and method:
+        try:
+            cls = get_method_module(method).Config
+        except ValueError:  # An unknown method: from_configdict names it.
+            return {}
+    if cls is None:
+        return {}
+    return json.loads(json.dumps(dataclasses.asdict(cls()), default=str))
 
 
 def resolve_plan(

@@ -105,6 +105,23 @@ def test_resume_with_mismatched_config_keeps_checkpoints(trained):
     assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == before
 
 
+def test_fields_added_to_dpjax_since_a_run_began_do_not_block_its_resume(tmp_path):
+    """A stored config without a newer field resumes when the field is at its default,
+    and is refused when it is not (then the run would change)."""
+    import json
+
+    wd = str(tmp_path / "old")
+    os.makedirs(wd)
+    config = _config()
+    stored = json.loads(run_setup.run_config.config_to_json(config))
+    del stored["dp"]["compute_dtype"], stored["optim"]["warmup_steps"]
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(stored, f)
+    run_setup.check_resume_config(wd, config)  # Both at their defaults: the same run.
+    with pytest.raises(user_errors(), match=r"dp.compute_dtype: None -> 'bfloat16'"):
+        run_setup.check_resume_config(wd, _config(**{"dp.compute_dtype": "bfloat16"}))
+
+
 ENTRY_POINTS = {
     "sample": lambda wd, out: sample.sample_from_workdir(wd, 4, out),
     "eval": lambda wd, out: report.evaluate_workdir(
