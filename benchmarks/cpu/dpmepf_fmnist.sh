@@ -5,21 +5,13 @@
 # Usage: bash benchmarks/cpu/dpmepf_fmnist.sh [EPS ...]   (default: 10 1 0.2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-export PYTHONPATH=${PYTHONPATH:-.}
+source benchmarks/cpu/common.sh
 FEATURES=workdirs/features_mnist
 if [ ! -f "$FEATURES/privacy_report.json" ]; then
   /usr/bin/time -f "features_mnist: %e s" $PY -m dpjax.main \
     --config=experiments/features_mnist.py --workdir=$FEATURES
 fi
-for EPS in "${@:-10 1 0.2}"; do
-  for E in $EPS; do
-    WD=workdirs/dpmepf_fmnist_quick_eps$E
-    CFG="experiments/dpmepf_fmnist.py:quick,eps=$E,features=$FEATURES"
-    /usr/bin/time -f "train eps=$E: %e s" $PY -m dpjax.main --config="$CFG" --workdir=$WD \
-      --config.train.progress=False
-    /usr/bin/time -f "eval eps=$E: %e s" $PY -m dpjax.main --mode=eval --workdir=$WD \
-      --config="$CFG" --config.eval.fid=False --config.eval.num_samples=10000 \
-      --config.eval.downstream_epochs=10
-  done
+for E in ${@:-10 1 0.2}; do
+  train_and_eval "eps=$E" "workdirs/dpmepf_fmnist_quick_eps$E" \
+    "experiments/dpmepf_fmnist.py:quick,eps=$E,features=$FEATURES"
 done
