@@ -1,7 +1,6 @@
 """Setting up a run: the workdir checks, the privacy plan, the method, the restored state.
 
-``setup`` is what ``train`` (and sampling, export and evaluation through it) calls first.
-What it guarantees before any step runs:
+``setup`` is what ``train`` calls first. What it guarantees before any step runs:
 * the DP plan (q, sigma, C, T, delta) is fixed: a new one is calibrated over the
   method's prior releases and its own private access and written to ``dp_plan.json``;
   on resume the stored plan is checked against the config and a budget overrun or a
@@ -138,7 +137,11 @@ def _section_defaults(section: str, method: str) -> dict[str, Any]:
             return {}
     if cls is None:
         return {}
-    return json.loads(json.dumps(dataclasses.asdict(cls()), default=str))
+    try:
+        defaults = cls()
+    except (TypeError, ValueError):  # No usable defaults: every new key then counts.
+        return {}
+    return json.loads(json.dumps(dataclasses.asdict(defaults), default=str))
 
 
 def resolve_plan(

@@ -1,5 +1,7 @@
 """THE train loop of dpjax, read top to bottom: setup, restore, step loop, log, checkpoint.
 
+Setup and restore are in ``run_setup.py``, one step of each kind of plan (DP-SGD, or a
+one-shot release then post-processing) in ``advance.py``; this module runs the loop.
 Every method trains through ``train``. The privacy contract it enforces:
 * the DP plan (q, sigma, C, T, delta) is fixed before the first step, written to
   ``dp_plan.json`` and into every checkpoint, and a resumed run must have the same plan;
