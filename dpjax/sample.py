@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from dpjax import checkpoint as ckpt_lib
 from dpjax import run_config
-from dpjax.methods import get_method_module
+from dpjax.methods import make_for_restore
 from dpjax.methods.base import DataSpec, Params
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
@@ -141,7 +141,7 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainStat
 
     cfg = load_run_config(workdir)
     spec = load_spec(workdir)
-    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    method = make_for_restore(cfg.method, cfg.method_args, spec)
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
     optimizer = method.optimizer(make_optimizer(cfg.optim))
     template = TrainState(

@@ -289,6 +289,25 @@ def test_the_scale_factor_is_measured_on_public_data_and_inherited(pipeline):
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
 
 
+def test_a_trained_run_is_restored_without_reading_any_data(pipeline, monkeypatch):
+    """The checkpoint holds the scale factor: sampling, eval and export (and loading a
+    run as init_from) rebuild the method through ``make_restored``, which measures
+    nothing, so they work without the autoencoder run's data."""
+
+    def no_data(*_a, **_k):
+        raise AssertionError("data was read to restore a trained run")
+
+    monkeypatch.setattr(data_lib, "load", no_data)
+    monkeypatch.setattr(ldm, "_SCALE_CACHE", {})  # No measurement left to reuse.
+    expected = float(pipeline["public_params"].frozen[ldm.SCALE_FACTOR])
+    for name in ("public", "private"):
+        _, params, _, _, _ = sample.load_trained(pipeline[name])
+        assert float(params.frozen[ldm.SCALE_FACTOR]) == expected, name
+    with pytest.raises(AssertionError, match="data was read"):  # A NEW run does measure.
+        public = pipeline["public"]
+        ldm.make(sample.load_run_config(public).method_args, sample.load_spec(public))
+
+
 def test_private_fine_tuning_changes_only_the_selection(pipeline):
     pub, state = pipeline["public_params"], pipeline["state"]
     before = params_select.flat(pub.trainable)  # The public run trained the whole UNet.

@@ -1,5 +1,11 @@
 """Registry of methods. Each module exposes ``Config`` (a frozen dataclass) and
-``make(config, spec) -> Method``; see ``dpjax/methods/base.py`` for the contract."""
+``make(config, spec) -> Method``; see ``dpjax/methods/base.py`` for the contract.
+
+A module may also expose ``make_restored(config, spec) -> Method``: the method of a run
+whose checkpoint is about to be restored into it (sampling, eval, export, or a run
+loaded as a starting point). It may skip work whose result the checkpoint holds (LDM:
+measuring the latent scale on public data). ``make_for_restore`` picks it.
+"""
 
 import importlib
 from types import ModuleType
@@ -21,3 +27,9 @@ def get_method_module(name: str) -> ModuleType:
     if name not in METHODS:
         raise ValueError(f"Unknown method '{name}'. Known methods: {sorted(METHODS)}.")
     return importlib.import_module(METHODS[name])
+
+
+def make_for_restore(name: str, config, spec):
+    """The method ``name`` built to receive a checkpoint (``make_restored`` if defined)."""
+    module = get_method_module(name)
+    return getattr(module, "make_restored", module.make)(config, spec)

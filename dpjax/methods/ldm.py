@@ -42,11 +42,9 @@ is trained without LPIPS and discriminator losses.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import jax
@@ -144,11 +142,13 @@ class LDM(dpdm.DPDM):
 
     name = "ldm"
 
-    def __init__(self, config: Config, spec: base.DataSpec) -> None:
+    def __init__(self, config: Config, spec: base.DataSpec, measure_scale: bool = True) -> None:
+        """``measure_scale=False`` (``make_restored``): the scale factor is a placeholder
+        that the checkpoint being restored replaces, so it is not measured."""
         # Not DPDM.__init__: the UNet's shape is the latent one, known from the autoencoder.
         self.config = config
         self.image_spec = spec
-        self.public = _public_pieces(config, spec)
+        self.public = _public_pieces(config, spec, measure_scale)
         self.autoencoder = self.public.autoencoder
         classes = config.unet_classes or spec.num_classes
         if spec.num_classes > classes or (classes and not spec.num_classes):
@@ -289,20 +289,7 @@ def resolve_unet(config: Config, latent_spec: base.DataSpec) -> ncsnpp.UNetConfi
     )
 
 
-# Switched off while a public LDM is rebuilt from its workdir: its checkpoint holds the
-# scale factor, so measuring it again would only cost time.
-_MEASURE_SCALE = True
 _SCALE_CACHE: dict[tuple[str, int, int, str], float] = {}
-
-
-@contextlib.contextmanager
-def _scale_from_checkpoint() -> Iterator[None]:
-    global _MEASURE_SCALE
-    saved, _MEASURE_SCALE = _MEASURE_SCALE, False
-    try:
-        yield
-    finally:
-        _MEASURE_SCALE = saved
 
 
 def _require_public_run(workdir: str, what: str) -> None:
@@ -321,14 +308,19 @@ def _require_public_run(workdir: str, what: str) -> None:
         )
 
 
-def _public_pieces(config: Config, spec: base.DataSpec) -> _Public:
-    """The autoencoder, its weights, the scale factor and (with init_from) the public UNet."""
+def _public_pieces(config: Config, spec: base.DataSpec, measure_scale: bool) -> _Public:
+    """The autoencoder, its weights, the scale factor and (with init_from) the public UNet.
+
+    The scale factor is measured (``measure_scale_factor``) only for a new run of a
+    public autoencoder without ``init_from`` or a configured constant, and only when
+    ``measure_scale``; otherwise it is NaN, a placeholder for the checkpoint's value.
+    """
     from dpjax import sample as sample_lib  # Deferred: sample imports the method registry.
 
     if config.init_from:
         _require_public_run(config.init_from, "init_from")
-        with _scale_from_checkpoint():
-            source, params, source_spec, _, _ = sample_lib.load_trained(config.init_from)
+        # Restored through ``make_restored``: its scale factor comes from its checkpoint.
+        source, params, source_spec, _, _ = sample_lib.load_trained(config.init_from)
         if not isinstance(source, LDM):
             raise ValueError(
                 f"init_from={config.init_from!r} holds a {type(source).__name__} run, not 'ldm'."
@@ -397,7 +389,7 @@ def _public_pieces(config: Config, spec: base.DataSpec) -> _Public:
     scale = config.scale_factor
     if not scale:
         scale = math.nan  # A placeholder: the checkpoint being restored holds the value.
-        if _MEASURE_SCALE:
+        if measure_scale:
             scale = measure_scale_factor(ae, weights, workdir, ae_cfg.data, step, config)
     return _Public(ae, weights, workdir, scale)
 
@@ -444,3 +436,10 @@ def measure_scale_factor(
 def make(config: Config, spec: base.DataSpec) -> LDM:
     """Builds the latent diffusion method for images described by ``spec``."""
     return LDM(config, spec)
+
+
+def make_restored(config: Config, spec: base.DataSpec) -> LDM:
+    """The method of a run whose checkpoint (holding the scale factor) is restored into
+    it: the scale is not measured, so sampling, eval and export of a trained run (or
+    loading it as ``init_from``) never read the autoencoder run's data."""
+    return LDM(config, spec, measure_scale=False)
