@@ -10,7 +10,7 @@ and synthetic batch:
 * ``fast``: ``dpjax.privacy.dp_step.make_train_step(..., clipping_impl='layerwise')``,
   exactly the step ``dpjax.train`` runs.
 * ``reference``: the same with ``clipping_impl='vmap'`` (vmap of grad).
-* ``bf16``: the reference path with ``compute_dtype='bfloat16'``: the per-example
+* ``bf16``: the reference path with ``compute_dtype='bfloat16'`` (autocast): the per-example
   forward and backward passes in bfloat16, gradients, clipping, sum and noise in float32.
   Not part of the default ``--variants``.
 

@@ -1,5 +1,6 @@
 """bfloat16 compute (``dp.compute_dtype``): float32 gradients, clipping, sum and sensitivity."""
 
+import collections
 import functools
 
 import jax
@@ -79,6 +80,37 @@ def test_bf16_loss_gives_float32_gradients_close_to_float32(setup):
     )
     assert float(cos) > 0.98, float(cos)
     assert not np.array_equal(grads["float32"], grads["bfloat16"])  # bf16 really ran.
+
+
+def _matmul_operand_dtypes(fn, *args) -> collections.Counter:
+    """(lhs dtype, rhs dtype) of every convolution and dot in ``fn``'s jaxpr, nested too."""
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+                counts[tuple(str(v.aval.dtype) for v in eqn.invars[:2])] += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_every_convolution_and_matmul_runs_in_the_compute_dtype(setup, name):
+    """Forward AND backward: the noise the loss draws in float32 must not promote the
+    UNet back to float32 (autocast of the layers' inputs)."""
+    method, params, examples, keys = setup
+    one = jax.tree_util.tree_map(lambda x: x[0], examples)
+    loss_fn = clipping.in_compute_dtype(method.loss_per_example, name)
+    grad = jax.grad(lambda t: loss_fn(t, params.frozen, one, keys[0])[0])
+    counts = _matmul_operand_dtypes(grad, params.trainable)
+    assert sum(counts.values()) > 20, counts  # Forward and backward of the UNet.
+    assert set(counts) == {(name, name)}, counts
 
 
 def test_bf16_clipped_sum_keeps_the_sensitivity(setup):

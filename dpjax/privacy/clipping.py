@@ -33,6 +33,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -212,14 +213,41 @@ MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
 COMPUTE_DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
-def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
-    """``loss_fn`` with its floating inputs cast to ``compute_dtype`` and outputs to float32.
+#: Flax layers whose inputs ``in_compute_dtype`` casts (autocast): the matmuls and
+#: convolutions, where the time goes. Everything else keeps the dtype JAX promotes to.
+AUTOCAST_LAYERS: tuple[type, ...] = (
+    nn.Dense,
+    nn.DenseGeneral,
+    nn.Conv,
+    nn.ConvTranspose,
+    nn.Einsum,
+)
 
-    Parameters, examples and frozen weights are cast INSIDE the returned function, so
-    ``jax.grad`` of it w.r.t. float32 parameters is float32 (the transpose of a cast
-    casts the cotangent back): only the model's arithmetic runs in the compute dtype
-    (bfloat16: tensor-core matmuls and half the activation memory). Integer and key
-    inputs (labels, PRNG keys) are untouched. 'float32' returns ``loss_fn`` itself.
+
+def _cast(tree: PyTree, to: Any) -> PyTree:
+    """Floating leaves of ``tree`` cast to ``to``; integer and key leaves untouched."""
+
+    def one(x):
+        is_float = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(to) if is_float else x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
+    """``loss_fn`` with its matmuls and convolutions in ``compute_dtype``, outputs float32.
+
+    Autocast, as mixed-precision training does it: inside the returned function the
+    parameters, frozen weights and examples are cast to the compute dtype, and the
+    inputs of every Flax layer in ``AUTOCAST_LAYERS`` are cast too (through
+    ``nn.intercept_methods``). The cast is needed because values a loss creates itself
+    (noise draws, time embeddings) are float32 and would promote every layer after them
+    back to float32. Other operations (normalization, softmax, the loss) run in the dtype
+    JAX promotes to. As all casts are INSIDE the function, ``jax.grad`` of it w.r.t.
+    float32 parameters is float32 (the transpose of a cast casts the cotangent back).
+    Integer and key inputs (labels, PRNG keys) are untouched. 'float32' returns
+    ``loss_fn`` itself. A loss whose model is not made of Flax layers gets the parameter
+    casts only.
 
     Raises:
       ValueError: an unknown dtype name.
@@ -232,16 +260,15 @@ def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
     if dtype is None:
         return loss_fn
 
-    def cast(tree: PyTree, to: Any) -> PyTree:
-        def one(x):
-            is_float = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-            return x.astype(to) if is_float else x
-
-        return jax.tree_util.tree_map(one, tree)
+    def autocast(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, AUTOCAST_LAYERS):
+            args, kwargs = _cast((args, kwargs), dtype)
+        return next_fun(*args, **kwargs)
 
     def loss(trainable, frozen, example, key):
-        out = loss_fn(cast(trainable, dtype), cast(frozen, dtype), cast(example, dtype), key)
-        return cast(out, jnp.float32)
+        with nn.intercept_methods(autocast):
+            out = loss_fn(_cast(trainable, dtype), _cast(frozen, dtype), _cast(example, dtype), key)
+        return _cast(out, jnp.float32)
 
     return loss
 
