@@ -355,6 +355,7 @@ def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mes
         spec.image_shape,
         cfg.dp.clipping,
         max_size=max(1, int(per_device // 4)),
+        compute_dtype=cfg.dp.compute_dtype,
     )
     log(
         f"[dpjax] micro-batch size {choice.size} (auto: {choice.bytes_per_example / 2**20:.1f} "

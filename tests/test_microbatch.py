@@ -41,6 +41,17 @@ def test_probe_measures_memory_that_grows_with_the_model():
         assert 1 <= choice.size <= 512 and choice.size & (choice.size - 1) == 0
         sizes.append(choice.size)
     assert sizes[1] < sizes[0]  # 16 noise draws per example need more memory per example
+    # The probe compiles the step the run will use, bf16 compute included.
+    bf16 = microbatch.auto_microbatch_size(
+        method, params.trainable, params.frozen, spec.image_shape, "vmap",
+        max_size=512, budget_bytes=1 << 20, compute_dtype="bfloat16",
+    )  # fmt: skip
+    assert bf16.bytes_per_example > 0 and bf16.size * bf16.bytes_per_example <= 1 << 20
+    with pytest.raises(ValueError, match="Unknown compute dtype"):
+        microbatch.auto_microbatch_size(
+            method, params.trainable, params.frozen, spec.image_shape, "vmap",
+            max_size=512, budget_bytes=1 << 20, compute_dtype="half",
+        )  # fmt: skip
 
 
 def test_training_with_auto_microbatch_matches_a_fixed_size(tmp_path):

@@ -54,6 +54,7 @@ def probe_bytes_per_example(
     image_shape: tuple[int, ...],
     clipping_impl: str,
     probe: int = 8,
+    compute_dtype: str = "float32",
 ) -> float:
     """Temporary memory of one compiled micro-batch of ``probe`` examples, per example."""
     examples = {
@@ -67,6 +68,7 @@ def probe_bytes_per_example(
         return clipping.clipped_grad_sum(
             method.loss_per_example, t, f, e, m, k,
             clip_norm=1.0, microbatch_size=probe, impl=clipping_impl,
+            compute_dtype=compute_dtype,
         )  # fmt: skip
 
     compiled = jax.jit(one).lower(trainable, frozen, examples, mask, keys).compile()
@@ -92,6 +94,7 @@ def auto_microbatch_size(
     max_size: int,
     budget_bytes: int | None = None,
     probe: int = 8,
+    compute_dtype: str = "float32",
 ) -> MicrobatchChoice:
     """The micro-batch size for ``clipping.clipped_grad_sum`` that fits the memory budget.
 
@@ -104,13 +107,14 @@ def auto_microbatch_size(
       budget_bytes: memory for one micro-batch's temporaries; default
         ``memory_budget_bytes()``.
       probe: the size compiled to measure the memory.
+      compute_dtype: the DP step's compute dtype (bfloat16 needs less memory).
 
     Returns:
       A MicrobatchChoice whose ``size`` is a power of two in [1, max_size].
     """
     budget = memory_budget_bytes() if budget_bytes is None else int(budget_bytes)
     per_example = probe_bytes_per_example(
-        method, trainable, frozen, image_shape, clipping_impl, probe
+        method, trainable, frozen, image_shape, clipping_impl, probe, compute_dtype
     )
     size = largest_fitting_size(per_example, budget, max(1, int(max_size)))
     return MicrobatchChoice(size, per_example, budget, probe)
