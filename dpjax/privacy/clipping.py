@@ -234,6 +234,23 @@ def _cast(tree: PyTree, to: Any) -> PyTree:
     return jax.tree_util.tree_map(one, tree)
 
 
+def check_compute_dtype(
+    compute_dtype: str, impl: str = "vmap", clipped: bool = True, setting: str = "clipping"
+) -> None:
+    """Raises ValueError for an unknown compute dtype, or for a non-float32 one with the
+    layerwise path when clipping (it reads the layers' own float32 parameters);
+    ``setting`` is the name the caller's user knows the implementation by."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
+        )
+    if impl == "layerwise" and compute_dtype != "float32" and clipped:
+        raise ValueError(
+            f"compute_dtype='{compute_dtype}' needs {setting}='vmap': the layerwise path "
+            "forms per-example gradients from the layers' float32 parameters."
+        )
+
+
 def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
     """``loss_fn`` with its matmuls and convolutions in ``compute_dtype``, outputs float32.
 
@@ -252,10 +269,7 @@ def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
     Raises:
       ValueError: an unknown dtype name.
     """
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
-        )
+    check_compute_dtype(compute_dtype)
     dtype = COMPUTE_DTYPES[compute_dtype]
     if dtype is None:
         return loss_fn
@@ -318,11 +332,7 @@ def clipped_grad_sum(
         raise ValueError(f"batch size {size} is not a multiple of the micro-batch size {m}.")
     if impl not in MICROBATCH_IMPLS:
         raise ValueError(f"Unknown clipping implementation '{impl}': {list(MICROBATCH_IMPLS)}.")
-    if impl == "layerwise" and compute_dtype != "float32" and clip_norm is not None:
-        raise ValueError(
-            f"compute_dtype='{compute_dtype}' needs clipping='vmap': the layerwise path "
-            "forms per-example gradients from the layers' float32 parameters."
-        )
+    check_compute_dtype(compute_dtype, impl, clip_norm is not None)
     loss_fn = in_compute_dtype(loss_fn, compute_dtype)
     # Without clipping (public training) per-example gradients are not needed at all.
     one_mb = _microbatch_summed if clip_norm is None else MICROBATCH_IMPLS[impl]

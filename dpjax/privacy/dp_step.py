@@ -194,13 +194,8 @@ def make_train_step(
     """
     clip = plan.clip_norm if plan.enabled else None
     noise_std = plan.noise_std if plan.enabled else 0.0
-    if clipping_impl == "layerwise" and compute_dtype != "float32" and clip is not None:
-        # Checked here too, so that the error comes before the first step's trace.
-        raise ValueError(f"compute_dtype='{compute_dtype}' needs dp.clipping='vmap'.")
-    if compute_dtype not in clipping.COMPUTE_DTYPES:
-        raise ValueError(
-            f"Unknown compute dtype '{compute_dtype}': use one of {list(clipping.COMPUTE_DTYPES)}."
-        )
+    # Before the first step's trace, so that a bad setting fails at build time.
+    clipping.check_compute_dtype(compute_dtype, clipping_impl, clip is not None, "dp.clipping")
     clipped_sum = _clipped_sum_fn(method, clip, microbatch_size, clipping_impl, compute_dtype)
     if mesh is not None:
         if DATA_AXIS not in mesh.axis_names:
