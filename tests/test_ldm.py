@@ -22,7 +22,7 @@ import pytest
 
 from dpjax import data as data_lib
 from dpjax import params_select, run_config, sample, train
-from dpjax.methods import autoencoder, base, ldm
+from dpjax.methods import autoencoder, base, ldm, ldm_public
 from dpjax.methods.base import count_params
 from dpjax.models import kl_autoencoder, ncsnpp
 from dpjax.models import lora as lora_lib
@@ -298,7 +298,7 @@ def test_a_trained_run_is_restored_without_reading_any_data(pipeline, monkeypatc
         raise AssertionError("data was read to restore a trained run")
 
     monkeypatch.setattr(data_lib, "load", no_data)
-    monkeypatch.setattr(ldm, "_SCALE_CACHE", {})  # No measurement left to reuse.
+    monkeypatch.setattr(ldm_public, "_SCALE_CACHE", {})  # No measurement left to reuse.
     expected = float(pipeline["public_params"].frozen[ldm.SCALE_FACTOR])
     for name in ("public", "private"):
         _, params, _, _, _ = sample.load_trained(pipeline[name])
