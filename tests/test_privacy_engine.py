@@ -160,6 +160,35 @@ def test_microbatching_equals_one_big_batch():
     assert bool(jnp.all(jnp.isnan(c.norms[10:])))
 
 
+@pytest.mark.parametrize("clip", [C, None])
+def test_unrolled_micro_batches_equal_the_loop(clip):
+    """The CPU default (micro-batches unrolled: XLA:CPU's loop bodies run convolutions on
+    a slow path) gives the loop's sum, counts and norms, with an all-padding micro-batch
+    that the loop skips and the unrolled version computes and masks out."""
+    method = _method()
+    tr = _params(method)
+    ex, keys = _data(n=12), _keys(12)
+    mask = jnp.arange(12) < 7
+    results = {}
+    for unroll in (True, False):
+        fn = jax.jit(lambda t, e, mk, k, unroll=unroll: clipping.clipped_grad_sum(
+            method.loss_per_example, t, {}, e, mk, k, clip_norm=clip, microbatch_size=3,
+            num_real=7, unroll=unroll,
+        ))  # fmt: skip
+        has_loop = "while[" in str(jax.make_jaxpr(fn)(tr, ex, mask, keys))
+        assert has_loop == (not unroll)
+        results[unroll] = fn(tr, ex, mask, keys)
+    a, b = results[True], results[False]
+    np.testing.assert_allclose(_flat(a.grad_sum), _flat(b.grad_sum), rtol=1e-5, atol=1e-6)
+    assert int(a.num_valid) == int(b.num_valid) == 7
+    assert int(a.num_clipped) == int(b.num_clipped)
+    np.testing.assert_array_equal(np.isnan(a.norms), np.isnan(b.norms))
+    np.testing.assert_allclose(a.norms[:7], b.norms[:7], rtol=1e-5)
+    # On this (CPU) backend the default is the unrolled form; elsewhere the loop.
+    assert clipping.unroll_by_default(4) == (jax.default_backend() == "cpu")
+    assert not clipping.unroll_by_default(clipping.MAX_UNROLLED_MICROBATCHES + 1)
+
+
 def test_unclipped_sum_is_the_sum_of_per_example_gradients():
     """Public training (no clip) takes one backward pass of the summed loss; it equals
     the sum of the real rows' per-example gradients, padding excluded."""

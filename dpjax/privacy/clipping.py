@@ -25,6 +25,13 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   whose trip count is the number of micro-batches holding real examples, so a logical
   batch far larger than memory (DPDM: 4096 examples x 32 noise draws) fits, and
   all-padding micro-batches cost nothing.
+* On the CPU backend a batch of at most ``MAX_UNROLLED_MICROBATCHES`` micro-batches is
+  instead unrolled (``unroll``): XLA:CPU rewrites convolutions into its fast (Eigen)
+  layout only in the entry computation, so the backward convolutions inside a loop or
+  cond body run on a naive fallback, measured 10x slower (an f=4 KL autoencoder, 2
+  micro-batches of 16: 20.9 s in a fori_loop, 1.8 s unrolled). Unrolled, the
+  all-padding micro-batches are computed and masked out (they still contribute 0);
+  the result is the same sum in the same order.
 """
 
 from __future__ import annotations
@@ -212,6 +219,15 @@ MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
 #: The compute dtypes of the loss (``dp.compute_dtype``); None: as the parameters are.
 COMPUTE_DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
 
+#: The most micro-batches ``clipped_grad_sum`` unrolls (each copy adds compile time).
+MAX_UNROLLED_MICROBATCHES = 32
+
+
+def unroll_by_default(num_microbatches: int) -> bool:
+    """Whether ``clipped_grad_sum(unroll=None)`` unrolls ``num_microbatches``: on the CPU
+    backend up to ``MAX_UNROLLED_MICROBATCHES`` (see the module docstring), else never."""
+    return jax.default_backend() == "cpu" and 1 < num_microbatches <= MAX_UNROLLED_MICROBATCHES
+
 
 #: Flax layers whose inputs ``in_compute_dtype`` casts (autocast): the matmuls and
 #: convolutions, where the time goes. Everything else keeps the dtype JAX promotes to.
@@ -300,6 +316,7 @@ def clipped_grad_sum(
     num_real: jax.Array | int | None = None,
     impl: str = "vmap",
     compute_dtype: str = "float32",
+    unroll: bool | None = None,
 ) -> ClipResult:
     """Sum over examples of per-example gradients clipped to ``clip_norm``.
 
@@ -317,6 +334,9 @@ def clipped_grad_sum(
       impl: the per-micro-batch implementation (see ``MICROBATCH_IMPLS``).
       compute_dtype: the loss's arithmetic dtype (``COMPUTE_DTYPES``; see
         ``in_compute_dtype``). Gradients, norms, clipping and the sum stay float32.
+      unroll: True: a Python loop over all micro-batches (no early stop; padding rows
+        still contribute 0); False: a ``fori_loop`` that stops after the last real one;
+        None: ``unroll_by_default`` (unrolled on CPU, where loop bodies are slow).
 
     Returns:
       A ClipResult; see its docstring.
@@ -369,6 +389,11 @@ def clipped_grad_sum(
         norms = lax.dynamic_update_slice_in_dim(acc.norms, r.norms, i * m, axis=0)
         return dataclasses.replace(summed, norms=norms)
 
+    if unroll_by_default(num_mb) if unroll is None else unroll:
+        acc = init
+        for i in range(num_mb):
+            acc = body(i, acc)
+        return acc
     if num_real is None:
         trips = num_mb
     else:
