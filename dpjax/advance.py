@@ -51,6 +51,7 @@ def dpsgd_advance(run: Run, dataset: Any):
         clipping_impl=cfg.dp.clipping,
         mesh=mesh,
         compute_dtype=cfg.dp.compute_dtype,
+        microbatch_loop=cfg.dp.microbatch_loop,
     )
     if mesh is None:
         images = jnp.asarray(dataset.images)

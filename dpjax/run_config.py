@@ -35,6 +35,11 @@ class DPConfig:
     # The per-example losses' arithmetic: 'float32' or 'bfloat16' (with clipping 'vmap');
     # gradients, clipping, the sum and the noise stay float32 (privacy/clipping.py).
     compute_dtype: str = "float32"
+    # How the micro-batches of one step run: 'loop' (a traced loop that stops after the
+    # last real one), 'unroll' (all of them, unrolled) or 'auto' (unrolled on CPU up to
+    # 8 micro-batches, where XLA:CPU runs convolutions in loop bodies slowly); the same
+    # sum either way (privacy/clipping.py).
+    microbatch_loop: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,6 +253,28 @@ def test_update_divides_by_expected_batch_size_not_realized():
     assert int(metrics["batch_size"]) == batch.num_real
 
 
+def test_step_micro_batch_loop_setting_gives_the_same_update():
+    """``dp.microbatch_loop`` changes how the step runs, not what it computes."""
+    method, plan, images, labels, tr, _, _, sampler = _step_setup(sigma=1.0)
+    batch = sampler.batch(0)
+    assert batch.indices.shape[0] // 4 > 1  # Several micro-batches of 4.
+    updates = []
+    for loop in ("loop", "unroll", "auto"):
+        step = make_train_step(
+            method, optax.sgd(1.0), plan, microbatch_size=4, ema_rate=0.9, microbatch_loop=loop
+        )
+        # A fresh state each time: the step donates its input state.
+        state = TrainState.create(jax.tree_util.tree_map(jnp.copy, tr), {}, optax.sgd(1.0).init(tr))
+        new, _ = step(state, images, labels, batch.indices, batch.mask, batch.num_real,
+                      Streams.from_seed(0))  # fmt: skip
+        updates.append(_flat(new.trainable))
+    for u in updates[1:]:
+        np.testing.assert_allclose(u, updates[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dp.microbatch_loop must be one of"):
+        make_train_step(method, optax.sgd(1.0), plan, microbatch_size=4, ema_rate=0.9,
+                        microbatch_loop="unrolled")  # fmt: skip
+
+
 def test_step_noise_has_std_sigma_c_over_nq():
     sigma = 3.0
     method, plan, images, labels, tr, state, step, sampler = _step_setup(sigma=sigma)

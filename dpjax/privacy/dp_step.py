@@ -84,6 +84,7 @@ def _clipped_sum_fn(
     microbatch_size: int,
     clipping_impl: str,
     compute_dtype: str = "float32",
+    unroll: bool | None = None,
 ) -> Callable[..., clipping.ClipResult]:
     """``f(trainable, frozen, images, labels, indices, mask, num_real, loss_key)``: the
     clipped-gradient sum of the examples at ``indices`` (one device's work)."""
@@ -103,6 +104,7 @@ def _clipped_sum_fn(
             num_real=num_real,
             impl=clipping_impl,
             compute_dtype=compute_dtype,
+            unroll=unroll,
         )
 
     return clipped_sum
@@ -174,6 +176,7 @@ def make_train_step(
     clipping_impl: str = "vmap",
     mesh: Mesh | None = None,
     compute_dtype: str = "float32",
+    microbatch_loop: str = "auto",
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Returns ``step(state, images, labels, indices, mask, num_real, streams)``.
 
@@ -196,7 +199,10 @@ def make_train_step(
     noise_std = plan.noise_std if plan.enabled else 0.0
     # Before the first step's trace, so that a bad setting fails at build time.
     clipping.check_compute_dtype(compute_dtype, clipping_impl, clip is not None, "dp.clipping")
-    clipped_sum = _clipped_sum_fn(method, clip, microbatch_size, clipping_impl, compute_dtype)
+    unroll = clipping.unroll_setting(microbatch_loop)
+    clipped_sum = _clipped_sum_fn(
+        method, clip, microbatch_size, clipping_impl, compute_dtype, unroll
+    )
     if mesh is not None:
         if DATA_AXIS not in mesh.axis_names:
             raise ValueError(f"The mesh needs a '{DATA_AXIS}' axis; it has {mesh.axis_names}.")
