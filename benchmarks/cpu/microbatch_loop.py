@@ -70,9 +70,13 @@ def main() -> None:
             row = {"clip": clip, "unroll": unroll, "compile_s": compile_s, "step_s": run_s}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        leaves = zip(jax.tree_util.tree_leaves(sums[True]), jax.tree_util.tree_leaves(sums[False]))
-        diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in leaves)
-        rows.append({"clip": clip, "max_relative_difference": diff})
+        # Over the whole gradient: single leaves such as the biases of convolutions that a
+        # GroupNorm follows have an exactly zero gradient in exact arithmetic, so their
+        # (rounding-noise) sums differ arbitrarily in relative terms.
+        a, b = (jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(sums[u])])
+                for u in (True, False))  # fmt: skip
+        diff = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        rows.append({"clip": clip, "relative_difference_of_the_sum": diff})
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "command": "python benchmarks/cpu/microbatch_loop.py "
