@@ -28,12 +28,12 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
 * On the CPU backend a batch of at most ``MAX_UNROLLED_MICROBATCHES`` micro-batches is
   instead unrolled (``unroll``): XLA:CPU rewrites convolutions into its fast (Eigen)
   layout only in the entry computation, so the backward convolutions inside a loop or
-  cond body run on a naive fallback, measured 10x slower (an f=4 KL autoencoder, 2
-  micro-batches of 16: 20.9 s in a fori_loop, 1.8 s unrolled). Unrolled, the
+  cond body run on a slow fallback: 11-17x slower on the f=4 KL autoencoder, 4
+  micro-batches of 16 (``benchmarks/cpu/microbatch_loop.py``). Unrolled, the
   all-padding micro-batches are computed and masked out (they still contribute 0);
   the result is the same sum in the same order. Many unrolled copies are slower than
-  the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step against about 17 s), hence
-  the small limit.
+  the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step unrolled, 15-20 s looped),
+  hence the small limit.
 """
 
 from __future__ import annotations
