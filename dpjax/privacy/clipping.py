@@ -32,7 +32,7 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   micro-batches of 16 (``benchmarks/cpu/microbatch_loop.py``). Unrolled, the
   all-padding micro-batches are computed and masked out (they still contribute 0);
   the result is the same sum in the same order. Many unrolled copies are slower than
-  the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step unrolled, 15-20 s looped),
+  the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step unrolled, 34 s looped),
   hence the small limit.
 """
 
