@@ -54,3 +54,20 @@ def test_eval_section_typos_are_errors():
 
     with pytest.raises(ConfigError, match="Did you mean 'num_samples'"):
         report.eval_config({"num_sample": 3})
+
+
+def test_eval_states_the_guarantee_of_the_evaluated_checkpoint(tmp_path):
+    """A killed invocation leaves privacy_report.json at an earlier step; the eval report
+    must state the epsilon of the weights it evaluates, from the checkpoint itself."""
+    wd = str(tmp_path)
+    train.train(toy_fake.get_config("smoke"), wd, log=lambda *_: None)
+    path = tmp_path / "privacy_report.json"
+    final = json.loads(path.read_text())
+    assert final["steps_done"] > 0
+    stale = {**final, "steps_done": 0, "epsilon": {k: 0.0 for k in final["epsilon"]}}
+    path.write_text(json.dumps(stale))
+    cfg = report.EvalConfig(num_samples=20, sample_batch=20, fid=False, downstream_models=(),
+                            memorization=False)  # fmt: skip
+    result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    assert result["privacy"]["steps_done"] == result["step"] == final["steps_done"]
+    assert result["privacy"]["epsilon"] == final["epsilon"]

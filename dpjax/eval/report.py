@@ -163,14 +163,30 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         labels[: 10 * max(spec.num_classes, 1)],
         spec.num_classes,
     ).save(os.path.join(workdir, "eval_samples_grid.png"))
-    privacy_path = os.path.join(workdir, "privacy_report.json")
-    if os.path.exists(privacy_path):
-        with open(privacy_path) as f:
-            result["privacy"] = json.load(f)
+    result["privacy"] = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, step)
     _write_json(workdir, result)
     with open(os.path.join(workdir, "eval_report.md"), "w") as f:
         f.write(report_markdown(result))
     return result
+
+
+def privacy_at_checkpoint(workdir: str, method: Any, method_name: str, step: int) -> dict:
+    """The guarantee of the checkpoint at ``step``, from the plan and that checkpoint's
+    own metadata (its releases), not from ``privacy_report.json``: that file describes
+    the last training invocation that finished, and a killed one leaves it behind at an
+    earlier step, which would understate the epsilon of the evaluated weights."""
+    from dpjax import checkpoint as ckpt_lib
+    from dpjax import export as export_lib
+    from dpjax.privacy import report as report_lib
+
+    plan = export_lib.read_plan(workdir)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        meta = checkpointer.restore_meta(step)
+    finally:
+        checkpointer.close()
+    releases = list(meta.get("releases", []))
+    return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
 
 
 def _mean_bits_per_dim(method, params, dataset, batch: int = 1000) -> float:
