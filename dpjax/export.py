@@ -134,9 +134,20 @@ def load_run(workdir: str) -> LoadedRun:
     workdir = os.path.abspath(workdir)
     plan = read_plan(workdir)
     method, state, spec, cfg = sample.restore_state(workdir)
+    step = int(state.step)
+    meta = read_checkpoint_meta(workdir, step, plan)
+    return LoadedRun(workdir, cfg, plan, meta, method, spec, state, step)
+
+
+def read_checkpoint_meta(workdir: str, step: int, plan: plan_lib.DPPlan) -> dict[str, Any]:
+    """The metadata (plan, releases) of the checkpoint at ``step`` of ``workdir``.
+
+    Raises:
+      CheckpointError: the checkpoint is missing or corrupt, or was written under another
+        plan than ``plan`` (the workdir's ``dp_plan.json``).
+    """
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
-        step = int(state.step)
         meta = checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
@@ -146,7 +157,7 @@ def load_run(workdir: str) -> LoadedRun:
             f"The checkpoint at step {step} in {workdir} was written under another plan "
             f"({meta.get('plan')}) than dp_plan.json ({plan.to_dict()})."
         )
-    return LoadedRun(workdir, cfg, plan, meta, method, spec, state, step)
+    return meta
 
 
 def check_private(plan: plan_lib.DPPlan, steps_done: int, releases: list[dict[str, Any]]) -> dict:

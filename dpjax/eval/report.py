@@ -175,16 +175,11 @@ def privacy_at_checkpoint(workdir: str, method: Any, method_name: str, step: int
     own metadata (its releases), not from ``privacy_report.json``: that file describes
     the last training invocation that finished, and a killed one leaves it behind at an
     earlier step, which would understate the epsilon of the evaluated weights."""
-    from dpjax import checkpoint as ckpt_lib
     from dpjax import export as export_lib
     from dpjax.privacy import report as report_lib
 
     plan = export_lib.read_plan(workdir)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:
-        meta = checkpointer.restore_meta(step)
-    finally:
-        checkpointer.close()
+    meta = export_lib.read_checkpoint_meta(workdir, step, plan)
     releases = list(meta.get("releases", []))
     return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
 
