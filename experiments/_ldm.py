@@ -13,6 +13,10 @@ stages through one experiment argument, ``stage``:
   ``variant=lora`` (DP-LoRA: low-rank adapters on the attention projections, plus the
   class embedder for conditional data).
 
+With ``quick`` (pairs that define ``Pair.quick``) every stage uses the pair's CPU-sized
+recipe: narrower networks, fewer steps, smaller private batches (each pair file states
+its values and how far they are from the paper's).
+
 With ``smoke`` every stage uses fake 8x8 data, tiny networks and 2 steps; the public and
 private stages then use a randomly initialised autoencoder (``untrained_autoencoder``)
 with scale factor 1 and no public checkpoint, so each stage runs on its own.
@@ -51,6 +55,9 @@ class Pair:
       ldm: DP-LDM's trainable patterns, learning rate and K (and optionally its own
         'batch', 'epochs', 'clip', overriding ``private_dp``).
       lora: DP-LoRA's rank, targets, trainable patterns, learning rate and K (idem).
+      quick: the CPU-sized variant (experiment argument ``quick``): for each field above
+        whose value is a dict or an ``autoencoder.Config`` (``ae``), the entries that
+        replace the full recipe's. Empty: the pair has no quick variant.
     """
 
     name: str
@@ -67,6 +74,23 @@ class Pair:
     private_dp: dict[str, Any]
     ldm: dict[str, Any]
     lora: dict[str, Any]
+    quick: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def quick_pair(pair: Pair) -> Pair:
+    """``pair`` with its ``quick`` overrides applied (a ConfigError if it has none)."""
+    if not pair.quick:
+        raise ConfigError(f"The pair {pair.name!r} has no quick (CPU-sized) variant.")
+    changes: dict[str, Any] = {}
+    for field, values in pair.quick.items():
+        current = getattr(pair, field, None)
+        if isinstance(current, autoencoder.Config):
+            changes[field] = dataclasses.replace(current, **values)
+        elif isinstance(current, dict):
+            changes[field] = {**current, **values}
+        else:
+            raise ConfigError(f"Pair.quick cannot override {field!r} of pair {pair.name!r}.")
+    return dataclasses.replace(pair, name=f"{pair.name}_quick", quick={}, **changes)
 
 
 def args_for(pair: Pair, **extra: Any) -> dict[str, Any]:
@@ -78,6 +102,7 @@ def args_for(pair: Pair, **extra: Any) -> dict[str, Any]:
         "public": f"runs/{pair.name}_public",
         "eps": float(pair.private_dp["eps"]),
         "microbatch": 16,
+        "quick": False,
         "smoke": False,
         **extra,
     }
@@ -96,6 +121,8 @@ def get_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     smoke = bool(args["smoke"])
+    if args.get("quick"):
+        pair = quick_pair(pair)
     if stage == "ae":
         c = _ae_config(pair, args)
     elif stage == "public":

@@ -14,7 +14,8 @@ Command::
 
 ``f=2`` gives 14x14x3 latents instead (then the UNet of ``ldm_fmnist.py`` needs
 ``--config.method_args.ch_mult='(1, 2)'``). The sample grid decodes latents drawn from
-N(0, I): a diagnostic of the latent space, not a generator. Time: not measured yet.
+N(0, I): a diagnostic of the latent space, not a generator. ``quick`` trains the
+CPU-sized autoencoder of ``ldm_fmnist.py:quick`` (see there). Time: not measured yet.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ import ml_collections
 
 from experiments import _ldm, common, ldm_fmnist
 
-ARGS = {"f": 4, "smoke": False}
+ARGS = {"f": 4, "quick": False, "smoke": False}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,5 +36,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     pair = dataclasses.replace(
         ldm_fmnist.PAIR, ae=dataclasses.replace(ldm_fmnist.PAIR.ae, downsample=f, ch_mult=mult)
     )
-    stage_args = {**ldm_fmnist.ARGS, "stage": "ae", "smoke": args["smoke"]}
+    stage_args = {**ldm_fmnist.ARGS, "stage": "ae", "quick": args["quick"], "smoke": args["smoke"]}
     return _ldm.get_config(pair, stage_args)

@@ -59,6 +59,15 @@ PAIR = _ldm.Pair(
     ldm={"trainable": ("attn", "class_embed"), "lr": 5e-4, "K": 1},
     # DP-LoRA's MNIST settings (method_details.md 3): r=8, K=12, class embedder trained.
     lora={"rank": 8, "targets": ("attn",), "trainable": ("class_embed",), "lr": 5e-4, "K": 12},
+    # The CPU-sized variant (``quick``): see the module docstring.
+    quick={
+        "ae": {"ch": 16},
+        "ae_train": {"steps": 400, "lr": 1e-3},
+        "unet": {"nf": 32, "num_res_blocks": 1},
+        "public_train": {"steps": 1000, "lr": 5e-4},
+        "private_dp": {"batch": 500, "epochs": 1},
+        "lora": {"K": 4},
+    },
 )
 
 ARGS = _ldm.args_for(PAIR)

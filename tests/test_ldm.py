@@ -27,7 +27,7 @@ from dpjax.methods.base import count_params
 from dpjax.models import kl_autoencoder, ncsnpp
 from dpjax.models import lora as lora_lib
 from dpjax.privacy import clipping
-from experiments import ae_mnist, ldm_fmnist
+from experiments import ae_mnist, ldm_fmnist, ldm_mnist
 from tests.config_overrides import with_overrides
 
 SPEC = base.DataSpec((8, 8, 1), 3)
@@ -119,6 +119,19 @@ def test_experiment_stages_and_variants():
         ldm_fmnist.get_config("stage=pretrain")
 
 
+def test_quick_recipe_overrides_only_its_entries():
+    full, quick = ldm_fmnist.get_config("variant=lora"), ldm_fmnist.get_config("quick,variant=lora")
+    dp, args = quick.dp, quick.method_args
+    assert (dp.batch_size, dp.epochs, args.noise_multiplicity) == (500, 1, 4)
+    assert quick.method_args.nf == 32 and full.method_args.nf == 64
+    # Entries the quick recipe does not name keep the full recipe's values.
+    assert quick.dp.clip_norm == full.dp.clip_norm and quick.method_args.lora_rank == 8
+    assert ae_mnist.get_config("quick").method_args.ch == 16
+    assert ae_mnist.get_config("").method_args.ch == 32
+    with pytest.raises(ValueError, match="no quick"):
+        ldm_mnist.get_config("quick")
+
+
 def _trace_unet(unet: ncsnpp.UNetConfig, lora_targets=()) -> tuple[dict, dict]:
     """(parameter shapes, the layers ``lora_targets`` select) of a UNet, from ONE abstract
     trace of its init (nothing is allocated or computed)."""
@@ -138,13 +151,19 @@ def _trace_unet(unet: ncsnpp.UNetConfig, lora_targets=()) -> tuple[dict, dict]:
     return shapes, layers
 
 
-@pytest.mark.parametrize("name", ["ldm_fmnist", "ldm_mnist", "ldm_cifar10", "ldm_celeba32"])
-def test_the_stages_of_each_pair_fit_together(name):
+@pytest.mark.parametrize(
+    "name,quick",
+    [("ldm_fmnist", False), ("ldm_fmnist", True), ("ldm_mnist", False), ("ldm_cifar10", False),
+     ("ldm_celeba32", False)],
+)
+def test_the_stages_of_each_pair_fit_together(name, quick):
     """Shapes only (nothing trained): the AE stage's latents fit the public UNet, both
     private variants build exactly that UNet (init_from would refuse another), and
-    their trainable patterns and LoRA targets select something in it."""
+    their trainable patterns and LoRA targets select something in it (also for the
+    CPU-sized ``quick`` recipe, whose stages change widths together)."""
     module = importlib.import_module(f"experiments.{name}")
-    typed = lambda arg: run_config.from_configdict(module.get_config(arg))  # noqa: E731
+    prefix = "quick," if quick else ""
+    typed = lambda arg: run_config.from_configdict(module.get_config(prefix + arg))  # noqa: E731
     pair, ae, public = module.PAIR, typed("stage=ae"), typed("stage=public")
     assert not ae.dp.enabled and not public.dp.enabled
     image = base.DataSpec((pair.image_size, pair.image_size, pair.channels), 0)
