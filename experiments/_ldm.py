@@ -52,6 +52,9 @@ class Pair:
       public_classes: the public data's number of classes (the UNet's class rows).
       public_train: batch, steps and learning rate of the public LDM.
       private_dp: DP settings of the fine-tune (eps, delta, clip, batch, epochs).
+        Each stage's dict (ae_train, public_train, private_dp, ldm, lora) may also name
+        its 'microbatch' size, used unless the experiment argument ``microbatch`` is given
+        (default 16).
       ldm: DP-LDM's trainable patterns, learning rate and K (and optionally its own
         'batch', 'epochs', 'clip', overriding ``private_dp``).
       lora: DP-LoRA's rank, targets, trainable patterns, learning rate and K (idem).
@@ -101,11 +104,20 @@ def args_for(pair: Pair, **extra: Any) -> dict[str, Any]:
         "ae": f"runs/{pair.ae_name}",
         "public": f"runs/{pair.name}_public",
         "eps": float(pair.private_dp["eps"]),
-        "microbatch": 16,
+        "microbatch": None,  # None: the stage's 'microbatch' entry, else 16.
         "quick": False,
         "smoke": False,
         **extra,
     }
+
+
+def _stage_recipe(pair: Pair, stage: str, variant: str) -> dict[str, Any]:
+    """The training entries of one stage (the variant's own entries over ``private_dp``)."""
+    if stage == "ae":
+        return pair.ae_train
+    if stage == "public":
+        return pair.public_train
+    return {**pair.private_dp, **(pair.lora if variant == "lora" else pair.ldm)}
 
 
 def _set(section: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
@@ -129,7 +141,10 @@ def get_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDict:
         c = _public_config(pair, args)
     else:
         c = _private_config(pair, args)
-    c.dp.microbatch_size = int(args["microbatch"])
+    microbatch = args["microbatch"]
+    if microbatch is None:
+        microbatch = _stage_recipe(pair, stage, variant).get("microbatch", 16)
+    c.dp.microbatch_size = int(microbatch)
     c.train.log_every = 50
     c.train.ckpt_every = 1000
     if smoke:
@@ -183,7 +198,7 @@ def _private_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDi
     )
     c = common.base_config("ldm", method)
     _set(c.data, pair.private_data)
-    dp = {**pair.private_dp, **{k: variant[k] for k in ("batch", "epochs", "clip") if k in variant}}
+    dp = _stage_recipe(pair, "private", args["variant"])
     c.dp.epsilon = float(args["eps"])
     c.dp.delta = float(dp["delta"])
     c.dp.clip_norm = float(dp["clip"])

@@ -25,6 +25,13 @@ Commands (three stages; the first two are NON-private, on public data only)::
 
 The latent scale factor is measured on the autoencoder run's public MNIST digits in
 the public stage and inherited by the private stage (never computed on Fashion-MNIST).
+``quick`` is the CPU-sized recipe (``benchmarks/cpu/ldm_fmnist.sh`` runs all of it, with
+DPDM from scratch beside it): autoencoder width 16 and 400 steps; UNet width 32 with
+one residual block per level; public LDM 1,000 steps of 128; private fine-tune with an
+expected batch of 250 for a quarter epoch (60 steps, 1/200 of the full recipe's
+examples), learning rate 2e-3, K=2 for DP-LoRA. Micro-batches of 64/128 keep every step
+at 8 or fewer on a CPU.
+
 Expected: epsilon <= 10 at delta=1e-5 for the private stage (the report says so); FID
 and time: not measured yet (no full run was made when this file was written).
 """
@@ -64,9 +71,12 @@ PAIR = _ldm.Pair(
         "ae": {"ch": 16},
         "ae_train": {"steps": 400, "lr": 1e-3},
         "unet": {"nf": 32, "num_res_blocks": 1},
-        "public_train": {"steps": 1000, "lr": 5e-4},
-        "private_dp": {"batch": 500, "epochs": 1},
-        "lora": {"K": 4},
+        # Micro-batches that keep each step at <= 8 of them: on a CPU more are run in a
+        # loop, whose backward convolutions are several times slower (benchmarks/results.md).
+        "public_train": {"steps": 1000, "lr": 5e-4, "microbatch": 64},
+        "private_dp": {"batch": 250, "epochs": 0.25, "microbatch": 128},
+        "ldm": {"lr": 2e-3},
+        "lora": {"K": 2, "lr": 2e-3},
     },
 )
 

@@ -122,7 +122,9 @@ def test_experiment_stages_and_variants():
 def test_quick_recipe_overrides_only_its_entries():
     full, quick = ldm_fmnist.get_config("variant=lora"), ldm_fmnist.get_config("quick,variant=lora")
     dp, args = quick.dp, quick.method_args
-    assert (dp.batch_size, dp.epochs, args.noise_multiplicity) == (500, 1, 4)
+    assert (dp.batch_size, dp.epochs, args.noise_multiplicity) == (250, 0.25, 2)
+    assert dp.microbatch_size == 128 and full.dp.microbatch_size == 16
+    assert ldm_fmnist.get_config("quick,variant=lora,microbatch=8").dp.microbatch_size == 8
     assert quick.method_args.nf == 32 and full.method_args.nf == 64
     # Entries the quick recipe does not name keep the full recipe's values.
     assert quick.dp.clip_norm == full.dp.clip_norm and quick.method_args.lora_rank == 8
