@@ -38,6 +38,11 @@ GPU: the teacher as dpdm_fmnist (benchmarks/results.md); the student costs K tim
 per example, so 30 student epochs at K = 8 should cost roughly 30 DPDM epochs at
 K = 11 (an estimate, not measured).
 
+``quick``: both stages at the CPU size of ``dpdm_fmnist.py:quick`` (the README demo's
+UNet, an expected batch of 32): the teacher 30 DP steps at ``teacher_eps``, the student
+20 DP steps with K = 2 and a (16, 32) discriminator. ``benchmarks/cpu/dpsad_fmnist.sh``
+runs it at epsilon 10 (teacher 8) and 1 (teacher 0.8) beside DPDM's quick runs.
+
 ``smoke``: fake 8x8 data, tiny models, 2 steps. ``stage=teacher,smoke`` is the matching
 teacher (tests/test_dpsad.py builds one and runs the student smoke against it).
 """
@@ -61,6 +66,7 @@ ARGS = {
     "lr": 1e-4,
     "accountant": "rdp",
     "microbatch": 32,
+    "quick": False,
     "smoke": False,
 }
 
@@ -79,7 +85,10 @@ def private_data_ref(data: ml_collections.ConfigDict):
 
 def teacher_config(args: dict) -> ml_collections.ConfigDict:
     """The DP teacher: experiments/dpdm_fmnist.py at ``teacher_eps`` (smoke: the tiny one)."""
-    c = dpdm_fmnist.get_config(f"eps={float(args['teacher_eps'])},accountant={args['accountant']}")
+    quick = ",quick" if args["quick"] else ""
+    c = dpdm_fmnist.get_config(
+        f"eps={float(args['teacher_eps'])},accountant={args['accountant']}{quick}"
+    )
     c.unlock()
     if args["smoke"]:
         common.smoke_overrides(c, image_shape=SMOKE_SHAPE)
@@ -119,6 +128,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.ckpt_every = 50
     c.eval.num_samples = 60000
+    if args["quick"]:
+        # The CPU size of dpdm_fmnist.py:quick (the teacher's): the same 60k private
+        # images (q and epsilon are real), an expected batch of 32, 20 steps, K = 2,
+        # micro-batches of 16 (at most 8 per step: the CPU's fast path), a narrow
+        # discriminator, the teacher's 30-step sampler.
+        c.dp.batch_size = 32
+        c.dp.steps = 20
+        c.dp.microbatch_size = 16
+        c.method_args.timesteps = 2
+        c.method_args.disc_features = (16, 32)
+        c.method_args.num_steps = 30
+        c.method_args.sample_batch = 100
+        c.optim.learning_rate = 2e-3
+        c.train.ema_rate = 0.9
+        c.train.log_every = 5
+        c.train.ckpt_every = 10
     if args["smoke"]:
         common.smoke_overrides(c, image_shape=SMOKE_SHAPE)
         c.method_args.timesteps = 2

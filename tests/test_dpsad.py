@@ -28,7 +28,7 @@ from dpjax.methods import base, dpsad, get_method_module
 from dpjax.models import discriminator, ncsnpp
 from dpjax.privacy import clipping
 from dpjax.state import TrainState
-from experiments import dpsad_fmnist
+from experiments import dpdm_fmnist, dpsad_fmnist
 from tests.config_overrides import with_overrides
 
 SPEC = base.DataSpec(dpsad_fmnist.SMOKE_SHAPE, 10)
@@ -381,3 +381,13 @@ def test_experiment_stages_and_refusals():
     assert tuple(smoke_teacher.data.fake_image_shape) == dpsad_fmnist.SMOKE_SHAPE
     with pytest.raises(ValueError, match="stage"):
         dpsad_fmnist.get_config("stage=both")
+
+
+def test_quick_stages_are_the_readme_demo_size_on_the_real_data():
+    teacher = dpsad_fmnist.get_config("quick,stage=teacher,teacher_eps=0.8")
+    demo = dpdm_fmnist.get_config("quick,eps=0.8")
+    assert teacher.method_args == demo.method_args and teacher.dp == demo.dp
+    student = dpsad_fmnist.get_config("quick,eps=1,teacher_eps=0.8")
+    assert student.data.name == "fashion_mnist" and student.dp.epsilon == 1.0
+    assert (student.dp.batch_size, student.dp.steps, student.method_args.timesteps) == (32, 20, 2)
+    assert student.method_args.unet == "teacher" and student.method_args.student_init == "teacher"
