@@ -5,13 +5,15 @@
 #   2. the latent diffusion model on the same public digits (DP off);
 #   3. per epsilon: DP-LDM (attention + class embedding) and DP-LoRA (rank-8 adapters +
 #      class embedding) fine-tuned with DP-SGD on the 60k Fashion-MNIST train images,
-#      then downstream accuracy on 10k samples (see common.sh; no FID on a CPU);
+#      then downstream accuracy on 5k samples (see common.sh; no FID on a CPU);
 #   4. per epsilon, beside them: DPDM from scratch on the same private data
 #      (experiments/dpdm_fmnist.py:quick, the README demo's size).
 # Writes runs under workdirs/ and prints the wall time of every stage.
 # Usage: bash benchmarks/cpu/ldm_fmnist.sh [EPS ...]   (default: 10 1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# 5k evaluation samples, not 10k: latent diffusion sampling is the slowest part of a CPU eval.
+EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
 source benchmarks/cpu/common.sh
 AE=workdirs/ae_mnist_quick
 PUBLIC=workdirs/ldm_fmnist_quick_public
