@@ -64,8 +64,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # (so q and epsilon are the real ones), a much smaller UNet without attention,
         # K=2, 30 steps of an expected batch of 32, sigma calibrated to the requested
         # epsilon for THIS plan. Per-example gradients of convolutions are slow on CPU,
-        # so this shows the pipeline end to end; its samples are blurry blobs, not the
-        # paper's quality (see benchmarks/ for CPU timings of the paper recipe).
+        # so this shows the pipeline end to end; its samples are still noise-like
+        # textures after 30 steps (benchmarks/dpdm_fmnist_quick_eps10_cpu_grid.png), far
+        # from the paper's quality (see benchmarks/ for CPU timings of the paper recipe).
         common.small_dpdm_unet(c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=100)
         c.dp.batch_size = 32
         c.dp.steps = 30
