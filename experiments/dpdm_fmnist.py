@@ -68,13 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # textures after 30 steps (benchmarks/dpdm_fmnist_quick_eps10_cpu_grid.png), far
         # from the paper's quality (see benchmarks/ for CPU timings of the paper recipe).
         common.small_dpdm_unet(c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=100)
-        c.dp.batch_size = 32
-        c.dp.steps = 30
-        c.dp.microbatch_size = 16
-        c.optim.learning_rate = 2e-3
-        c.train.ema_rate = 0.9
-        c.train.log_every = 5
-        c.train.ckpt_every = 10
+        common.cpu_quick_training(c, steps=30)
     if args["smoke"]:
         common.smoke_overrides(c)
         common.small_dpdm_unet(c, nf=8, attn_resolutions=(14,), num_steps=2, sample_batch=10)

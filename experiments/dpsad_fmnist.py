@@ -132,20 +132,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.num_samples = 60000
     if args["quick"]:
         # The CPU size of dpdm_fmnist.py:quick (the teacher's): the same 60k private
-        # images (q and epsilon are real), an expected batch of 32, 20 steps, K = 2,
-        # micro-batches of 16 (at most 8 per step: the CPU's fast path), a narrow
-        # discriminator, the teacher's 30-step sampler.
-        c.dp.batch_size = 32
-        c.dp.steps = 20
-        c.dp.microbatch_size = 16
+        # images (q and epsilon are real), its training size for 20 steps, K = 2, a
+        # narrow discriminator, the teacher's 30-step sampler.
+        common.cpu_quick_training(c, steps=20)
         c.method_args.timesteps = 2
         c.method_args.disc_features = (16, 32)
         c.method_args.num_steps = 30
         c.method_args.sample_batch = 100
-        c.optim.learning_rate = 2e-3
-        c.train.ema_rate = 0.9
-        c.train.log_every = 5
-        c.train.ckpt_every = 10
     if args["smoke"]:
         common.smoke_overrides(c, image_shape=SMOKE_SHAPE)
         c.method_args.timesteps = 2
