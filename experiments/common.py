@@ -88,7 +88,10 @@ def smoke_overrides(
     # 2-step plan at epsilon 10 has a tiny sigma that makes accounting slow.
     c.dp.epsilon = None
     c.dp.noise_multiplier = 1.0
-    c.dp.microbatch_size = 4
+    # One micro-batch per step (64 x 1/8 pads to 32): each extra micro-batch is another
+    # compiled copy of the per-example gradient on CPU (unrolled), or a slow loop body.
+    # Micro-batching itself is tested on its own (test_microbatch, test_privacy_engine).
+    c.dp.microbatch_size = 32
     c.train.log_every = 1
     c.train.ckpt_every = 2
     c.train.grid_samples = max(num_classes, 4)

@@ -2,7 +2,12 @@
 
 Several tests build the same small models (every DPDM smoke config uses the same tiny
 UNet); the cache turns their repeated compilations into lookups. It lives in a
-temporary directory of the session, so no test depends on a previous run.
+temporary directory of the session, so no test depends on a previous run. The session
+that creates it (the pytest-xdist controller under ``make test``, else the one process)
+removes it; the xdist workers and the CLI subprocesses some tests start inherit it
+through the environment (``JAX_COMPILATION_CACHE_DIR``), so a model compiled by one of
+them is a lookup for the others. Concurrent access is safe when ``filelock`` is
+installed: JAX then locks every read and write (a size limit turns the lock on).
 
 XLA's LLVM optimizations dominate compile time on CPU for these small models (3x);
 the tests run with them off (numerics are unchanged: every comparison is within one
@@ -10,22 +15,35 @@ configuration).
 """
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-).strip()
+_NO_LLVM_OPT = "--xla_backend_optimization_level=0"
+if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _NO_LLVM_OPT).strip()
+
+if "DPJAX_TEST_XLA_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
+    os.environ["DPJAX_TEST_XLA_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    # Read by JAX at import, here and in every process started from here.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    if importlib.util.find_spec("filelock") is not None:
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+    else:  # No lock: a cache per process (below), never shared.
+        os.environ["DPJAX_TEST_XLA_CACHE_SHARED"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_CACHE = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if os.environ.get("DPJAX_TEST_XLA_CACHE_SHARED") == "0" and "_cache" not in globals():
+    _own = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
+    atexit.register(shutil.rmtree, _own, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _own)
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +53,36 @@ def _quiet_logs():
     log_setup.quiet()
 
 
+@pytest.fixture
+def record_tried(request):
+    """Returns ``record(kind, what)``: notes one fault or bad input a test tried.
+
+    The note rides on the test's report (``user_properties``), so the summary below
+    counts it whether the tests ran in this process or in pytest-xdist workers.
+    """
+
+    def record(kind: str, what: str) -> None:
+        request.node.user_properties.append(("dpjax_tried", (kind, what)))
+
+    return record
+
+
 def pytest_terminal_summary(terminalreporter):
     """Reports how many faults and bad inputs the run tried (issue: trust)."""
-    import sys
-
-    tried = []
-    for name, attr in (("tests.test_train_loop", "FAULTS_TRIED"),
-                       ("tests.test_bad_inputs", "BAD_INPUTS_TRIED")):
-        module = sys.modules.get(name)
-        if module is not None:
-            tried.append((attr, list(getattr(module, attr, []))))
-    for attr, items in tried:
-        label = attr.lower().replace("_", " ")
-        terminalreporter.write_line(f"dpjax {label}: {len(items)}")
+    tried: dict[str, list[str]] = {}
+    seen = set()
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) != "call":
+                continue
+            for name, value in getattr(rep, "user_properties", ()):
+                if name != "dpjax_tried" or (rep.nodeid, tuple(value)) in seen:
+                    continue
+                seen.add((rep.nodeid, tuple(value)))
+                kind, what = value
+                tried.setdefault(kind, []).append(what)
+    for kind in sorted(tried):
+        items = sorted(tried[kind])
+        terminalreporter.write_line(f"dpjax {kind} tried: {len(items)}")
         for item in items:
             terminalreporter.write_line(f"  - {item}")

@@ -19,8 +19,6 @@ from experiments import toy_fake
 from tests.config_overrides import with_overrides
 from tests.test_export import corrupt_latest_checkpoint
 
-BAD_INPUTS_TRIED: list[str] = []
-
 
 def _config(**over):
     return with_overrides(toy_fake.get_config("smoke"), over)
@@ -76,17 +74,17 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_train_bad_input(case, tmp_path):
+def test_train_bad_input(case, tmp_path, record_tried):
     over, needle = TRAIN_CASES[case]
-    BAD_INPUTS_TRIED.append(f"train: {case}")
+    record_tried("bad inputs", f"train: {case}")
     with pytest.raises(user_errors()) as e:
         train.train(_config(**over(tmp_path)), str(tmp_path / "w"), log=lambda *_: None)
     assert needle.lower() in str(e.value).lower(), str(e.value)
     assert not os.path.exists(tmp_path / "w" / "checkpoints" / "2")
 
 
-def test_train_disk_full_fails_before_training(tmp_path, monkeypatch):
-    BAD_INPUTS_TRIED.append("train: disk full")
+def test_train_disk_full_fails_before_training(tmp_path, monkeypatch, record_tried):
+    record_tried("bad inputs", "train: disk full")
 
     class Usage:
         free = 1024
@@ -97,8 +95,8 @@ def test_train_disk_full_fails_before_training(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-def test_resume_with_mismatched_config_keeps_checkpoints(trained):
-    BAD_INPUTS_TRIED.append("train: mismatched config on resume")
+def test_resume_with_mismatched_config_keeps_checkpoints(trained, record_tried):
+    record_tried("bad inputs", "train: mismatched config on resume")
     before = sorted(os.listdir(os.path.join(trained, "checkpoints")))
     with pytest.raises(user_errors(), match="different config"):
         train.train(_config(**{"optim.learning_rate": 0.5}), trained, log=lambda *_: None)
@@ -132,17 +130,17 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_missing_run_is_a_clear_error(entry, tmp_path):
-    BAD_INPUTS_TRIED.append(f"{entry}: missing workdir")
+def test_missing_run_is_a_clear_error(entry, tmp_path, record_tried):
+    record_tried("bad inputs", f"{entry}: missing workdir")
     with pytest.raises(user_errors(), match="no dpjax run|No checkpoint|not"):
         ENTRY_POINTS[entry](str(tmp_path / "nothing"), str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path):
+def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path, record_tried):
     import shutil
 
-    BAD_INPUTS_TRIED.append(f"{entry}: corrupt checkpoint")
+    record_tried("bad inputs", f"{entry}: corrupt checkpoint")
     wd = str(tmp_path / "copy")
     shutil.copytree(trained, wd)
     corrupt_latest_checkpoint(wd, "truncate")

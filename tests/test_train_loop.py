@@ -21,7 +21,6 @@ from experiments import toy_fake
 from tests.config_overrides import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULTS_TRIED: list[str] = []
 
 
 def _config(steps=12, **over):
@@ -57,7 +56,7 @@ def _flat_state(workdir):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.as_dict())]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, record_tried):
     args = [
         "--config.train.ckpt_every=3",
         "--config.train.log_every=1",
@@ -78,7 +77,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    FAULTS_TRIED.append(f"SIGKILL after {kill_at} logged steps, then resume")
+    record_tried("faults", f"SIGKILL after {kill_at} logged steps, then resume")
     rows = metrics_log.read(str(killed))
     assert rows and rows[-1]["step"] < 12, "the run finished before it was killed"
     out = _cli(killed, *args)
@@ -116,9 +115,9 @@ def test_resume_under_another_privacy_config_is_refused(tmp_path):
         train.train(_config(steps=3, **{"dp.noise_multiplier": 0.5}), wd, log=lambda *_: None)
 
 
-def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path):
+def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path, record_tried):
     cfg = _config(steps=12, **{"optim.learning_rate": 1e30, "optim.name": "sgd"})
-    FAULTS_TRIED.append("NaN loss")
+    record_tried("faults", "NaN loss")
     with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
         train.train(cfg, str(tmp_path), log=lambda *_: None)
     # Whatever was saved before the NaN restores to finite values.
@@ -126,8 +125,8 @@ def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path):
         assert all(np.isfinite(x).all() for x in _flat_state(str(tmp_path)))
 
 
-def test_unwritable_workdir_fails_before_training(tmp_path):
-    FAULTS_TRIED.append("unwritable workdir")
+def test_unwritable_workdir_fails_before_training(tmp_path, record_tried):
+    record_tried("faults", "unwritable workdir")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(train.WorkdirError, match="not writable"):
@@ -201,7 +200,7 @@ def test_sampling_from_checkpoint_writes_files_and_never_reads_data(tmp_path, mo
     assert len(os.listdir(tmp_path / "out" / "png")) == 10
 
 
-def test_five_kills_including_during_checkpoint_writes(tmp_path):
+def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
     """SIGKILL 5 times (twice while a checkpoint is being written), then finish."""
     args = ["--config.train.ckpt_every=2", "--config.train.log_every=1",
             "--config.train.progress=False", "--config.train.grid_samples=0"]
@@ -237,7 +236,8 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path):
         if not killed:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-        FAULTS_TRIED.append(
+        record_tried(
+            "faults",
             f"SIGKILL {attempt + 1}/5 " + ("during a checkpoint write" if during_write and killed
                                            else "between steps")
         )
