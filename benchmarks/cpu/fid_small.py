@@ -31,15 +31,13 @@ import time
 import numpy as np
 
 from dpjax.data import idx
+from dpjax.data.config import DataConfig
 from dpjax.eval import fid
-
-FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def _real(split: str, n: int) -> np.ndarray:
-    stem = "train" if split == "train" else "t10k"
-    path = os.path.join(FMNIST, f"{stem}-images-idx3-ubyte.gz")
-    return idx.read_idx(path, 3)[:n]
+    """The first ``n`` Fashion-MNIST images of ``split``, read by the library's loader."""
+    return idx.load_idx(DataConfig(source="idx", name="fashion_mnist", split=split, limit=n)).images
 
 
 def _latest_samples(workdir: str) -> tuple[str, int]:
