@@ -24,7 +24,10 @@ _NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _NO_LLVM_OPT).strip()
 
-if "DPJAX_TEST_XLA_CACHE" not in os.environ:
+# Without filelock JAX cannot lock the cache, so each process then keeps its own.
+_LOCKED = importlib.util.find_spec("filelock") is not None
+_CREATOR = "DPJAX_TEST_XLA_CACHE" not in os.environ
+if _CREATOR:
     _cache = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
     os.environ["DPJAX_TEST_XLA_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
@@ -32,15 +35,13 @@ if "DPJAX_TEST_XLA_CACHE" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    if importlib.util.find_spec("filelock") is not None:
+    if _LOCKED:
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-    else:  # No lock: a cache per process (below), never shared.
-        os.environ["DPJAX_TEST_XLA_CACHE_SHARED"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-if os.environ.get("DPJAX_TEST_XLA_CACHE_SHARED") == "0" and "_cache" not in globals():
+if not _CREATOR and not _LOCKED:
     _own = tempfile.mkdtemp(prefix="dpjax-xla-cache-")
     atexit.register(shutil.rmtree, _own, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _own)
