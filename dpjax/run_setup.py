@@ -34,6 +34,7 @@ from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
 from dpjax.privacy import microbatch as microbatch_lib
 from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import provenance
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.randomness import Streams
@@ -277,6 +278,8 @@ def _build_run(
         spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
         num_examples = len(dataset)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
+        provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data))
     if not method.uses_dp_sgd and mesh is not None:
         raise ValueError(
             f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."

