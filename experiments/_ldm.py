@@ -56,7 +56,8 @@ class Pair:
         its 'microbatch' size, used unless the experiment argument ``microbatch`` is given
         (default 16).
       ldm: DP-LDM's trainable patterns, learning rate and K (and optionally its own
-        'batch', 'epochs', 'clip', overriding ``private_dp``).
+        'batch', 'epochs', 'clip', 'ema' (the EMA rate, default 0.999; 0 for none),
+        overriding ``private_dp``).
       lora: DP-LoRA's rank, targets, trainable patterns, learning rate and K (idem).
       quick: the CPU-sized variant (experiment argument ``quick``): for each field above
         whose value is a dict or an ``autoencoder.Config`` (``ae``), the entries that
@@ -205,7 +206,7 @@ def _private_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDi
     c.dp.batch_size = int(dp["batch"])
     c.dp.epochs = float(dp["epochs"])
     c.optim.learning_rate = float(variant["lr"])
-    c.train.ema_rate = 0.999
+    c.train.ema_rate = float(dp.get("ema", 0.999))
     return c
 
 

@@ -537,6 +537,59 @@ def test_tfds_mock_data():
             load(cfg(source="tfds", name="mnistt"))
 
 
+def _experiment_tfds_sections() -> dict[str, tuple[str, DataConfig]]:
+    """Every distinct TFDS data section of the experiment files: each stage of the
+    public -> private pairs (``ldm_*``: stage=ae/public/private) and every other file's
+    default config, keyed by (name, split, size, crop, classes, label key)."""
+    import glob
+    import importlib
+
+    from dpjax import run_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found: dict[str, tuple[str, DataConfig]] = {}
+    for path in sorted(glob.glob(os.path.join(root, "experiments", "*.py"))):
+        name = os.path.basename(path)[:-3]
+        if name.startswith(("_", "common")):
+            continue
+        module = importlib.import_module(f"experiments.{name}")
+        args = ("stage=ae", "stage=public", "") if name.startswith("ldm_") else ("",)
+        for arg in args:
+            data = run_config.from_configdict(module.get_config(arg)).data
+            if data.source != "tfds":
+                continue
+            key = (data.name, data.split, data.image_size, data.center_crop,
+                   data.num_classes, data.tfds_label_key)  # fmt: skip
+            found.setdefault(repr(key), (f"{name}:{arg}", data))
+    return found
+
+
+def test_every_tfds_data_section_of_the_experiments_loads_through_mock_data():
+    """The paper pairs' data (ImageNet32/64, EMNIST letters, MNIST, CIFAR-10, CelebA)
+    load through the real TFDS path, with TFDS's mock data instead of the download:
+    the shape the experiment asks for, labels inside its classes."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    sections = _experiment_tfds_sections()
+    names = {data.name for _, data in sections.values()}
+    assert {"imagenet_resized/32x32", "imagenet_resized/64x64", "emnist/letters", "mnist",
+            "cifar10", "celeb_a"} <= names  # fmt: skip
+    import dataclasses
+
+    with tfds.testing.mock_data(num_examples=4):
+        for where, data in sections.values():
+            ds = load(dataclasses.replace(data, limit=3))
+            h, w, c = ds.images.shape[1:]
+            assert len(ds) == 3 and ds.images.dtype == np.uint8, where
+            if data.image_size:
+                assert (h, w) == (data.image_size, data.image_size), where
+            if data.channels:
+                assert c == data.channels, where
+            if data.num_classes:
+                assert ds.labels.min() >= 0 and ds.labels.max() < data.num_classes, where
+            else:
+                assert ds.num_classes == 0, where
+
+
 def test_tfds_not_prepared(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match=r"not prepared under .*tfds build mnist"):

@@ -41,6 +41,7 @@ SLOW_SMOKE = {
     "ldm_cifar10",
     "ldm_mnist",
     "ldm_celeba32",
+    "ldm_celeba64",
 }
 # Experiments whose smoke run needs a teacher workdir made first; their own test file
 # builds one and runs the same smoke checks (tests/test_dpsad.py).

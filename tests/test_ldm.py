@@ -156,7 +156,7 @@ def _trace_unet(unet: ncsnpp.UNetConfig, lora_targets=()) -> tuple[dict, dict]:
 @pytest.mark.parametrize(
     "name,quick",
     [("ldm_fmnist", False), ("ldm_fmnist", True), ("ldm_mnist", False), ("ldm_cifar10", False),
-     ("ldm_celeba32", False)],
+     ("ldm_celeba32", False), ("ldm_celeba64", False)],
 )
 def test_the_stages_of_each_pair_fit_together(name, quick):
     """Shapes only (nothing trained): the AE stage's latents fit the public UNet, both
