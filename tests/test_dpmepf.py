@@ -58,6 +58,28 @@ def test_release_sensitivity_is_the_stated_one(second_moment):
     assert float(jnp.sum(full[:, -1]) / method.config.count_weight) == pytest.approx(13, rel=1e-5)
 
 
+def test_each_example_lands_in_its_own_class_and_targets_are_the_class_means():
+    """exact_sums (chunked, padded) equals the sum of the per-example u_i, and without
+    noise the targets are each class's mean embedding and its size: a sum in the wrong
+    class, or a mean over the wrong count, fails here."""
+    method = _method(second_moment=True)
+    feats = method.init(jax.random.key(0), SPEC).frozen["features"]
+    images, labels = _data(21)  # release_batch 8: the last chunk is padded.
+    sums = np.asarray(jax.jit(method.exact_sums)(feats, images, labels))
+    x = images / 127.5 - 1.0
+    u = np.asarray(method.contributions(feats, x, labels))
+    np.testing.assert_allclose(sums, u.sum(0), rtol=1e-5, atol=1e-6)
+    mean, count = method.targets(jnp.asarray(sums))
+    e = np.asarray(method.embedding(feats, x))
+    lab = np.asarray(labels)
+    for k in range(10):
+        np.testing.assert_allclose(count[k], np.sum(lab == k), rtol=1e-5)
+        if np.any(lab == k):
+            np.testing.assert_allclose(mean[k], e[lab == k].mean(0), rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_allclose(mean[k], 0.0, atol=1e-7)
+
+
 def _analytic_gaussian_epsilon(noise_over_sensitivity, delta):
     """Exact epsilon of the Gaussian mechanism (Balle & Wang 2018, Theorem 8)."""
     s = noise_over_sensitivity

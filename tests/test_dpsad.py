@@ -13,6 +13,7 @@ here; it is 'slow' (about a minute on 2 cores), like the other datasets' DPDM sm
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -54,7 +55,7 @@ def write_run_files(directory: str, **over):
     return cfg, train.resolve_plan(cfg, cfg.data.fake_num_examples, directory)
 
 
-def fake_teacher(directory, **over) -> str:
+def fake_teacher(directory, releases=(), **over) -> str:
     """A DPDM teacher workdir as training leaves it (config, plan, spec, a checkpoint at
     ``TEACHER_STEP``), without training. Its UNet has random NumPy weights (a non-zero
     output layer: a non-trivial denoiser). ``over`` overrides config keys."""
@@ -71,7 +72,8 @@ def fake_teacher(directory, **over) -> str:
     )
     opt_state = train.make_optimizer(cfg.optim).init(unet)
     state = TrainState(jnp.asarray(TEACHER_STEP, jnp.int32), unet, {}, opt_state, unet)
-    meta = {"plan": plan.to_dict(), "steps_done": TEACHER_STEP, "releases": [], "method": "dpdm"}
+    meta = {"plan": plan.to_dict(), "steps_done": TEACHER_STEP, "releases": list(releases),
+            "method": "dpdm"}  # fmt: skip
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
     checkpointer.save(TEACHER_STEP, state, meta)
     checkpointer.close()
@@ -279,6 +281,35 @@ def independent_epsilon(mechanisms, delta: float, kind: str) -> float:
         event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
         acc.compose(event, steps)
     return acc.get_epsilon(delta)
+
+
+def test_the_teachers_own_releases_are_inherited_and_composed(tmp_path):
+    """Releases in the teacher's checkpoint (e.g. what IT started from) become DP-SAD's
+    prior releases after the teacher's own DP-SGD record, and count in the epsilon: a
+    non-private one makes it infinite."""
+    from dpjax.privacy import plan as plan_lib
+    from dpjax.privacy import report as report_lib
+
+    earlier = {"kind": "gaussian", "noise_multiplier": 6.0, "stage": "prior",
+               "neighbouring": "add_or_remove_one",
+               "description": "an earlier release"}  # fmt: skip
+    wd = fake_teacher(tmp_path / "t", releases=[earlier],
+                      **{"dp.noise_multiplier": TEACHER_SIGMA})  # fmt: skip
+    own, inherited = tiny(wd).prior_releases()
+    assert own["kind"] == "dpsgd" and own["steps"] == TEACHER_STEP
+    assert own["noise_multiplier"] == TEACHER_SIGMA
+    assert "stage" not in inherited and inherited["noise_multiplier"] == 6.0
+    assert "an earlier release" in inherited["description"]
+    student = plan_lib.make_plan(num_examples=64, batch_size=8, delta=1e-5, clip_norm=C,
+                                 steps=2, noise_multiplier=STUDENT_SIGMA)  # fmt: skip
+    alone = report_lib.epsilon_spent(student, 2, [own], kinds=("rdp",))["rdp"]
+    both = report_lib.epsilon_spent(student, 2, [own, inherited], kinds=("rdp",))["rdp"]
+    assert both > alone + 1e-3
+    leak = {"kind": "non_private", "stage": "prior", "description": "a raw statistic"}
+    wd = fake_teacher(tmp_path / "leaky", releases=[leak],
+                      **{"dp.noise_multiplier": TEACHER_SIGMA})  # fmt: skip
+    records = tiny(wd).prior_releases()
+    assert math.isinf(report_lib.epsilon_spent(student, 2, records, kinds=("rdp",))["rdp"])
 
 
 def check_composition(report: dict, delta: float) -> None:
