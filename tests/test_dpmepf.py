@@ -80,6 +80,24 @@ def test_each_example_lands_in_its_own_class_and_targets_are_the_class_means():
             np.testing.assert_allclose(mean[k], 0.0, atol=1e-7)
 
 
+def test_chosen_feature_layers_are_the_ones_concatenated():
+    """feature_layers picks convolutions by index, in the given order; a bad index is a
+    config error. The embedding still has norm sqrt(1 - w^2) (the unit bound holds)."""
+    method = _method(feature_layers=(3, 0))
+    assert method.embed_dim == 14 * 14 * 8 + 28 * 28 * 4  # conv_1_1, then conv_0_0
+    feats = method.init(jax.random.key(0), SPEC).frozen["features"]
+    x = _data(4)[0] / 127.5 - 1.0
+    _, maps = method.features_net.apply({"params": feats}, x)
+    phi = np.concatenate([np.asarray(maps[i]).reshape(4, -1) for i in (3, 0)], axis=1)
+    want = method.alpha * phi / np.linalg.norm(phi, axis=1, keepdims=True)
+    np.testing.assert_allclose(method.embedding(feats, x), want, rtol=1e-4, atol=1e-7)
+    w = method.config.count_weight
+    np.testing.assert_allclose(np.linalg.norm(want, axis=1), math.sqrt(1 - w * w), rtol=1e-5)
+    for bad in ((4,), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="feature_layers"):
+            _method(feature_layers=bad)
+
+
 def _analytic_gaussian_epsilon(noise_over_sensitivity, delta):
     """Exact epsilon of the Gaussian mechanism (Balle & Wang 2018, Theorem 8)."""
     s = noise_over_sensitivity

@@ -58,6 +58,8 @@ class Config:
         '' uses a randomly initialized network (seed ``feature_seed``; no public data).
       feature_widths: stage widths of the random network (ignored with features_from).
       feature_seed: seed of the random network.
+      feature_layers: indices of the convolutions whose outputs are concatenated, in
+        network order (0 .. 2 * stages - 1); empty for all of them (DP-MEPF's default).
       count_weight: w, the share of C spent on the count coordinate (noised class sizes).
       second_moment: also release the mean of the squared features (DP-MEPF's m2).
       second_moment_share: beta^2 / (alpha^2 + beta^2) when second_moment is on.
@@ -74,6 +76,7 @@ class Config:
     features_from: str = ""
     feature_widths: tuple[int, ...] = (32, 64, 128)
     feature_seed: int = 0
+    feature_layers: tuple[int, ...] = ()
     count_weight: float = 0.1
     second_moment: bool = False
     second_moment_share: float = 0.5
@@ -131,7 +134,15 @@ class DPMEPF(base.Method):
         # The classifier head size does not matter for the features; keep the source's.
         head = self.pretrained_features["head"]["bias"].shape[0] if self.pretrained_features else 1
         self.features_net = feature_cnn.FeatureCNN(head, widths)
-        self.num_features = feature_cnn.num_features(tuple(spec.image_shape), widths)
+        layers = tuple(int(i) for i in config.feature_layers)
+        num_layers = 2 * len(widths)
+        if any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"method_args.feature_layers={layers} must be distinct indices in "
+                f"[0, {num_layers}) (the feature network has {num_layers} convolutions)."
+            )
+        self.layers = layers or tuple(range(num_layers))
+        self.num_features = feature_cnn.num_features(tuple(spec.image_shape), widths, layers)
         w2 = config.count_weight**2
         share = config.second_moment_share if config.second_moment else 0.0
         self.alpha = math.sqrt((1.0 - w2) * (1.0 - share))
@@ -146,7 +157,7 @@ class DPMEPF(base.Method):
         Guarantee: |e(x)| <= sqrt(1 - w^2) for every image (equality unless phi = 0).
         """
         _, maps = self.features_net.apply({"params": features}, images)
-        phi = jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=-1)
+        phi = jnp.concatenate([maps[i].reshape(maps[i].shape[0], -1) for i in self.layers], -1)
         parts = [self.alpha * _unit(phi)]
         if self.config.second_moment:
             parts.append(self.beta * _unit(phi * phi))

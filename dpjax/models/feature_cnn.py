@@ -43,12 +43,20 @@ class FeatureCNN(nn.Module):
         return logits, features
 
 
-def num_features(image_shape: tuple[int, int, int], widths: tuple[int, ...]) -> int:
-    """Length of the concatenated feature vector of one image."""
+def layer_sizes(image_shape: tuple[int, int, int], widths: tuple[int, ...]) -> list[int]:
+    """Length of each convolution's flattened output for one image, in network order."""
     h, w, _ = image_shape
-    total = 0
+    sizes = []
     for i, width in enumerate(widths):
         if i > 0:
             h, w = -(-h // 2), -(-w // 2)
-        total += 2 * h * w * width
-    return total
+        sizes += [h * w * width] * 2
+    return sizes
+
+
+def num_features(
+    image_shape: tuple[int, int, int], widths: tuple[int, ...], layers: tuple[int, ...] = ()
+) -> int:
+    """Length of the concatenated feature vector of one image (``layers``: all if empty)."""
+    sizes = layer_sizes(image_shape, widths)
+    return sum(sizes[i] for i in layers) if layers else sum(sizes)
