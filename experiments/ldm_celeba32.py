@@ -33,19 +33,22 @@ import ml_collections
 
 from experiments import _ldm, common, ldm_cifar10
 
+# Unconditional CelebA, centre-cropped to 140x140 (DPDM's and DP-LDM's crop); ldm_celeba64.py
+# uses it at 64x64.
+CELEBA_UNCONDITIONAL = {
+    "source": "tfds",
+    "name": "celeb_a",
+    "num_classes": 0,
+    "tfds_label_key": "",
+    "center_crop": 140,
+}
+
 PAIR = _ldm.Pair(
     name="ldm_celeba32",
     ae_name="ae_imagenet32",
     # Unconditional public pre-training: ImageNet's labels are not read.
     public_data={**ldm_cifar10.IMAGENET32, "num_classes": 0, "tfds_label_key": ""},
-    private_data={
-        "source": "tfds",
-        "name": "celeb_a",
-        "num_classes": 0,
-        "tfds_label_key": "",
-        "center_crop": 140,
-        "image_size": 32,
-    },
+    private_data={**CELEBA_UNCONDITIONAL, "image_size": 32},
     image_size=32,
     channels=3,
     ae=ldm_cifar10.AE_IMAGENET32,

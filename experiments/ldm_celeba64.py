@@ -35,7 +35,7 @@ measured yet (no GPU in the session that wrote this file).
 import ml_collections
 
 from dpjax.methods import autoencoder
-from experiments import _ldm, common, ldm_cifar10
+from experiments import _ldm, common, ldm_celeba32, ldm_cifar10
 
 IMAGENET64 = {
     "source": "tfds",
@@ -50,14 +50,7 @@ PAIR = _ldm.Pair(
     name="ldm_celeba64",
     ae_name="ae_imagenet64",
     public_data=IMAGENET64,
-    private_data={
-        "source": "tfds",
-        "name": "celeb_a",
-        "num_classes": 0,
-        "tfds_label_key": "",
-        "center_crop": 140,
-        "image_size": 64,
-    },
+    private_data={**ldm_celeba32.CELEBA_UNCONDITIONAL, "image_size": 64},
     image_size=64,
     channels=3,
     ae=AE_IMAGENET64,
