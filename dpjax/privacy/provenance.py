@@ -7,8 +7,8 @@ guarantee that this run's privacy report states covers this run's private data o
 if every source run either
 
 * never saw this run's private data (public pre-training), or
-* saw it under DP-SGD, and the method composes that training into the total
-  (``Method.prior_releases``, e.g. a DP teacher or a DP feature network).
+* is a DIRECT source that saw it under DP-SGD, and the method composes that training
+  into the total (``Method.prior_releases``, e.g. a DP teacher or a DP feature network).
 
 A source trained WITHOUT DP on the private data voids the guarantee, wherever it is
 in the chain of sources (a public UNet fine-tuned from a non-private run of the private
@@ -116,9 +116,9 @@ def check_sources(sources: Sequence[Source], private_data: Mapping[str, Any]) ->
 
     Raises:
       PrivacyError: a source (or a source of a source) was trained without DP on the
-        private data; or a direct source was trained with DP on it but is not composed;
-        or a deeper source was trained with DP on it below a direct source that is not
-        composed either (nothing composes it).
+        private data; or a direct source was trained with DP on it but the method does
+        not compose it; or a source of a source was trained with DP on it (only direct
+        sources are composed); or a source cannot be read.
     """
     private = data_identity(private_data)
     for source in sources:
@@ -140,11 +140,13 @@ def _check_chain(
                 "its weights would void the guarantee. Start from a run on other, public "
                 "data, or from a run trained with DP-SGD that the method composes."
             )
-        if not top.composed:
+        # Only a DIRECT source's own DP training (and the releases its checkpoint records)
+        # is composed; a DP run on the private data further up the chain is not.
+        if not top.composed or depth > 0:
             raise PrivacyError(
                 f"{chain} was trained with DP on this run's private data ({private}), but "
-                "this method treats it as public and does not compose its epsilon, so the "
-                "stated epsilon would be too small. Use a run on other, public data."
+                "nothing composes its epsilon into this run's, so the stated epsilon would be "
+                "too small. Use a run on other, public data."
             )
     for nested_what, nested_dir in run.sources:
         _check_chain(top, nested_what, nested_dir, private, depth + 1, (*seen, key))
