@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import provenance
 from dpjax.privacy.accounting import PrivacyError
 
@@ -23,8 +24,11 @@ def _run(tmp_path, name: str, data: dict, dp: bool, **method_args) -> str:
     os.makedirs(wd)
     with open(os.path.join(wd, "config.json"), "w") as f:
         json.dump({"method": "dpdm", "data": data, "method_args": method_args}, f)
+    sigma = 1.0 if dp else None
+    plan = plan_lib.make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
+                              steps=1, noise_multiplier=sigma, enabled=dp)  # fmt: skip
     with open(os.path.join(wd, "dp_plan.json"), "w") as f:
-        json.dump({"plan": {"enabled": dp, "noise_multiplier": 1.0 if dp else 0.0}}, f)
+        json.dump({"plan": plan.to_dict()}, f)
     return wd
 
 

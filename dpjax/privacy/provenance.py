@@ -30,6 +30,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dpjax.privacy import plan as plan_lib
 from dpjax.privacy.accounting import PrivacyError
 
 #: The fields of a run's data section that identify WHICH data it reads (not how it is
@@ -38,10 +39,6 @@ from dpjax.privacy.accounting import PrivacyError
 #: settings in DP-SAD, and method settings are exported (model_config.json), which must
 #: not name a private location.
 DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
-
-#: How deep ``check_sources`` follows sources of sources (a guard against cycles).
-MAX_DEPTH = 8
-
 
 def data_identity(data: Mapping[str, Any]) -> str:
     """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
@@ -81,18 +78,18 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     Raises:
       PrivacyError: the workdir holds no dpjax run, so its data cannot be checked.
     """
-    facts = []
-    for name in ("config.json", "dp_plan.json"):
-        path = os.path.join(workdir, name)
+
+    def read(name: str, load: Any) -> Any:
         try:
-            with open(path) as f:
-                facts.append(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
+            return load(os.path.join(workdir, name))
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise PrivacyError(
                 f"{what}={workdir!r}: cannot read {name} ({e}), so what data its weights "
                 "were trained on cannot be checked. Point it at a finished dpjax run."
             ) from e
-    config, plan = facts
+
+    config = read("config.json", _read_json)
+    plan, _ = read("dp_plan.json", plan_lib.load_plan)
     method_args = config.get("method_args") or {}
     nested = tuple(
         (key, value)
@@ -101,10 +98,15 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     )
     return SourceRun(
         workdir=workdir,
-        dp_enabled=bool(plan.get("plan", {}).get("enabled", False)),
+        dp_enabled=plan.enabled,
         data=dict(config.get("data") or {}),
         sources=nested,
     )
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
 
 
 def check_sources(sources: Sequence[Source], private_data: Mapping[str, Any]) -> None:
@@ -129,7 +131,7 @@ def _check_chain(
     top: Source, what: str, workdir: str, private: str, depth: int, seen: tuple[str, ...]
 ) -> None:
     key = os.path.realpath(workdir)
-    if key in seen or depth > MAX_DEPTH:
+    if key in seen:  # A cycle: this run is being checked already.
         return
     run = read_source_run(what, workdir)
     chain = f"{top.what}={top.workdir!r}" + ("" if depth == 0 else f" (through {what}={workdir!r})")
