@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -541,18 +542,12 @@ def _experiment_tfds_sections() -> dict[str, tuple[str, DataConfig]]:
     """Every distinct TFDS data section of the experiment files: each stage of the
     public -> private pairs (``ldm_*``: stage=ae/public/private) and every other file's
     default config, keyed by (name, split, size, crop, classes, label key)."""
-    import glob
-    import importlib
-
     from dpjax import run_config
+    from tests.test_experiments import EXPERIMENTS, _load
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found: dict[str, tuple[str, DataConfig]] = {}
-    for path in sorted(glob.glob(os.path.join(root, "experiments", "*.py"))):
-        name = os.path.basename(path)[:-3]
-        if name.startswith(("_", "common")):
-            continue
-        module = importlib.import_module(f"experiments.{name}")
+    for name in EXPERIMENTS:
+        module = _load(name)
         args = ("stage=ae", "stage=public", "") if name.startswith("ldm_") else ("",)
         for arg in args:
             data = run_config.from_configdict(module.get_config(arg)).data
@@ -573,8 +568,6 @@ def test_every_tfds_data_section_of_the_experiments_loads_through_mock_data():
     names = {data.name for _, data in sections.values()}
     assert {"imagenet_resized/32x32", "imagenet_resized/64x64", "emnist/letters", "mnist",
             "cifar10", "celeb_a"} <= names  # fmt: skip
-    import dataclasses
-
     with tfds.testing.mock_data(num_examples=4):
         for where, data in sections.values():
             ds = load(dataclasses.replace(data, limit=3))
