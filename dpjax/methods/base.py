@@ -107,6 +107,13 @@ class Method:
         """
         raise NotImplementedError
 
+    def routing(self) -> Any:
+        """None (default), or a ``privacy.clipping.Routing``: every example reads only
+        ONE slice of the trainable tree's leading axis (e.g. one model per class), so the
+        DP step differentiates and clips w.r.t. that slice alone. Same sum, 1/K the
+        per-example gradient memory."""
+        return None
+
     def public_loss(self, trainable: PyTree, frozen: PyTree, key: jax.Array) -> Any:
         """A data-independent loss term (default: none). Its gradient is added after noising.
 

@@ -34,6 +34,13 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   the result is the same sum in the same order. Many unrolled copies are slower than
   the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step unrolled, 34 s looped),
   hence the small limit.
+* Routed examples (``routing``, e.g. DP-LFlow's one model per class): when every example
+  reads only ONE slice ``r(x)`` of the trainable tree's leading axis, its gradient is zero
+  on every other slice, so its norm over the whole tree is the norm over its slice. The
+  routed path differentiates w.r.t. that slice only, clips it to C and adds it into slice
+  ``r(x)`` of the sum (a segment sum): the same sum as the reference path on the whole
+  tree, with per-example gradients 1/K the size. An example whose route is out of range
+  contributes 0 (counted as dropped), never a gradient on a slice it does not own.
 """
 
 from __future__ import annotations
@@ -89,6 +96,28 @@ jax.tree_util.register_dataclass(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Examples that each read one slice of every trainable leaf's leading axis.
+
+    Attributes:
+      num_routes: K, the size of every trainable leaf's leading axis.
+      route: ``route(example) -> int32 scalar`` in [0, K): the slice ONE example reads.
+      loss: ``loss(part, frozen, example, key) -> (loss, aux)`` of ONE example given only
+        its slice ``tree_map(lambda p: p[route(example)], trainable)``. It must equal the
+        method's loss on the whole tree (which reads that slice and nothing else).
+    """
+
+    num_routes: int
+    route: Callable[[PyTree], jax.Array]
+    loss: LossFn
+
+
+def routing_of(method: Any) -> Routing | None:
+    """``method.routing()``; None for an object without the hook (e.g. a test double)."""
+    return method.routing() if hasattr(method, "routing") else None
+
+
 def global_norms(per_example_grads: PyTree) -> jax.Array:
     """(B,) L2 norm of each example's gradient over all leaves, in float32."""
     sq = [
@@ -117,6 +146,20 @@ def weighted_sum(per_example_grads: PyTree, weights: jax.Array, valid: jax.Array
     return jax.tree_util.tree_map(one, per_example_grads)
 
 
+def _routed_sum(
+    per_example_grads: PyTree, weights: jax.Array, valid: jax.Array, routes: jax.Array, k: int
+) -> PyTree:
+    """(k, ...) leaves: slice r is sum over rows b with routes[b] == r of weights_b g_b."""
+
+    def one(g):
+        g = g.astype(jnp.float32)
+        keep = valid.reshape((-1,) + (1,) * (g.ndim - 1))
+        w = weights.reshape(keep.shape)
+        return jax.ops.segment_sum(jnp.where(keep, w * g, 0.0), routes, num_segments=k)
+
+    return jax.tree_util.tree_map(one, per_example_grads)
+
+
 def _microbatch_vmap(
     loss_fn: LossFn,
     trainable: PyTree,
@@ -134,22 +177,56 @@ def _microbatch_vmap(
     return _clip_and_sum(loss, aux, grads, mask, clip_norm)
 
 
+def _microbatch_routed(
+    routing: Routing,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+    clip_norm: float | None,
+) -> ClipResult:
+    """The routed path on one micro-batch (module docstring): vmap of grad w.r.t. each
+    example's own slice, clipped, then summed into that slice."""
+    k = routing.num_routes
+    routes = jax.vmap(routing.route)(examples).astype(jnp.int32)
+    in_range = (routes >= 0) & (routes < k)
+    routes = jnp.where(in_range, routes, 0)
+
+    def one(example, key, r):
+        part = jax.tree_util.tree_map(lambda p: p[r], trainable)
+        grad_fn = jax.value_and_grad(routing.loss, has_aux=True)
+        return grad_fn(part, frozen, example, key)
+
+    (loss, aux), grads = jax.vmap(one)(examples, keys, routes)
+    # An out-of-range route is a dropped example: NaN loss, so it is counted, not summed.
+    loss = jnp.where(in_range, loss, jnp.nan)
+    return _clip_and_sum(loss, aux, grads, mask, clip_norm, routes=routes, num_routes=k)
+
+
 def _clip_and_sum(
     loss: jax.Array,
     aux: dict[str, jax.Array],
     grads: PyTree,
     mask: jax.Array,
     clip_norm: float | None,
+    routes: jax.Array | None = None,
+    num_routes: int = 0,
 ) -> ClipResult:
-    """Clips (B, ...) per-example gradients to C and sums the real, finite rows."""
+    """Clips (B, ...) per-example gradients to C and sums the real, finite rows; with
+    ``routes``, row b is added into slice ``routes[b]`` of a (num_routes, ...) sum."""
     norms = global_norms(grads)
     finite = jnp.isfinite(norms) & jnp.isfinite(loss)
     valid = mask & finite
     factors = clip_factors(norms, valid, clip_norm)
     zero = jnp.zeros_like(loss, dtype=jnp.float32)
     limit = jnp.inf if clip_norm is None else clip_norm
+    if routes is None:
+        grad_sum = weighted_sum(grads, factors, valid)
+    else:
+        grad_sum = _routed_sum(grads, factors, valid, routes, num_routes)
     return ClipResult(
-        grad_sum=weighted_sum(grads, factors, valid),
+        grad_sum=grad_sum,
         loss_sum=jnp.sum(jnp.where(valid, loss, zero)),
         aux_sum={k: jnp.sum(jnp.where(valid, v, zero)) for k, v in aux.items()},
         norms=jnp.where(mask, norms, jnp.nan),
@@ -336,6 +413,7 @@ def clipped_grad_sum(
     impl: str = "vmap",
     compute_dtype: str = "float32",
     unroll: bool | None = None,
+    routing: Routing | None = None,
 ) -> ClipResult:
     """Sum over examples of per-example gradients clipped to ``clip_norm``.
 
@@ -356,6 +434,10 @@ def clipped_grad_sum(
       unroll: True: a Python loop over all micro-batches (no early stop; padding rows
         still contribute 0); False: a ``fori_loop`` that stops after the last real one;
         None: ``unroll_by_default`` (unrolled on CPU, where loop bodies are slow).
+      routing: examples that each read one slice of the trainable tree (``Routing``):
+        with clipping, per-example gradients are taken w.r.t. that slice only and
+        summed into it (module docstring); the result is the reference path's. Needs
+        ``impl='vmap'``. Without clipping it is not used (``loss_fn`` is).
 
     Returns:
       A ClipResult; see its docstring.
@@ -363,7 +445,8 @@ def clipped_grad_sum(
     Raises:
       ValueError: a batch that is not a whole number of micro-batches, an unknown
         implementation or dtype, or 'layerwise' with a compute dtype other than float32
-        (it reads the layers' own float32 parameters and refuses casts).
+        (it reads the layers' own float32 parameters and refuses casts), or ``routing``
+        with an implementation other than 'vmap'.
     """
     size = mask.shape[0]
     m = microbatch_size
@@ -375,6 +458,13 @@ def clipped_grad_sum(
     loss_fn = in_compute_dtype(loss_fn, compute_dtype)
     # Without clipping (public training) per-example gradients are not needed at all.
     one_mb = _microbatch_summed if clip_norm is None else MICROBATCH_IMPLS[impl]
+    if routing is not None and clip_norm is not None:
+        if impl != "vmap":
+            raise ValueError(
+                f"Routed examples (one model slice per example) need impl='vmap', got '{impl}'."
+            )
+        routed = dataclasses.replace(routing, loss=in_compute_dtype(routing.loss, compute_dtype))
+        one_mb = lambda _, *args: _microbatch_routed(routed, *args)  # noqa: E731
     num_mb = size // m
 
     def take(x, i):

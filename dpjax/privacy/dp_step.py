@@ -105,6 +105,7 @@ def _clipped_sum_fn(
             impl=clipping_impl,
             compute_dtype=compute_dtype,
             unroll=unroll,
+            routing=clipping.routing_of(method),
         )
 
     return clipped_sum

@@ -68,7 +68,7 @@ def probe_bytes_per_example(
         return clipping.clipped_grad_sum(
             method.loss_per_example, t, f, e, m, k,
             clip_norm=1.0, microbatch_size=probe, impl=clipping_impl,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, routing=clipping.routing_of(method),
         )  # fmt: skip
 
     compiled = jax.jit(one).lower(trainable, frozen, examples, mask, keys).compile()
