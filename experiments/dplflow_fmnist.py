@@ -54,8 +54,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.dp.microbatch_size = int(args["microbatch"])
     # The paper's layout: one autoencoder + flow per class (parallel composition).
     c.method_args.per_class = bool(args["per_class"])
-    if args["per_class"] and args["microbatch"] == ARGS["microbatch"]:
-        c.dp.microbatch_size = 50  # Per-example gradients of all K models: 10x the memory.
     c.optim.learning_rate = 5e-3
     c.train.ema_rate = 0.0
     c.train.log_every = 10

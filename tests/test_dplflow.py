@@ -145,10 +145,59 @@ def test_per_class_models_touch_only_their_class_and_report_parallel_composition
     assert dplflow.make(dataclasses.replace(cfg, per_class=False), spec).privacy_notes() == []
 
 
+def test_per_class_routed_clipping_equals_clipping_the_whole_stack():
+    """The DP step's routed path (each example differentiated w.r.t. its class's models
+    only) gives the reference path's clipped sum, norms and counts over the whole stack,
+    with padding rows and several micro-batches; an out-of-range label is dropped."""
+    spec = base.DataSpec((28, 28, 1), 3)
+    cfg = dplflow.Config(latent_dim=4, width=8, flow_layers=2, flow_hidden=8, per_class=True)
+    method = dplflow.make(cfg, spec)
+    params = method.init(jax.random.PRNGKey(0), spec)
+    n = 8
+    ex = {
+        "image": jax.random.uniform(jax.random.PRNGKey(1), (n, 28, 28, 1), minval=-1, maxval=1),
+        "label": jnp.array([2, 0, 2, 1, 1, 2, 0, 0]),
+    }
+    keys = jax.random.split(jax.random.PRNGKey(2), n)
+    mask = jnp.arange(n) < 7  # the last row is padding
+    routing = method.routing()
+    assert routing is not None and routing.num_routes == 3
+
+    def run(tr, e, m, k, routed, clip):
+        return clipping.clipped_grad_sum(
+            method.loss_per_example, tr, {}, e, m, k, clip_norm=clip, microbatch_size=4,
+            routing=routing if routed else None)  # fmt: skip
+
+    for clip in (0.1, 1e9):  # every example clipped; none clipped
+        ref, fast = (
+            jax.jit(lambda t, e, m, k, r=r, c=clip: run(t, e, m, k, r, c))(
+                params.trainable, ex, mask, keys)
+            for r in (False, True)
+        )  # fmt: skip
+        np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-5)
+        assert int(fast.num_valid) == int(ref.num_valid) == 7
+        assert int(fast.num_clipped) == int(ref.num_clipped)
+        np.testing.assert_allclose(float(fast.loss_sum), float(ref.loss_sum), rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(fast.grad_sum),
+                        jax.tree_util.tree_leaves(ref.grad_sum)):  # fmt: skip
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+    # A label outside [0, K) must not write into any class's models.
+    bad = dict(ex, label=ex["label"].at[0].set(5))
+    res = jax.jit(lambda t: run(t, bad, mask, keys, True, 0.1))(params.trainable)
+    assert int(res.num_valid) == 6 and int(res.num_nonfinite) == 1
+    with pytest.raises(ValueError, match="impl='vmap'"):
+        clipping.clipped_grad_sum(method.loss_per_example, params.trainable, {}, ex, mask, keys,
+                                  clip_norm=0.1, microbatch_size=4, impl="layerwise",
+                                  routing=routing)  # fmt: skip
+    assert dplflow.make(dataclasses.replace(cfg, per_class=False), spec).routing() is None
+
+
 def test_samples_and_bits_per_dim():
-    """Sampling is z ~ N(0, I) -> inverse flow -> decoder; bits/dim is, per image, the
-    decoder's Bernoulli cross-entropy plus the flow's exact NLL of the code (change of
-    variables with the forward log-determinant), over D ln 2; both recomputed by hand."""
+    """Sampling is z ~ N(0, I) -> inverse flow -> decoder; the training codelength is, per
+    image, the decoder's Bernoulli cross-entropy plus the flow's exact NLL of the code
+    (change of variables with the forward log-determinant), over D ln 2; both recomputed
+    by hand. (The image likelihood is checked in test_marginal_likelihood.)"""
     method, params, spec = _method()
     # A trained-looking model: fresh output layers are zero (the flow would be the identity).
     leaves, tree = jax.tree_util.tree_flatten(params.trainable)
@@ -169,7 +218,7 @@ def test_samples_and_bits_per_dim():
     np.testing.assert_allclose(imgs, 2 * jax.nn.sigmoid(logits) - 1, atol=1e-5)
     x = jax.random.uniform(jax.random.PRNGKey(4), (3, 28, 28, 1), minval=-1, maxval=1)
     y = jnp.array([0, 1, 2])
-    bpd = method.bits_per_dim(params, x, y)
+    bpd = method.codelength_bits_per_dim(params, x, y)
     code, rec = method.ae.apply({"params": trainable["ae"]}, x)
     p = 1.0 / (1.0 + np.exp(-np.asarray(rec, np.float64)))
     t = (np.asarray(x, np.float64) + 1) / 2
@@ -180,6 +229,8 @@ def test_samples_and_bits_per_dim():
     np.testing.assert_allclose(bpd, (bce + nll) / (784 * math.log(2.0)), rtol=1e-4)
     with pytest.raises(ValueError, match="labelled"):
         dplflow.make(dplflow.Config(), base.DataSpec((28, 28, 1), 0))
+    with pytest.raises(ValueError, match="pixel_model must be one of"):
+        dplflow.make(dplflow.Config(pixel_model="gaussian"), spec)
 
 
 def test_smoke_run_then_eval_reports_bits_per_dim(tmp_path):
@@ -190,7 +241,14 @@ def test_smoke_run_then_eval_reports_bits_per_dim(tmp_path):
     wd = str(tmp_path)
     train.train(dplflow_fmnist.get_config("smoke"), wd, log=lambda *_: None)
     cfg = report.EvalConfig(num_samples=8, sample_batch=8, fid=False, downstream=False,
-                            memorization=False)  # fmt: skip
+                            memorization=False, likelihood_samples=8,
+                            bits_per_dim_images=50)  # fmt: skip
     result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
-    assert np.isfinite(result["bits_per_dim"]["test"]) and result["bits_per_dim"]["test"] > 0
+    bpd = result["bits_per_dim"]
+    assert np.isfinite(bpd["test"]) and bpd["test"] > 0
+    # A normalized likelihood of 8-bit images: at most 8 bits per dimension would be the
+    # uniform model; the smoke model is far from trained, so only bound it loosely.
+    assert bpd["importance_samples"] == cfg.likelihood_samples and bpd["images"] > 0
+    assert 1 <= bpd["ess_mean"] <= cfg.likelihood_samples
+    assert np.isfinite(bpd["codelength_test"]) and bpd["stderr"] >= 0
     assert "bits per dimension" in (tmp_path / "eval_report.md").read_text()

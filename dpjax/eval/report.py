@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
+from dpjax.eval import marginal_likelihood
 from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
 from dpjax.typed_config import from_configdict
@@ -42,8 +44,12 @@ class EvalConfig:
         held-out part of the synthetic data, never on the test set.
       memorization: nearest training image of each sample (pixels, and Inception
         features when ``fid``).
-      bits_per_dim: for methods with an exact likelihood (``method.bits_per_dim``, e.g.
-        DP-LFlow), the mean bits per dimension of the real test split.
+      bits_per_dim: for methods with a likelihood (``method.bits_per_dim``, e.g.
+        DP-LFlow), the mean bits per dimension of the real test split (with its
+        standard error over images).
+      bits_per_dim_images: how many test images (the first ones; 0: all of them).
+      likelihood_samples: importance samples per image where the likelihood integrates
+        over a latent (``dpjax.eval.marginal_likelihood``).
       seed: sampling seed (a stream separate from training's).
     """
 
@@ -58,6 +64,8 @@ class EvalConfig:
     downstream_epochs: int = 50
     memorization: bool = True
     bits_per_dim: bool = True
+    bits_per_dim_images: int = 0
+    likelihood_samples: int = 128
     seed: int = 0
 
 
@@ -144,7 +152,9 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         method, params = trained[:2]
         if hasattr(method, "bits_per_dim"):
             test = splits["test"]
-            result["bits_per_dim"] = {"test": _mean_bits_per_dim(method, params, test)}
+            t = time.time()
+            result["bits_per_dim"] = bits_per_dim_report(method, params, test, cfg)
+            result["bits_per_dim"]["seconds"] = time.time() - t
             log(f"[dpjax] eval: bits/dim on the test split {result['bits_per_dim']['test']:.4f}")
             _write_json(workdir, result)
 
@@ -184,15 +194,45 @@ def privacy_at_checkpoint(workdir: str, method: Any, method_name: str, step: int
     return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
 
 
-def _mean_bits_per_dim(method, params, dataset, batch: int = 1000) -> float:
-    """Mean of ``method.bits_per_dim`` over a dataset, in batches."""
-    fn = jax.jit(lambda x, y: method.bits_per_dim(params, x, y))
-    total, n = 0.0, len(dataset)
+def bits_per_dim_report(
+    method: Any, params: Any, dataset: Any, cfg: EvalConfig, batch: int = 100
+) -> dict[str, Any]:
+    """Mean of ``method.bits_per_dim`` over the first ``cfg.bits_per_dim_images`` images
+    of ``dataset`` (all when 0), its standard error over images, the mean effective
+    sample size where the method reports one, and the training codelength where the
+    method has one (``codelength_bits_per_dim``)."""
+    n = len(dataset) if cfg.bits_per_dim_images <= 0 else min(cfg.bits_per_dim_images,
+                                                                len(dataset))  # fmt: skip
+    dims = math.prod(dataset.images.shape[1:])
+    key = jax.random.PRNGKey(cfg.seed)
+    if hasattr(method, "log_likelihood"):
+        settings = marginal_likelihood.Settings(num_samples=cfg.likelihood_samples)
+        fn = jax.jit(lambda x, y, k: method.log_likelihood(params, x, y, k, settings))
+    else:
+        fn = jax.jit(lambda x, y, k: (-method.bits_per_dim(params, x, y) * dims * math.log(2),
+                                      {}))  # fmt: skip
+    code_fn = None
+    if hasattr(method, "codelength_bits_per_dim"):
+        code_fn = jax.jit(lambda x, y: method.codelength_bits_per_dim(params, x, y))
+    bpd, ess, code = [], [], []
     for i in range(0, n, batch):
-        x = to_model_range(jnp.asarray(dataset.images[i : i + batch]))
-        y = jnp.asarray(dataset.labels[i : i + batch], jnp.int32)
-        total += float(jnp.sum(fn(x, y)))
-    return total / n
+        x = to_model_range(jnp.asarray(dataset.images[i : min(i + batch, n)]))
+        y = jnp.asarray(dataset.labels[i : min(i + batch, n)], jnp.int32)
+        log_p, diag = fn(x, y, jax.random.fold_in(key, i))
+        bpd.append(np.asarray(-log_p) / (dims * math.log(2)))
+        if "ess" in diag:
+            ess.append(np.asarray(diag["ess"]))
+        if code_fn is not None:
+            code.append(np.asarray(code_fn(x, y)))
+    bpd = np.concatenate(bpd).astype(np.float64)
+    out = {"test": float(bpd.mean()), "stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
+           if len(bpd) > 1 else 0.0, "images": int(len(bpd))}  # fmt: skip
+    if ess:
+        out["importance_samples"] = cfg.likelihood_samples
+        out["ess_mean"] = float(np.concatenate(ess).mean())
+    if code:
+        out["codelength_test"] = float(np.concatenate(code).astype(np.float64).mean())
+    return out
 
 
 def _write_json(workdir: str, result: dict[str, Any]) -> None:
@@ -227,7 +267,17 @@ def report_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {k} | {100 * v['test_accuracy']:.1f}% | {v['selected_epoch']} |")
         lines.append("")
     if "bits_per_dim" in result:
-        lines.append(f"- bits per dimension, real test split: {result['bits_per_dim']['test']:.4f}")
+        b = result["bits_per_dim"]
+        line = f"- bits per dimension, real test split: {b['test']:.4f}"
+        if "stderr" in b:
+            line += f" +- {b['stderr']:.4f} (standard error over {b['images']} images)"
+        if "ess_mean" in b:
+            line += (f"; log p(x) by importance sampling, {b['importance_samples']} samples "
+                     f"per image, mean effective sample size {b['ess_mean']:.1f}")  # fmt: skip
+        lines.append(line)
+        if "codelength_test" in b:
+            lines.append(f"- training codelength (not a likelihood), bits per dimension: "
+                         f"{b['codelength_test']:.4f}")  # fmt: skip
     if "memorization" in result:
         for space, summary in result["memorization"].items():
             shown = ", ".join(

@@ -78,3 +78,57 @@ def bernoulli_nll(logits: jax.Array, x01: jax.Array) -> jax.Array:
     """Sum over pixels of the binary cross-entropy of targets in [0, 1] (nats)."""
     per_pixel = jnp.maximum(logits, 0) - logits * x01 + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return jnp.sum(per_pixel, axis=(-3, -2, -1))
+
+
+#: Grey levels of an 8-bit image (the Binomial's number of trials is LEVELS - 1).
+LEVELS = 256
+
+
+def binomial_log_prob(logits: jax.Array, x01: jax.Array) -> jax.Array:
+    """Sum over pixels of log Binomial(k | 255, sigmoid(logits)), k = round(255 x01) (nats).
+
+    The normalized distribution over the 256 grey levels whose negative log-likelihood is
+    255 x ``bernoulli_nll(logits, k / 255)`` minus log C(255, k): the Bernoulli
+    cross-entropy on grey levels that DP-LFlow trains with is, up to that scale and a
+    term without parameters, this likelihood, so the trained decoder is its maximum-
+    likelihood fit. Summed over k = 0..255 its probabilities are 1 for every logit.
+    """
+    n = LEVELS - 1
+    k = jnp.round(jnp.clip(x01, 0.0, 1.0) * n)
+    log_choose = (
+        jax.lax.lgamma(jnp.float32(n + 1)) - jax.lax.lgamma(k + 1.0) - jax.lax.lgamma(n - k + 1.0)
+    )
+    per_pixel = log_choose + k * jax.nn.log_sigmoid(logits) + (n - k) * jax.nn.log_sigmoid(-logits)
+    return jnp.sum(per_pixel, axis=(-3, -2, -1))
+
+
+def continuous_bernoulli_log_prob(logits: jax.Array, x01: jax.Array) -> jax.Array:
+    """Sum over pixels of log P(grey level k | lambda), lambda = sigmoid(logits) (nats).
+
+    The decoder's own density: the continuous Bernoulli on [0, 1] (Loaiza-Ganem and
+    Cunningham 2019, eq. 2), p(x | lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x), whose
+    log is minus the Bernoulli cross-entropy on grey levels the model trains with plus
+    the normalizer log C(lambda). An 8-bit level k = round(255 x01) gets the mass of its
+    bin [k/256, (k+1)/256] (uniform dequantization), in closed form from the CDF
+    F(x) = (lambda^x (1 - lambda)^(1 - x) + lambda - 1) / (2 lambda - 1):
+
+        P(k) = sigmoid(-l) e^(a l) expm1(w l) / tanh(l / 2),  a = k / 256, w = 1 / 256,
+
+    -> w as l -> 0 (the uniform). Summed over the 256 levels it is 1 for every logit.
+    """
+    w = 1.0 / LEVELS
+    a = jnp.round(jnp.clip(x01, 0.0, 1.0) * (LEVELS - 1)) * w
+    small = jnp.abs(logits) < 1e-4
+    safe = jnp.where(small, 1.0, logits)  # Keeps the unused branch's gradient finite.
+    exact = jnp.log(jnp.abs(jnp.expm1(w * safe))) - jnp.log(jnp.abs(jnp.tanh(0.5 * safe)))
+    # expm1(w l) / tanh(l / 2) = 2 w (1 + w l / 2 + O(l^2)) near 0.
+    ratio = jnp.where(small, jnp.log(2.0 * w) + 0.5 * w * logits, exact)
+    per_pixel = jax.nn.log_sigmoid(-logits) + a * logits + ratio
+    return jnp.sum(per_pixel, axis=(-3, -2, -1))
+
+
+#: Normalized pixel likelihoods of 8-bit images given decoder logits (``pixel_model``).
+PIXEL_MODELS = {
+    "continuous_bernoulli": continuous_bernoulli_log_prob,
+    "binomial": binomial_log_prob,
+}
