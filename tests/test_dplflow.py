@@ -13,6 +13,7 @@ import pytest
 from dpjax.methods import base, dplflow
 from dpjax.models import realnvp
 from dpjax.privacy import clipping
+from tests.tree_utils import jittered
 
 
 def _flow(num_classes=0, dim=6):
@@ -200,11 +201,7 @@ def test_samples_and_bits_per_dim():
     by hand. (The image likelihood is checked in test_marginal_likelihood.)"""
     method, params, spec = _method()
     # A trained-looking model: fresh output layers are zero (the flow would be the identity).
-    leaves, tree = jax.tree_util.tree_flatten(params.trainable)
-    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    trainable = jax.tree_util.tree_unflatten(
-        tree, [v + 0.2 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]
-    )
+    trainable = jittered(params.trainable, seed=7, scale=0.2)
     params = base.Params(trainable)
     labels = jnp.array([0, 1, 2, 0, 1, 2])
     key = jax.random.PRNGKey(3)

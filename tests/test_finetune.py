@@ -16,6 +16,7 @@ from dpjax.privacy import clipping
 from dpjax.privacy.accounting import PrivacyError
 from experiments import dpdm_fmnist
 from tests.config_overrides import with_overrides
+from tests.tree_utils import jittered
 
 
 def _tree():
@@ -48,18 +49,9 @@ def _tiny(**kw):
     return dpdm.make(cfg, SPEC)
 
 
-def _jittered(tree, seed=5):
-    """Stand-in for pre-trained weights: a fresh UNet has zero-initialized output layers."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]
-    )
-
-
 def test_lora_at_initialization_leaves_the_model_unchanged():
     base_method = _tiny()
-    full = _jittered(base_method.init(jax.random.PRNGKey(0), SPEC).trainable)
+    full = jittered(base_method.init(jax.random.PRNGKey(0), SPEC).trainable)
     adapted = _tiny(lora_rank=2, lora_targets=("attn",))
     params = adapted.init(jax.random.PRNGKey(0), SPEC)
     assert count_params(params.trainable["unet"]) == 0
@@ -96,7 +88,7 @@ def test_k_copies_are_clipped_together_as_one_example():
     assert m.config.noise_multiplicity == 2
     p = m.init(jax.random.PRNGKey(0), SPEC)
     # A stand-in pre-trained UNet, and a non-zero B so that A gets gradients too.
-    p = base.Params(jax.tree_util.tree_map(lambda v: v + 0.1, p.trainable), _jittered(p.frozen))
+    p = base.Params(jax.tree_util.tree_map(lambda v: v + 0.1, p.trainable), jittered(p.frozen))
     ex = {"image": jax.random.uniform(jax.random.PRNGKey(2), (3, 8, 8, 1), minval=-1, maxval=1),
           "label": jnp.array([0, 1, 2])}  # fmt: skip
     keys = jax.random.split(jax.random.PRNGKey(3), 3)

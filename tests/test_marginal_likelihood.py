@@ -15,6 +15,7 @@ from jax.scipy.stats import multivariate_normal
 from dpjax.eval import marginal_likelihood as ml
 from dpjax.methods import base, dplflow
 from dpjax.models import conv_autoencoder
+from tests.tree_utils import jittered
 
 
 @pytest.mark.parametrize("model", sorted(conv_autoencoder.PIXEL_MODELS))
@@ -90,10 +91,7 @@ def test_dplflow_image_likelihood_equals_quadrature_over_a_2d_latent(pixel_model
     method = dplflow.make(cfg, spec)
     params = method.init(jax.random.PRNGKey(0), spec)
     # Fresh flows are the identity (zero output layers): jitter every weight.
-    leaves, tree = jax.tree_util.tree_flatten(params.trainable)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-    params = base.Params(jax.tree_util.tree_unflatten(tree, leaves))
+    params = base.Params(jittered(params.trainable, seed=1, scale=0.2))
     images = jnp.round(jax.random.uniform(jax.random.PRNGKey(5), (2, 8, 8, 1)) * 255) / 255 * 2 - 1
     labels = jnp.array([1, 2])
     settings = ml.Settings(num_samples=4096)
