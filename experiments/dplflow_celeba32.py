@@ -44,6 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.ema_rate = 0.0
     c.train.log_every = 10
     c.train.ckpt_every = 50
+    c.eval.bits_per_dim_images = 1000  # As dplflow_fmnist: the mode search per image.
     if args["smoke"]:
         common.smoke_overrides(c, num_classes=2, image_shape=(32, 32, 3))
         c.method_args.latent_dim = 4

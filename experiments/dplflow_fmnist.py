@@ -59,6 +59,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.ckpt_every = 50
     c.eval.num_samples = 60000
+    # log p(x) searches each image's posterior mode (L-BFGS): about 2.5 s per image on
+    # a 2-core CPU. 1,000 test images give a standard error near 0.03 bits/dim;
+    # --config.eval.bits_per_dim_images=0 takes the whole split.
+    c.eval.bits_per_dim_images = 1000
     if args["smoke"]:
         common.smoke_overrides(c)
         c.method_args.latent_dim = 4
