@@ -118,3 +118,5 @@ def test_dplflow_image_likelihood_equals_quadrature_over_a_2d_latent(pixel_model
         assert 1 < float(diag["ess"][i]) <= 4096
     bpd = jax.jit(lambda p: method.bits_per_dim(p, images, labels, settings=settings))(params)
     np.testing.assert_allclose(bpd, -log_p / (64 * math.log(2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the images' labels"):
+        method.log_likelihood(params, images)

@@ -219,9 +219,14 @@ class DPLFlow(base.Method):
 
         Returns:
           ((N,) log-likelihoods, diagnostics with (N,) 'ess' and 'log_joint_at_mode').
+
+        Raises:
+          ValueError: no labels for a conditional or per-class model.
         """
         key = jax.random.PRNGKey(0) if key is None else key
         n = images.shape[0]
+        if labels is None and (self.config.conditional or self.config.per_class):
+            raise ValueError("A conditional or per-class DP-LFlow needs the images' labels.")
         labels = jnp.zeros((n,), jnp.int32) if labels is None else labels
         labels = jnp.asarray(labels, jnp.int32)
 
