@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpjax.eval import marginal_likelihood
 from dpjax.methods import base, dplflow
 from dpjax.models import realnvp
 from dpjax.privacy import clipping
@@ -137,11 +138,20 @@ def test_per_class_models_touch_only_their_class_and_report_parallel_composition
     want = jax.jit(lambda p: single.sample(p, key, 2))(base.Params(tr2))
     np.testing.assert_allclose(got, want, atol=1e-5)
     x = ex["image"]
-    np.testing.assert_allclose(
-        jax.jit(lambda p: method.bits_per_dim(p, x, jnp.array([2])))(params),
-        jax.jit(lambda p: single.bits_per_dim(p, x))(base.Params(tr2)),
-        rtol=1e-5,
-    )
+    # Codelength and likelihood of class 2 use class 2's models (jittered so that the
+    # classes' models differ clearly: fresh flows are all the identity).
+    pj = base.Params(jittered(params.trainable, seed=9, scale=0.2))
+    pj2 = base.Params(jax.tree_util.tree_map(lambda p: p[2], pj.trainable))
+    code = jax.jit(lambda p, y: method.codelength_bits_per_dim(p, x, y))
+    want = jax.jit(lambda p: single.codelength_bits_per_dim(p, x))(pj2)
+    np.testing.assert_allclose(code(pj, jnp.array([2])), want, rtol=1e-5)
+    assert abs(float(code(pj, jnp.array([0]))[0] - want[0])) > 1e-2  # another class's
+    # A converged mode search (a short one amplifies rounding differences).
+    cheap = marginal_likelihood.Settings(num_samples=8)
+    bpd = jax.jit(lambda p, y: method.bits_per_dim(p, x, y, settings=cheap))
+    want = jax.jit(lambda p: single.bits_per_dim(p, x, settings=cheap))(pj2)
+    np.testing.assert_allclose(bpd(pj, jnp.array([2])), want, rtol=1e-5)
+    assert abs(float(bpd(pj, jnp.array([0]))[0] - want[0])) > 1e-4 * float(want[0])
     assert "parallel composition" in method.privacy_notes()[0]
     assert dplflow.make(dataclasses.replace(cfg, per_class=False), spec).privacy_notes() == []
 
@@ -239,13 +249,14 @@ def test_smoke_run_then_eval_reports_bits_per_dim(tmp_path):
     train.train(dplflow_fmnist.get_config("smoke"), wd, log=lambda *_: None)
     cfg = report.EvalConfig(num_samples=8, sample_batch=8, fid=False, downstream=False,
                             memorization=False, likelihood_samples=8,
-                            bits_per_dim_images=50)  # fmt: skip
+                            likelihood_mode_steps=5, bits_per_dim_images=10)  # fmt: skip
     result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
     bpd = result["bits_per_dim"]
     assert np.isfinite(bpd["test"]) and bpd["test"] > 0
     # A normalized likelihood of 8-bit images: at most 8 bits per dimension would be the
     # uniform model; the smoke model is far from trained, so only bound it loosely.
-    assert bpd["importance_samples"] == cfg.likelihood_samples and bpd["images"] > 0
+    assert bpd["importance_samples"] == cfg.likelihood_samples and bpd["images"] == 10
+    assert bpd["mode_steps"] == 5
     assert 1 <= bpd["ess_mean"] <= cfg.likelihood_samples
     assert np.isfinite(bpd["codelength_test"]) and bpd["stderr"] >= 0
     assert "bits per dimension" in (tmp_path / "eval_report.md").read_text()
