@@ -39,9 +39,9 @@ log-density is minus the Bernoulli cross-entropy the model trains with plus its
 normalizer, binned to 8 bits; or Binomial(255, lambda), whose log-likelihood is 255
 times the cross-entropy up to a term without parameters. The flow's density is exact;
 log p(x) integrates it against the decoder's likelihood by importance sampling with a
-Laplace proposal (``dpjax.eval.marginal_likelihood``). The
-earlier figure, the codelength of the encoder's code plus the cross-entropy, is
-``codelength_bits_per_dim`` (not a likelihood: kept for comparison).
+Laplace proposal (``dpjax.eval.marginal_likelihood``). The earlier figure, the
+codelength of the encoder's code plus the cross-entropy, is ``codelength_bits_per_dim``
+(not a likelihood: kept for comparison).
 """
 
 from __future__ import annotations
