@@ -3,7 +3,7 @@
 The same computation as ``--mode=eval`` (``report.bits_per_dim_report``: log p(x) of
 8-bit images by importance sampling over the latent, ``dpjax.eval.marginal_likelihood``)
 on a subset, without re-running the rest of the evaluation: on the 2-core CPU the mode
-search costs about 2 s per image. Prints and writes one JSON record per run.
+search costs about 2.5 s per image. Prints and writes one JSON record per run.
 
 Usage::
 
