@@ -12,6 +12,7 @@ import pytest
 from dpjax.methods import dpdm
 from dpjax.methods.base import DataSpec
 from dpjax.privacy import clipping
+from dpjax.privacy.compute_dtype import in_compute_dtype
 from dpjax.privacy.dp_step import example_keys, make_train_step
 from dpjax.privacy.plan import DPPlan
 from dpjax.randomness import Streams
@@ -67,7 +68,7 @@ def test_bf16_loss_gives_float32_gradients_close_to_float32(setup):
     one = jax.tree_util.tree_map(lambda x: x[0], examples)
     grads = {}
     for name in ("float32", "bfloat16"):
-        loss_fn = clipping.in_compute_dtype(method.loss_per_example, name)
+        loss_fn = in_compute_dtype(method.loss_per_example, name)
         (loss, aux), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
             params.trainable, params.frozen, one, keys[0]
         )
@@ -106,7 +107,7 @@ def test_every_convolution_and_matmul_runs_in_the_compute_dtype(setup, name):
     UNet back to float32 (autocast of the layers' inputs)."""
     method, params, examples, keys = setup
     one = jax.tree_util.tree_map(lambda x: x[0], examples)
-    loss_fn = clipping.in_compute_dtype(method.loss_per_example, name)
+    loss_fn = in_compute_dtype(method.loss_per_example, name)
     grad = jax.grad(lambda t: loss_fn(t, params.frozen, one, keys[0])[0])
     counts = _matmul_operand_dtypes(grad, params.trainable)
     assert sum(counts.values()) > 20, counts  # Forward and backward of the UNet.

@@ -13,7 +13,7 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   ``sensitivity(C, relation)``: C for add/remove (and zero-out), 2C for replace-one.
 * Clipping and summation happen in float32 whatever the compute dtype: with
   ``compute_dtype='bfloat16'`` the loss's forward and backward arithmetic runs in
-  bfloat16 (``in_compute_dtype``), but the parameters stay float32 and the cast sits
+  bfloat16 (``compute_dtype.in_compute_dtype``), but the parameters stay float32 and the cast sits
   inside the differentiated function, so each per-example gradient arrives in float32
   and its norm, the clip, the sum (and the noise, ``dp_step.py``) are float32. The
   sensitivity bound does not depend on how the per-example gradient was computed.
@@ -49,15 +49,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from dpjax.privacy import layerwise
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+from dpjax.privacy.compute_dtype import LossFn, PyTree, check_compute_dtype, in_compute_dtype
 
 
 def sensitivity(clip_norm: float, relation: str = "add_or_remove_one") -> float:
@@ -295,9 +292,6 @@ MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
     "layerwise": _microbatch_layerwise,
 }
 
-#: The compute dtypes of the loss (``dp.compute_dtype``); None: as the parameters are.
-COMPUTE_DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
-
 #: The most micro-batches ``clipped_grad_sum`` unrolls (each copy adds compile time).
 MAX_UNROLLED_MICROBATCHES = 8
 
@@ -323,80 +317,6 @@ def unroll_by_default(num_microbatches: int) -> bool:
     """Whether ``clipped_grad_sum(unroll=None)`` unrolls ``num_microbatches``: on the CPU
     backend up to ``MAX_UNROLLED_MICROBATCHES`` (see the module docstring), else never."""
     return jax.default_backend() == "cpu" and 1 < num_microbatches <= MAX_UNROLLED_MICROBATCHES
-
-
-#: Flax layers whose inputs ``in_compute_dtype`` casts (autocast): the matmuls and
-#: convolutions, where the time goes. Everything else keeps the dtype JAX promotes to.
-AUTOCAST_LAYERS: tuple[type, ...] = (
-    nn.Dense,
-    nn.DenseGeneral,
-    nn.Conv,
-    nn.ConvTranspose,
-    nn.Einsum,
-)
-
-
-def _cast(tree: PyTree, to: Any) -> PyTree:
-    """Floating leaves of ``tree`` cast to ``to``; integer and key leaves untouched."""
-
-    def one(x):
-        is_float = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-        return x.astype(to) if is_float else x
-
-    return jax.tree_util.tree_map(one, tree)
-
-
-def check_compute_dtype(
-    compute_dtype: str, impl: str = "vmap", clipped: bool = True, setting: str = "clipping"
-) -> None:
-    """Raises ValueError for an unknown compute dtype, or for a non-float32 one with the
-    layerwise path when clipping (it reads the layers' own float32 parameters);
-    ``setting`` is the name the caller's user knows the implementation by."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
-        )
-    if impl == "layerwise" and compute_dtype != "float32" and clipped:
-        raise ValueError(
-            f"compute_dtype='{compute_dtype}' needs {setting}='vmap': the layerwise path "
-            "forms per-example gradients from the layers' float32 parameters."
-        )
-
-
-def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:
-    """``loss_fn`` with its matmuls and convolutions in ``compute_dtype``, outputs float32.
-
-    Autocast, as mixed-precision training does it: inside the returned function the
-    parameters, frozen weights and examples are cast to the compute dtype, and the
-    inputs of every Flax layer in ``AUTOCAST_LAYERS`` are cast too (through
-    ``nn.intercept_methods``). The cast is needed because values a loss creates itself
-    (noise draws, time embeddings) are float32 and would promote every layer after them
-    back to float32. Other operations (normalization, softmax, the loss) run in the dtype
-    JAX promotes to. As all casts are INSIDE the function, ``jax.grad`` of it w.r.t.
-    float32 parameters is float32 (the transpose of a cast casts the cotangent back).
-    Integer and key inputs (labels, PRNG keys) are untouched. 'float32' returns
-    ``loss_fn`` itself. A loss whose model is not made of Flax layers gets the parameter
-    casts only.
-
-    Raises:
-      ValueError: an unknown dtype name.
-    """
-    check_compute_dtype(compute_dtype)
-    dtype = COMPUTE_DTYPES[compute_dtype]
-    if dtype is None:
-        return loss_fn
-
-    def autocast(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, AUTOCAST_LAYERS):
-            args, kwargs = _cast((args, kwargs), dtype)
-        return next_fun(*args, **kwargs)
-
-    def loss(trainable, frozen, example, key):
-        with nn.intercept_methods(autocast):
-            out = loss_fn(_cast(trainable, dtype), _cast(frozen, dtype), _cast(example, dtype), key)
-        return _cast(out, jnp.float32)
-
-    return loss
 
 
 def clipped_grad_sum(
@@ -429,8 +349,9 @@ def clipped_grad_sum(
       microbatch_size: examples per vectorized chunk.
       num_real: number of real examples (default: P); micro-batches past it are skipped.
       impl: the per-micro-batch implementation (see ``MICROBATCH_IMPLS``).
-      compute_dtype: the loss's arithmetic dtype (``COMPUTE_DTYPES``; see
-        ``in_compute_dtype``). Gradients, norms, clipping and the sum stay float32.
+      compute_dtype: the loss's arithmetic dtype (``compute_dtype.COMPUTE_DTYPES``; see
+        ``compute_dtype.in_compute_dtype``). Gradients, norms, clipping and the sum stay
+        float32.
       unroll: True: a Python loop over all micro-batches (no early stop; padding rows
         still contribute 0); False: a ``fori_loop`` that stops after the last real one;
         None: ``unroll_by_default`` (unrolled on CPU, where loop bodies are slow).

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpjax.methods.base import to_model_range
 from dpjax.privacy import clipping, noise
+from dpjax.privacy.compute_dtype import check_compute_dtype
 from dpjax.privacy.plan import DPPlan
 from dpjax.randomness import Streams
 from dpjax.state import TrainState, ema_decay
@@ -199,7 +200,7 @@ def make_train_step(
     clip = plan.clip_norm if plan.enabled else None
     noise_std = plan.noise_std if plan.enabled else 0.0
     # Before the first step's trace, so that a bad setting fails at build time.
-    clipping.check_compute_dtype(compute_dtype, clipping_impl, clip is not None, "dp.clipping")
+    check_compute_dtype(compute_dtype, clipping_impl, clip is not None, "dp.clipping")
     unroll = clipping.unroll_setting(microbatch_loop)
     clipped_sum = _clipped_sum_fn(
         method, clip, microbatch_size, clipping_impl, compute_dtype, unroll
