@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from dpjax.methods import base, dpdm
+from dpjax.privacy import provenance
 from dpjax.privacy.provenance import DATA_IDENTITY_FIELDS, data_identity  # noqa: F401
 
 if TYPE_CHECKING:
@@ -76,34 +77,18 @@ def read_teacher_run(workdir: str) -> TeacherRun:
 def check_teacher_privacy(config: Config, run: TeacherRun) -> None:
     """Refuses a teacher whose privacy is not what ``config.teacher_privacy`` declares.
 
-    Also refuses a teacher whose weights started (``init_from``) from a run on the
-    private data: DPDM's ``init_from`` must be public, and its privacy is not composed.
+    A 'dp' teacher must carry a finite DP-SGD plan (``prior_releases`` composes it). Then
+    the teacher and the runs its weights started from are checked against the private
+    data by ``provenance.check_sources_against`` (the same rules as every other
+    ``*_from`` run): a 'public' teacher must not have seen the private data, and no run
+    that the teacher started from may have seen it (only the teacher itself is composed).
 
     Raises:
-      ValueError: a 'dp' teacher without a finite DP plan, a 'public' teacher of the
-        private data, a teacher initialized from a run on the private data, or a check
-        that needs ``private_data`` without it.
+      ValueError: a 'dp' teacher without a finite DP plan; a check that needs
+        ``private_data`` without it; or (``PrivacyError``) a 'public' teacher of the
+        private data, or a teacher that started from a run on the private data.
     """
     plan = run.plan
-    if run.init_from:
-        if not config.private_data:
-            raise ValueError(
-                f"The teacher in {run.workdir} started from {run.init_from}; checking that "
-                "run needs method_args.private_data (see dpsad.data_identity)."
-            )
-        try:
-            with open(os.path.join(run.init_from, "config.json")) as f:
-                start_data = json.load(f).get("data", {})
-        except OSError as e:
-            raise ValueError(
-                f"The teacher in {run.workdir} started from {run.init_from}, which cannot be "
-                f"read ({e}); its data cannot be checked."
-            ) from e
-        if data_identity(start_data) == config.private_data:
-            raise ValueError(
-                f"The teacher in {run.workdir} started from {run.init_from}, a run on the "
-                "private data; an init_from run must be public (its privacy is not composed)."
-            )
     if config.teacher_privacy == "dp":
         if not plan.get("enabled", False):
             raise ValueError(
@@ -116,19 +101,17 @@ def check_teacher_privacy(config: Config, run: TeacherRun) -> None:
             raise ValueError(
                 f"The teacher in {run.workdir} has no finite DP-SGD guarantee (plan {plan})."
             )
-        return
     if not config.private_data:
-        raise ValueError(
-            "teacher_privacy='public' needs method_args.private_data (the data identity of "
-            "this run, see dpsad.data_identity) to check that the teacher was trained on "
-            "other data."
-        )
-    if data_identity(run.data) == config.private_data:
-        raise ValueError(
-            f"The teacher in {run.workdir} was trained on the private data itself "
-            f"({config.private_data}); it is not public. Train the teacher with DP-SGD "
-            "(teacher_privacy='dp') or on other, public data."
-        )
+        if config.teacher_privacy == "public" or run.init_from:
+            raise ValueError(
+                f"Checking the teacher in {run.workdir} (teacher_privacy="
+                f"'{config.teacher_privacy}', init_from={run.init_from!r}) needs "
+                "method_args.private_data (this run's data identity, see "
+                "dpsad.data_identity) to tell which runs saw the private data."
+            )
+        return  # A DP teacher with no sources: composed, nothing to compare.
+    source = provenance.Source("teacher_from", run.workdir, config.teacher_privacy == "dp")
+    provenance.check_sources_against([source], config.private_data)
 
 
 def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:

@@ -122,7 +122,15 @@ def check_sources(sources: Sequence[Source], private_data: Mapping[str, Any]) ->
         not compose it; or a source of a source was trained with DP on it (only direct
         sources are composed); or a source cannot be read.
     """
-    private = data_identity(private_data)
+    check_sources_against(sources, data_identity(private_data))
+
+
+def check_sources_against(sources: Sequence[Source], private: str) -> None:
+    """``check_sources`` with the private data given by its ``data_identity`` string.
+
+    Raises:
+      PrivacyError: as ``check_sources``.
+    """
     for source in sources:
         _check_chain(source, source.what, source.workdir, private, depth=0, seen=())
 
