@@ -13,10 +13,11 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   ``sensitivity(C, relation)``: C for add/remove (and zero-out), 2C for replace-one.
 * Clipping and summation happen in float32 whatever the compute dtype: with
   ``compute_dtype='bfloat16'`` the loss's forward and backward arithmetic runs in
-  bfloat16 (``compute_dtype.in_compute_dtype``), but the parameters stay float32 and the cast sits
-  inside the differentiated function, so each per-example gradient arrives in float32
-  and its norm, the clip, the sum (and the noise, ``dp_step.py``) are float32. The
-  sensitivity bound does not depend on how the per-example gradient was computed.
+  bfloat16 (``compute_dtype.in_compute_dtype``), but the parameters stay float32 and
+  the cast sits inside the differentiated function, so each per-example gradient
+  arrives in float32 and its norm, the clip, the sum (and the noise, ``dp_step.py``) are
+  float32. The sensitivity bound does not depend on how the per-example gradient was
+  computed.
 * Two implementations give the same result up to rounding: 'vmap' (vmap of grad, the
   reference) and 'layerwise' (per-example gradients from layer inputs and output
   cotangents of one ordinary backward pass; see ``dpjax.privacy.layerwise``), the fast one
