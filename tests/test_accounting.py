@@ -2,6 +2,7 @@
 
 import math
 
+import dp_accounting
 import pytest
 
 from dpjax.privacy import accounting, report
@@ -53,3 +54,15 @@ def test_zero_steps_cost_nothing_and_eps_grows_with_steps():
     plan = DPPlan(1000, 0.1, 1.0, 1.0, 100, 1e-5)
     assert plan.epsilon(0) == 0.0
     assert plan.epsilon(10) < plan.epsilon(50) < plan.epsilon(100)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_replace_one_doubles_the_sensitivity_of_an_unsampled_gaussian(kind):
+    # A release of sum of clipped terms + N(0, (sigma C)^2) (DP-MEPF's embedding): under
+    # replace-one its sensitivity is 2C, i.e. the epsilon of sigma / 2 under add/remove.
+    # dp_accounting's RDP accountant ignores the relation for this event, so dpjax
+    # halves sigma for it (``for_accountant``); its PLD accountant does it itself.
+    replace = accounting.epsilon([dp_accounting.GaussianDpEvent(4.0)], 1e-5, kind, "replace_one")
+    half = accounting.epsilon([dp_accounting.GaussianDpEvent(2.0)], 1e-5, kind)
+    assert replace == pytest.approx(half, rel=1e-3)
+    assert replace > 1.5 * accounting.epsilon([dp_accounting.GaussianDpEvent(4.0)], 1e-5, kind)
