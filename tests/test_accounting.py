@@ -66,3 +66,15 @@ def test_replace_one_doubles_the_sensitivity_of_an_unsampled_gaussian(kind):
     half = accounting.epsilon([dp_accounting.GaussianDpEvent(2.0)], 1e-5, kind)
     assert replace == pytest.approx(half, rel=1e-3)
     assert replace > 1.5 * accounting.epsilon([dp_accounting.GaussianDpEvent(4.0)], 1e-5, kind)
+
+
+def test_same_guarantee_means_the_same_mechanism_whatever_the_step_count():
+    # A resume (and an export) compares the checkpoint's plan with the workdir's.
+    base = DPPlan(num_examples=1000, sampling_rate=0.1, noise_multiplier=1.5, clip_norm=1.0,
+                  steps=100, delta=1e-5)  # fmt: skip
+    assert base.same_guarantee_as(DPPlan.from_dict({**base.to_dict(), "steps": 7}))
+    for key, value in [("noise_multiplier", 1.4), ("sampling_rate", 0.11), ("clip_norm", 2.0),
+                       ("delta", 1e-6), ("num_examples", 999), ("neighbouring", "replace_one"),
+                       ("enabled", False)]:  # fmt: skip
+        other = DPPlan.from_dict({**base.to_dict(), key: value})
+        assert not base.same_guarantee_as(other), key

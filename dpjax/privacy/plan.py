@@ -91,12 +91,16 @@ class DPPlan:
             return accounting.dp_accounting.NoOpDpEvent()
         return accounting.dpsgd_event(self.noise_multiplier, self.sampling_rate, steps)
 
-    def epsilon(self, steps: int | None = None, kind: str | None = None, extra_events=()) -> float:
-        """Epsilon at ``delta`` after ``steps`` steps, composed with any extra releases."""
+    def epsilon(self, steps: int | None = None, kind: str | None = None) -> float:
+        """Epsilon at ``delta`` of this plan's own first ``steps`` steps (default: all).
+
+        Only the plan's mechanism: a run's total, with its prior releases, is
+        ``privacy.report``'s.
+        """
         if not self.enabled:
             return math.inf
         return accounting.epsilon(
-            [self.dp_event(steps), *extra_events],
+            [self.dp_event(steps)],
             self.delta,
             kind or self.accountant,
             self.neighbouring,
