@@ -58,6 +58,11 @@ def test_a_leak_deeper_in_the_chain_is_found(tmp_path):
     middle = _run(tmp_path, "middle", PUBLIC, dp=False, init_from=leak, trainable=("attn",))
     with pytest.raises(PrivacyError, match=r"autoencoder_from=.*middle.*through init_from=.*leak"):
         provenance.check_sources([provenance.Source("autoencoder_from", middle)], PRIVATE)
+    # Every *_from key of a source is followed, not only init_from: a public LDM whose
+    # autoencoder was trained without DP on the private data.
+    ldm = _run(tmp_path, "ldm", PUBLIC, dp=False, autoencoder_from=leak)
+    with pytest.raises(PrivacyError, match=r"init_from=.*ldm.*through autoencoder_from=.*leak"):
+        provenance.check_sources([provenance.Source("init_from", ldm)], PRIVATE)
     # The same chain on other private data is fine, and a cycle terminates.
     other = {**PRIVATE, "split": "test"}
     provenance.check_sources([provenance.Source("autoencoder_from", middle)], other)
