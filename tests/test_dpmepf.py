@@ -178,6 +178,12 @@ def test_release_adds_noise_of_std_sigma_and_gradients_are_the_matching_ones():
     # In units of C: the noise std is sigma whatever C is.
     assert float(jnp.std(release.values["sum"] - exact)) == pytest.approx(2.0, rel=0.02)
     assert float(jnp.std(release.values["val_sum"] - exact)) == pytest.approx(8.0, rel=0.02)
+    # The two releases' noises are independent, as their composition assumes: with one
+    # draw shared, a linear combination of the two would cancel it and give the exact sums.
+    corr = np.corrcoef(
+        np.ravel(release.values["sum"] - exact), np.ravel(release.values["val_sum"] - exact)
+    )[0, 1]
+    assert abs(corr) < 0.05
     assert [r["noise_multiplier"] for r in release.records] == [2.0, 8.0]
     # The moving average's gradient at m = 0 is -(target - fake mean): the matching loss
     # of GFMN.
