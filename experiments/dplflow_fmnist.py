@@ -21,6 +21,10 @@ Commands::
 
 Paper (FMNIST, per-class models, test-set FID after a sharpness filter): see
 ``../shared/reference/anchors_results.md``; dpjax's rows are in benchmarks/results.md.
+Measured on a 2-core CPU (10k samples; FID of 1k samples against 1k test images; bits/dim
+of 300 test images): per-class at epsilon 10 / 1: CNN 50.6 / 41.5%, FID 216.5 / 280.4,
+5.00 / 5.52 bits/dim; conditional: CNN 19.4 / 10.4%, FID 134.6 / 203.3, bits/dim 5.15 at
+epsilon 1.
 """
 
 import ml_collections
