@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=4
 
-.PHONY: install demo test test-slow lint bench-cpu fmnist clean
+.PHONY: install demo test test-slow mutants lint bench-cpu fmnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: install fmnist
 
 test-slow: install fmnist
 	$(PY) -m pytest -m slow
+
+# Every privacy-critical mutant in tests/privacy_mutants.py must fail a test (~6 minutes).
+mutants: install fmnist
+	PYTHONPATH=. $(PY) tests/privacy_mutants.py
 
 lint: install
 	$(VENV)/bin/ruff check dpjax tests experiments launch benchmarks
