@@ -7,7 +7,7 @@ with it, restores the file (also on Ctrl-C), and reports KILLED (a test failed, 
 must) or SURVIVED (no test noticed: a hole in the suite). It exits 1 if any survived, or
 if a mutant's text no longer occurs exactly once (the code moved: update the mutant).
 
-Not part of ``make test`` (each mutant re-runs its tests: 6 minutes for all 26 on 2 cores)::
+Not part of ``make test`` (each mutant re-runs its tests: about 6 minutes for all on 2 cores)::
 
     make mutants    # or: PYTHONPATH=. .venv/bin/python tests/privacy_mutants.py [-k SUBSTRING]
 """
@@ -48,6 +48,12 @@ MUTANTS = (
     Mutant("routed sum halved", "dpjax/privacy/clipping.py",
            "return jax.ops.segment_sum(", "return 0.5 * jax.ops.segment_sum(",
            ("tests/test_dplflow.py", "-k", "routed")),
+    Mutant("an out-of-range route summed into slice 0", "dpjax/privacy/clipping.py",
+           "loss = jnp.where(in_range, loss, jnp.nan)", "loss = loss",
+           ("tests/test_dplflow.py", "-k", "routed")),
+    Mutant("the update divided by the realized batch", "dpjax/privacy/dp_step.py",
+           "            denom = plan.expected_batch_size",
+           "            denom = jnp.maximum(res.num_valid, 1).astype(jnp.float32)", ENGINE),
     Mutant("layerwise conv bias halved", "dpjax/privacy/layerwise.py",
            'out["bias"] = jnp.sum(gg, axis=1)', 'out["bias"] = 0.5 * jnp.sum(gg, axis=1)',
            ("tests/test_layerwise.py",)),
