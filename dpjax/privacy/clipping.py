@@ -112,7 +112,8 @@ class Routing:
 
 
 def routing_of(method: Any) -> Routing | None:
-    """``method.routing()``; None for an object without the hook (e.g. a test double)."""
+    """``method.routing()``; None for an object without the hook (``audit.CanaryMethod``,
+    whose canary rows do not follow the wrapped method's routes: the reference path)."""
     return method.routing() if hasattr(method, "routing") else None
 
 
