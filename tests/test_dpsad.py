@@ -31,6 +31,7 @@ from dpjax.privacy import clipping
 from dpjax.state import TrainState
 from experiments import dpdm_fmnist, dpsad_fmnist
 from tests.config_overrides import with_overrides
+from tests.tree_utils import jittered
 
 SPEC = base.DataSpec(dpsad_fmnist.SMOKE_SHAPE, 10)
 TEACHER_STEP = 2  # The teacher's checkpoint: step 2 of a plan of 3 steps.
@@ -121,10 +122,7 @@ def batch(n: int = 3) -> dict:
 def params(method: dpsad.DPSAD) -> base.Params:
     """Initial parameters with the student moved off the teacher (so every term has a gradient)."""
     p = jax.jit(method.init, static_argnums=1)(jax.random.PRNGKey(0), SPEC)
-    rng = np.random.default_rng(7)
-    student = jax.tree_util.tree_map(
-        lambda v: v + jnp.asarray(rng.normal(0.0, 0.05, v.shape), v.dtype), p.trainable["student"]
-    )
+    student = jittered(p.trainable["student"], seed=7, scale=0.05)
     return base.Params({**p.trainable, "student": student}, p.frozen)
 
 
