@@ -171,6 +171,17 @@ def test_a_dp_teacher_is_a_prior_release_with_its_checkpoint_steps(teachers):
     assert record["neighbouring"] == "add_or_remove_one"
 
 
+def test_the_report_says_how_the_teacher_enters_the_guarantee(teachers):
+    dp_note, loop_note = tiny(teachers["dp"]).privacy_notes()
+    assert teachers["dp"] in dp_note
+    assert f"DP-SGD on the private data ({TEACHER_STEP} steps)" in dp_note
+    assert "composed into the epsilon" in dp_note and "never exported" in loop_note
+    (public_note, _) = tiny(teachers["public_other_data"], teacher_privacy="public").privacy_notes()
+    assert "declared public" in public_note and "not composed" in public_note
+    # It names the teacher's data (fake seed 1) and this run's private data (fake seed 0).
+    assert "fake_seed=1" in public_note and private_data() in public_note
+
+
 # --- The per-example loss --------------------------------------------------------------
 
 

@@ -245,6 +245,29 @@ class DPSAD(base.Method):
         ]
         return [own, *inherited]
 
+    def privacy_notes(self) -> list[str]:
+        """How the teacher enters the guarantee (written into the privacy report).
+
+        A reader of the report must see which teacher was used and why it is, or is not,
+        in the composition; the export holds no teacher parameter in either case.
+        """
+        t = self.teacher_run
+        if self.config.teacher_privacy == "dp":
+            how = (
+                f"trained with DP-SGD on the private data ({t.step} steps); its training is "
+                "composed into the epsilon above as a prior release"
+            )
+        else:
+            how = (
+                f"declared public: trained on {data_identity(t.run.data)}, which is not this "
+                f"run's private data ({self.config.private_data}); it is not composed"
+            )
+        return [
+            f"DP-SAD teacher {t.run.workdir}: {how}.",
+            "The student and the discriminator are trained in one DP-SGD loop with one "
+            "clip over both; the teacher is frozen and is never exported.",
+        ]
+
     def exported_frozen(self, frozen: base.PyTree) -> base.PyTree:
         """The frozen parameters an export may publish: none (the teacher stays private)."""
         del frozen
