@@ -72,6 +72,7 @@ ARGS = {
     "teacher_eps": 8.0,
     "teacher": "",
     "teacher_privacy": "dp",
+    "teacher_init": "",
     "student_init": "teacher",
     "K": 8,
     "lam": 1.0,
@@ -122,6 +123,14 @@ def teacher_config(args: dict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"teacher_privacy must be 'dp' or 'public', got {args['teacher_privacy']!r}."
         )
+    if args["teacher_init"]:
+        if args["teacher_privacy"] != "dp":
+            raise ValueError(
+                "teacher_init is the DP teacher's public start; it needs teacher_privacy=dp."
+            )
+        # DPDM's init_from: public weights, checked against the private data when the
+        # teacher run starts (provenance) and again when the student loads the teacher.
+        c.method_args.init_from = str(args["teacher_init"])
     if args["smoke"]:
         common.smoke_overrides(c, image_shape=SMOKE_SHAPE)
         common.small_dpdm_unet(c, nf=8, attn_resolutions=(), num_steps=2, sample_batch=10)

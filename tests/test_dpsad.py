@@ -71,8 +71,11 @@ def fake_teacher(directory, releases=(), **over) -> str:
         lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), jnp.float32),
         ncsnpp.param_shapes(method.unet_config),
     )
-    opt_state = train.make_optimizer(cfg.optim).init(unet)
-    state = TrainState(jnp.asarray(TEACHER_STEP, jnp.int32), unet, {}, opt_state, unet)
+    # A teacher that started from another run (init_from) keeps DPDM's fine-tuning layout.
+    trainable, frozen = ({"unet": unet}, {"unet": {}}) if method.fine_tuning else (unet, {})
+    opt_state = train.make_optimizer(cfg.optim).init(trainable)
+    step = jnp.asarray(TEACHER_STEP, jnp.int32)
+    state = TrainState(step, trainable, frozen, opt_state, trainable)
     meta = {"plan": plan.to_dict(), "steps_done": TEACHER_STEP, "releases": list(releases),
             "method": "dpdm"}  # fmt: skip
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
@@ -95,13 +98,15 @@ def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     dp = fake_teacher(root / "dp", **{"dp.noise_multiplier": TEACHER_SIGMA})
     same = variant(dp, root / "same", **{"dp.enabled": False})
+    other = variant(dp, root / "other", **{"dp.enabled": False, "data.fake_seed": 1})
     return {
         "dp": dp,
         "nonprivate_same_data": same,
-        "public_other_data": variant(dp, root / "other", **{"dp.enabled": False,
-                                                             "data.fake_seed": 1}),
+        "public_other_data": other,
         "dp_from_private_start": variant(dp, root / "from_same", **{
             "dp.noise_multiplier": TEACHER_SIGMA, "method_args.init_from": same}),
+        "dp_from_public_start": fake_teacher(root / "from_public", **{
+            "dp.noise_multiplier": TEACHER_SIGMA, "method_args.init_from": other}),
     }  # fmt: skip
 
 
@@ -151,6 +156,10 @@ def test_a_teacher_trained_without_dp_on_the_private_data_is_refused(teachers):
     # Public data (another fake seed): accepted, and it costs this run nothing.
     public = tiny(teachers["public_other_data"], teacher_privacy="public")
     assert public.prior_releases() == []
+    # A DP teacher that started from that public run (teacher_init): accepted, and its
+    # own DP-SGD training is still composed.
+    (record,) = tiny(teachers["dp_from_public_start"], teacher_privacy="dp").prior_releases()
+    assert record["noise_multiplier"] == TEACHER_SIGMA and record["steps"] == TEACHER_STEP
 
 
 def test_private_data_follows_the_data_section():
@@ -429,6 +438,12 @@ def test_experiment_stages_and_refusals():
     assert dpsad_fmnist.get_config("teacher_privacy=public").method_args.teacher_privacy == "public"
     with pytest.raises(ValueError, match="teacher_privacy"):
         dpsad_fmnist.get_config("stage=teacher,teacher_privacy=none")
+    # The DP teacher started from a public run: DPDM's init_from, DP still on.
+    started = dpsad_fmnist.get_config("stage=teacher,teacher_init=runs/mnist_teacher")
+    assert started.method_args.init_from == "runs/mnist_teacher" and started.dp.enabled
+    assert not t.method_args.init_from
+    with pytest.raises(ValueError, match="teacher_init.*teacher_privacy=dp"):
+        dpsad_fmnist.get_config("stage=teacher,teacher_privacy=public,teacher_init=x")
 
 
 def test_quick_stages_are_the_readme_demo_size_on_the_real_data():
