@@ -45,8 +45,10 @@ How dpjax makes the stated epsilon a real (epsilon, delta) guarantee, by constru
     different names (e.g. MNIST from two sources) cannot be detected: the declaration
     is the user's.
   A teacher trained WITHOUT DP on the private data is refused: it is not offered. So
-  is a teacher whose own ``init_from`` run read the private data. These checks are in
-  ``dpsad_teacher.py``.
+  is a teacher whose own ``init_from`` run read the private data. A 'dp' teacher that
+  started from a PUBLIC run (DPDM's ``init_from``) is accepted and still composed: this
+  is the best configuration measured (``experiments/dpsad_fmnist.py``). These checks are
+  in ``dpsad_teacher.py`` and ``privacy.provenance``.
 * The released model is the student (and the DP discriminator, which is DP too). The
   teacher sits in ``frozen`` and ``exported_frozen`` drops it, so ``--mode=export``
   never writes it (also when it is DP or public: it is not the released model).
