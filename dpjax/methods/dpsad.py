@@ -81,6 +81,8 @@ from dpjax.methods.dpsad_teacher import (  # noqa: F401 - data_identity: the pub
     data_identity,
     load_teacher,
     read_teacher_run,
+    teacher_notes,
+    teacher_releases,
 )
 from dpjax.models import discriminator, ncsnpp
 from dpjax.privacy import provenance
@@ -217,58 +219,13 @@ class DPSAD(base.Method):
         return [provenance.Source("teacher_from", self.teacher_run.run.workdir, composed)]
 
     def prior_releases(self) -> list[dict[str, Any]]:
-        """The DP teacher's training (and its own releases); none for a public teacher.
-
-        The teacher's record: ``steps`` Poisson-subsampled Gaussian steps at its plan's
-        sigma and q, where ``steps`` is the step of the checkpoint whose weights are used.
-        """
-        if self.config.teacher_privacy != "dp":
-            return []
-        t = self.teacher_run
-        p = t.run.plan
-        own = {
-            "kind": "dpsgd",
-            "noise_multiplier": float(p["noise_multiplier"]),
-            "sampling_rate": float(p["sampling_rate"]),
-            "steps": t.step,
-            "neighbouring": p["neighbouring"],
-            "description": (
-                f"DP-SAD teacher: DPDM trained with DP-SGD on the private data in {t.run.workdir} "
-                f"({t.step} steps, sigma={p['noise_multiplier']:.6g}, "
-                f"q={p['sampling_rate']:.6g}, {p['neighbouring']})"
-            ),
-        }
-        inherited = [
-            {
-                **{k: v for k, v in r.items() if k != "stage"},
-                "description": f"DP-SAD teacher's release: {r.get('description', r.get('kind'))}",
-            }
-            for r in t.releases
-        ]
-        return [own, *inherited]
+        """The DP teacher's training (and its own releases); none for a public teacher
+        (``dpsad_teacher.teacher_releases``)."""
+        return teacher_releases(self.teacher_run, self.config.teacher_privacy)
 
     def privacy_notes(self) -> list[str]:
-        """How the teacher enters the guarantee (written into the privacy report).
-
-        A reader of the report must see which teacher was used and why it is, or is not,
-        in the composition; the export holds no teacher parameter in either case.
-        """
-        t = self.teacher_run
-        if self.config.teacher_privacy == "dp":
-            how = (
-                f"trained with DP-SGD on the private data ({t.step} steps); its training is "
-                "composed into the epsilon above as a prior release"
-            )
-        else:
-            how = (
-                f"declared public: trained on {data_identity(t.run.data)}, which is not this "
-                f"run's private data ({self.config.private_data}); it is not composed"
-            )
-        return [
-            f"DP-SAD teacher {t.run.workdir}: {how}.",
-            "The student and the discriminator are trained in one DP-SGD loop with one "
-            "clip over both; the teacher is frozen and is never exported.",
-        ]
+        """How the teacher enters the guarantee (``dpsad_teacher.teacher_notes``)."""
+        return teacher_notes(self.teacher_run, self.config)
 
     def exported_frozen(self, frozen: base.PyTree) -> base.PyTree:
         """The frozen parameters an export may publish: none (the teacher stays private)."""

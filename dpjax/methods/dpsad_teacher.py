@@ -2,7 +2,7 @@
 and its weights.
 
 The checks here are what make DP-SAD's epsilon a guarantee (see ``dpsad.py``): a 'dp'
-teacher must carry a finite DP-SGD plan (then ``DPSAD.prior_releases`` composes it), a
+teacher must carry a finite DP-SGD plan (then ``teacher_releases`` composes it), a
 'public' teacher must have been trained on data other than the private data, and no
 teacher may start (``init_from``) from a run on the private data. Everything is read
 from the teacher's workdir before any weight is loaded.
@@ -145,3 +145,58 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
         step=int(step),
         releases=tuple(meta.get("releases", [])),
     )
+
+
+def teacher_releases(teacher: Teacher, privacy: str) -> list[dict[str, Any]]:
+    """The records a student run composes for ``teacher``: none for a 'public' teacher.
+
+    For a 'dp' teacher: its training, ``steps`` Poisson-subsampled Gaussian steps at its
+    plan's sigma and q, where ``steps`` is the step of the checkpoint whose weights are
+    used, then the teacher run's own releases.
+    """
+    if privacy != "dp":
+        return []
+    p = teacher.run.plan
+    own = {
+        "kind": "dpsgd",
+        "noise_multiplier": float(p["noise_multiplier"]),
+        "sampling_rate": float(p["sampling_rate"]),
+        "steps": teacher.step,
+        "neighbouring": p["neighbouring"],
+        "description": (
+            f"DP-SAD teacher: DPDM trained with DP-SGD on the private data in "
+            f"{teacher.run.workdir} ({teacher.step} steps, sigma={p['noise_multiplier']:.6g}, "
+            f"q={p['sampling_rate']:.6g}, {p['neighbouring']})"
+        ),
+    }
+    inherited = [
+        {
+            **{k: v for k, v in r.items() if k != "stage"},
+            "description": f"DP-SAD teacher's release: {r.get('description', r.get('kind'))}",
+        }
+        for r in teacher.releases
+    ]
+    return [own, *inherited]
+
+
+def teacher_notes(teacher: Teacher, config: Config) -> list[str]:
+    """How ``teacher`` enters the guarantee (written into the privacy report).
+
+    A reader of the report must see which teacher was used and why it is, or is not,
+    in the composition; the export holds no teacher parameter in either case.
+    """
+    if config.teacher_privacy == "dp":
+        how = (
+            f"trained with DP-SGD on the private data ({teacher.step} steps); its training "
+            "is composed into the epsilon above as a prior release"
+        )
+    else:
+        how = (
+            f"declared public: trained on {data_identity(teacher.run.data)}, which is not "
+            f"this run's private data ({config.private_data}); it is not composed"
+        )
+    return [
+        f"DP-SAD teacher {teacher.run.workdir}: {how}.",
+        "The student and the discriminator are trained in one DP-SGD loop with one "
+        "clip over both; the teacher is frozen and is never exported.",
+    ]
