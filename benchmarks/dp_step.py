@@ -1,6 +1,6 @@
 """Times dpjax's real DP-SGD step against a non-private step of the same model.
 
-Three variants of one training step, on the same method, optimizer (Adam, lr 3e-4), EMA
+Variants of one training step, on the same method, optimizer (Adam, lr 3e-4), EMA
 and synthetic batch:
 
 * ``plain``: non-private. One jitted step taking ``jax.grad`` of the MEAN of
@@ -9,19 +9,23 @@ and synthetic batch:
   micro-batch sum the gradients over micro-batches in a ``fori_loop``, as the DP step does.
 * ``fast``: ``dpjax.privacy.dp_step.make_train_step(..., clipping_impl='layerwise')``,
   exactly the step ``dpjax.train`` runs.
+* ``ghost``: the same with ``clipping_impl='ghost'`` (per-example norms without
+  per-example gradients where cheaper, and the clipped sum as one reweighted product per
+  layer; ``dpjax/privacy/ghost.py``).
 * ``reference``: the same with ``clipping_impl='vmap'`` (vmap of grad).
 * ``bf16``: the reference path with ``compute_dtype='bfloat16'`` (autocast): the per-example
   forward and backward passes in bfloat16, gradients, clipping, sum and noise in float32.
   Not part of the default ``--variants``.
 
-All three donate the training state. Each (B, K) case uses B real examples (no Poisson
+All variants donate the training state. Each (B, K) case uses B real examples (no Poisson
 padding: the batch has exactly the expected size), uint8 images on the device gathered
 by index as in training, and a plan with N = 60000 (Fashion-MNIST), q = B/N, sigma = 1,
 C = 1. Models: ``--model dpdm`` (DPDM's Fashion-MNIST NCSN++ UNet, 1.75M parameters,
 K = noise multiplicity) and ``--model anchor`` (the anchor benchmark's UNet, 6.3M
 parameters, ``benchmarks/anchor_unet.py``). Cases whose B exceeds ``--microbatch-above``
 (default 1024; the paper's 4096 x 32) run as one logical batch in micro-batches of
-``--microbatch`` examples and by default only with ``--logical-variants`` (plain, fast);
+``--microbatch`` examples and by default only with ``--logical-variants`` (plain, fast,
+ghost);
 ``BxK/m`` sets the micro-batch of one case explicitly. For those cases the entry also
 projects the DPDM recipe: int(300 * 60000 / B) steps (4394 at B = 4096) at the measured
 step time, in hours.
@@ -31,9 +35,10 @@ steps after ``--warmup`` untimed ones (one ``block_until_ready`` at the end), ex
 (and noised images) per second, the ratio to the plain step of the same case, the
 device's process-wide peak memory (``memory_stats()``, where available) and the compiled
 executable's ``memory_analysis()`` sizes. Timings use the default matmul precision (TF32
-on recent NVIDIA GPUs, like the anchor); ``--check`` compares fast and reference at
-'highest' precision first (one step, sigma = 0, SGD so the update IS the clipped mean
-gradient) and stops the run if they disagree, so a wrong fast path is never timed.
+on recent NVIDIA GPUs, like the anchor); ``--check`` compares fast and ghost with
+reference at 'highest' precision first (one step, sigma = 0, SGD so the update IS the
+clipped mean gradient) and stops the run if either disagrees, so a wrong fast path is
+never timed.
 
 Each entry is printed as one JSON line when done and the ``--out`` file (meta, check,
 entries) is rewritten after every entry, so a killed run keeps what it measured.
@@ -82,9 +87,10 @@ NUM_EXAMPLES = 60000  # Fashion-MNIST: the plan's (public) N.
 RECIPE_EPOCHS = 300  # DPDM's Fashion-MNIST recipe: 300 epochs of 4096-example batches.
 LEARNING_RATE = 3e-4
 EMA_RATE = 0.999
-CLIPPING_IMPL = {"fast": "layerwise", "reference": "vmap", "bf16": "vmap"}
+CLIPPING_IMPL = {"fast": "layerwise", "ghost": "ghost", "reference": "vmap", "bf16": "vmap"}
 COMPUTE_DTYPE = {"bf16": "bfloat16"}  # The others: float32.
-VARIANTS = ("plain", "fast", "reference", "bf16")
+VARIANTS = ("plain", "fast", "ghost", "reference", "bf16")
+CHECKED = ("fast", "ghost")  # The variants ``--check`` compares with the reference.
 DEFAULT_CASES = "256x1,64x4,32x32,4096x32"
 TINY_CASES = "4x1,2x2,8x2/2"
 CHECK_CASE = "4x2/2"  # Two micro-batches, the last row padding: loop and mask both covered.
@@ -344,7 +350,7 @@ def time_step(
 
 
 # ---------------------------------------------------------------------------------------
-# The correctness check: fast == reference on one step.
+# The correctness check: fast == reference and ghost == reference on one step.
 
 
 def _rel_err(a: PyTree, b: PyTree) -> tuple[float, float]:
@@ -361,7 +367,7 @@ def _rel_err(a: PyTree, b: PyTree) -> tuple[float, float]:
 
 
 def run_check(model: str, tiny: bool, trainable: PyTree | None = None) -> dict[str, Any]:
-    """One DP step of 'fast' and 'reference' from the same state and batch, sigma = 0.
+    """One DP step of 'reference', 'fast' and 'ghost' from the same state and batch, sigma = 0.
 
     Uses SGD with learning rate 1 so that the update equals the clipped mean gradient
     (Adam's first update is nearly sign(g) and would hide errors), random perturbations of
@@ -394,44 +400,55 @@ def run_check(model: str, tiny: bool, trainable: PyTree | None = None) -> dict[s
     data = synthetic_batch(case.batch, num_real=case.batch - 1, seed=3)
     out: dict[str, Any] = {}
     with jax.default_matmul_precision("highest"):
-        for variant in ("reference", "fast"):
+        for variant in ("reference", *CHECKED):
             step = make_step(variant, method, optimizer, plan, case.microbatch)
             state, metrics = step(fresh_state(trainable, optimizer), *_batch_args(data, streams))
             out[variant] = (jax.device_get(state.trainable), jax.device_get(metrics))
-    (ref, ref_m), (fast, fast_m) = out["reference"], out["fast"]
     init = jax.device_get(trainable)
-    delta = lambda new: jax.tree_util.tree_map(lambda n, o: n - o, new, init)
-    update_err, update_leaf_err = _rel_err(delta(fast), delta(ref))
-    params_ok = all(
-        np.allclose(a, b, rtol=CHECK_RTOL, atol=CHECK_RTOL * 1e-2)
-        for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref))
-    )
-    quantiles = ("grad_norm_median", "grad_norm_p90")
-    norm_err = max(
-        abs(float(fast_m[q]) - float(ref_m[q])) / max(abs(float(ref_m[q])), 1e-30)
-        for q in quantiles
-    )
-    passed = bool(
-        params_ok
-        and update_err <= CHECK_RTOL
-        and update_leaf_err <= 10 * CHECK_RTOL
-        and norm_err <= CHECK_RTOL
-        and float(fast_m["frac_clipped"]) == float(ref_m["frac_clipped"])
-        and int(fast_m["batch_size"]) == int(ref_m["batch_size"])
-    )
-    return {
+    ref, ref_m = out["reference"]
+    record = {
         "model": model,
         "tiny": tiny,
         "case": case.name,
         "num_real": case.batch - 1,
         "params": count_params(trainable),
         "params_allclose_rtol": CHECK_RTOL,
+        "grad_norm_median": float(ref_m["grad_norm_median"]),
+    }
+    # The 'fast' (layerwise) comparison at the top level, as in earlier records.
+    record.update(_compare(out["fast"], (ref, ref_m), init))
+    record["ghost"] = _compare(out["ghost"], (ref, ref_m), init)
+    record["passed"] = bool(record["passed"] and record["ghost"]["passed"])
+    return record
+
+
+def _compare(got: tuple[PyTree, dict], want: tuple[PyTree, dict], init: PyTree) -> dict[str, Any]:
+    """One variant's step against the reference's: parameters, update, norms, clipping."""
+    (new, m), (ref, ref_m) = got, want
+    delta = lambda params: jax.tree_util.tree_map(lambda n, o: n - o, params, init)
+    update_err, update_leaf_err = _rel_err(delta(new), delta(ref))
+    params_ok = all(
+        np.allclose(a, b, rtol=CHECK_RTOL, atol=CHECK_RTOL * 1e-2)
+        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(ref))
+    )
+    quantiles = ("grad_norm_median", "grad_norm_p90")
+    norm_err = max(
+        abs(float(m[q]) - float(ref_m[q])) / max(abs(float(ref_m[q])), 1e-30) for q in quantiles
+    )
+    passed = bool(
+        params_ok
+        and update_err <= CHECK_RTOL
+        and update_leaf_err <= 10 * CHECK_RTOL
+        and norm_err <= CHECK_RTOL
+        and float(m["frac_clipped"]) == float(ref_m["frac_clipped"])
+        and int(m["batch_size"]) == int(ref_m["batch_size"])
+    )
+    return {
         "params_ok": bool(params_ok),
         "update_rel_err": update_err,
         "update_worst_leaf_rel_err": update_leaf_err,
         "grad_norm_quantile_rel_err": norm_err,
-        "frac_clipped": [float(ref_m["frac_clipped"]), float(fast_m["frac_clipped"])],
-        "grad_norm_median": float(ref_m["grad_norm_median"]),
+        "frac_clipped": [float(ref_m["frac_clipped"]), float(m["frac_clipped"])],
         "passed": passed,
     }
 
@@ -449,10 +466,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help=f"BxK[/m],... (default {DEFAULT_CASES}; with --tiny {TINY_CASES})",
     )
-    parser.add_argument("--variants", default="plain,fast,reference")
+    parser.add_argument("--variants", default="plain,fast,ghost,reference")
     parser.add_argument(
         "--logical-variants",
-        default="plain,fast",
+        default="plain,fast,ghost",
         help="variants run for micro-batched (logical-batch) cases",
     )
     parser.add_argument(
@@ -547,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns (and writes to ``--out``) {'meta', 'check', 'entries'}.
 
     Raises:
-      AssertionError: ``--check`` found fast and reference disagreeing (after writing it).
+      AssertionError: ``--check`` found fast or ghost and reference disagreeing (after
+        writing it).
     """
     args = parse_args(argv)
     with warnings.catch_warnings():
@@ -575,7 +593,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         _emit({"check": payload["check"]})
         _write(args.out, payload)
         if not payload["check"]["passed"]:
-            raise AssertionError(f"--check failed (fast vs reference): {payload['check']}")
+            raise AssertionError(f"--check failed (vs reference): {payload['check']}")
 
     cases = parse_cases(args.cases, args.microbatch, args.microbatch_above)
     optimizer = optax.adam(LEARNING_RATE)

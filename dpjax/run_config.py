@@ -31,7 +31,9 @@ class DPConfig:
     accountant: str = "rdp"  # 'rdp' or 'pld'
     neighbouring: str = "add_or_remove_one"
     microbatch_size: int = 64  # 0: the largest that fits the memory (privacy/microbatch.py)
-    clipping: str = "vmap"  # or "layerwise" (faster at K=1 on GPU; see benchmarks/results.md)
+    # 'vmap' (the reference), 'layerwise' (faster at K=1 on GPU) or 'ghost' (ghost norms
+    # where cheaper, no per-example gradients there); the same sum (privacy/clipping.py).
+    clipping: str = "vmap"
     # The per-example losses' arithmetic: 'float32' or 'bfloat16' (with clipping 'vmap');
     # gradients, clipping, the sum and the noise stay float32 (privacy/clipping.py).
     compute_dtype: str = "float32"

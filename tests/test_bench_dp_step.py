@@ -1,7 +1,7 @@
 """The DP-step benchmark (benchmarks/dp_step.py) runs end to end on CPU with a tiny UNet.
 
-It checks the benchmark itself: its correctness gate (the fast layerwise step equals the
-vmap reference step), that every requested entry is timed without error and recorded
+It checks the benchmark itself: its correctness gate (the fast layerwise and the ghost
+steps equal the vmap reference step), that every requested entry is timed without error and recorded
 incrementally in the --out file, and its case parsing. Timings are not asserted.
 """
 
@@ -51,10 +51,10 @@ def test_tiny_benchmark_with_check(tmp_path):
     argv = [
         "--tiny",
         "--check",
-        # One batch, plain and fast (the check runs the reference too). Micro-batch loops
-        # compile slowly on CPU; the logical cases are covered by test_parse_cases.
+        # One batch, plain, fast and ghost (the check runs the reference too). Micro-batch
+        # loops compile slowly on CPU; the logical cases are covered by test_parse_cases.
         "--cases=4x1",
-        "--variants=plain,fast",
+        "--variants=plain,fast,ghost",
         "--steps=1",
         "--warmup=1",
         f"--out={out}",
@@ -67,6 +67,7 @@ def test_tiny_benchmark_with_check(tmp_path):
     check = written["check"]
     assert check["passed"], check
     assert check["update_rel_err"] <= 1e-4 and check["params_ok"]
+    assert check["ghost"]["passed"] and check["ghost"]["update_rel_err"] <= 1e-4
 
     meta = written["meta"]
     assert meta["jax"] and meta["devices"] and meta["tiny"] is True
@@ -75,16 +76,16 @@ def test_tiny_benchmark_with_check(tmp_path):
 
     entries = written["entries"]
     got = [(e["case"], e["variant"]) for e in entries]
-    assert got == [("4x1", "plain"), ("4x1", "fast")]
+    assert got == [("4x1", "plain"), ("4x1", "fast"), ("4x1", "ghost")]
     for e in entries:
         assert "error" not in e and "skipped" not in e, e
         assert e["params"] > 0 and e["finite"]
         assert e["step_ms"] > 0 and e["examples_per_s"] > 0 and e["compile_s"] > 0
         assert e["examples_per_s"] == pytest.approx(e["B"] / (e["step_ms"] / 1e3))
         assert "peak_bytes" in e and "memory_analysis" in e
-    plain, fast = entries
+    plain, fast, ghost = entries
     assert plain["ratio_to_plain"] == pytest.approx(1.0) and plain["clipping_impl"] is None
-    assert fast["clipping_impl"] == "layerwise"
+    assert fast["clipping_impl"] == "layerwise" and ghost["clipping_impl"] == "ghost"
     assert fast["ratio_to_plain"] == pytest.approx(fast["step_ms"] / plain["step_ms"])
     for e in entries:
         assert (e["B"], e["K"], e["microbatch"]) == (4, 1, 4)

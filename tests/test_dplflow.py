@@ -94,14 +94,15 @@ def test_joint_step_clips_autoencoder_and_flow_together():
         norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(res.grad_sum)))
         assert norm <= clip * (1 + 1e-5)
         assert norm == pytest.approx(clip, rel=1e-4)  # these gradients are far above C
-    # And the layerwise path covers the whole model (Conv, Dense, ConvTranspose).
-    ref, fast = (
+    # And the layerwise and ghost paths cover the whole model (Conv, Dense, ConvTranspose).
+    ref, fast, ghost = (
         jax.jit(lambda t, e, m, k, impl=impl: clipping.clipped_grad_sum(
             method.loss_per_example, t, {}, e, m, k, clip_norm=clip, microbatch_size=n,
             impl=impl))(params.trainable, ex, mask, keys)
-        for impl in ("vmap", "layerwise")
+        for impl in ("vmap", "layerwise", "ghost")
     )  # fmt: skip
     np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-4)
+    np.testing.assert_allclose(ghost.norms, ref.norms, rtol=1e-4)
 
 
 def test_per_class_models_touch_only_their_class_and_report_parallel_composition():

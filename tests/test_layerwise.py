@@ -80,10 +80,12 @@ def test_per_example_grads_match_vmap_on_every_layer_kind():
 
 
 def test_dpdm_step_sums_equal_between_paths():
-    """Tiny DPDM UNet (attention, label embedding, K=3): same norms, same clipped sum.
+    """Tiny DPDM UNet (attention, label embedding, K=3): the layerwise and ghost paths give
+    the reference's norms and clipped sum.
 
-    The batch has a NaN image (dropped by both paths) and a padding row, and runs in
-    micro-batches of 2, so the traced loop, the finite check and the mask are covered.
+    The batch has a NaN image (dropped by every path) and a padding row, and runs in
+    micro-batches of 3 (two, unrolled on CPU), so the micro-batch sum, the finite check
+    and the mask are covered.
     """
     spec = base.DataSpec((8, 8, 1), 3)
     cfg = dpdm.Config(
@@ -103,7 +105,7 @@ def test_dpdm_step_sums_equal_between_paths():
     keys = jax.random.split(jax.random.PRNGKey(2), 6)
     mask = jnp.array([True, True, True, True, True, False])
     out = {}
-    for impl in ("vmap", "layerwise"):
+    for impl in ("vmap", "layerwise", "ghost"):
         out[impl] = jax.jit(
             lambda t, f, e, m, k, impl=impl: clipping.clipped_grad_sum(
                 method.loss_per_example,
@@ -113,22 +115,24 @@ def test_dpdm_step_sums_equal_between_paths():
                 m,
                 k,
                 clip_norm=0.05,
-                microbatch_size=2,
+                microbatch_size=3,
                 num_real=5,
                 impl=impl,
             )
         )(params.trainable, params.frozen, ex, mask, keys)
-    ref, fast = out["vmap"], out["layerwise"]
-    np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-4, equal_nan=True)
-    assert int(fast.num_nonfinite) == int(ref.num_nonfinite) == 1
-    assert int(fast.num_valid) == int(ref.num_valid) == 4
-    assert int(fast.num_clipped) == int(ref.num_clipped) > 0
-    # Sums of clipped gradients cancel: bound the error by the contributions' scale too
-    # (each has norm C = 0.05; float32 rounding of per-example gradients is ~1e-7 of it).
-    _assert_trees_close(ref.grad_sum, fast.grad_sum, atol=1e-5 * 0.05)
-    # Sensitivity: each contribution is clipped, so the sum's norm is at most 4 C.
-    total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(fast.grad_sum)))
-    assert total <= 4 * 0.05 * (1 + 1e-5)
+    ref = out["vmap"]
+    for fast in (out["layerwise"], out["ghost"]):
+        np.testing.assert_allclose(fast.norms, ref.norms, rtol=1e-4, equal_nan=True)
+        assert int(fast.num_nonfinite) == int(ref.num_nonfinite) == 1
+        assert int(fast.num_valid) == int(ref.num_valid) == 4
+        assert int(fast.num_clipped) == int(ref.num_clipped) > 0
+        # Sums of clipped gradients cancel: bound the error by the contributions' scale
+        # too (each has norm C = 0.05; float32 rounding is ~1e-7 of it).
+        _assert_trees_close(ref.grad_sum, fast.grad_sum, atol=1e-5 * 0.05)
+        # Sensitivity: each contribution is clipped, so the sum's norm is at most 4 C.
+        leaves = jax.tree_util.tree_leaves(fast.grad_sum)
+        total = np.sqrt(sum(np.sum(np.square(g)) for g in leaves))
+        assert total <= 4 * 0.05 * (1 + 1e-5)
 
 
 class _RawParam(nn.Module):

@@ -18,10 +18,12 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   arrives in float32 and its norm, the clip, the sum (and the noise, ``dp_step.py``) are
   float32. The sensitivity bound does not depend on how the per-example gradient was
   computed.
-* Two implementations give the same result up to rounding: 'vmap' (vmap of grad, the
-  reference) and 'layerwise' (per-example gradients from layer inputs and output
-  cotangents of one ordinary backward pass; see ``dpjax.privacy.layerwise``), the fast one
-  on accelerators. 'layerwise' refuses models it cannot cover exactly.
+* Three implementations give the same result up to rounding: 'vmap' (vmap of grad, the
+  reference), 'layerwise' (per-example gradients from layer inputs and output
+  cotangents of one ordinary backward pass; see ``dpjax.privacy.layerwise``) and 'ghost'
+  (the same pass, then per-example norms without per-example gradients where cheaper,
+  and the clipped sum as one reweighted product per layer; ``dpjax.privacy.ghost``).
+  'layerwise' and 'ghost' refuse models they cannot cover exactly.
 * Examples are processed in micro-batches of ``microbatch_size`` inside one traced loop
   whose trip count is the number of micro-batches holding real examples, so a logical
   batch far larger than memory (DPDM: 4096 examples x 32 noise draws) fits, and
@@ -54,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpjax.privacy import layerwise
+from dpjax.privacy import ghost, layerwise
 from dpjax.privacy.compute_dtype import LossFn, PyTree, check_compute_dtype, in_compute_dtype
 
 
@@ -214,18 +216,32 @@ def _clip_and_sum(
 ) -> ClipResult:
     """Clips (B, ...) per-example gradients to C and sums the real, finite rows; with
     ``routes``, row b is added into slice ``routes[b]`` of a (num_routes, ...) sum."""
-    norms = global_norms(grads)
+    if routes is None:
+        summer = lambda w, v: weighted_sum(grads, w, v)  # noqa: E731
+    else:
+        summer = lambda w, v: _routed_sum(grads, w, v, routes, num_routes)  # noqa: E731
+    return _finish(loss, aux, global_norms(grads), mask, clip_norm, summer)
+
+
+def _finish(
+    loss: jax.Array,
+    aux: dict[str, jax.Array],
+    norms: jax.Array,
+    mask: jax.Array,
+    clip_norm: float | None,
+    summer: Callable[[jax.Array, jax.Array], PyTree],
+) -> ClipResult:
+    """The clip and the sum, given per-example norms: rows are valid when real and finite
+    (loss and norm), their factor is ``clip_factors``, and ``summer(factors, valid)``
+    must return sum_b factors_b g_b over the valid rows, g_b being exactly the gradient
+    whose norm is ``norms[b]``."""
     finite = jnp.isfinite(norms) & jnp.isfinite(loss)
     valid = mask & finite
     factors = clip_factors(norms, valid, clip_norm)
     zero = jnp.zeros_like(loss, dtype=jnp.float32)
     limit = jnp.inf if clip_norm is None else clip_norm
-    if routes is None:
-        grad_sum = weighted_sum(grads, factors, valid)
-    else:
-        grad_sum = _routed_sum(grads, factors, valid, routes, num_routes)
     return ClipResult(
-        grad_sum=grad_sum,
+        grad_sum=summer(factors, valid),
         loss_sum=jnp.sum(jnp.where(valid, loss, zero)),
         aux_sum={k: jnp.sum(jnp.where(valid, v, zero)) for k, v in aux.items()},
         norms=jnp.where(mask, norms, jnp.nan),
@@ -252,6 +268,22 @@ def _microbatch_layerwise(
     """
     loss, aux, grads = layerwise.per_example_grads(loss_fn, trainable, frozen, examples, mask, keys)
     return _clip_and_sum(loss, aux, grads, mask, clip_norm)
+
+
+def _microbatch_ghost(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+    clip_norm: float | None,
+) -> ClipResult:
+    """The ghost path on one micro-batch (``dpjax.privacy.ghost``): per-example norms
+    without per-example gradients where that is cheaper, then the clipped sum as one
+    reweighted product per layer; the clip and the finite check are the reference's."""
+    loss, aux, norms, summer = ghost.norms_and_sum(loss_fn, trainable, frozen, examples, mask, keys)
+    return _finish(loss, aux, norms, mask, clip_norm, summer)
 
 
 def _microbatch_summed(
@@ -292,6 +324,7 @@ def _microbatch_summed(
 MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
     "vmap": _microbatch_vmap,
     "layerwise": _microbatch_layerwise,
+    "ghost": _microbatch_ghost,
 }
 
 #: The most micro-batches ``clipped_grad_sum`` unrolls (each copy adds compile time).
@@ -367,8 +400,8 @@ def clipped_grad_sum(
 
     Raises:
       ValueError: a batch that is not a whole number of micro-batches, an unknown
-        implementation or dtype, or 'layerwise' with a compute dtype other than float32
-        (it reads the layers' own float32 parameters and refuses casts), or ``routing``
+        implementation or dtype, or 'layerwise' / 'ghost' with a compute dtype other than
+        float32 (they read the layers' own float32 parameters and refuse casts), or ``routing``
         with an implementation other than 'vmap'.
     """
     size = mask.shape[0]

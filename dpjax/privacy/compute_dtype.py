@@ -48,15 +48,15 @@ def check_compute_dtype(
     compute_dtype: str, impl: str = "vmap", clipped: bool = True, setting: str = "clipping"
 ) -> None:
     """Raises ValueError for an unknown compute dtype, or for a non-float32 one with the
-    layerwise path when clipping (it reads the layers' own float32 parameters);
+    layerwise or ghost path when clipping (it reads the layers' own float32 parameters);
     ``setting`` is the name the caller's user knows the implementation by."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
             f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
         )
-    if impl == "layerwise" and compute_dtype != "float32" and clipped:
+    if impl in ("layerwise", "ghost") and compute_dtype != "float32" and clipped:
         raise ValueError(
-            f"compute_dtype='{compute_dtype}' needs {setting}='vmap': the layerwise path "
+            f"compute_dtype='{compute_dtype}' needs {setting}='vmap': the {impl} path "
             "forms per-example gradients from the layers' float32 parameters."
         )
 

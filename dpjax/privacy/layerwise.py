@@ -114,19 +114,17 @@ class _Recorder:
 
 
 # ---------------------------------------------------------------------------------------
-# Per-layer rules: (module, inputs (B, ...), cotangent (B, ...)) -> {name: (B, *shape)}.
+# Per-layer rules. Unfold: (module, inputs (B, ...), cotangent (B, ...)) -> (views, gg);
+# the patch and generic rules: -> {name: (B, *shape)}.
 
 
-def _dense_rule(module: nn.Dense, inputs, g: jax.Array) -> dict[str, jax.Array]:
+def _dense_unfold(module: nn.Dense, inputs, g: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+    """A dense layer over the last axis is a 1-offset patch layer: T = all other positions."""
+    del module
     a = inputs[0].astype(jnp.float32)
     g = g.astype(jnp.float32)
     b = a.shape[0]
-    a = a.reshape(b, -1, a.shape[-1])
-    g = g.reshape(b, -1, g.shape[-1])
-    out = {"kernel": jnp.einsum("bti,bto->bio", a, g)}
-    if module.use_bias:
-        out["bias"] = jnp.sum(g, axis=1)
-    return out
+    return [a.reshape(b, -1, a.shape[-1])], g.reshape(b, -1, g.shape[-1])
 
 
 def _conv_supported(module: nn.Module) -> bool:
@@ -146,22 +144,23 @@ def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _patch_rule(
+def _patch_views(
     module: nn.Module,
     inputs,
     g: jax.Array,
     window_strides: tuple[int, ...],
     padding,
     lhs_dilation: tuple[int, ...],
-) -> dict[str, jax.Array]:
-    """Per-example kernel gradient for y = conv(a, W) written as
-    ``lax.conv_general_dilated(a, W, window_strides, padding, lhs_dilation,
-    rhs_dilation=kernel_dilation)`` in flax's channels-last layout.
+) -> tuple[list[jax.Array], jax.Array]:
+    """The unfolded input of y = conv(a, W), one strided view per kernel offset.
 
-    dL_i/dW[offset] = sum over output positions t of a_i[t + offset]^T g_i[t]: one batched
-    matrix product per kernel offset on a strided slice of the (dilated, padded) input.
-    Slicing costs memory traffic only; ``lax.conv_general_dilated_patches`` would instead
-    run a convolution with a one-hot kernel C_in * prod(kernel) channels wide.
+    For ``lax.conv_general_dilated(a, W, window_strides, padding, lhs_dilation,
+    rhs_dilation=kernel_dilation)`` in flax's channels-last layout, returns (views, gg):
+    ``views[o]`` (B, T, C_in) is the input seen by kernel offset o (in ``np.ndindex``
+    order) at each of the T output positions of an example (copies included), and ``gg``
+    (B, T, C_out) the output cotangent, so that dL_i/dW[o] = views[o][i]^T gg[i]. Slicing
+    costs memory traffic only; ``lax.conv_general_dilated_patches`` would instead run a
+    convolution with a one-hot kernel C_in * prod(kernel) channels wide.
     """
     kernel_size = tuple(module.kernel_size)
     n = len(kernel_size)
@@ -182,7 +181,7 @@ def _patch_rule(
     )
     gg = g.reshape(b, -1, g.shape[-1])
     cin = a.shape[-1]
-    per_offset = []
+    views = []
     for offset in np.ndindex(*kernel_size):
         starts = [o * d for o, d in zip(offset, rhs_dilation)]
         view = lax.slice(
@@ -195,9 +194,16 @@ def _patch_rule(
             ),
             (1, *window_strides, 1),
         )
-        per_offset.append(jnp.einsum("btc,bto->bco", view.reshape(b, -1, cin), gg))
-    w = jnp.stack(per_offset, axis=1)  # (B, prod(kernel), C_in, C_out)
-    out = {"kernel": w.reshape(b, *kernel_size, cin, gg.shape[-1])}
+        views.append(view.reshape(b, -1, cin))
+    return views, gg
+
+
+def _patch_rule(module: nn.Module, views: list[jax.Array], gg: jax.Array) -> dict[str, jax.Array]:
+    """Per-example kernel (and bias) gradients from unfolded views (``unfold``): one
+    batched matrix product per kernel offset; the kernel comes out (B, offsets, C_in,
+    C_out), which is the leaf's layout flattened."""
+    w = jnp.stack([jnp.einsum("btc,bto->bco", v, gg) for v in views], axis=1)
+    out = {"kernel": w}
     if module.use_bias:
         out["bias"] = jnp.sum(gg, axis=1)
     return out
@@ -212,9 +218,9 @@ def _explicit_padding(pad, n: int):
     ]
 
 
-def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
+def _conv_unfold(module: nn.Conv, inputs, g: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     n = len(tuple(module.kernel_size))
-    return _patch_rule(
+    return _patch_views(
         module,
         inputs,
         g,
@@ -224,7 +230,9 @@ def _conv_rule(module: nn.Conv, inputs, g: jax.Array) -> dict[str, jax.Array]:
     )
 
 
-def _conv_transpose_rule(module: nn.ConvTranspose, inputs, g: jax.Array) -> dict[str, jax.Array]:
+def _conv_transpose_unfold(
+    module: nn.ConvTranspose, inputs, g: jax.Array
+) -> tuple[list[jax.Array], jax.Array]:
     """``lax.conv_transpose`` (transpose_kernel=False) is a stride-1 convolution of the
     input dilated by the strides, with the padding below; the patch rule applies."""
     kernel_size = tuple(module.kernel_size)
@@ -241,7 +249,7 @@ def _conv_transpose_rule(module: nn.ConvTranspose, inputs, g: jax.Array) -> dict
             pad_len = k + st - 2 + max(k - st, 0)
             pad_a = k - 1
         pads.append((pad_a, pad_len - pad_a))
-    return _patch_rule(module, inputs, g, (1,) * n, pads, strides)
+    return _patch_views(module, inputs, g, (1,) * n, pads, strides)
 
 
 def _generic_rule(module: nn.Module, inputs, g: jax.Array, names, params) -> dict[str, jax.Array]:
@@ -272,11 +280,11 @@ def _conv_transpose_supported(module: nn.Module) -> bool:
 
 def _rule_for(module: nn.Module):
     if type(module) is nn.Dense:
-        return _dense_rule
+        return _dense_unfold
     if type(module) is nn.Conv and _conv_supported(module):
-        return _conv_rule
+        return _conv_unfold
     if _conv_transpose_supported(module):
-        return _conv_transpose_rule
+        return _conv_transpose_unfold
     # Any other layer that has no submodules and whose parameters live in 'params' only.
     if isinstance(
         module,
@@ -335,29 +343,41 @@ def _used_invars(jaxpr) -> set:
     return live
 
 
-def per_example_grads(
+@dataclasses.dataclass
+class Recording:
+    """What one ordinary backward pass gives the per-layer rules (``record``).
+
+    Attributes:
+      loss: (B,) per-example losses; aux: their auxiliary scalars {name: (B,)}.
+      calls: every call of a layer owning trainable leaves, in call order.
+      inputs: per call, its inputs with a leading example axis (B, ...).
+      cotangents: per call, dL_i/dy_i of its output (B, ...), for every example i.
+      leaves: the trainable leaves, in ``tree_leaves`` order (``_Call.leaf_ids`` index it).
+      treedef: the trainable tree's structure.
+    """
+
+    loss: jax.Array
+    aux: dict[str, jax.Array]
+    calls: list[_Call]
+    inputs: list[tuple[jax.Array, ...]]
+    cotangents: list[jax.Array]
+    leaves: list[jax.Array]
+    treedef: Any
+
+
+def record(
     loss_fn: LossFn,
     trainable: PyTree,
     frozen: PyTree,
     examples: PyTree,
     mask: jax.Array,
     keys: jax.Array,
-) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
-    """Per-example losses, aux values and gradients w.r.t. ``trainable``, layer by layer.
+) -> Recording:
+    """Layer inputs and output cotangents of every example, from one backward pass.
 
-    Args:
-      loss_fn: ``loss_fn(trainable, frozen, example, key) -> (loss, aux)`` for ONE example;
-        it must apply flax modules to its parameters unchanged.
-      trainable, frozen, examples, mask, keys: as in ``clipping.clipped_grad_sum``.
-
-    Returns:
-      (loss (B,), aux {name: (B,)}, grads with leaves (B, *leaf.shape) in float32). Rows
-      with mask False have zero gradient; rows with a non-finite loss may have non-finite
-      gradients (the caller drops them).
-
-    Raises:
-      ValueError: a trainable leaf is not covered by a supported layer, or is used
-        outside it (see the module docstring).
+    Guarantees: the returned calls cover every trainable leaf through a supported layer,
+    and the loss reads no trainable leaf outside its layer, or ValueError is raised (see
+    the module docstring). Rows with mask False have zero cotangents.
     """
     ex0 = jax.tree_util.tree_map(lambda x: x[0], examples)
 
@@ -405,20 +425,73 @@ def per_example_grads(
         return jnp.sum(jnp.where(mask, loss, 0.0)), (loss, aux, inputs)
 
     cotangents, (loss, aux, inputs) = jax.grad(total, has_aux=True)(taps, trainable)
+    return Recording(
+        loss=loss,
+        aux=aux,
+        calls=found.calls,
+        inputs=list(inputs),
+        cotangents=list(cotangents),
+        leaves=jax.tree_util.tree_leaves(trainable),
+        treedef=jax.tree_util.tree_structure(trainable),
+    )
 
-    leaves = jax.tree_util.tree_leaves(trainable)
+
+def unfold(rec: Recording, j: int) -> tuple[list[jax.Array], jax.Array] | None:
+    """(views, gg) of call ``j`` (``_patch_views``) for Dense, Conv and ConvTranspose;
+    None for a layer handled by the generic rule."""
+    rule = _rule_for(rec.calls[j].module)
+    if rule == "generic":
+        return None
+    return rule(rec.calls[j].module, rec.inputs[j], rec.cotangents[j])
+
+
+def call_grads(
+    rec: Recording, j: int, unfolded: tuple[list[jax.Array], jax.Array] | None = None
+) -> dict[str, jax.Array]:
+    """Per-example gradients {name: (B, *leaf.shape)} (float32) of call ``j``'s leaves."""
+    call = rec.calls[j]
+    unfolded = unfold(rec, j) if unfolded is None else unfolded
+    if unfolded is None:
+        params = {name: rec.leaves[i] for name, i in zip(call.names, call.leaf_ids)}
+        per = _generic_rule(call.module, rec.inputs[j], rec.cotangents[j], call.names, params)
+    else:
+        per = _patch_rule(call.module, *unfolded)
+    size = rec.loss.shape[0]
+    return {
+        name: per[name].astype(jnp.float32).reshape((size, *rec.leaves[i].shape))
+        for name, i in zip(call.names, call.leaf_ids)
+    }
+
+
+def per_example_grads(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
+    """Per-example losses, aux values and gradients w.r.t. ``trainable``, layer by layer.
+
+    Args:
+      loss_fn: ``loss_fn(trainable, frozen, example, key) -> (loss, aux)`` for ONE example;
+        it must apply flax modules to its parameters unchanged.
+      trainable, frozen, examples, mask, keys: as in ``clipping.clipped_grad_sum``.
+
+    Returns:
+      (loss (B,), aux {name: (B,)}, grads with leaves (B, *leaf.shape) in float32). Rows
+      with mask False have zero gradient; rows with a non-finite loss may have non-finite
+      gradients (the caller drops them).
+
+    Raises:
+      ValueError: a trainable leaf is not covered by a supported layer, or is used
+        outside it (see the module docstring).
+    """
+    rec = record(loss_fn, trainable, frozen, examples, mask, keys)
     grads: dict[int, jax.Array] = {}
-    for call, ins, g in zip(found.calls, inputs, cotangents):
-        rule = _rule_for(call.module)
-        if rule == "generic":
-            params = {}
-            for name, i in zip(call.names, call.leaf_ids):
-                params[name] = leaves[i]
-            per = _generic_rule(call.module, ins, g, call.names, params)
-        else:
-            per = rule(call.module, ins, g)
+    for j, call in enumerate(rec.calls):
+        per = call_grads(rec, j)
         for name, i in zip(call.names, call.leaf_ids):
-            gi = per[name].astype(jnp.float32).reshape((size, *leaves[i].shape))
-            grads[i] = grads[i] + gi if i in grads else gi
-    treedef = jax.tree_util.tree_structure(trainable)
-    return loss, aux, jax.tree_util.tree_unflatten(treedef, [grads[i] for i in range(len(leaves))])
+            grads[i] = grads[i] + per[name] if i in grads else per[name]
+    leaves = [grads[i] for i in range(len(rec.leaves))]
+    return rec.loss, rec.aux, jax.tree_util.tree_unflatten(rec.treedef, leaves)

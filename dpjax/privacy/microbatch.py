@@ -102,7 +102,7 @@ def auto_microbatch_size(
       method: the method whose ``loss_per_example`` is clipped.
       trainable, frozen: parameters (arrays or ShapeDtypeStructs).
       image_shape: one example's image shape.
-      clipping_impl: 'vmap' or 'layerwise'.
+      clipping_impl: 'vmap', 'layerwise' or 'ghost'.
       max_size: upper bound (e.g. the expected batch size per device).
       budget_bytes: memory for one micro-batch's temporaries; default
         ``memory_budget_bytes()``.

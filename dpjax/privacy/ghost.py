@@ -1,0 +1,165 @@
+"""Ghost clipping: per-example gradient norms without per-example gradients.
+
+The 'ghost' clipping path (``clipping_impl='ghost'``). It starts from the same single
+backward pass as 'layerwise' (``layerwise.record``: every layer's inputs a_i and output
+cotangents g_i, per example i), then works layer by layer without forming the
+(B, *params) tensor of per-example gradients for the layers where that is expensive:
+
+* Norms. For a dense or convolution kernel, example i's gradient is
+  W_i = U_i^T g_i, where U_i (T x P_in) is the unfolded input (T output positions,
+  copies included; P_in = C_in * kernel offsets) and g_i (T x C_out). Its squared
+  Frobenius norm is the "ghost norm" (Goodfellow 2015; Li et al. 2022, eq. 4.1):
+      ||U_i^T g_i||_F^2 = sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts},
+  which costs T^2 (P_in + C_out) per example instead of T P_in C_out and never holds
+  a P_in x C_out matrix per example. As in mixed ghost clipping (Bu et al., "Scalable
+  and efficient training of large convolutional neural networks with differential
+  privacy", NeurIPS 2022, Sec. 3.2), each layer takes whichever is cheaper: the ghost
+  norm when T (P_in + C_out) < P_in C_out (few positions, wide layers: low-resolution
+  convolutions, attention and embedding projections), else the layer's per-example
+  gradients exactly as 'layerwise' forms them. Biases, norm scales and embeddings
+  (small leaves) always take the per-example route.
+* The clipped sum. With clip factors c_i, sum_i c_i W_i = sum_i U_i^T (c_i g_i): for a
+  ghost layer, ONE matrix product over all examples and positions per kernel offset
+  (the "book-keeping" of Bu et al., ICML 2023: no second backward pass through the
+  network, since every U_i and g_i is already recorded), which is the non-private
+  backward pass's own weight-gradient product with the cotangent reweighted. For the
+  other leaves, the per-example gradients are weighted and summed as in 'layerwise'.
+
+Guarantees of ``norms_and_sum`` (the ClipResult is built by ``clipping.py`` from them):
+* The norm of example i is the L2 norm over ALL trainable leaves of its gradient, equal
+  to the reference path's (vmap of grad) up to float32 rounding (tested against it,
+  including leaves shared by several layer calls, which are never ghost-normed: their
+  per-example gradient is the sum over calls, whose norm is not a sum of per-call norms).
+* The clipped sum adds, for each example, ``factors[i]`` times exactly the gradient whose
+  norm was measured, up to float32 rounding: the ghost Grams and the reweighted
+  products use ``Precision.HIGHEST``, so a GPU's reduced-precision (TF32) matrix units
+  cannot make the measured norm and the summed contribution disagree by more than
+  float32 rounding. Rows with ``valid`` False contribute exactly 0, even if their inputs
+  or cotangents are not finite (they are replaced by 0 before any product).
+* It covers exactly the models 'layerwise' covers and refuses the others with the same
+  ValueError (``layerwise.record``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dpjax.privacy import layerwise
+from dpjax.privacy.compute_dtype import LossFn, PyTree
+
+#: Which norm each eligible kernel gets: 'auto' (the cheaper, module docstring), 'ghost'
+#: or 'per_example' (every eligible kernel; for tests and benchmarks).
+GHOST_MODES = ("auto", "ghost", "per_example")
+
+_HI = lax.Precision.HIGHEST
+
+
+def ghost_is_cheaper(positions: int, p_in: int, p_out: int) -> bool:
+    """T^2 (P_in + C_out) < T P_in C_out: the ghost norm's cost below the per-example
+    gradient's (Bu et al. 2022, Sec. 3.2)."""
+    return positions * (p_in + p_out) < p_in * p_out
+
+
+def _ghost_sq_norm(views: list[jax.Array], gg: jax.Array) -> jax.Array:
+    """(B,) squared norm of each example's kernel gradient (the stack over offsets o of
+    views[o]_i^T gg_i), as sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts}.
+
+    U_i U_i^T = sum over offsets o of views[o]_i views[o]_i^T, since U_i is the offsets'
+    views side by side. Clamped at 0 against rounding (the exact value is >= 0)."""
+    uu = sum(jnp.einsum("btc,bsc->bts", v, v, precision=_HI) for v in views)
+    gg_gram = jnp.einsum("bto,bso->bts", gg, gg, precision=_HI)
+    return jnp.maximum(jnp.sum(uu * gg_gram, axis=(1, 2)), 0.0)
+
+
+def _reweighted_kernel_sum(
+    views: list[jax.Array], gg: jax.Array, weights: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """(offsets, C_in, C_out): sum_i weights_i views[o]_i^T gg_i, invalid rows zeroed first."""
+    keep = valid[:, None, None]
+    wg = jnp.where(keep, gg, 0.0) * weights[:, None, None]
+    return jnp.stack(
+        [
+            jnp.einsum("btc,bto->co", jnp.where(keep, v, 0.0), wg, precision=_HI)
+            for v in views
+        ]
+    )
+
+
+def norms_and_sum(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+    mode: str = "auto",
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array, Callable[[jax.Array, jax.Array], PyTree]]:
+    """Per-example losses, aux values and gradient norms, and the clipped summer.
+
+    Args:
+      loss_fn, trainable, frozen, examples, mask, keys: as in ``clipping.clipped_grad_sum``.
+      mode: one of ``GHOST_MODES``.
+
+    Returns:
+      (loss (B,), aux {name: (B,)}, norms (B,) float32, summer) where
+      ``summer(weights (B,), valid (B,) bool)`` returns the float32 pytree
+      sum_i weights_i grad_i over rows with valid True (see the module docstring).
+
+    Raises:
+      ValueError: an unknown mode, or a model 'layerwise' cannot cover.
+    """
+    if mode not in GHOST_MODES:
+        raise ValueError(f"Unknown ghost mode '{mode}': use one of {list(GHOST_MODES)}.")
+    rec = layerwise.record(loss_fn, trainable, frozen, examples, mask, keys)
+    uses = Counter(i for call in rec.calls for i in call.leaf_ids)
+    sq = jnp.zeros(rec.loss.shape, jnp.float32)
+    per_example: dict[int, jax.Array] = {}  # leaf index -> (B, *shape), summed over calls
+    ghosts: list[tuple[int, list[jax.Array], jax.Array]] = []  # (kernel leaf, views, gg)
+    for j, call in enumerate(rec.calls):
+        unfolded = layerwise.unfold(rec, j)
+        names = dict(zip(call.names, call.leaf_ids))
+        ghost = (
+            unfolded is not None
+            and "kernel" in names
+            and all(uses[i] == 1 for i in call.leaf_ids)
+            and (
+                mode == "ghost"
+                or (
+                    mode == "auto"
+                    and ghost_is_cheaper(
+                        unfolded[0][0].shape[1],
+                        len(unfolded[0]) * unfolded[0][0].shape[2],
+                        unfolded[1].shape[2],
+                    )
+                )
+            )
+        )
+        if ghost:
+            views, gg = unfolded
+            sq = sq + _ghost_sq_norm(views, gg)
+            ghosts.append((names["kernel"], views, gg))
+            if "bias" in names:  # the bias gradient of example i is sum_t g_i[t]
+                per_example[names["bias"]] = jnp.sum(gg, axis=1)
+            continue
+        for name, g in layerwise.call_grads(rec, j, unfolded).items():
+            i = names[name]
+            per_example[i] = per_example[i] + g if i in per_example else g
+    for g in per_example.values():
+        sq = sq + jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+
+    def summer(weights: jax.Array, valid: jax.Array) -> PyTree:
+        out: list[jax.Array | None] = [None] * len(rec.leaves)
+        for i, g in per_example.items():
+            keep = valid.reshape((-1,) + (1,) * (g.ndim - 1))
+            out[i] = jnp.einsum("b,b...->...", weights, jnp.where(keep, g, 0.0), precision=_HI)
+        for i, views, gg in ghosts:
+            kernel = _reweighted_kernel_sum(views, gg, weights, valid)
+            out[i] = kernel.reshape(rec.leaves[i].shape)
+        return jax.tree_util.tree_unflatten(rec.treedef, out)
+
+    return rec.loss, rec.aux, jnp.sqrt(sq), summer

@@ -1,0 +1,144 @@
+"""The ghost clipping path equals the reference (vmap of grad) and forms no per-example
+gradients for the layers it ghost-norms."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpjax.privacy import clipping, ghost
+from tests.test_layerwise import _assert_trees_close, _Zoo, _zoo_batch, _zoo_loss
+
+CLIP = 0.05
+
+
+def _reference(loss, params, ex, mask, keys, clip_norm=CLIP):
+    return clipping.clipped_grad_sum(
+        loss, params, None, ex, mask, keys, clip_norm=clip_norm, microbatch_size=mask.shape[0]
+    )
+
+
+def _ghost(loss, params, ex, mask, keys, mode, clip_norm=CLIP):
+    def run(t, e, m, k):
+        out_loss, aux, norms, summer = ghost.norms_and_sum(loss, t, None, e, m, k, mode=mode)
+        return clipping._finish(out_loss, aux, norms, m, clip_norm, summer)
+
+    return jax.jit(run)(params, ex, mask, keys)
+
+
+def _check_equal(ref, got, num_real):
+    np.testing.assert_allclose(got.norms, ref.norms, rtol=1e-4, equal_nan=True)
+    assert int(got.num_valid) == int(ref.num_valid)
+    assert int(got.num_nonfinite) == int(ref.num_nonfinite)
+    assert int(got.num_clipped) == int(ref.num_clipped) > 0
+    # The contributions (norm <= C each) partly cancel: bound the error by their scale too.
+    _assert_trees_close(ref.grad_sum, got.grad_sum, atol=1e-5 * CLIP)
+    total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(got.grad_sum)))
+    assert total <= num_real * CLIP * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("mode", ghost.GHOST_MODES)
+def test_every_layer_kind_matches_the_reference(mode):
+    """Dense, strided/dilated/padded Conv and ConvTranspose, norms and an embedding, two
+    noisy copies per example, a NaN example and a padding row."""
+    model = _Zoo()
+    ex = _zoo_batch(6)
+    ex["image"] = ex["image"].at[1].set(jnp.nan)
+    params = model.init(jax.random.PRNGKey(0), ex["image"][:1], ex["label"][:1])["params"]
+    loss = _zoo_loss(model)
+    keys = jax.random.split(jax.random.PRNGKey(2), 6)
+    mask = jnp.array([True, True, True, True, True, False])
+    ref = _reference(loss, params, ex, mask, keys)
+    got = _ghost(loss, params, ex, mask, keys, mode)
+    assert int(ref.num_nonfinite) == 1
+    _check_equal(ref, got, 4)
+    # A NaN row contributes exactly nothing: its where() comes before every product.
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(got.grad_sum))
+
+
+class _Shared(nn.Module):
+    """One Dense applied twice (weight sharing) beside an ordinary wide Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        shared = nn.Dense(16)
+        h = jnp.tanh(shared(x))
+        h = jnp.tanh(nn.Dense(16)(h))
+        return nn.Dense(1)(shared(h))
+
+
+def test_a_layer_called_twice_gets_the_norm_of_its_summed_gradient():
+    """Per-call ghost norms would miss the cross term between the two calls' gradients;
+    the shared kernel must take the per-example route even when ghost is forced."""
+    model = _Shared()
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, 3, 16))
+    params = model.init(jax.random.PRNGKey(0), x[0])["params"]
+
+    def loss(t, frozen, example, key):
+        del frozen, key
+        value = jnp.mean(model.apply({"params": t}, example) ** 2)
+        return value, {}
+
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    mask = jnp.ones(5, bool)
+    ref = _reference(loss, params, x, mask, keys, clip_norm=1e-3)
+    got = _ghost(loss, params, x, mask, keys, "ghost", clip_norm=1e-3)
+    np.testing.assert_allclose(got.norms, ref.norms, rtol=1e-4)
+    _assert_trees_close(ref.grad_sum, got.grad_sum, atol=1e-8)
+
+
+# The tiny DPDM UNet through ``clipped_grad_sum(impl='ghost')`` in micro-batches:
+# tests/test_layerwise.py::test_dpdm_step_sums_equal_between_paths.
+
+
+def test_ghost_is_chosen_only_where_cheaper():
+    # A 3x3 convolution 128 -> 128 at 8x8: T (P_in + C_out) = 64 * 1280 < 1152 * 128.
+    assert ghost.ghost_is_cheaper(64, 9 * 128, 128)
+    # The same at 32x32 with 32 noise copies: per-example gradients are cheaper.
+    assert not ghost.ghost_is_cheaper(32 * 32 * 32, 9 * 128, 128)
+    # An embedding projection (one position) is always ghost-normed.
+    assert ghost.ghost_is_cheaper(1, 512, 512)
+    with pytest.raises(ValueError, match="Unknown ghost mode"):
+        ghost.norms_and_sum(None, {}, None, {}, jnp.ones(1, bool), None, mode="fast")
+
+
+class _Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            x = jnp.tanh(nn.Dense(256)(x))
+        return nn.Dense(1)(x)
+
+
+def test_ghost_holds_no_per_example_kernel_gradients():
+    """Compiled temporary memory: 'layerwise' holds B x P floats of per-example
+    gradients (64 x 197k x 4 bytes = 50 MB); 'ghost' must stay far below that."""
+    model = _Wide()
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 256))
+    params = model.init(jax.random.PRNGKey(1), x[0])["params"]
+    num_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+
+    def loss(t, frozen, example, key):
+        del frozen, key
+        value = jnp.sum(model.apply({"params": t}, example) ** 2)
+        return value, {}
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 64)
+    mask = jnp.ones(64, bool)
+    temp = {}
+    for impl in ("layerwise", "ghost"):
+        step = jax.jit(
+            lambda t, e, m, k, impl=impl: clipping.clipped_grad_sum(
+                loss, t, None, e, m, k, clip_norm=1.0, microbatch_size=64, impl=impl
+            ).grad_sum
+        )
+        analysis = step.lower(params, x, mask, keys).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        temp[impl] = analysis.temp_size_in_bytes
+    per_example_bytes = 64 * num_params * 4
+    assert temp["layerwise"] >= 0.9 * per_example_bytes
+    assert temp["ghost"] < per_example_bytes / 8, temp
