@@ -76,6 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import anchor_unet  # noqa: E402
 from dpjax.methods import dpdm  # noqa: E402
 from dpjax.methods.base import DataSpec, Method, count_params  # noqa: E402
+from dpjax.privacy import ghost  # noqa: E402
 from dpjax.privacy.dp_step import example_keys, gather_examples, make_train_step  # noqa: E402
 from dpjax.privacy.plan import DPPlan, make_plan  # noqa: E402
 from dpjax.randomness import Streams  # noqa: E402
@@ -288,6 +289,19 @@ def _batch_args(data: dict[str, Any], streams: Streams) -> tuple[Any, ...]:
     """The step's arguments after the state: (images, labels, indices, mask, num_real, streams)."""
     names = ("images", "labels", "indices", "mask", "num_real")
     return (*(data[n] for n in names), streams)
+
+
+def ghosted_fraction(method: Method, trainable: PyTree, case: Case) -> float:
+    """The fraction of parameters the ghost path never forms per-example gradients for,
+    at this case's micro-batch shapes (``dpjax.privacy.ghost.ghosted_fraction``)."""
+    m = case.microbatch
+    examples = {
+        "image": jax.ShapeDtypeStruct((m, *SPEC.image_shape), jnp.float32),
+        "label": jax.ShapeDtypeStruct((m,), jnp.int32),
+    }
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.PRNGKey(0), m))
+    mask = jax.ShapeDtypeStruct((m,), jnp.bool_)
+    return ghost.ghosted_fraction(method.loss_per_example, trainable, {}, examples, mask, keys)
 
 
 _global_norm = jax.jit(optax.global_norm)  # Eager, it would compile one program per leaf.
@@ -633,6 +647,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                         args.warmup,
                     )
                     entry.update(timing)
+                    if CLIPPING_IMPL.get(variant) == "ghost":
+                        entry["ghosted_fraction"] = ghosted_fraction(method, trainable, case)
                     step_s = timing["step_ms"] / 1e3
                     entry["examples_per_s"] = case.batch / step_s
                     entry["images_per_s"] = case.batch * case.k / step_s

@@ -86,6 +86,7 @@ def test_tiny_benchmark_with_check(tmp_path):
     plain, fast, ghost = entries
     assert plain["ratio_to_plain"] == pytest.approx(1.0) and plain["clipping_impl"] is None
     assert fast["clipping_impl"] == "layerwise" and ghost["clipping_impl"] == "ghost"
+    assert 0.0 < ghost["ghosted_fraction"] < 1.0 and "ghosted_fraction" not in fast
     assert fast["ratio_to_plain"] == pytest.approx(fast["step_ms"] / plain["step_ms"])
     for e in entries:
         assert (e["B"], e["K"], e["microbatch"]) == (4, 1, 4)

@@ -139,6 +139,33 @@ def test_ghost_holds_no_per_example_kernel_gradients():
         if analysis is None:
             pytest.skip("this backend reports no memory analysis")
         temp[impl] = analysis.temp_size_in_bytes
+    # The three 256 x 256 kernels are ghost-normed (T = 1); the 256 x 1 output is not.
+    fraction = ghost.ghosted_fraction(loss, params, None, x, mask, keys)
+    assert fraction == 3 * 256 * 256 / num_params
+    assert ghost.ghosted_fraction(loss, params, None, x, mask, keys, mode="per_example") == 0
     per_example_bytes = 64 * num_params * 4
     assert temp["layerwise"] >= 0.9 * per_example_bytes
     assert temp["ghost"] < per_example_bytes / 8, temp
+
+
+def _dot_precisions(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots, "no contraction traced"
+    return [e.params["precision"] for e in dots]
+
+
+def test_norms_and_clipped_sums_contract_at_highest_precision():
+    """A GPU's default (TF32) matmuls would make the summed contribution differ from the
+    gradient whose norm was clipped by ~1e-3 relative: the sums and the ghost Grams must
+    ask for float32 ('highest') contractions."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    g = {"w": jnp.ones((4, 3, 2))}
+    weights, valid = jnp.ones(4), jnp.ones(4, bool)
+    views, gg = [jnp.ones((4, 5, 3))] * 2, jnp.ones((4, 5, 2))
+    for fn, args in (
+        (clipping.weighted_sum, (g, weights, valid)),
+        (ghost._reweighted_kernel_sum, (views, gg, weights, valid)),
+        (ghost._ghost_sq_norm, (views, gg)),
+    ):
+        assert all(p == highest for p in _dot_precisions(fn, *args)), fn.__name__

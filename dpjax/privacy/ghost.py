@@ -90,6 +90,56 @@ def _reweighted_kernel_sum(
     )
 
 
+def _ghost_calls(
+    rec: layerwise.Recording, unfolded: list[tuple[list[jax.Array], jax.Array] | None], mode: str
+) -> set[int]:
+    """Indices of the calls whose kernel is ghost-normed: a Dense, Conv or ConvTranspose
+    call with a trainable kernel, none of whose leaves is used by another call, and (in
+    'auto') for which ``ghost_is_cheaper``."""
+    if mode not in GHOST_MODES:
+        raise ValueError(f"Unknown ghost mode '{mode}': use one of {list(GHOST_MODES)}.")
+    uses = Counter(i for call in rec.calls for i in call.leaf_ids)
+    chosen = set()
+    for j, call in enumerate(rec.calls):
+        if mode == "per_example" or "kernel" not in call.names:
+            continue
+        if not all(uses[i] == 1 for i in call.leaf_ids):
+            continue
+        if unfolded[j] is None:
+            continue
+        views, gg = unfolded[j]
+        positions, p_in, p_out = gg.shape[1], len(views) * views[0].shape[2], gg.shape[2]
+        if mode == "ghost" or ghost_is_cheaper(positions, p_in, p_out):
+            chosen.add(j)
+    return chosen
+
+
+def ghosted_fraction(
+    loss_fn: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    examples: PyTree,
+    mask: jax.Array,
+    keys: jax.Array,
+    mode: str = "auto",
+) -> float:
+    """The fraction of trainable parameters whose per-example gradients ``norms_and_sum``
+    never forms (ghost-normed kernels), for these shapes; traced, nothing is computed."""
+    holder = {}
+
+    def trace(t, f, e, m, k):
+        rec = layerwise.record(loss_fn, t, f, e, m, k)
+        unfolded = [layerwise.unfold(rec, j) for j in range(len(rec.calls))]
+        holder["rec"], holder["chosen"] = rec, _ghost_calls(rec, unfolded, mode)
+        return 0
+
+    jax.eval_shape(trace, trainable, frozen, examples, mask, keys)
+    rec, chosen = holder["rec"], holder["chosen"]
+    kernels = {dict(zip(rec.calls[j].names, rec.calls[j].leaf_ids))["kernel"] for j in chosen}
+    total = sum(leaf.size for leaf in rec.leaves)
+    return sum(rec.leaves[i].size for i in kernels) / max(total, 1)
+
+
 def norms_and_sum(
     loss_fn: LossFn,
     trainable: PyTree,
@@ -113,40 +163,24 @@ def norms_and_sum(
     Raises:
       ValueError: an unknown mode, or a model 'layerwise' cannot cover.
     """
-    if mode not in GHOST_MODES:
+    if mode not in GHOST_MODES:  # before tracing anything
         raise ValueError(f"Unknown ghost mode '{mode}': use one of {list(GHOST_MODES)}.")
     rec = layerwise.record(loss_fn, trainable, frozen, examples, mask, keys)
-    uses = Counter(i for call in rec.calls for i in call.leaf_ids)
+    unfolded = [layerwise.unfold(rec, j) for j in range(len(rec.calls))]
+    chosen = _ghost_calls(rec, unfolded, mode)
     sq = jnp.zeros(rec.loss.shape, jnp.float32)
     per_example: dict[int, jax.Array] = {}  # leaf index -> (B, *shape), summed over calls
     ghosts: list[tuple[int, list[jax.Array], jax.Array]] = []  # (kernel leaf, views, gg)
     for j, call in enumerate(rec.calls):
-        unfolded = layerwise.unfold(rec, j)
         names = dict(zip(call.names, call.leaf_ids))
-        ghost = (
-            unfolded is not None
-            and "kernel" in names
-            and all(uses[i] == 1 for i in call.leaf_ids)
-            and (
-                mode == "ghost"
-                or (
-                    mode == "auto"
-                    and ghost_is_cheaper(
-                        unfolded[0][0].shape[1],
-                        len(unfolded[0]) * unfolded[0][0].shape[2],
-                        unfolded[1].shape[2],
-                    )
-                )
-            )
-        )
-        if ghost:
-            views, gg = unfolded
+        if j in chosen:
+            views, gg = unfolded[j]
             sq = sq + _ghost_sq_norm(views, gg)
             ghosts.append((names["kernel"], views, gg))
             if "bias" in names:  # the bias gradient of example i is sum_t g_i[t]
                 per_example[names["bias"]] = jnp.sum(gg, axis=1)
             continue
-        for name, g in layerwise.call_grads(rec, j, unfolded).items():
+        for name, g in layerwise.call_grads(rec, j, unfolded[j]).items():
             i = names[name]
             per_example[i] = per_example[i] + g if i in per_example else g
     for g in per_example.values():
