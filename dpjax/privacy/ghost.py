@@ -8,7 +8,7 @@ cotangents g_i, per example i), then works layer by layer without forming the
 * Norms. For a dense or convolution kernel, example i's gradient is
   W_i = U_i^T g_i, where U_i (T x P_in) is the unfolded input (T output positions,
   copies included; P_in = C_in * kernel offsets) and g_i (T x C_out). Its squared
-  Frobenius norm is the "ghost norm" (Goodfellow 2015; Li et al. 2022, eq. 4.1):
+  Frobenius norm is the "ghost norm" (Goodfellow 2015; Li et al., ICLR 2022, Sec. 4):
       ||U_i^T g_i||_F^2 = sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts},
   which costs T^2 (P_in + C_out) per example instead of T P_in C_out and never holds
   a P_in x C_out matrix per example. As in mixed ghost clipping (Bu et al., "Scalable
