@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax.privacy import clipping, ghost
+from dpjax.privacy import clipping, ghost, layerwise
 from tests.test_layerwise import _assert_trees_close, _Zoo, _zoo_batch, _zoo_loss
 
 CLIP = 0.05
@@ -149,10 +149,21 @@ def test_ghost_holds_no_per_example_kernel_gradients():
 
 
 def _dot_precisions(fn, *args):
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert dots, "no contraction traced"
-    return [e.params["precision"] for e in dots]
+    """The precision of every dot_general ``fn`` traces, inside scans and loops too."""
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                yield e.params["precision"]
+            for v in e.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from walk(inner)
+
+    found = list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    assert found, "no contraction traced"
+    return found
 
 
 def test_norms_and_clipped_sums_contract_at_highest_precision():
@@ -162,10 +173,13 @@ def test_norms_and_clipped_sums_contract_at_highest_precision():
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     g = {"w": jnp.ones((4, 3, 2))}
     weights, valid = jnp.ones(4), jnp.ones(4, bool)
-    views, gg = [jnp.ones((4, 5, 3))] * 2, jnp.ones((4, 5, 2))
-    for fn, args in (
-        (clipping.weighted_sum, (g, weights, valid)),
-        (ghost._reweighted_kernel_sum, (views, gg, weights, valid)),
-        (ghost._ghost_sq_norm, (views, gg)),
-    ):
-        assert all(p == highest for p in _dot_precisions(fn, *args)), fn.__name__
+    conv = nn.Conv(2, (3, 3))
+    unfold = lambda a, g: layerwise._conv_unfold(conv, (a,), g)  # noqa: E731
+    a, gg = jnp.ones((4, 5, 5, 3)), jnp.ones((4, 5, 5, 2))
+    for name, fn, args in (
+        ("weighted_sum", clipping.weighted_sum, (g, weights, valid)),
+        ("reweighted kernel sum",
+         lambda a, gg: ghost._reweighted_kernel_sum(unfold(a, gg), weights, valid), (a, gg)),
+        ("ghost norm", lambda a, gg: ghost._ghost_sq_norm(unfold(a, gg)), (a, gg)),
+    ):  # fmt: skip
+        assert all(p == highest for p in _dot_precisions(fn, *args)), name

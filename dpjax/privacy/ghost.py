@@ -65,33 +65,34 @@ def ghost_is_cheaper(positions: int, p_in: int, p_out: int) -> bool:
     return positions * (p_in + p_out) < p_in * p_out
 
 
-def _ghost_sq_norm(views: list[jax.Array], gg: jax.Array) -> jax.Array:
+def _ghost_sq_norm(unfolded: layerwise.Unfolded) -> jax.Array:
     """(B,) squared norm of each example's kernel gradient (the stack over offsets o of
-    views[o]_i^T gg_i), as sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts}.
+    view(o)_i^T gg_i), as sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts}.
 
-    U_i U_i^T = sum over offsets o of views[o]_i views[o]_i^T, since U_i is the offsets'
+    U_i U_i^T = sum over offsets o of view(o)_i view(o)_i^T, since U_i is the offsets'
     views side by side. Clamped at 0 against rounding (the exact value is >= 0)."""
-    uu = sum(jnp.einsum("btc,bsc->bts", v, v, precision=_HI) for v in views)
-    gg_gram = jnp.einsum("bto,bso->bts", gg, gg, precision=_HI)
+    b, t = unfolded.gg.shape[:2]
+    uu = unfolded.fold(
+        lambda acc, v: acc + jnp.einsum("btc,bsc->bts", v, v, precision=_HI),
+        jnp.zeros((b, t, t), jnp.float32),
+    )
+    gg_gram = jnp.einsum("bto,bso->bts", unfolded.gg, unfolded.gg, precision=_HI)
     return jnp.maximum(jnp.sum(uu * gg_gram, axis=(1, 2)), 0.0)
 
 
 def _reweighted_kernel_sum(
-    views: list[jax.Array], gg: jax.Array, weights: jax.Array, valid: jax.Array
+    unfolded: layerwise.Unfolded, weights: jax.Array, valid: jax.Array
 ) -> jax.Array:
-    """(offsets, C_in, C_out): sum_i weights_i views[o]_i^T gg_i, invalid rows zeroed first."""
+    """(offsets, C_in, C_out): sum_i weights_i view(o)_i^T gg_i, invalid rows zeroed first."""
     keep = valid[:, None, None]
-    wg = jnp.where(keep, gg, 0.0) * weights[:, None, None]
-    return jnp.stack(
-        [
-            jnp.einsum("btc,bto->co", jnp.where(keep, v, 0.0), wg, precision=_HI)
-            for v in views
-        ]
+    wg = jnp.where(keep, unfolded.gg, 0.0) * weights[:, None, None]
+    return unfolded.map(
+        lambda v: jnp.einsum("btc,bto->co", jnp.where(keep, v, 0.0), wg, precision=_HI)
     )
 
 
 def _ghost_calls(
-    rec: layerwise.Recording, unfolded: list[tuple[list[jax.Array], jax.Array] | None], mode: str
+    rec: layerwise.Recording, unfolded: list[layerwise.Unfolded | None], mode: str
 ) -> set[int]:
     """Indices of the calls whose kernel is ghost-normed: a Dense, Conv or ConvTranspose
     call with a trainable kernel, none of whose leaves is used by another call, and (in
@@ -105,10 +106,10 @@ def _ghost_calls(
             continue
         if not all(uses[i] == 1 for i in call.leaf_ids):
             continue
-        if unfolded[j] is None:
+        u = unfolded[j]
+        if u is None:
             continue
-        views, gg = unfolded[j]
-        positions, p_in, p_out = gg.shape[1], len(views) * views[0].shape[2], gg.shape[2]
+        positions, p_in, p_out = u.gg.shape[1], u.offsets * u.c_in, u.gg.shape[2]
         if mode == "ghost" or ghost_is_cheaper(positions, p_in, p_out):
             chosen.add(j)
     return chosen
@@ -170,15 +171,14 @@ def norms_and_sum(
     chosen = _ghost_calls(rec, unfolded, mode)
     sq = jnp.zeros(rec.loss.shape, jnp.float32)
     per_example: dict[int, jax.Array] = {}  # leaf index -> (B, *shape), summed over calls
-    ghosts: list[tuple[int, list[jax.Array], jax.Array]] = []  # (kernel leaf, views, gg)
+    ghosts: list[tuple[int, layerwise.Unfolded]] = []  # (kernel leaf, its layer's input)
     for j, call in enumerate(rec.calls):
         names = dict(zip(call.names, call.leaf_ids))
         if j in chosen:
-            views, gg = unfolded[j]
-            sq = sq + _ghost_sq_norm(views, gg)
-            ghosts.append((names["kernel"], views, gg))
+            sq = sq + _ghost_sq_norm(unfolded[j])
+            ghosts.append((names["kernel"], unfolded[j]))
             if "bias" in names:  # the bias gradient of example i is sum_t g_i[t]
-                per_example[names["bias"]] = jnp.sum(gg, axis=1)
+                per_example[names["bias"]] = jnp.sum(unfolded[j].gg, axis=1)
             continue
         for name, g in layerwise.call_grads(rec, j, unfolded[j]).items():
             i = names[name]
@@ -191,8 +191,8 @@ def norms_and_sum(
         for i, g in per_example.items():
             keep = valid.reshape((-1,) + (1,) * (g.ndim - 1))
             out[i] = jnp.einsum("b,b...->...", weights, jnp.where(keep, g, 0.0), precision=_HI)
-        for i, views, gg in ghosts:
-            kernel = _reweighted_kernel_sum(views, gg, weights, valid)
+        for i, u in ghosts:
+            kernel = _reweighted_kernel_sum(u, weights, valid)
             out[i] = kernel.reshape(rec.leaves[i].shape)
         return jax.tree_util.tree_unflatten(rec.treedef, out)
 
