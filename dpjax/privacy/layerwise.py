@@ -126,9 +126,10 @@ class Unfolded:
     gradient at offset o is ``view(o)_i^T gg_i``, where ``view(o)`` (B, T, C_in) is the
     input each of the T output positions (copies included) sees through offset o.
     ``map`` and ``fold`` visit the offsets in a ``lax.scan``, so only ONE view exists at
-    a time: built all at once, the views hold prod(kernel) copies of the input (9x for a
-    3x3 kernel: 56 MB instead of 14 MB for one 64-channel 28x28 layer at B = 32, and
-    1.1 GB of DPDM's 1.2 GB step on the CPU).
+    a time: built all at once, XLA kept prod(kernel) copies of the input alive (9x for a
+    3x3 kernel: 56 MB instead of 14 MB for one 64-channel 28x28 layer at B = 32; DPDM's
+    whole layerwise DP step at B = 32 held 1,151 MB of temporaries on the CPU, 643 MB
+    with the scan; ``benchmarks/results.md``).
 
     Attributes:
       source: the padded (and, for transposed convolutions, dilated) input,
