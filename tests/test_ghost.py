@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpjax.methods import base, dpdm
 from dpjax.privacy import clipping, ghost, layerwise
 from tests.test_layerwise import _assert_trees_close, _Zoo, _zoo_batch, _zoo_loss
 
@@ -183,3 +184,37 @@ def test_norms_and_clipped_sums_contract_at_highest_precision():
         ("ghost norm", lambda a, gg: ghost._ghost_sq_norm(unfold(a, gg)), (a, gg)),
     ):  # fmt: skip
         assert all(p == highest for p in _dot_precisions(fn, *args)), name
+
+
+def test_dp_lora_adapters_take_the_fast_paths():
+    """DP-LoRA (adapters on the attention projections and a trained label embedding, K=2):
+    the adapters are applied as two bias-free Dense layers, so 'layerwise' and 'ghost'
+    cover them and give the reference's norms and clipped sum."""
+    spec = base.DataSpec((8, 8, 1), 3)
+    cfg = dpdm.Config(unet="custom", nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(4,), noise_multiplicity=2, dropout=0.0,
+                      trainable=("label_embed",), lora_rank=2,
+                      lora_targets=("attn",))  # fmt: skip
+    method = dpdm.make(cfg, spec)
+    params = method.init(jax.random.PRNGKey(0), spec)
+    # B = 0 at initialization would leave A without gradient: perturb every adapter.
+    rng = np.random.default_rng(4)
+    trainable = jax.tree.map(
+        lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), params.trainable
+    )
+    assert trainable["lora"]
+    images = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)
+    ex = {"image": images, "label": jnp.arange(4) % 3}
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+    mask = jnp.array([True, True, True, False])
+    run = lambda impl, c: clipping.clipped_grad_sum(  # noqa: E731
+        method.loss_per_example, trainable, params.frozen, ex, mask, keys,
+        clip_norm=c, microbatch_size=4, impl=impl,
+    )  # fmt: skip
+    clip = float(np.nanmedian(np.asarray(jax.jit(lambda: run("vmap", 1e30))().norms)))
+    ref = jax.jit(lambda: run("vmap", clip))()
+    for impl in ("layerwise", "ghost"):
+        got = jax.jit(lambda impl=impl: run(impl, clip))()
+        np.testing.assert_allclose(got.norms, ref.norms, rtol=1e-4, equal_nan=True)
+        assert int(got.num_clipped) == int(ref.num_clipped) > 0
+        _assert_trees_close(ref.grad_sum, got.grad_sum, atol=1e-5 * clip)

@@ -124,8 +124,13 @@ def applied(adapters: Mapping[str, Mapping[str, jax.Array]], scale: float) -> It
         ad = adapters.get(_key(_path(context.module)))
         if ad is None:
             return out
-        x = args[0]
-        low = jnp.einsum("...i,ir,ro->...o", x.astype(jnp.float32), ad["A"], ad["B"])
+        # (x A) B as two bias-free Dense layers applied to the adapter leaves as they are,
+        # so the per-layer clipping paths (privacy/layerwise.py, privacy/ghost.py) see A
+        # and B as ordinary Dense kernels; the arithmetic is the einsum's.
+        x = args[0].astype(jnp.float32)
+        rank, d_out = ad["B"].shape
+        h = nn.Dense(rank, use_bias=False).apply({"params": {"kernel": ad["A"]}}, x)
+        low = nn.Dense(d_out, use_bias=False).apply({"params": {"kernel": ad["B"]}}, h)
         return out + (scale * low).astype(out.dtype)
 
     with nn.intercept_methods(add_low_rank):

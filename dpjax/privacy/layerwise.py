@@ -18,7 +18,7 @@ Guarantees of ``per_example_grads``:
   to ``vmap(grad(loss_fn))`` up to floating-point rounding (tested against it).
 * It fails closed: a trainable leaf that is not owned by a supported layer (Dense, Conv,
   Embed, GroupNorm, LayerNorm, ConvTranspose, ...) called through ``__call__``, or that is
-  transformed before use (LoRA merge, dtype cast), raises ValueError naming the leaf
+  transformed before use (a merged update W + B A, a dtype cast), raises ValueError naming the leaf
   instead of silently getting a wrong gradient. Use ``clipping_impl='vmap'`` then.
 * A trainable leaf used by the loss outside its layer (e.g. a weight-decay term in the
   loss) is detected at trace time and raises ValueError.
