@@ -15,6 +15,9 @@ trainable parameters the ghost path never forms per-example gradients for. Model
   size (32x32x3 -> 16x16x3 latents of an f=2 autoencoder, UNet width 128, ch_mult
   (1, 2, 2, 4), attention at 16, 8 and 4 with 512-d context, the public 1000-class
   embedder), attention and class embedding trainable, K = 1.
+* ``dplora_fmnist``: DP-LoRA's private stage at the same ``quick`` size: rank-8 adapters
+  on the attention projections and the class embedding trainable, K = 12 (the settings
+  of ``experiments/ldm_fmnist.py``).
 * ``dpdm``: DPDM's Fashion-MNIST UNet (1.75M parameters) at K = 1.
 
 Autoencoders and frozen weights are untrained and the trainable ones randomly perturbed
@@ -48,21 +51,26 @@ from dpjax.methods import autoencoder, base, dpdm, ldm  # noqa: E402
 from dpjax.methods.base import count_params  # noqa: E402
 from dpjax.privacy import clipping, ghost  # noqa: E402
 
-MODELS = ("dpldm_fmnist", "dpldm_cifar10", "dpdm")
+MODELS = ("dpldm_fmnist", "dplora_fmnist", "dpldm_cifar10", "dpdm")
 IMPLS = ("vmap", "layerwise", "ghost")
 
 
 def make_method(model: str) -> tuple[base.Method, base.DataSpec]:
     """The method of ``model`` (module docstring) and its data spec."""
     common = {"scale_factor": 1.0, "noise_multiplicity": 1, "dropout": 0.0}
-    if model == "dpldm_fmnist":
+    if model in ("dpldm_fmnist", "dplora_fmnist"):
         spec = base.DataSpec((28, 28, 1), 10)
+        if model == "dpldm_fmnist":
+            tuning = {"trainable": ("attn", "class_embed")}
+        else:
+            common["noise_multiplicity"] = 12
+            tuning = {"trainable": ("class_embed",), "lora_rank": 8, "lora_targets": ("attn",)}
         cfg = ldm.Config(
             untrained_autoencoder=autoencoder.Config(
                 downsample=4, z_channels=3, ch=16, ch_mult=(1, 2, 2)
             ),
             nf=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(7,),
-            cross_attention_heads=4, trainable=("attn", "class_embed"), **common,
+            cross_attention_heads=4, **tuning, **common,
         )  # fmt: skip
         return ldm.make(cfg, spec), spec
     if model == "dpldm_cifar10":
