@@ -1,8 +1,9 @@
 """The DP-step benchmark (benchmarks/dp_step.py) runs end to end on CPU with a tiny UNet.
 
 It checks the benchmark itself: its correctness gate (the fast layerwise and the ghost
-steps equal the vmap reference step), that every requested entry is timed without error and recorded
-incrementally in the --out file, and its case parsing. Timings are not asserted.
+steps equal the vmap reference step), that every requested entry is timed without error
+and recorded incrementally in the --out file, and its case parsing. Timings are not
+asserted.
 """
 
 import importlib.util
