@@ -60,6 +60,16 @@ def test_every_layer_kind_matches_the_reference(mode):
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(got.grad_sum))
 
 
+def _squared_output_loss(model, reduce):
+    """A per-example loss ``reduce(model(x)^2)`` in the clipping paths' signature."""
+
+    def loss(t, frozen, example, key):
+        del frozen, key
+        return reduce(model.apply({"params": t}, example) ** 2), {}
+
+    return loss
+
+
 class _Shared(nn.Module):
     """One Dense applied twice (weight sharing) beside an ordinary wide Dense."""
 
@@ -78,11 +88,7 @@ def test_a_layer_called_twice_gets_the_norm_of_its_summed_gradient():
     x = jax.random.normal(jax.random.PRNGKey(3), (5, 3, 16))
     params = model.init(jax.random.PRNGKey(0), x[0])["params"]
 
-    def loss(t, frozen, example, key):
-        del frozen, key
-        value = jnp.mean(model.apply({"params": t}, example) ** 2)
-        return value, {}
-
+    loss = _squared_output_loss(model, jnp.mean)
     keys = jax.random.split(jax.random.PRNGKey(1), 5)
     mask = jnp.ones(5, bool)
     ref = _reference(loss, params, x, mask, keys, clip_norm=1e-3)
@@ -122,11 +128,7 @@ def test_ghost_holds_no_per_example_kernel_gradients():
     params = model.init(jax.random.PRNGKey(1), x[0])["params"]
     num_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
 
-    def loss(t, frozen, example, key):
-        del frozen, key
-        value = jnp.sum(model.apply({"params": t}, example) ** 2)
-        return value, {}
-
+    loss = _squared_output_loss(model, jnp.sum)
     keys = jax.random.split(jax.random.PRNGKey(2), 64)
     mask = jnp.ones(64, bool)
     temp = {}
