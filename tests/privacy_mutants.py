@@ -54,7 +54,7 @@ MUTANTS = (
     Mutant("the update divided by the realized batch", "dpjax/privacy/dp_step.py",
            "            denom = plan.expected_batch_size",
            "            denom = jnp.maximum(res.num_valid, 1).astype(jnp.float32)", ENGINE),
-    Mutant("layerwise conv bias halved", "dpjax/privacy/layerwise.py",
+    Mutant("layerwise conv bias halved", "dpjax/privacy/unfolding.py",
            'out["bias"] = jnp.sum(gg, axis=1)', 'out["bias"] = 0.5 * jnp.sum(gg, axis=1)',
            ("tests/test_layerwise.py",)),
     Mutant("the clipped sum at TF32 precision on GPUs", "dpjax/privacy/clipping.py",

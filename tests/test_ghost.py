@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpjax.methods import base, dpdm
-from dpjax.privacy import clipping, ghost, layerwise
+from dpjax.privacy import clipping, ghost, unfolding
 from tests.test_layerwise import _assert_trees_close, _Zoo, _zoo_batch, _zoo_loss
 
 CLIP = 0.05
@@ -177,7 +177,7 @@ def test_norms_and_clipped_sums_contract_at_highest_precision():
     g = {"w": jnp.ones((4, 3, 2))}
     weights, valid = jnp.ones(4), jnp.ones(4, bool)
     conv = nn.Conv(2, (3, 3))
-    unfold = lambda a, g: layerwise._conv_unfold(conv, (a,), g)  # noqa: E731
+    unfold = lambda a, g: unfolding.conv_unfold(conv, (a,), g)  # noqa: E731
     a, gg = jnp.ones((4, 5, 5, 3)), jnp.ones((4, 5, 5, 2))
     for name, fn, args in (
         ("weighted_sum", clipping.weighted_sum, (g, weights, valid)),

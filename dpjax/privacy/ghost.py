@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dpjax.privacy import layerwise
+from dpjax.privacy import layerwise, unfolding
 from dpjax.privacy.compute_dtype import LossFn, PyTree
 
 #: Which norm each eligible kernel gets: 'auto' (the cheaper, module docstring), 'ghost'
@@ -65,7 +65,7 @@ def ghost_is_cheaper(positions: int, p_in: int, p_out: int) -> bool:
     return positions * (p_in + p_out) < p_in * p_out
 
 
-def _ghost_sq_norm(unfolded: layerwise.Unfolded) -> jax.Array:
+def _ghost_sq_norm(unfolded: unfolding.Unfolded) -> jax.Array:
     """(B,) squared norm of each example's kernel gradient (the stack over offsets o of
     view(o)_i^T gg_i), as sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts}.
 
@@ -81,7 +81,7 @@ def _ghost_sq_norm(unfolded: layerwise.Unfolded) -> jax.Array:
 
 
 def _reweighted_kernel_sum(
-    unfolded: layerwise.Unfolded, weights: jax.Array, valid: jax.Array
+    unfolded: unfolding.Unfolded, weights: jax.Array, valid: jax.Array
 ) -> jax.Array:
     """(offsets, C_in, C_out): sum_i weights_i view(o)_i^T gg_i, invalid rows zeroed first."""
     keep = valid[:, None, None]
@@ -92,7 +92,7 @@ def _reweighted_kernel_sum(
 
 
 def _ghost_calls(
-    rec: layerwise.Recording, unfolded: list[layerwise.Unfolded | None], mode: str
+    rec: layerwise.Recording, unfolded: list[unfolding.Unfolded | None], mode: str
 ) -> set[int]:
     """Indices of the calls whose kernel is ghost-normed: a Dense, Conv or ConvTranspose
     call with a trainable kernel, none of whose leaves is used by another call, and (in
@@ -171,7 +171,7 @@ def norms_and_sum(
     chosen = _ghost_calls(rec, unfolded, mode)
     sq = jnp.zeros(rec.loss.shape, jnp.float32)
     per_example: dict[int, jax.Array] = {}  # leaf index -> (B, *shape), summed over calls
-    ghosts: list[tuple[int, layerwise.Unfolded]] = []  # (kernel leaf, its layer's input)
+    ghosts: list[tuple[int, unfolding.Unfolded]] = []  # (kernel leaf, its layer's input)
     for j, call in enumerate(rec.calls):
         names = dict(zip(call.names, call.leaf_ids))
         if j in chosen:
