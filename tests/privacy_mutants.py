@@ -37,6 +37,8 @@ ENGINE = ("tests/test_privacy_engine.py",)
 MUTANTS = (
     Mutant("noise std 0.7 sigma C", "dpjax/privacy/noise.py",
            "x.astype(jnp.float32) + std * z", "x.astype(jnp.float32) + 0.7 * std * z", ENGINE),
+    Mutant("one key for every piece of the noise", "dpjax/privacy/noise.py",
+           "jax.random.fold_in(key, i)", "key", ENGINE),
     Mutant("one noise key for every step", "dpjax/privacy/dp_step.py",
            "jax.random.fold_in(streams.noise, t)", "streams.noise", ENGINE),
     Mutant("Poisson rate 0.8 q", "dpjax/privacy/sampling.py",

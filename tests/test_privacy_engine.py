@@ -223,6 +223,33 @@ def test_noise_std_is_sigma_times_c():
     assert not np.allclose(_flat(a), draws[2] / (sigma * C))
 
 
+@pytest.mark.parametrize("size", [2, 7, 20_001])
+def test_standard_normal_pieces_are_independent_and_cover_the_vector(size):
+    """The flat draw is NOISE_CHUNKS pieces from fold_in(key, i). Reusing one key for
+    every piece would repeat the noise (correlated coordinates: the sum's sensitivity is
+    then not what the accountant assumes), and a piece too short would leave zeros."""
+    z = np.asarray(noise.standard_normal(jax.random.key(3), size))
+    assert z.shape == (size,) and z.dtype == np.float32 and np.all(z != 0)
+    piece = -(-size // noise.NOISE_CHUNKS)
+    first, second = z[:piece], z[piece : 2 * piece]
+    assert not np.any(first[: len(second)] == second)
+    if size > 1000:
+        assert abs(np.corrcoef(first[: len(second)], second)[0, 1]) < 0.05
+        assert np.std(z) == pytest.approx(1.0, rel=0.02)
+
+
+def test_noise_transform_is_compiled_once_not_per_leaf():
+    """Compile time: the normal's inverse-erf transform must not be fused into every
+    leaf's add (it was: 289 copies for the DPDM UNet, 7.4 s of CPU compile instead of
+    4.3 s). Counted in the compiled program's text, where each copy names its op."""
+    tree = [jnp.zeros((100,)) for _ in range(48)]
+    add = jax.jit(lambda t, k: noise.add_gaussian_noise(t, k, 1.0))
+    text = add.lower(tree, jax.random.key(0)).compile().as_text()
+    one_leaf = add.lower(tree[:1], jax.random.key(0)).compile().as_text()
+    # 48 leaves may add slices and adds, but not 47 more transforms.
+    assert text.count("erf") <= 2 * max(one_leaf.count("erf"), 1)
+
+
 def _step_setup(sigma, n=40, q=0.25):
     method = _method()
     plan = DPPlan(
