@@ -56,6 +56,12 @@ _AUDIT_CLIP_SCALE = flags.DEFINE_float(
     "audit_clip_scale", 1.0, "--mode=audit FAULT INJECTION: clip at C * this, noise unchanged."
 )
 _DEBUG = flags.DEFINE_boolean("debug", False, "Show full tracebacks for user errors.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "workdir",
+    "Where compiled XLA programs are kept for later processes (resumes, --mode=eval): "
+    "'workdir' (<workdir>/xla_cache), a directory, or 'off' (dpjax/compile_cache.py).",
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -194,6 +200,9 @@ def run(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
     workdir = os.path.abspath(_WORKDIR.value)
+    from dpjax import compile_cache
+
+    compile_cache.enable(compile_cache.cache_dir(_COMPILATION_CACHE.value, workdir))
     if _MODE.value == "train":
         from dpjax import train
 

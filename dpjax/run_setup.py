@@ -318,6 +318,11 @@ def _build_run(
             f"[dpjax] data parallel over {mesh.size} devices ({jax.process_count()} "
             f"process(es)); the DP step is the same as on one device"
         )
+    else:
+        # Committed to the device, as a restored checkpoint's arrays are: the step then
+        # compiles to the same program from scratch and on resume, one compilation-cache
+        # entry (dpjax/compile_cache.py) instead of two.
+        state = jax.device_put(state, jax.local_devices()[0])
     releases = list(prior)
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)

@@ -47,5 +47,5 @@ timeout "$EVAL_LIMIT" python3 -m dpjax.main --mode=eval --workdir="$W" 2>&1 | gr
 T2=$(date +%s)
 echo "eval wall seconds: $((T2 - T1))"
 python3 -m dpjax.main --mode=export --workdir="$W" --out="$W/export" 2>&1 | tail -2
-cd "$W" && tar czf "$OUT/$TAG.tgz" --exclude=checkpoints --exclude=samples --exclude='events*' . \
+cd "$W" && tar czf "$OUT/$TAG.tgz" --exclude=checkpoints --exclude=xla_cache --exclude=samples --exclude='events*' . \
   && ls -la "$OUT"

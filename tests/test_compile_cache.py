@@ -1,0 +1,54 @@
+"""The persistent compilation cache of a run (dpjax/compile_cache.py)."""
+
+import glob
+import os
+
+import numpy as np
+
+from dpjax import compile_cache
+from tests.test_train_loop import _cli, _flat_state
+
+
+def test_cache_dir_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    wd = str(tmp_path / "run")
+    assert compile_cache.cache_dir("workdir", wd) == os.path.join(wd, "xla_cache")
+    assert compile_cache.cache_dir("off", wd) is None
+    assert compile_cache.cache_dir("", wd) is None
+    assert compile_cache.cache_dir(str(tmp_path / "c"), wd) == str(tmp_path / "c")
+    assert compile_cache.cache_dir("~/x", wd) == os.path.expanduser("~/x")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compile_cache.cache_dir("workdir", wd) == str(tmp_path / "jax")
+    assert compile_cache.cache_dir("off", wd) is None
+
+
+def _step_entries(workdir):
+    return sorted(glob.glob(os.path.join(workdir, "xla_cache", "jit_step-*-cache")))
+
+
+def test_fresh_run_and_resumes_share_one_cached_step_and_survive_a_corrupt_entry(
+    tmp_path, monkeypatch
+):
+    """The step is cached in the workdir; a resume compiles the SAME program (fresh and
+    restored states are both committed to the device: one entry, not two) and ends where
+    an uncached run ends; a truncated entry (a kill mid-write) costs a compile, not the run."""
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    cfg = "experiments/toy_fake.py:steps=6"
+    wd = str(tmp_path / "cached")
+    first = _cli(wd, "--config.train.max_steps_per_run=3", config=cfg)
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = _step_entries(wd)
+    assert len(entries) == 1, (os.listdir(wd), first.stdout, first.stderr[-3000:])
+    with open(entries[0], "r+b") as f:  # A kill while JAX wrote the entry.
+        f.truncate(os.path.getsize(entries[0]) // 2)
+    resumed = _cli(wd, config=cfg)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _step_entries(wd) == entries
+
+    plain = str(tmp_path / "uncached")
+    done = _cli(plain, "--compilation_cache=off", config=cfg)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not os.path.exists(os.path.join(plain, "xla_cache"))
+    for a, b in zip(_flat_state(wd), _flat_state(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
