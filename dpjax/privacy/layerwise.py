@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from dpjax.privacy import unfolding
+from dpjax.typed_config import ConfigError
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -163,6 +164,11 @@ def _rule_for(module: nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+# A user's choice (dp.clipping) that does not fit the model: a ConfigError, one line.
+_FAST_PATHS = "The fast clipping paths (clipping_impl / dp.clipping 'layerwise' and 'ghost')"
+_USE_VMAP = "Use clipping_impl='vmap' (dp.clipping='vmap', the reference path)."
+
+
 def _paths(trainable: PyTree) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
 
@@ -185,9 +191,9 @@ def _check_no_outside_use(loss_fn: LossFn, trainable, frozen, example, key) -> N
     used = _used_invars(jaxpr.jaxpr)
     bad = [p for p, v in zip(_paths(trainable), jaxpr.jaxpr.invars) if v in used]
     if bad:
-        raise ValueError(
-            "clipping_impl='layerwise' cannot be used: the loss reads these trainable "
-            f"parameters outside their layers: {bad[:5]}. Use clipping_impl='vmap'."
+        raise ConfigError(
+            f"{_FAST_PATHS} cannot be used: the loss reads these trainable parameters "
+            f"outside their layers: {bad[:5]}. {_USE_VMAP}"
         )
 
 
@@ -255,17 +261,16 @@ def record(
     found: _Recorder = holder["rec"]
     paths = _paths(trainable)
     if found.unsupported:
-        raise ValueError(
-            "clipping_impl='layerwise' does not support these layers owning trainable "
-            f"parameters: {sorted(set(found.unsupported))[:5]}. Use clipping_impl='vmap'."
+        raise ConfigError(
+            f"{_FAST_PATHS} do not support these layers owning trainable parameters: "
+            f"{sorted(set(found.unsupported))[:5]}. {_USE_VMAP}"
         )
     covered = {i for c in found.calls for i in c.leaf_ids}
     missing = [paths[i] for i in range(len(paths)) if i not in covered]
     if missing:
-        raise ValueError(
-            "clipping_impl='layerwise' needs every trainable leaf to be a parameter of a "
-            f"supported layer used as is; these are not: {missing[:5]}. "
-            "Use clipping_impl='vmap'."
+        raise ConfigError(
+            f"{_FAST_PATHS} need every trainable leaf to be a parameter of a supported "
+            f"layer used as is; these are not: {missing[:5]}. {_USE_VMAP}"
         )
     _check_no_outside_use(loss_fn, trainable, frozen, ex0, keys[0])
 
