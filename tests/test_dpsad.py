@@ -289,6 +289,31 @@ def test_sensitivity_of_the_joint_clip_with_k_timesteps(probe):
     assert 0 < dist(full, replaced) <= clipping.sensitivity(C, "replace_one") * (1 + 1e-5)
 
 
+def test_fast_clipping_paths_give_the_reference_sum(teachers):
+    """The adversarial term applies the discriminator with stopped parameters (no
+    gradient): the fast paths count that as no use (layerwise._used_invars) and must then
+    give the reference's norms and clipped sum, student and discriminator together."""
+    m = tiny(teachers["dp"], timesteps=2, **WEIGHTS)
+    p = params(m)
+    ex, keys = batch(4), jax.random.split(jax.random.PRNGKey(5), 4)
+    mask = jnp.arange(4) < 3  # One padding row.
+    out = {
+        impl: clipping.clipped_grad_sum(
+            m.loss_per_example, p.trainable, p.frozen, ex, mask, keys,
+            clip_norm=C, microbatch_size=4, impl=impl,
+        )  # fmt: skip
+        for impl in ("vmap", "layerwise", "ghost")
+    }
+    ref = out["vmap"]
+    assert int(ref.num_clipped) == 3
+    for impl in ("layerwise", "ghost"):
+        np.testing.assert_allclose(out[impl].norms[:3], ref.norms[:3], rtol=1e-4)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(out[impl].grad_sum), jax.tree_util.tree_leaves(ref.grad_sum)
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-9 + 1e-3 * float(jnp.abs(b).max()))
+
+
 # --- The pipeline: smoke run, accounting, export ---------------------------------------
 
 

@@ -198,10 +198,17 @@ def _check_no_outside_use(loss_fn: LossFn, trainable, frozen, example, key) -> N
 
 
 def _used_invars(jaxpr) -> set:
-    """Variables of ``jaxpr`` that reach its outputs (dead code ignored)."""
+    """Variables of ``jaxpr`` that reach its outputs differentiably (dead code ignored).
+
+    A value read only through ``stop_gradient`` contributes no gradient, so that use is
+    no use here: e.g. DP-SAD's adversarial term applies the discriminator with stopped
+    parameters, and the gradients of those parameters come from its other call alone.
+    """
     is_var = lambda v: not hasattr(v, "val")  # Literals carry a value, Vars do not.
     live = {v for v in jaxpr.outvars if is_var(v)}
     for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "stop_gradient":
+            continue
         if any(v in live for v in eqn.outvars) or eqn.effects:
             live.update(v for v in eqn.invars if is_var(v))
     return live
@@ -287,7 +294,12 @@ def record(
         loss, aux, inputs = jax.vmap(one)(taps_, examples, keys)
         return jnp.sum(jnp.where(mask, loss, 0.0)), (loss, aux, inputs)
 
-    cotangents, (loss, aux, inputs) = jax.grad(total, has_aux=True)(taps, trainable)
+    # Under jit even when called eagerly: the recorder knows a trainable leaf by identity,
+    # and eagerly ``stop_gradient`` of a concrete array IS that array, so a call with
+    # stopped parameters (DP-SAD's adversarial term) would be recorded here but not in
+    # the discovery above (traced: a new value), and the taps would not line up.
+    grad_fn = jax.jit(jax.grad(total, has_aux=True))
+    cotangents, (loss, aux, inputs) = grad_fn(taps, trainable)
     return Recording(
         loss=loss,
         aux=aux,
