@@ -107,31 +107,27 @@ def smoke_overrides(
 
 
 def cpu_quick_training(
-    c: ml_collections.ConfigDict, steps: int, num_examples: int = 60_000, fast: bool = True
+    c: ml_collections.ConfigDict, steps: int, num_examples: int = 60_000
 ) -> None:
     """The README demo's training size (``dpdm_fmnist.py:quick``), shared by the quick
-    diffusion runs built on its UNet: ``steps`` DP steps of an expected batch of 32 out of
-    ``num_examples`` private images, Adam 2e-3, EMA 0.9, a log line every 5 steps and a
-    checkpoint every 10.
+    diffusion runs built on its UNet (DP-SAD's student too): ``steps`` DP steps of an
+    expected batch of 32 out of ``num_examples`` private images, Adam 2e-3, EMA 0.9, a
+    log line every 5 steps and a checkpoint every 10.
 
-    With ``fast`` (models the fast clipping paths cover), the step is sized for a CPU:
-    the 'ghost' clipping path (the same clipped sum as the reference,
-    ``dpjax/privacy/ghost.py``) on ONE micro-batch holding the whole padded Poisson batch
-    (32 + 6 std + 1 = 67 rows). The demo on 2 cores, against the reference path in 5
-    unrolled micro-batches of 16 (80 rows), back to back: first step (trace, compile,
-    run) 68 -> 27 s, later steps 2.7 -> 1.5 s, the whole run 185 -> 100 s
-    (``benchmarks/results.md``). Without ``fast``: the reference path in micro-batches
-    of 16, the demo's setting before.
+    The step is sized for a CPU: the 'ghost' clipping path (the same clipped sum as the
+    reference, ``dpjax/privacy/ghost.py``) on ONE micro-batch holding the whole padded
+    Poisson batch (32 + 6 std + 1 = 67 rows). Against the reference path in 5 unrolled
+    micro-batches of 16 (80 rows, the setting before), back to back on 2 cores
+    (``benchmarks/results.md``): the demo's first step (trace, compile, run) 68 -> 27 s,
+    later steps 2.7 -> 1.5 s, the whole run 185 -> 100 s; DP-SAD's student 76 -> 41 s
+    and 2.7 -> 2.0 s.
     """
     c.dp.batch_size = 32
     c.dp.steps = steps
-    if fast:
-        c.dp.clipping = "ghost"
-        # A batch above the padded size (probability < 1e-9) becomes two micro-batches.
-        sampler = PoissonSampler(num_examples, 32 / num_examples, seed=0)
-        c.dp.microbatch_size = sampler.base_size
-    else:
-        c.dp.microbatch_size = 16
+    c.dp.clipping = "ghost"
+    # A batch above the padded size (probability < 1e-9) becomes two micro-batches.
+    sampler = PoissonSampler(num_examples, 32 / num_examples, seed=0)
+    c.dp.microbatch_size = sampler.base_size
     c.optim.learning_rate = 2e-3
     c.train.ema_rate = 0.9
     c.train.log_every = 5

@@ -180,9 +180,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # The CPU size of dpdm_fmnist.py:quick (the teacher's): the same 60k private
         # images (q and epsilon are real), its training size for 20 steps, K = 2, a
         # narrow discriminator, the teacher's 30-step sampler.
-        # The reference clipping path: the discriminator reads its parameters outside
-        # its layers, which the fast paths refuse.
-        common.cpu_quick_training(c, steps=20, fast=False)
+        common.cpu_quick_training(c, steps=20)
         c.method_args.timesteps = 2
         c.method_args.disc_features = (16, 32)
         c.method_args.num_steps = 30
