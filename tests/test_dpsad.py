@@ -297,13 +297,15 @@ def test_fast_clipping_paths_give_the_reference_sum(teachers):
     p = params(m)
     ex, keys = batch(4), jax.random.split(jax.random.PRNGKey(5), 4)
     mask = jnp.arange(4) < 3  # One padding row.
-    out = {
-        impl: clipping.clipped_grad_sum(
-            m.loss_per_example, p.trainable, p.frozen, ex, mask, keys,
+    def clipped(tr, impl):
+        return clipping.clipped_grad_sum(
+            m.loss_per_example, tr, p.frozen, ex, mask, keys,
             clip_norm=C, microbatch_size=4, impl=impl,
         )  # fmt: skip
-        for impl in ("vmap", "layerwise", "ghost")
-    }
+
+    # Jitted: one compile, not one per eager op (the eager case: test_layerwise.py).
+    paths = ("vmap", "layerwise", "ghost")
+    out = {i: jax.jit(clipped, static_argnums=1)(p.trainable, i) for i in paths}
     ref = out["vmap"]
     assert int(ref.num_clipped) == 3
     for impl in ("layerwise", "ghost"):

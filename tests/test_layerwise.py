@@ -174,6 +174,34 @@ def test_refuses_a_parameter_also_used_outside_its_layer():
         layerwise.per_example_grads(loss, params, None, ex, mask, keys)
 
 
+def test_a_use_through_stop_gradient_is_no_use_eagerly_and_jitted():
+    """DP-SAD's pattern: a layer applied again with stopped parameters (no gradient).
+    Both paths must equal vmap, also when called eagerly, where stop_gradient of a
+    concrete leaf is that very leaf (record() jits its pass for that reason)."""
+    model = nn.Dense(2)
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+
+    def loss(t, f, e, k):
+        x = e["image"][None]
+        y = model.apply({"params": t}, x)
+        z = model.apply({"params": jax.lax.stop_gradient(t)}, jnp.tanh(y[:, :1] + x))
+        return jnp.sum(y**2) + jnp.sum(jnp.sin(z)), {}
+
+    ex = {"image": jax.random.normal(jax.random.PRNGKey(4), (4, 3))}
+    mask, keys = jnp.arange(4) < 3, jax.random.split(jax.random.PRNGKey(5), 4)
+
+    def clipped(impl):
+        return clipping.clipped_grad_sum(
+            loss, params, None, ex, mask, keys, clip_norm=0.5, microbatch_size=4, impl=impl
+        )
+
+    ref = clipped("vmap")
+    for impl in ("layerwise", "ghost"):
+        for got in (clipped(impl), jax.jit(clipped, static_argnums=0)(impl)):
+            np.testing.assert_allclose(got.norms[:3], ref.norms[:3], rtol=1e-5)
+            _assert_trees_close(ref.grad_sum, got.grad_sum, rtol=1e-5)
+
+
 def test_refuses_transformed_parameters():
     """A LoRA-style merge hands the layer a new array: no rule may claim the leaves."""
     model = nn.Dense(2)
