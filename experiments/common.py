@@ -107,12 +107,15 @@ def smoke_overrides(
 
 
 def cpu_quick_training(
-    c: ml_collections.ConfigDict, steps: int, num_examples: int = 60_000
+    c: ml_collections.ConfigDict,
+    steps: int,
+    num_examples: int = 60_000,
+    batch_size: int = 32,
 ) -> None:
     """The README demo's training size (``dpdm_fmnist.py:quick``), shared by the quick
     diffusion runs built on its UNet (DP-SAD's student too): ``steps`` DP steps of an
-    expected batch of 32 out of ``num_examples`` private images, Adam 2e-3, EMA 0.9, a
-    log line every 5 steps and a checkpoint every 10.
+    expected batch of ``batch_size`` (the demo: 32) out of ``num_examples`` private
+    images, Adam 2e-3, EMA 0.9, a log line every 5 steps and a checkpoint every 10.
 
     The step is sized for a CPU: the 'ghost' clipping path (the same clipped sum as the
     reference, ``dpjax/privacy/ghost.py``) on ONE micro-batch holding the whole padded
@@ -122,11 +125,11 @@ def cpu_quick_training(
     later steps 2.7 -> 1.5 s, the whole run 185 -> 100 s; DP-SAD's student 76 -> 41 s
     and 2.7 -> 2.0 s.
     """
-    c.dp.batch_size = 32
+    c.dp.batch_size = batch_size
     c.dp.steps = steps
     c.dp.clipping = "ghost"
     # A batch above the padded size (probability < 1e-9) becomes two micro-batches.
-    sampler = PoissonSampler(num_examples, 32 / num_examples, seed=0)
+    sampler = PoissonSampler(num_examples, batch_size / num_examples, seed=0)
     c.dp.microbatch_size = sampler.base_size
     c.optim.learning_rate = 2e-3
     c.train.ema_rate = 0.9

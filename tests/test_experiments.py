@@ -89,3 +89,20 @@ def test_dpdm_paper_configs():
         assert c.dp.epsilon == eps and c.method_args.precond == precond
         assert c.dp.batch_size == 4096 and c.method_args.noise_multiplicity == 32
         assert c.dp.epochs == 300 and c.dp.clip_norm == 1.0 and c.dp.delta == 1e-5
+
+
+def test_dpdm_cpu_run_is_one_epoch_of_the_quick_unet_in_one_micro_batch():
+    from dpjax.privacy.sampling import PoissonSampler
+    from experiments import dpdm_fmnist
+
+    quick, cpu = dpdm_fmnist.get_config("quick"), dpdm_fmnist.get_config("cpu,eps=1")
+    # The demo's UNet, with one noise draw per example instead of two.
+    assert cpu.method_args.noise_multiplicity == 1 and quick.method_args.noise_multiplicity == 2
+    for key in ("unet", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "num_steps"):
+        assert cpu.method_args[key] == quick.method_args[key], key
+    assert (cpu.dp.batch_size, cpu.dp.steps, cpu.dp.epsilon) == (512, 120, 1.0)
+    assert 1.0 <= cpu.dp.batch_size * cpu.dp.steps / 60_000 < 1.1  # one epoch
+    # The whole padded Poisson batch is one micro-batch on the ghost path.
+    padded = PoissonSampler(60_000, 512 / 60_000, seed=0).base_size
+    assert cpu.dp.microbatch_size == padded == 649 and cpu.dp.clipping == "ghost"
+    assert quick.dp.microbatch_size == 67 and quick.dp.batch_size == 32

@@ -7,7 +7,9 @@ takes hours per run. This script computes, with the library's FID code
 the first N cached samples of each run (``--mode=eval`` writes them under
 ``WORKDIR/samples/step_S/samples.npz``) and the first N images of the Fashion-MNIST
 test split, and the same statistic for N real *training* images against those test
-images: the floor that a perfect generator would reach at this N. FID is biased
+images: the floor that a perfect generator would reach at this N. Each run also gets
+``fid_vs_train``, against the first N training images (the papers compare with the
+train statistics; the floor is the same number, by symmetry). FID is biased
 upwards at small N (the 2048 x 2048 covariance is estimated from N points), so these
 numbers rank runs measured at the same N; they are not comparable with published FID.
 
@@ -72,20 +74,28 @@ def main(argv: list[str] | None = None) -> dict:
     test = fid.compute_stats(_features(f"test_{args.n}", _real("test", args.n), args.cache, log))
     result: dict = {
         "n": args.n,
-        "reference": f"Fashion-MNIST test split, first {args.n} images",
+        "reference": f"fid: the Fashion-MNIST test split, first {args.n} images; "
+        f"fid_vs_train: the train split, first {args.n} images",
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "runs": {},
     }
 
     def record(name: str, feats: np.ndarray, extra: dict) -> None:
-        value = fid.fid_from_stats(*fid.compute_stats(feats), *test)
+        stats = fid.compute_stats(feats)
+        value = fid.fid_from_stats(*stats, *test)
         result["runs"][name] = {"fid": round(float(value), 2), **extra}
-        log(f"{name}: FID {value:.2f}")
+        if train_stats is not None:
+            result["runs"][name]["fid_vs_train"] = round(
+                float(fid.fid_from_stats(*stats, *train_stats)), 2
+            )
+        log(f"{name}: {result['runs'][name]}")
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
     train = _features(f"train_{args.n}", _real("train", args.n), args.cache, log)
+    train_stats = None
     record("real train images (the floor at this N)", train, {})
+    train_stats = fid.compute_stats(train)
     for wd in args.workdirs:
         path, step = _latest_samples(wd)
         with np.load(path) as z:
