@@ -13,7 +13,7 @@ Commands::
     python -m dpjax.main --config=experiments/dpdm_fmnist.py:eps=0.2 --workdir=runs/dpdm_fm02
     # The README's main job: a short real run on a 2-core CPU (about 2 minutes):
     python -m dpjax.main --config=experiments/dpdm_fmnist.py:quick --workdir=runs/quick
-    # The longest run a 2-core CPU trains in about an hour (one epoch, 120 steps of 512):
+    # DPDM sized for a 2-core CPU: one epoch, 120 steps of 512 (23 minutes of training):
     python -m dpjax.main --config=experiments/dpdm_fmnist.py:cpu,eps=10 --workdir=runs/cpu10
 
 Expected: epsilon <= 10 / 1 / 0.2 at delta=1e-5 (RDP), sigma 2.514 / 18.35 / 81.52 for
@@ -73,12 +73,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         common.small_dpdm_unet(c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=100)
         common.cpu_quick_training(c, steps=30)
     if args["cpu"]:
-        # The quick UNet trained for about an hour of a 2-core CPU: one epoch of the 60k
-        # private images as 120 Poisson steps of an expected 512 (649 padded rows, one
-        # micro-batch), K=1: at this compute more examples beat more noise draws per
-        # example (K=2 would halve the batch and double the noise on the mean). Against
-        # the paper recipe (4394 steps x 4096 x K=32): 1/300 of its examples and 1/9,400
-        # of its noised copies.
+        # The quick UNet trained on one epoch of the 60k private images, as 120 Poisson
+        # steps of an expected 512 (649 padded rows, one micro-batch): 23 minutes on a
+        # 2-core CPU, 35-42% downstream accuracy at epsilon 10 (benchmarks/results.md,
+        # "One epoch on the CPU"). K=1: at the same compute, K=2 would halve the batch
+        # and so double the noise on the mean gradient (a choice, not an ablation).
+        # Against the paper recipe (4394 steps x 4096 x K=32): 1/293 of its examples and
+        # 1/9,400 of its noised copies.
         common.small_dpdm_unet(
             c, nf=16, attn_resolutions=(), num_steps=30, sample_batch=500, noise_multiplicity=1
         )
