@@ -71,3 +71,21 @@ def test_eval_states_the_guarantee_of_the_evaluated_checkpoint(tmp_path):
     result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
     assert result["privacy"]["steps_done"] == result["step"] == final["steps_done"]
     assert result["privacy"]["epsilon"] == final["epsilon"]
+
+
+def test_report_rounds_epsilon_and_counts():
+    privacy = {
+        "epsilon": {"rdp": 9.999809066130027, "pld": None},
+        "delta": 1e-5,
+        "noise_multiplier": 0.45590553689809266,
+        "steps_done": 120,
+    }
+    result = {
+        "step": 120,
+        "num_samples": 10000,
+        "privacy": privacy,
+        "memorization": {"pixel": {"num_samples": 10000.0, "nn_distance_median": 13.240859}},
+    }
+    md = report.report_markdown(result)
+    assert "epsilon 9.9998 (RDP) / n/a (PLD) at delta 1e-05, sigma 0.4559, 120 steps." in md
+    assert "num_samples=10000, nn_distance_median=13.2409" in md

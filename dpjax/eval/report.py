@@ -254,8 +254,12 @@ def report_markdown(result: dict[str, Any]) -> str:
     privacy = result.get("privacy")
     if privacy:
         eps = privacy["epsilon"]
+        shown_eps = " / ".join(
+            f"{'n/a' if eps.get(k) is None else format(eps[k], '.4f')} ({k.upper()})"
+            for k in ("rdp", "pld")
+        )
         lines += [
-            f"Privacy: epsilon {eps.get('rdp')} (RDP) / {eps.get('pld')} (PLD) at delta "
+            f"Privacy: epsilon {shown_eps} at delta "
             f"{privacy['delta']:g}, sigma {privacy['noise_multiplier']:.4g}, "
             f"{privacy['steps_done']} steps.",
             "",
@@ -287,7 +291,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     if "memorization" in result:
         for space, summary in result["memorization"].items():
             shown = ", ".join(
-                f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))
+                f"{k}={v:.6g}" for k, v in summary.items() if isinstance(v, (int, float))
             )
             lines.append(f"- memorization ({space}): {shown}")
         lines += ["", "![closest pairs](eval_closest_pixel.png)", ""]
