@@ -67,6 +67,12 @@ class MetricsLog:
 
 
 def read(workdir: str) -> list[dict[str, Any]]:
-    """All rows of ``metrics.jsonl``."""
+    """All complete rows of ``metrics.jsonl``, in order.
+
+    A row is complete once its newline is written: a last line without one (a run killed
+    in the middle of a write, or one still writing it) is not returned. Every complete
+    line must parse.
+    """
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")[:-1]  # the text after the last newline is not a row
+    return [json.loads(line) for line in lines if line.strip()]

@@ -72,7 +72,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, record_tried):
     log = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= kill_at:
+        if log.exists() and len(metrics_log.read(str(killed))) >= kill_at:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -225,10 +225,10 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
                 kills_during_write += 1
                 killed = True
                 break
-            log = wd / "metrics.jsonl"
-            if not during_write and log.exists():
-                rows = log.read_text().splitlines()
-                if rows and json.loads(rows[-1])["step"] >= min(15, target + 3 * attempt):
+            if not during_write and (wd / "metrics.jsonl").exists():
+                # The run may be writing a row right now (a cut row once failed here).
+                rows = metrics_log.read(str(wd))
+                if rows and rows[-1]["step"] >= min(15, target + 3 * attempt):
                     proc.send_signal(signal.SIGKILL)
                     killed = True
                     break
