@@ -80,22 +80,20 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {},
     }
 
-    def record(name: str, feats: np.ndarray, extra: dict) -> None:
+    train = _features(f"train_{args.n}", _real("train", args.n), args.cache, log)
+    train_stats = fid.compute_stats(train)
+
+    def record(name: str, feats: np.ndarray, extra: dict, vs_train: bool = True) -> None:
         stats = fid.compute_stats(feats)
-        value = fid.fid_from_stats(*stats, *test)
-        result["runs"][name] = {"fid": round(float(value), 2), **extra}
-        if train_stats is not None:
-            result["runs"][name]["fid_vs_train"] = round(
-                float(fid.fid_from_stats(*stats, *train_stats)), 2
-            )
-        log(f"{name}: {result['runs'][name]}")
+        row = {"fid": round(float(fid.fid_from_stats(*stats, *test)), 2), **extra}
+        if vs_train:
+            row["fid_vs_train"] = round(float(fid.fid_from_stats(*stats, *train_stats)), 2)
+        result["runs"][name] = row
+        log(f"{name}: {row}")
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    train = _features(f"train_{args.n}", _real("train", args.n), args.cache, log)
-    train_stats = None
-    record("real train images (the floor at this N)", train, {})
-    train_stats = fid.compute_stats(train)
+    record("real train images (the floor at this N)", train, {}, vs_train=False)
     for wd in args.workdirs:
         path, step = _latest_samples(wd)
         with np.load(path) as z:
