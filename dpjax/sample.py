@@ -7,6 +7,7 @@ loaded). Samples are post-processing of the DP model and cost no privacy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -52,6 +53,15 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _tree_digest(tree: Any) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def generate(
     method: Any,
     params: Params,
@@ -60,22 +70,60 @@ def generate(
     n: int,
     batch_size: int = 1000,
     labels: np.ndarray | None = None,
+    *,
+    resume_stem: str | os.PathLike | None = None,
+    recipe: dict[str, Any] | None = None,
+    log: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` samples as uint8 (n, H, W, C) and their int32 labels (balanced by default).
 
     Batches all have the same shape (the last one is padded and cut), so sampling 60k
-    images compiles the sampler once.
+    images compiles the sampler once. Batch i is drawn with ``fold_in(key, i)``: the
+    images do not depend on how the work is split or resumed.
+
+    Args:
+      method: the trained run's method (its ``sample``).
+      params: the parameters to sample with (EMA weights in practice).
+      spec: the data spec (class count).
+      key: the sampling key.
+      n: number of images.
+      batch_size: images per sampler call.
+      labels: (n,) class labels; default balanced.
+      resume_stem: if given, finished batches are saved at ``<stem>.npy`` (see
+        ``dpjax.eval.resumable_array``) and a killed job resumes there. They are reused
+        only for the same parameters (by content), key, labels, batch size and
+        ``recipe``.
+      recipe: what else the samples depend on (e.g. the sampler's settings).
+      log: progress lines for the resumable case, if given.
     """
     labels = balanced_labels(n, spec.num_classes) if labels is None else np.asarray(labels)
+    labels = labels.astype(np.int32)
     batch_size = max(1, min(batch_size, n))
     sample_fn = jax.jit(lambda p, k, y: method.sample(p, k, batch_size, y))
-    out = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        y = labels[start : start + batch_size]
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        y = labels[start:stop]
         y_pad = np.concatenate([y, np.zeros((batch_size - len(y),), np.int32)])
-        imgs = sample_fn(params, jax.random.fold_in(key, i), jnp.asarray(y_pad))
-        out.append(to_uint8(imgs)[: len(y)])
-    return np.concatenate(out), labels.astype(np.int32)
+        key_i = jax.random.fold_in(key, start // batch_size)
+        return to_uint8(sample_fn(params, key_i, jnp.asarray(y_pad)))[: len(y)]
+
+    if resume_stem is None:
+        images = np.concatenate([compute(s, min(s + batch_size, n))
+                                 for s in range(0, n, batch_size)])
+        return images, labels
+    from dpjax.eval import resumable_array  # Eval-side helper; no heavy imports.
+
+    key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (
+        jax.random.key_data(key))
+    full_recipe = {
+        "params": _tree_digest(params),
+        "key": np.asarray(key_data).tolist(),
+        "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
+        **(recipe or {}),
+    }
+    images = resumable_array.fill_resumably(resume_stem, n, batch_size, full_recipe, compute,
+                                            log=log)
+    return images, labels
 
 
 def grid_image(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Image.Image:

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from dpjax import train
 from dpjax.eval import fid, report
@@ -48,8 +49,6 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
 
 
 def test_eval_section_typos_are_errors():
-    import pytest
-
     from dpjax.typed_config import ConfigError
 
     with pytest.raises(ConfigError, match="Did you mean 'num_samples'"):
@@ -89,3 +88,59 @@ def test_report_rounds_epsilon_and_counts():
     md = report.report_markdown(result)
     assert "epsilon 9.9998 (RDP) / n/a (PLD) at delta 1e-05, sigma 0.4559, 120 steps." in md
     assert "num_samples=10000, nn_distance_median=13.2409" in md
+
+
+def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
+        tmp_path, monkeypatch):
+    """Samples, train and test are embedded once (FID and memorization share them);
+    a second eval embeds nothing; sampling killed mid-way resumes with the same images."""
+    from dpjax import sample as sample_lib
+
+    wd = str(tmp_path / "run")
+    train.train(toy_fake.get_config("smoke"), wd, log=lambda *_: None)
+    seen = []
+
+    def counting_features(images, batch_size=200, **kwargs):
+        seen.append(len(images))
+        return _fake_features(images)
+
+    monkeypatch.setattr(fid, "inception_features", counting_features)
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "cache"))
+    cfg = report.EvalConfig(num_samples=30, sample_batch=10, fid=True, fid_batch=4,
+                            downstream=False)
+    method, params, spec, run_cfg, step = sample_lib.load_trained(wd)
+    n_train = len(report.data_lib.load(run_cfg.data))
+    n_test = len(report.data_lib.load(
+        report.dataclasses.replace(run_cfg.data, split="test")))
+
+    # Kill the sampler after two of its three batches (each batch ends in to_uint8).
+    real_to_uint8, batches = sample_lib.to_uint8, []
+
+    def dying_to_uint8(images):
+        batches.append(1)
+        if len(batches) > 2:
+            raise KeyboardInterrupt
+        return real_to_uint8(images)
+
+    monkeypatch.setattr(sample_lib, "to_uint8", dying_to_uint8)
+    with pytest.raises(KeyboardInterrupt):
+        report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    monkeypatch.setattr(sample_lib, "to_uint8", real_to_uint8)
+    msgs = []
+    result = report.evaluate_workdir(wd, cfg, log=msgs.append)
+    assert any("resuming samples_in_progress.npy at row 20 of 30" in m for m in msgs)
+    assert sum(seen) == 30 + n_train + n_test, seen
+    out_dir = os.path.join(wd, "samples", f"step_{step}")
+    assert sorted(os.listdir(out_dir)) == ["inception_pool3.json", "inception_pool3.npy",
+                                           "samples.npz"]
+    # The resumed samples are the ones an uninterrupted run draws.
+    key = report.jax.random.fold_in(report.Streams.from_seed(run_cfg.seed).sample, 1_000_000)
+    expected, _ = sample_lib.generate(method, params, spec, key, 30, 10)
+    with np.load(os.path.join(out_dir, "samples.npz")) as z:
+        np.testing.assert_array_equal(z["images"], expected)
+    # Everything is cached now: a second eval embeds no image.
+    seen.clear()
+    again = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    assert seen == []
+    assert again["fid"] == result["fid"]
+    assert again["memorization"] == result["memorization"]

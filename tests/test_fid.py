@@ -381,3 +381,44 @@ def test_reference_stats_are_cached_per_name(tmp_path, monkeypatch):
         fid.reference_stats("../escape", images, cache_dir=tmp_path)
     monkeypatch.setenv(fid.CACHE_ENV, str(tmp_path))
     np.testing.assert_array_equal(fid.reference_stats("toy-train")[0], mu10)
+
+
+def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeypatch):
+    calls, lease = [], {"chunks_left": 2}
+
+    def fake_features(images, batch_size, **kwargs):
+        if lease["chunks_left"] == 0:
+            raise KeyboardInterrupt  # The end of a lease, after two chunks.
+        lease["chunks_left"] -= 1
+        calls.append((len(images), kwargs.get("quantize")))
+        x = np.asarray(images, np.float32).reshape(len(images), -1)[:, :4]
+        return x + (0.0 if kwargs.get("quantize", True) else 0.5)
+
+    monkeypatch.setattr(fid, "inception_features", fake_features)
+    images = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 1), dtype=np.uint8)
+    expected = images.reshape(50, -1)[:, :4].astype(np.float32)
+    stem = tmp_path / "feats"
+    # 4-image batches, 3 per chunk: chunks of 12; die during the third chunk.
+    with pytest.raises(KeyboardInterrupt):
+        fid.cached_features(stem, images, 4, chunk_batches=3)
+    calls.clear()
+    lease["chunks_left"] = 100
+    out = fid.cached_features(stem, images, 4, chunk_batches=3)
+    np.testing.assert_array_equal(out, expected)
+    assert calls == [(12, None), (12, None), (2, None)]  # Rows 24..49 only.
+    calls.clear()
+    np.testing.assert_array_equal(fid.cached_features(stem, images, 4, chunk_batches=3),
+                                  expected)
+    assert calls == []
+    # Other settings or other images: computed again.
+    out = fid.cached_features(stem, images, 4, chunk_batches=3, quantize=False)
+    np.testing.assert_array_equal(out, expected + 0.5)
+    calls.clear()
+    flipped = images[::-1].copy()
+    out = fid.cached_features(stem, flipped, 4, chunk_batches=3)
+    np.testing.assert_array_equal(out, expected[::-1])
+    assert sum(n for n, _ in calls) == 50
+    # reference_features keeps a split's features under the cache dir.
+    ref = fid.reference_features("toy-train", images, cache_dir=tmp_path, batch_size=4)
+    np.testing.assert_array_equal(ref, expected)
+    assert (tmp_path / "fid_features" / "toy-train.npy").is_file()

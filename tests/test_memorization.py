@@ -128,6 +128,16 @@ def test_report_writes_both_spaces(copies, tmp_path):
     assert set(report) == {"pixel", "features"}
     assert report["pixel"]["fraction_exact_copies"] == pytest.approx(5 / 40)
     assert (tmp_path / "m_pixel.png").exists() and (tmp_path / "m_features.png").exists()
+    # Features computed beforehand (as eval does with FID's) give the same report.
+    given = mem.memorization_report(samples, train, num_train_queries=100,
+                                    features=(features_fn(samples), features_fn(train)))
+    assert given == report
+    with pytest.raises(ValueError, match="not both"):
+        mem.memorization_report(samples, train, features_fn=features_fn,
+                                features=(features_fn(samples), features_fn(train)))
+    with pytest.raises(ValueError, match="do not match"):
+        mem.memorization_report(samples, train,
+                                features=(features_fn(samples)[:3], features_fn(train)))
 
 
 def test_rejects_bad_inputs():

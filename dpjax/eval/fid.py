@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from dpjax.eval import resumable_array
 from dpjax.eval.torch_pickle import read_torch_tensors
 from dpjax.models import inception
 
@@ -375,12 +376,83 @@ def _fingerprint(images: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def cached_features(
+    stem: str | os.PathLike,
+    images: Any,
+    batch_size: int = 200,
+    *,
+    chunk_batches: int = 10,
+    log: Callable[[str], None] | None = None,
+    **feature_kwargs: Any,
+) -> np.ndarray:
+    """``inception_features(images)``, kept at ``<stem>.npy`` and resumed if killed.
+
+    Features are computed ``chunk_batches`` batches at a time and saved after each
+    chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
+    short device lease or of a CPU session. The saved rows are only reused for the same
+    images (content fingerprint) and the same ``feature_kwargs``.
+
+    Args:
+      stem: file path without suffix (``.npy`` and ``.json`` are written).
+      images: as for ``inception_features`` (host or device array).
+      batch_size: see ``inception_features``.
+      chunk_batches: batches per saved chunk.
+      log: progress lines, if given.
+      **feature_kwargs: passed to ``inception_features``.
+
+    Returns:
+      (N, D) float32 features, equal to ``inception_features(images, batch_size, ...)``.
+    """
+    settings = dict(feature_kwargs)
+    if settings.get("params") is not None:  # Caller-supplied weights: by content.
+        leaves = jax.tree_util.tree_leaves(settings["params"])
+        settings["params"] = hashlib.sha256(
+            b"".join(np.ascontiguousarray(np.asarray(x)).tobytes() for x in leaves)
+        ).hexdigest()[:16]
+    recipe = {
+        "fingerprint": _fingerprint(images),
+        "network": _CACHE_PREFIX + "pool3",
+        "resize": "nv_bilinear_float",
+        **{k: None if v is None else str(v) for k, v in sorted(settings.items())},
+    }
+    compute = lambda start, stop: inception_features(images[start:stop], batch_size,
+                                                     **feature_kwargs)
+    return resumable_array.fill_resumably(
+        stem, len(images), batch_size * chunk_batches, recipe, compute, log=log)
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise ValueError(f"reference name {name!r}: use letters, digits and _.+-")
+    return name
+
+
+def reference_features(
+    name: str,
+    images: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    log: Callable[[str], None] | None = None,
+    **feature_kwargs: Any,
+) -> np.ndarray:
+    """Inception features of a dataset split, computed once (resumably) and cached.
+
+    The file is ``<cache_dir>/fid_features/<name>.npy`` (60k x 2048 float32 is 0.5 GB);
+    ``reference_stats`` and the memorization report share it, so each split goes
+    through the network once. Reused only for the same image content and settings.
+    """
+    stem = default_cache_dir(cache_dir) / "fid_features" / _check_name(name)
+    return cached_features(stem, images, batch_size, log=log, **feature_kwargs)
+
+
 def reference_stats(
     name: str,
     images: Any = None,
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 200,
+    log: Callable[[str], None] | None = None,
     **feature_kwargs: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of a dataset split, computed once and cached.
@@ -394,14 +466,14 @@ def reference_stats(
         another preprocessing) triggers a recomputation.
       cache_dir: default $DPJAX_CACHE or ~/.cache/dpjax.
       batch_size: see ``inception_features``.
+      log: progress lines while features are computed, if given.
       **feature_kwargs: passed to ``inception_features``.
 
     Returns:
-      (mu, sigma) in float64.
+      (mu, sigma) in float64. On a cache miss the features themselves are kept too
+      (``reference_features``), and computing them resumes where a killed job stopped.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-        raise ValueError(f"reference name {name!r}: use letters, digits and _.+-")
-    path = default_cache_dir(cache_dir) / "fid_stats" / f"{name}.npz"
+    path = default_cache_dir(cache_dir) / "fid_stats" / f"{_check_name(name)}.npz"
     fingerprint = None if images is None or callable(images) else _fingerprint(images)
     if path.is_file():
         with np.load(path) as f:
@@ -415,7 +487,9 @@ def reference_stats(
     if callable(images):
         images = images()
         fingerprint = _fingerprint(images)
-    mu, sigma = compute_stats(inception_features(images, batch_size, **feature_kwargs))
+    feats = reference_features(name, images, cache_dir=cache_dir, batch_size=batch_size,
+                               log=log, **feature_kwargs)
+    mu, sigma = compute_stats(feats)
     _save_npz_atomic(path, {"mu": mu, "sigma": sigma, "num_images": np.int64(len(images)),
                             "fingerprint": np.str_(fingerprint),
                             "resize": np.str_("nv_bilinear_float")})

@@ -367,26 +367,55 @@ def memorization_report(
     train: np.ndarray | jax.Array,
     *,
     features_fn: FeaturesFn | None = None,
+    features: tuple[np.ndarray, np.ndarray] | None = None,
     num_train_queries: int | None = 5000,
     png_prefix: str | None = None,
     k_pairs: int = 16,
     seed: int = 0,
     **summary_kwargs: Any,
 ) -> dict[str, dict[str, float]]:
-    """Pixel-space (and, with ``features_fn``, feature-space) memorization summaries.
+    """Pixel-space (and, with features, feature-space) memorization summaries.
 
-    Returns ``{'pixel': summary}`` plus ``'features'`` when ``features_fn`` is given,
-    each from ``memorization_summary`` with k=2 neighbours and the train-to-train
-    reference of ``num_train_queries`` training points. With ``png_prefix``, writes
-    ``<png_prefix>_pixel.png`` (and ``_features.png``) from ``closest_pairs_image``.
+    Args:
+      samples: (N, H, W, C) generated images, uint8 or float in [-1, 1].
+      train: (M, H, W, C) training images, the same way.
+      features_fn: computes the feature space's vectors of both sets (see ``embed``).
+      features: or the (N, D) and (M, D) feature vectors of ``samples`` and ``train``,
+        already computed (e.g. the Inception features FID computed anyway).
+      num_train_queries: training points of the train-to-train reference.
+      png_prefix: if given, writes ``<png_prefix>_pixel.png`` (and ``_features.png``)
+        from ``closest_pairs_image``.
+      k_pairs: pairs shown in those images.
+      seed: picks the train-to-train queries.
+      **summary_kwargs: passed to ``memorization_summary``.
+
+    Returns:
+      ``{'pixel': summary}`` plus ``'features'`` when features are given, each from
+      ``memorization_summary`` with k=2 neighbours.
+
+    Raises:
+      ValueError: both ``features_fn`` and ``features``, or features whose row counts
+        are not those of the images.
     """
-    spaces: dict[str, FeaturesFn | None] = {"pixel": None}
+    if features_fn is not None and features is not None:
+        raise ValueError("pass features_fn or precomputed features, not both")
+    spaces: dict[str, Any] = {"pixel": None}
     if features_fn is not None:
         spaces["features"] = features_fn
+    if features is not None:
+        sample_vec, train_vec = (np.asarray(f, np.float32) for f in features)
+        if sample_vec.ndim != 2 or train_vec.ndim != 2 or (
+                len(sample_vec), len(train_vec)) != (len(samples), len(train)):
+            raise ValueError(f"features of shapes {sample_vec.shape} and {train_vec.shape} "
+                             f"do not match {len(samples)} samples and {len(train)} images")
+        spaces["features"] = (sample_vec, train_vec)
     report = {}
     for space, fn in spaces.items():
-        train_vec = embed(train, fn)
-        idx, dist = nearest_neighbors(embed(samples, fn), train_vec, k=2)
+        if isinstance(fn, tuple):
+            sample_vec, train_vec = fn
+        else:
+            sample_vec, train_vec = embed(samples, fn), embed(train, fn)
+        idx, dist = nearest_neighbors(sample_vec, train_vec, k=2)
         train_nn = train_nn_distances(train_vec, num_queries=num_train_queries, seed=seed)
         report[space] = memorization_summary(dist, train_nn, **summary_kwargs)
         if png_prefix is not None:

@@ -95,12 +95,23 @@ def _samples(
                 )
     key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
     t = time.time()
+    # Batches are saved as they finish, so a killed eval (the end of a device lease or
+    # of a session) resumes; the run config pins the sampler's settings.
+    stem = os.path.join(out_dir, "samples_in_progress")
     images, labels = sample_lib.generate(
-        method, params, spec, key, cfg.num_samples, cfg.sample_batch
+        method, params, spec, key, cfg.num_samples, cfg.sample_batch, resume_stem=stem,
+        recipe={"run_config": repr(run_cfg), "step": step}, log=log,
     )
     log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
     sample_lib.write_samples(images, labels, out_dir, png=False)
+    for suffix in (".npy", ".json"):  # samples.npz holds them now.
+        os.remove(stem + suffix)
     return images, labels, step, (spec, run_cfg)
+
+
+def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
+    """The cache key of a split's FID statistics and features (``dpjax.eval.fid``)."""
+    return f"{data_cfg.source}-{data_cfg.name}-{split}-n{num_images}"
 
 
 def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> dict[str, Any]:
@@ -116,17 +127,22 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     splits["test"] = data_lib.load(test_cfg)
     result: dict[str, Any] = {"step": step, "num_samples": int(len(images)), "workdir": workdir}
     feature_kwargs = {"weights_path": cfg.inception_weights or None}
+    ref_names = {split: reference_name(run_cfg.data, split, len(ref))
+                 for split, ref in splits.items()}
 
     if cfg.fid:
         t = time.time()
-        feats = fid.inception_features(images, cfg.fid_batch, **feature_kwargs)
-        mu, sigma = fid.compute_stats(feats)
+        # Each image set goes through Inception once, resumably: the samples' features
+        # next to the samples, each split's in the cache; memorization reuses both.
+        sample_feats = fid.cached_features(
+            os.path.join(workdir, "samples", f"step_{step}", "inception_pool3"), images,
+            cfg.fid_batch, log=log, **feature_kwargs)
+        mu, sigma = fid.compute_stats(sample_feats)
         result["fid"] = {}
         for split in cfg.fid_references:
-            ref = splits[split]
-            name = f"{run_cfg.data.source}-{run_cfg.data.name}-{split}-n{len(ref)}"
             ref_mu, ref_sigma = fid.reference_stats(
-                name, ref.images, batch_size=cfg.fid_batch, **feature_kwargs
+                ref_names[split], splits[split].images, batch_size=cfg.fid_batch, log=log,
+                **feature_kwargs
             )
             result["fid"][split] = fid.fid_from_stats(mu, sigma, ref_mu, ref_sigma)
         result["fid_seconds"] = time.time() - t
@@ -162,13 +178,16 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
             _write_json(workdir, result)
 
     if cfg.memorization:
-        features_fn = None
+        features = None
         if cfg.fid:
-            features_fn = lambda x: fid.inception_features(x, cfg.fid_batch, **feature_kwargs)
+            train_feats = fid.reference_features(
+                ref_names["train"], splits["train"].images, batch_size=cfg.fid_batch, log=log,
+                **feature_kwargs)
+            features = (sample_feats, train_feats)
         result["memorization"] = memorization.memorization_report(
             images,
             splits["train"].images,
-            features_fn=features_fn,
+            features=features,
             png_prefix=os.path.join(workdir, "eval_closest"),
         )
     sample_lib.grid_image(
