@@ -9,6 +9,7 @@ training, checkpoint choice or hyperparameters (that would be a private release)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -96,11 +97,14 @@ def _samples(
     key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
     t = time.time()
     # Batches are saved as they finish, so a killed eval (the end of a device lease or
-    # of a session) resumes; the run config pins the sampler's settings.
+    # of a session) resumes. The stored run config pins the sampler's settings (its
+    # file's bytes, which a code change does not alter).
+    with open(os.path.join(workdir, "config.json"), "rb") as f:
+        config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
     stem = os.path.join(out_dir, "samples_in_progress")
     images, labels = sample_lib.generate(
         method, params, spec, key, cfg.num_samples, cfg.sample_batch, resume_stem=stem,
-        recipe={"run_config": repr(run_cfg), "step": step}, log=log,
+        recipe={"config_json": config_digest, "step": step}, log=log,
     )
     log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
     sample_lib.write_samples(images, labels, out_dir, png=False)
