@@ -131,8 +131,8 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     assert any("resuming samples_in_progress.npy at row 20 of 30" in m for m in msgs)
     assert sum(seen) == 30 + n_train + n_test, seen
     out_dir = os.path.join(wd, "samples", f"step_{step}")
-    assert sorted(os.listdir(out_dir)) == ["inception_pool3.json", "inception_pool3.npy",
-                                           "samples.npz"]
+    assert sorted(os.listdir(out_dir)) == ["inception_pool3.json", "inception_pool3.lock",
+                                           "inception_pool3.npy", "samples.npz"]
     # The resumed samples are the ones an uninterrupted run draws.
     key = report.jax.random.fold_in(report.Streams.from_seed(run_cfg.seed).sample, 1_000_000)
     expected, _ = sample_lib.generate(method, params, spec, key, 30, 10)

@@ -103,3 +103,35 @@ def test_wrong_chunk_shape_is_an_error_and_not_counted(tmp_path):
     assert resumable_array.rows_done(tmp_path / "a", 23, 5, {}) == 5
     with pytest.raises(ValueError, match="must be >= 1"):
         resumable_array.fill_resumably(tmp_path / "b", 0, 5, {}, compute)
+
+
+def test_a_second_process_waits_for_the_first_and_reuses_its_rows(tmp_path):
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    first_calls, second_calls, logs = [], [], []
+
+    def slow(start, stop):
+        inside.set()
+        release.wait(timeout=30)
+        first_calls.append(start)
+        return ROWS[start:stop] * 2
+
+    first = threading.Thread(target=resumable_array.fill_resumably,
+                             args=(tmp_path / "a", 23, 23, {}, slow))
+    first.start()
+    assert inside.wait(timeout=30)
+    result = {}
+    second = threading.Thread(target=lambda: result.update(out=resumable_array.fill_resumably(
+        tmp_path / "a", 23, 23, {}, _compute(second_calls), log=logs.append)))
+    second.start()
+    for _ in range(300):  # The second one announces that it waits.
+        if logs:
+            break
+        threading.Event().wait(0.01)
+    assert logs == ["[dpjax] waiting for another process to finish a"]
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert first_calls == [0] and second_calls == []
+    np.testing.assert_array_equal(result["out"], ROWS * 2)

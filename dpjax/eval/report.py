@@ -108,7 +108,7 @@ def _samples(
     )
     log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
     sample_lib.write_samples(images, labels, out_dir, png=False)
-    for suffix in (".npy", ".json"):  # samples.npz holds them now.
+    for suffix in (".npy", ".json", ".lock"):  # samples.npz holds them now.
         os.remove(stem + suffix)
     return images, labels, step, (spec, run_cfg)
 

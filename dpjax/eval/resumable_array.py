@@ -15,10 +15,15 @@ Guarantees:
     the values depend on (an input fingerprint, a seed, a network's settings).
   * The chunks a call computes are exactly those not done: ``compute`` is called with
     (start, stop) in increasing order, each chunk once.
+  * One process at a time fills a given file (an advisory lock, released by the OS
+    when its holder dies): several evals sharing one cache (a sweep evaluating its
+    runs at once) wait for the one computing a split's features, then reuse them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -34,6 +39,21 @@ _FORMAT = 1
 def _paths(stem: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
     stem = pathlib.Path(stem)
     return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path, log: Callable[[str], None] | None):
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"[dpjax] waiting for another process to finish {lock_path.stem}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _write_json_atomic(path: pathlib.Path, obj: dict[str, Any]) -> None:
@@ -104,6 +124,12 @@ def fill_resumably(
         raise ValueError(f"rows and chunk must be >= 1, got {rows} and {chunk}")
     data_path, meta_path = _paths(stem)
     data_path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_path.with_suffix(".lock"), log):
+        return _fill(stem, rows, chunk, recipe, compute, log)
+
+
+def _fill(stem, rows, chunk, recipe, compute, log) -> np.ndarray:
+    data_path, meta_path = _paths(stem)
     header = _header(rows, chunk, recipe)
     done = rows_done(stem, rows, chunk, recipe)
     out = None
