@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -53,15 +54,6 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _tree_digest(tree: Any) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(tree):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def generate(
     method: Any,
     params: Params,
@@ -73,7 +65,7 @@ def generate(
     *,
     resume_stem: str | os.PathLike | None = None,
     recipe: dict[str, Any] | None = None,
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` samples as uint8 (n, H, W, C) and their int32 labels (balanced by default).
 
@@ -116,7 +108,7 @@ def generate(
     key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (
         jax.random.key_data(key))
     full_recipe = {
-        "params": _tree_digest(params),
+        "params": resumable_array.tree_digest(params),
         "key": np.asarray(key_data).tolist(),
         "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
         **(recipe or {}),

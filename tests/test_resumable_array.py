@@ -78,11 +78,13 @@ def test_rows_past_the_record_are_recomputed_not_trusted(tmp_path):
     np.testing.assert_array_equal(out, ROWS * 2)
 
 
-@pytest.mark.parametrize("damage", ["json", "npy", "missing_npy"])
+@pytest.mark.parametrize("damage", ["json", "json_list", "npy", "missing_npy"])
 def test_damaged_files_start_over(tmp_path, damage):
     resumable_array.fill_resumably(tmp_path / "a", 23, 5, {"x": 1}, _compute([]))
     if damage == "json":
         (tmp_path / "a.json").write_text('{"done": 2')
+    elif damage == "json_list":
+        (tmp_path / "a.json").write_text("[1, 2]")
     elif damage == "npy":
         (tmp_path / "a.npy").write_bytes(b"not numpy")
     else:

@@ -405,10 +405,7 @@ def cached_features(
     """
     settings = dict(feature_kwargs)
     if settings.get("params") is not None:  # Caller-supplied weights: by content.
-        leaves = jax.tree_util.tree_leaves(settings["params"])
-        settings["params"] = hashlib.sha256(
-            b"".join(np.ascontiguousarray(np.asarray(x)).tobytes() for x in leaves)
-        ).hexdigest()[:16]
+        settings["params"] = resumable_array.tree_digest(settings["params"])
     recipe = {
         "fingerprint": _fingerprint(images),
         "network": _CACHE_PREFIX + "pool3",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -31,6 +32,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 _FORMAT = 1
@@ -65,6 +67,16 @@ def _write_json_atomic(path: pathlib.Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def tree_digest(tree: Any) -> str:
+    """A short content digest of a pytree of arrays (shapes, dtypes and bytes), for recipes."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _header(rows: int, chunk: int, recipe: dict) -> dict:
     # JSON round trip, so that a recipe compares equal to the one read back from disk.
     return json.loads(json.dumps({"format": _FORMAT, "rows": rows, "chunk": chunk,
@@ -79,7 +91,7 @@ def rows_done(stem: str | os.PathLike, rows: int, chunk: int, recipe: dict[str, 
     try:
         meta = json.loads(meta_path.read_text())
         done = int(meta.pop("done", 0))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):  # Unreadable: start over.
         return 0
     if meta != _header(rows, chunk, recipe):
         return 0
