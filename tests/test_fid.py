@@ -422,3 +422,12 @@ def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeyp
     ref = fid.reference_features("toy-train", images, cache_dir=tmp_path, batch_size=4)
     np.testing.assert_array_equal(ref, expected)
     assert (tmp_path / "fid_features" / "toy-train.npy").is_file()
+
+
+def test_feature_settings_defaults_match_inception_features():
+    """cached_features keys its files on these; a stale copy would split the cache."""
+    import inspect
+
+    params = inspect.signature(fid.inception_features).parameters
+    kw = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert kw == fid._FEATURE_DEFAULTS

@@ -376,6 +376,11 @@ def _fingerprint(images: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# inception_features' settings and their defaults (tests check that they agree).
+_FEATURE_DEFAULTS = {"params": None, "weights_path": None, "cache_dir": None,
+                     "quantize": True, "precision": "highest"}
+
+
 def cached_features(
     stem: str | os.PathLike,
     images: Any,
@@ -403,8 +408,9 @@ def cached_features(
     Returns:
       (N, D) float32 features, equal to ``inception_features(images, batch_size, ...)``.
     """
-    settings = dict(feature_kwargs)
-    if settings.get("params") is not None:  # Caller-supplied weights: by content.
+    # Defaults filled in, so that leaving a setting out and passing its default agree.
+    settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
+    if settings["params"] is not None:  # Caller-supplied weights: by content.
         settings["params"] = resumable_array.tree_digest(settings["params"])
     recipe = {
         "fingerprint": _fingerprint(images),
