@@ -279,7 +279,7 @@ def _build_run(
         num_examples = len(dataset)
     method = get_method_module(cfg.method).make(cfg.method_args, spec)
     if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
-        provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data))
+        provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed)
     if not method.uses_dp_sgd and mesh is not None:
         raise ValueError(
             f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."

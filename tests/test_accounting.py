@@ -78,3 +78,20 @@ def test_same_guarantee_means_the_same_mechanism_whatever_the_step_count():
                        ("enabled", False)]:  # fmt: skip
         other = DPPlan.from_dict({**base.to_dict(), key: value})
         assert not base.same_guarantee_as(other), key
+
+
+def test_pld_calibration_with_a_large_prior_release():
+    """A DP teacher at RDP epsilon 9.8, then a student with PLD at 10 in total: PLD
+    composes the prior far more tightly, so the student's sigma is below half of RDP's
+    (the old bracket [RDP/2, RDP] did not contain it and calibration failed)."""
+    q, teacher_steps, student_steps = 4096 / 60000, 4394, 439
+    teacher_sigma = accounting.calibrate_noise_multiplier(9.8, 1e-5, q, teacher_steps, "rdp")
+    prior = [accounting.dpsgd_event(teacher_sigma, q, teacher_steps)]
+    rdp = accounting.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "rdp",
+                                                extra_events=prior)
+    pld = accounting.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "pld",
+                                                extra_events=prior)
+    eps = lambda s: accounting.epsilon([accounting.dpsgd_event(s, q, student_steps), *prior],
+                                       1e-5, "pld")
+    assert pld < 0.5 * rdp
+    assert 9.99 <= eps(pld) <= 10.0  # Meets the target, and not by a wide margin.

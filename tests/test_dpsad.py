@@ -422,6 +422,21 @@ def test_the_loop_composes_the_dp_teacher_into_the_total_and_exports_no_teacher(
     check_export(wd, str(tmp_path / "release"), run.state.frozen["teacher"])
 
 
+def test_a_dp_teacher_with_the_students_seed_is_refused_before_anything_is_written(
+        teachers, tmp_path):
+    """One seed draws the same batches and noise in teacher and student: their composed
+    epsilon would be too small. The stages' default seeds differ (0 and 1)."""
+    from dpjax.privacy.accounting import PrivacyError
+
+    config = dpsad_fmnist.get_config(f"smoke,teacher={teachers['dp']}")
+    teacher_seed = dpsad_fmnist.get_config("stage=teacher,smoke").seed
+    assert config.seed != teacher_seed
+    wd = str(tmp_path / "student")
+    with pytest.raises(PrivacyError, match=f"seed={teacher_seed}.*Give this run another seed"):
+        train.setup(with_overrides(config, {"seed": teacher_seed}), wd, log=lambda *_: None)
+    assert not os.path.exists(os.path.join(wd, "dp_plan.json"))
+
+
 @pytest.mark.slow
 def test_smoke_run_with_a_dp_teacher(teachers, tmp_path):
     """experiments/dpsad_fmnist.py's smoke run (tests/test_experiments.py skips it: it

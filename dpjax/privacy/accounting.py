@@ -167,6 +167,9 @@ def calibrate_noise_multiplier(
     )
 
 
+_PLD_BRACKET_HALVINGS = 4
+
+
 def calibrate(
     make_event: Callable[[float], dp_accounting.DpEvent],
     target_epsilon: float,
@@ -193,7 +196,18 @@ def calibrate(
         # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
         # the PLD search below the cheap RDP answer instead of searching from ~0.
         hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
-        bracket = dp_accounting.ExplicitBracketInterval(0.5 * hi, hi)
+        # Usually PLD's sigma is within a factor 2 of RDP's. With a large prior release
+        # composed in, it can be far below (RDP composes the prior loosely): halve the
+        # lower end until it is below the answer, a few times at most.
+        lo = 0.5 * hi
+        for _ in range(_PLD_BRACKET_HALVINGS):
+            if epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
+                break
+            hi, lo = lo, 0.5 * lo  # lo already meets the target: the answer is below it.
+        else:
+            if epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
+                return lo  # Meets the target (not the smallest such sigma; never unsafe).
+        bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
     else:
         bracket = dp_accounting.LowerEndpointAndGuess(0.1, 1.0)
     try:

@@ -15,6 +15,8 @@ in the chain of sources (a public UNet fine-tuned from a non-private run of the 
 data carries that run's weights). A source trained WITH DP on the private data whose
 epsilon the method does not compose makes the stated epsilon too small. ``check_sources``
 refuses both, before the run builds its state, with one message that names the source.
+It also refuses a composed source with this run's seed: composition assumes the two
+runs' randomness independent (``check_independent_randomness``).
 
 What "the private data" is: two data sections denote the same data when their
 ``data_identity`` agrees (source, name, split, fake_seed). The check errs on the side of
@@ -70,6 +72,7 @@ class SourceRun:
     dp_enabled: bool
     data: dict[str, Any]
     sources: tuple[tuple[str, str], ...]  # (config key, workdir) of ITS sources
+    seed: int | None = None  # config.seed: ITS batches and noise derive from it
 
 
 def read_source_run(what: str, workdir: str) -> SourceRun:
@@ -101,6 +104,7 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
         dp_enabled=plan.enabled,
         data=dict(config.get("data") or {}),
         sources=nested,
+        seed=config.get("seed"),
     )
 
 
@@ -109,20 +113,54 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def check_sources(sources: Sequence[Source], private_data: Mapping[str, Any]) -> None:
+def check_sources(
+    sources: Sequence[Source], private_data: Mapping[str, Any], seed: int | None = None
+) -> None:
     """Refuses sources that void or understate this run's guarantee (see module doc).
 
     Args:
       sources: the runs the method loads (``Method.source_runs``).
       private_data: this run's data section (a dict), the data its guarantee covers.
+      seed: this run's ``config.seed``; None skips the check of composed sources' seeds.
 
     Raises:
       PrivacyError: a source (or a source of a source) was trained without DP on the
         private data; or a direct source was trained with DP on it but the method does
         not compose it; or a source of a source was trained with DP on it (only direct
-        sources are composed); or a source cannot be read.
+        sources are composed); or a composed source has this run's seed
+        (``check_independent_randomness``); or a source cannot be read.
     """
     check_sources_against(sources, data_identity(private_data))
+    if seed is not None:
+        check_independent_randomness(sources, seed)
+
+
+def check_independent_randomness(sources: Sequence[Source], seed: int) -> None:
+    """Refuses a composed source whose seed is this run's.
+
+    Composition (adding the two runs' privacy losses, as the accountant does for
+    ``prior_releases``) assumes the two mechanisms draw independent randomness. A dpjax
+    run's Poisson batches and Gaussian noise are functions of (seed, step) alone, so two
+    runs with one seed on the same data draw the SAME batches at every step they share,
+    and noise vectors that share their leading coordinates: noise that an observer of
+    both runs' steps could partly cancel. Their true epsilon is then above the composed
+    one. Different seeds give independent streams.
+
+    Raises:
+      PrivacyError: a composed source was trained with ``seed``, or has no seed on record.
+    """
+    for source in sources:
+        if not source.composed:
+            continue
+        run = read_source_run(source.what, source.workdir)
+        if run.seed is None or int(run.seed) == int(seed):
+            raise PrivacyError(
+                f"{source.what}={source.workdir!r} was trained with seed={run.seed}, and this "
+                f"run's seed is {seed}. Its DP training is composed into this run's epsilon, "
+                "which assumes independent randomness, but one seed draws the same Poisson "
+                "batches and the same Gaussian noise in both runs, and the stated epsilon "
+                "would be too small. Give this run another seed (--config.seed=...)."
+            )
 
 
 def check_sources_against(sources: Sequence[Source], private: str) -> None:
