@@ -266,6 +266,25 @@ def check_audit(workdir: str) -> None:
         )
 
 
+def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
+    """How the private data was accessed: DP-SGD steps, or one release (DP-MEPF)."""
+    n = len(report["releases"])
+    if plan.mechanism == "release":
+        return (
+            "- Mechanism: one Gaussian release of the sum over the dataset of per-example "
+            f"vectors of norm C = {plan.clip_norm}, noise multiplier sigma = "
+            f"{plan.noise_multiplier:.6g}; the {step} training steps after it read only the "
+            f"release (post-processing); {n} release records in all (composed in the epsilon)."
+        )
+    return (
+        f"- Mechanism: DP-SGD with Poisson sampling q = {plan.sampling_rate:.6g} "
+        f"(expected batch {plan.expected_batch_size:.1f}), per-example clipping to "
+        f"C = {plan.clip_norm}, Gaussian noise multiplier sigma = "
+        f"{plan.noise_multiplier:.6g}, {step} steps; {n} other private releases (composed "
+        "in the epsilon)."
+    )
+
+
 def model_card(
     run: LoadedRun, report: dict[str, Any], files: list[str], command: str, num_samples: int
 ) -> str:
@@ -300,11 +319,7 @@ def model_card(
         f"({plan.accountant.upper()} accountant; PLD: {_fmt(eps.get('pld'))}, RDP: "
         f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example (an image with "
         "its label) of the training set.",
-        f"- Mechanism: DP-SGD with Poisson sampling q = {plan.sampling_rate:.6g} "
-        f"(expected batch {plan.expected_batch_size:.1f}), per-example clipping to "
-        f"C = {plan.clip_norm}, Gaussian noise multiplier sigma = "
-        f"{plan.noise_multiplier:.6g}, {run.step} steps; "
-        f"{len(report['releases'])} other private releases (composed in the epsilon).",
+        _mechanism_line(plan, run.step, report),
         "- Everything in this directory is post-processing of the DP model, so it is "
         "covered by the same guarantee. See `privacy_report.md`.",
         *_audit_line(run.workdir),
@@ -402,7 +417,9 @@ def export_run(
             os.path.join(tmp, "samples_grid.png")
         )
         files += ["samples.npz", "samples_grid.png"] + (["png"] if png else [])
-        report = report_lib.privacy_report(run.plan, run.step, cfg.method, releases)
+        report = report_lib.privacy_report(
+            run.plan, run.step, cfg.method, releases, run.method.privacy_notes()
+        )
         with open(os.path.join(tmp, "privacy_report.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "privacy_report.md"), "w") as f:

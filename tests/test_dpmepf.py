@@ -1,5 +1,6 @@
 """DP-MEPF: the release's sensitivity and accounting, and nothing private after it."""
 
+import json
 import math
 import os
 
@@ -252,6 +253,15 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
         {"dp.enabled": True, "dp.noise_multiplier": 2.0, "seed": 1},
     )
     train.train(fcfg, fdir, log=lambda *_: None)
+    # A run killed after its last checkpoint but before dp_plan.json was rewritten: the
+    # composed steps are the loaded checkpoint's, not the plan file's stale count.
+    plan_path = os.path.join(fdir, "dp_plan.json")
+    with open(plan_path) as f:
+        plan_file = json.load(f)
+    checkpoint_steps = plan_file["steps_done"]
+    assert checkpoint_steps > 0
+    with open(plan_path, "w") as f:
+        json.dump({**plan_file, "steps_done": 0}, f)
     wd = str(tmp_path / "mepf")
     cfg = _smoke(
         **{
@@ -274,6 +284,7 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
     releases = _releases(wd)
     assert [r["stage"] for r in releases] == ["prior", "release"]
     fplan = plan_lib.load_plan(os.path.join(fdir, "dp_plan.json"))[0]
+    assert releases[0]["steps"] == checkpoint_steps == fplan.steps
     expected = accounting.epsilon(
         [
             accounting.dpsgd_event(2.0, fplan.sampling_rate, fplan.steps),

@@ -378,7 +378,11 @@ def check_export(wd: str, out: str, teacher: dict) -> None:
     assert "frozen_params.npz" not in names and "ema_params.npz" in names
     with open(os.path.join(wd, "privacy_report.json")) as f, \
          open(os.path.join(out, "privacy_report.json")) as g:  # fmt: skip
-        assert json.load(g)["epsilon"] == json.load(f)["epsilon"]
+        in_workdir, exported = json.load(f), json.load(g)
+    assert exported["epsilon"] == in_workdir["epsilon"]
+    # The method's notes (how the teacher enters the guarantee) travel with the export.
+    assert exported["notes"] == in_workdir["notes"] and any(
+        "teacher" in n for n in exported["notes"])
     teacher_leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(teacher)]
     for name in os.listdir(out):
         if name.endswith(".npz") and name != "samples.npz":

@@ -208,3 +208,20 @@ def test_cli_export_and_audit_bad_inputs_give_one_line(tmp_path):
         assert "dpjax error:" in out.stderr and "corrupt" in out.stderr
         assert "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_model_card_names_the_mechanism_that_touched_the_data():
+    """DP-MEPF's data access is one release; its card must not describe DP-SGD steps."""
+    from types import SimpleNamespace
+
+    from dpjax.export import _mechanism_line
+
+    common = dict(sampling_rate=0.01, expected_batch_size=600.0, clip_norm=1.0,
+                  noise_multiplier=2.5)
+    release = _mechanism_line(SimpleNamespace(mechanism="release", **common), 500,
+                              {"releases": [{}]})
+    assert "one Gaussian release" in release and "Poisson" not in release
+    assert "500 training steps after it read only the release" in release
+    dpsgd = _mechanism_line(SimpleNamespace(mechanism="dpsgd", **common), 500,
+                            {"releases": []})
+    assert "DP-SGD with Poisson sampling q = 0.01" in dpsgd and "500 steps" in dpsgd

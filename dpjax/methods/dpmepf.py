@@ -359,7 +359,7 @@ def _load_features(workdir: str, spec: base.DataSpec):
 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"method_args.features_from={workdir!r} is not a directory.")
-    source, params, source_spec, _, _ = sample_lib.load_trained(workdir)
+    source, params, source_spec, _, step = sample_lib.load_trained(workdir)
     if not isinstance(source, classifier.Classifier):
         raise ValueError(
             f"features_from={workdir!r} holds a {type(source).__name__} run, not a classifier "
@@ -371,7 +371,10 @@ def _load_features(workdir: str, spec: base.DataSpec):
             f"data is {spec.image_shape}. Resize the data or train a matching network."
         )
     plan_file = _read_json(os.path.join(workdir, "dp_plan.json"))
-    plan = {**plan_file["plan"], "steps_done": plan_file.get("steps_done", 0)}
+    # The steps behind the weights loaded are the checkpoint's own step. The plan file's
+    # steps_done is written after each checkpoint and lags it if the run was killed in
+    # between; composing that count would leave trained steps out of epsilon.
+    plan = {**plan_file["plan"], "steps_done": int(step)}
     net = jax.tree_util.tree_map(np.asarray, params.trainable["net"])
     return tuple(source.config.widths), net, plan
 
