@@ -7,9 +7,11 @@ loaded). Samples are post-processing of the DP model and cost no privacy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -152,10 +154,21 @@ def write_grid(
 
 
 def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool) -> str:
-    """Writes ``samples.npz`` (images uint8 NHWC, labels) and optionally a PNG folder."""
+    """Writes ``samples.npz`` (images uint8 NHWC, labels; atomically) and optionally a
+    PNG folder."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.npz")
-    np.savez_compressed(path, images=images, labels=labels)
+    # Written next to it, then renamed: a kill mid-write leaves no half zip behind.
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, images=images, labels=labels)
+        os.chmod(tmp, 0o644)  # mkstemp's file is private to its owner; samples are not.
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))

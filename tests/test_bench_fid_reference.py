@@ -40,7 +40,10 @@ def test_eval_after_the_script_embeds_only_the_samples(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid, "inception_features", features)
     monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "cache"))
-    _load().main(["--workdir", wd, "--splits", "train,test", "--batch", "8"])
+    # The eval's fid_batch is read from the run (8 below): the same cache key.
+    with monkeypatch.context() as m:
+        m.setattr(report, "eval_config", lambda section: report.EvalConfig(fid_batch=8))
+        _load().main(["--workdir", wd, "--splits", "train,test"])
     stats = sorted(os.listdir(tmp_path / "cache" / "fid_stats"))
     assert [s.split("-")[2] for s in stats] == ["test", "train"]
     n_real = sum(seen)

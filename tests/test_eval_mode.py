@@ -131,8 +131,9 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     assert any("resuming samples_in_progress.npy at row 20 of 30" in m for m in msgs)
     assert sum(seen) == 30 + n_train + n_test, seen
     out_dir = os.path.join(wd, "samples", f"step_{step}")
-    assert sorted(os.listdir(out_dir)) == ["inception_pool3.json", "inception_pool3.lock",
-                                           "inception_pool3.npy", "samples.npz"]
+    assert sorted(os.listdir(out_dir)) == [
+        "inception_pool3.json", "inception_pool3.lock", "inception_pool3.npy",
+        "samples.lock", "samples.npz", "samples_in_progress.lock"]
     # The resumed samples are the ones an uninterrupted run draws.
     key = report.jax.random.fold_in(report.Streams.from_seed(run_cfg.seed).sample, 1_000_000)
     expected, _ = sample_lib.generate(method, params, spec, key, 30, 10)
@@ -144,3 +145,14 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     assert seen == []
     assert again["fid"] == result["fid"]
     assert again["memorization"] == result["memorization"]
+    # A samples.npz cut short (by a kill under an older version) is sampled again.
+    npz = os.path.join(out_dir, "samples.npz")
+    with open(npz, "rb") as f:
+        head = f.read(100)
+    with open(npz, "wb") as f:
+        f.write(head)
+    msgs.clear()
+    report.evaluate_workdir(wd, cfg, log=msgs.append)
+    assert any("unreadable" in m for m in msgs)
+    with np.load(npz) as z:
+        np.testing.assert_array_equal(z["images"], expected)

@@ -405,7 +405,8 @@ def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeyp
     lease["chunks_left"] = 100
     out = fid.cached_features(stem, images, 4, chunk_batches=3)
     np.testing.assert_array_equal(out, expected)
-    assert calls == [(12, None), (12, None), (2, None)]  # Rows 24..49 only.
+    # Rows 24..49 only; the last chunk's 2 rows are padded to one batch of 4.
+    assert calls == [(12, None), (12, None), (4, None)]
     calls.clear()
     np.testing.assert_array_equal(fid.cached_features(stem, images, 4, chunk_batches=3),
                                   expected)
@@ -417,7 +418,16 @@ def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeyp
     flipped = images[::-1].copy()
     out = fid.cached_features(stem, flipped, 4, chunk_batches=3)
     np.testing.assert_array_equal(out, expected[::-1])
+    assert sum(n for n, _ in calls) == 52
+    calls.clear()  # Another batch size: computed again (features differ at ~1e-8).
+    fid.cached_features(stem, flipped, 5, chunk_batches=2)
     assert sum(n for n, _ in calls) == 50
+    # A cache folder that cannot be written: in memory, with a warning.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="Cannot keep Inception features"):
+        out = fid.cached_features(blocker / "feats", images, 4)
+    np.testing.assert_array_equal(out, expected)
     # reference_features keeps a split's features under the cache dir.
     ref = fid.reference_features("toy-train", images, cache_dir=tmp_path, batch_size=4)
     np.testing.assert_array_equal(ref, expected)

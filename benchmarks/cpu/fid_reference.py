@@ -24,14 +24,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a dpjax run (its data section is used)")
     p.add_argument("--splits", default="train,test")
-    p.add_argument("--batch", type=int, default=200, help="Inception batch (eval's fid_batch)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="Inception batch; default the run's eval.fid_batch, which the eval "
+                   "uses too (the cached features are keyed on it)")
     args = p.parse_args(argv)
-    data_cfg = sample_lib.load_run_config(args.workdir).data
+    run_cfg = sample_lib.load_run_config(args.workdir)
+    data_cfg = run_cfg.data
+    batch = args.batch or report.eval_config(run_cfg.eval).fid_batch
     for split in args.splits.split(","):
         images = data_lib.load(dataclasses.replace(data_cfg, split=split)).images
         name = report.reference_name(data_cfg, split, len(images))
         t = time.time()
-        fid.reference_stats(name, images, batch_size=args.batch, log=print)
+        fid.reference_stats(name, images, batch_size=batch, log=print)
         print(f"{name}: statistics ready in {time.time() - t:.0f} s", flush=True)
 
 

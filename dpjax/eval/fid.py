@@ -395,12 +395,15 @@ def cached_features(
     Features are computed ``chunk_batches`` batches at a time and saved after each
     chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
     short device lease or of a CPU session. The saved rows are only reused for the same
-    images (content fingerprint) and the same ``feature_kwargs``.
+    images (content fingerprint), batch size, backend and ``feature_kwargs``. If the
+    folder cannot be written (a read-only cache), the features are computed in memory
+    with a warning.
 
     Args:
       stem: file path without suffix (``.npy`` and ``.json`` are written).
       images: as for ``inception_features`` (host or device array).
-      batch_size: see ``inception_features``.
+      batch_size: see ``inception_features``; every network call has this many images
+        (a short last chunk is padded), so the network compiles once.
       chunk_batches: batches per saved chunk.
       log: progress lines, if given.
       **feature_kwargs: passed to ``inception_features``.
@@ -416,12 +419,28 @@ def cached_features(
         "fingerprint": _fingerprint(images),
         "network": _CACHE_PREFIX + "pool3",
         "resize": "nv_bilinear_float",
+        "batch_size": batch_size,
+        "backend": jax.default_backend(),
         **{k: None if v is None else str(v) for k, v in sorted(settings.items())},
     }
-    compute = lambda start, stop: inception_features(images[start:stop], batch_size,
-                                                     **feature_kwargs)
+    n = len(images)
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        x = images[start:stop]
+        if stop - start < batch_size <= n:  # Pad with real rows: the one compiled shape.
+            xp = jnp if isinstance(x, jax.Array) else np
+            x = xp.concatenate([x, images[: batch_size - (stop - start)]])
+        return inception_features(x, batch_size, **feature_kwargs)[: stop - start]
+
+    try:  # Can the files be written at all? (A read-only cache is not an error.)
+        pathlib.Path(stem).parent.mkdir(parents=True, exist_ok=True)
+        open(f"{stem}.lock", "a").close()
+    except OSError as e:
+        warnings.warn(f"Cannot keep Inception features at {stem}.npy ({e}); computing "
+                      "them in memory, without resuming.", stacklevel=2)
+        return inception_features(images, batch_size, **feature_kwargs)
     return resumable_array.fill_resumably(
-        stem, len(images), batch_size * chunk_batches, recipe, compute, log=log)
+        stem, n, batch_size * chunk_batches, recipe, compute, log=log)
 
 
 def _check_name(name: str) -> str:

@@ -8,12 +8,14 @@ training, checkpoint choice or hyperparameters (that would be a private release)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
-from dpjax.eval import marginal_likelihood
+from dpjax.eval import marginal_likelihood, resumable_array
 from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
 from dpjax.typed_config import from_configdict
@@ -83,33 +85,41 @@ def _samples(
 ) -> tuple[np.ndarray, np.ndarray, int, Any]:
     method, params, spec, run_cfg, step = trained
     out_dir = os.path.join(workdir, "samples", f"step_{step}")
-    path = os.path.join(out_dir, "samples.npz")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            if len(z["labels"]) >= cfg.num_samples:
+    os.makedirs(out_dir, exist_ok=True)
+    # One process at a time: a second eval of this workdir waits, then reuses.
+    with resumable_array.exclusive_lock(os.path.join(out_dir, "samples.lock"), log):
+        path = os.path.join(out_dir, "samples.npz")
+        if os.path.exists(path):
+            try:
+                with np.load(path) as z:
+                    stored = z["images"], z["labels"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                log(f"[dpjax] eval: {path} is unreadable ({e}); sampling again")
+                stored = None
+            if stored is not None and len(stored[1]) >= cfg.num_samples:
                 log(f"[dpjax] eval: reusing {path}")
-                return (
-                    z["images"][: cfg.num_samples],
-                    z["labels"][: cfg.num_samples],
-                    step,
-                    (spec, run_cfg),
-                )
-    key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
-    t = time.time()
-    # Batches are saved as they finish, so a killed eval (the end of a device lease or
-    # of a session) resumes. The stored run config pins the sampler's settings (its
-    # file's bytes, which a code change does not alter).
-    with open(os.path.join(workdir, "config.json"), "rb") as f:
-        config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    stem = os.path.join(out_dir, "samples_in_progress")
-    images, labels = sample_lib.generate(
-        method, params, spec, key, cfg.num_samples, cfg.sample_batch, resume_stem=stem,
-        recipe={"config_json": config_digest, "step": step}, log=log,
-    )
-    log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
-    sample_lib.write_samples(images, labels, out_dir, png=False)
-    for suffix in (".npy", ".json", ".lock"):  # samples.npz holds them now.
-        os.remove(stem + suffix)
+                images, labels = (a[: cfg.num_samples] for a in stored)
+                return images, labels, step, (spec, run_cfg)
+        key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
+        t = time.time()
+        # Batches are saved as they finish, so a killed eval (the end of a device lease
+        # or of a session) resumes. The stored run config pins the sampler's settings
+        # (its file's bytes, which a code change does not alter), the backend its
+        # floating point.
+        with open(os.path.join(workdir, "config.json"), "rb") as f:
+            config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        stem = os.path.join(out_dir, "samples_in_progress")
+        images, labels = sample_lib.generate(
+            method, params, spec, key, cfg.num_samples, cfg.sample_batch, resume_stem=stem,
+            recipe={"config_json": config_digest, "step": step,
+                    "backend": jax.default_backend()},
+            log=log,
+        )
+        log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
+        sample_lib.write_samples(images, labels, out_dir, png=False)  # Atomic.
+        for suffix in (".npy", ".json"):  # samples.npz holds them now.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stem + suffix)
     return images, labels, step, (spec, run_cfg)
 
 

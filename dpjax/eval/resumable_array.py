@@ -44,7 +44,11 @@ def _paths(stem: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: pathlib.Path, log: Callable[[str], None] | None):
+def exclusive_lock(lock_path: str | os.PathLike, log: Callable[[str], None] | None = None):
+    """Holds an exclusive advisory lock on ``lock_path`` (created; never deleted, so
+    that every process locks the same file), waiting for another holder if needed.
+    The OS releases it when its holder dies."""
+    lock_path = pathlib.Path(lock_path)
     with open(lock_path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,7 +140,7 @@ def fill_resumably(
         raise ValueError(f"rows and chunk must be >= 1, got {rows} and {chunk}")
     data_path, meta_path = _paths(stem)
     data_path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(data_path.with_suffix(".lock"), log):
+    with exclusive_lock(data_path.with_suffix(".lock"), log):
         return _fill(stem, rows, chunk, recipe, compute, log)
 
 
