@@ -6,23 +6,15 @@ and recorded incrementally in the --out file, and its case parsing. Timings are 
 asserted.
 """
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import bench_scripts
 
 
 def _load():
-    path = os.path.join(ROOT, "benchmarks", "dp_step.py")
-    spec = importlib.util.spec_from_file_location("bench_dp_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there.
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("benchmarks/dp_step.py", "bench_dp_step")
 
 
 bench = _load()

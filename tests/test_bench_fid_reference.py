@@ -5,26 +5,18 @@ script writes the statistics and features under the names ``--mode=eval`` looks 
 so the eval that follows embeds no real image.
 """
 
-import importlib.util
 import os
-import sys
 
 import numpy as np
 
 from dpjax import train
 from dpjax.eval import fid, report
 from experiments import toy_fake
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import bench_scripts
 
 
 def _load():
-    path = os.path.join(ROOT, "benchmarks", "cpu", "fid_reference.py")
-    spec = importlib.util.spec_from_file_location("bench_fid_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("benchmarks/cpu/fid_reference.py", "bench_fid_reference")
 
 
 def test_eval_after_the_script_embeds_only_the_samples(tmp_path, monkeypatch):

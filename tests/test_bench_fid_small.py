@@ -5,23 +5,16 @@ script's arithmetic, caching and JSON are what is tested; the port is tested in
 test_fid.py), and the real images by two fixed random sets.
 """
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import bench_scripts
 
 
 def _load():
-    path = os.path.join(ROOT, "benchmarks", "cpu", "fid_small.py")
-    spec = importlib.util.spec_from_file_location("bench_fid_small", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("benchmarks/cpu/fid_small.py", "bench_fid_small")
 
 
 def test_samples_equal_to_the_train_images_have_zero_fid_against_train(tmp_path, monkeypatch):
