@@ -74,6 +74,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import anchor_unet  # noqa: E402
+from dpjax import atomic_file  # noqa: E402
 from dpjax.methods import dpdm  # noqa: E402
 from dpjax.methods.base import DataSpec, Method, count_params  # noqa: E402
 from dpjax.privacy import ghost  # noqa: E402
@@ -533,10 +534,7 @@ def _write(path: str, payload: dict[str, Any]) -> None:
     """Writes ``payload`` as JSON atomically (a killed run leaves the previous file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_file.write_json(path, payload, indent=2)
 
 
 def _emit(record: dict[str, Any]) -> None:

@@ -118,14 +118,13 @@ def run_audit_mode(
     latest checkpoint are used. Writes ``audit.json`` to ``out`` (default: ``workdir``)
     and returns the ``AuditResult``.
     """
-    import json
     import shutil
     import tempfile
 
     import numpy as np
 
+    from dpjax import atomic_file, export, run_config, train
     from dpjax import data as data_lib
-    from dpjax import export, run_config, train
     from dpjax.data.fake import make_fake
     from dpjax.methods import get_method_module
     from dpjax.methods.base import DataSpec
@@ -189,9 +188,7 @@ def run_audit_mode(
     out = out or workdir
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "audit.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_file.write_json(path, payload, indent=2)
     return result
 
 

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from dpjax import atomic_file
+
 
 def _clean(v: Any) -> Any:
     v = float(v) if hasattr(v, "__float__") else v
@@ -46,10 +48,7 @@ class MetricsLog:
                         kept.append(line)
                 except (ValueError, KeyError):
                     continue  # A line cut by a crash.
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic_file.write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}

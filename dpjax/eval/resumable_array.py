@@ -28,12 +28,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+
+from dpjax import atomic_file
 
 _FORMAT = 1
 
@@ -60,15 +61,6 @@ def exclusive_lock(lock_path: str | os.PathLike, log: Callable[[str], None] | No
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: pathlib.Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tree_digest(tree: Any) -> str:
@@ -155,7 +147,7 @@ def _fill(stem, rows, chunk, recipe, compute, log) -> np.ndarray:
             log(f"[dpjax] resuming {data_path.name} at row {done} of {rows}")
     else:
         # Invalidate first: a crash after this leaves a header that vouches for 0 rows.
-        _write_json_atomic(meta_path, {**header, "done": 0})
+        atomic_file.write_json(meta_path, {**header, "done": 0}, sort_keys=True)
     for start in range(done, rows, chunk):
         stop = min(start + chunk, rows)
         values = np.asarray(compute(start, stop))
@@ -169,7 +161,7 @@ def _fill(stem, rows, chunk, recipe, compute, log) -> np.ndarray:
                              f"expected {(stop - start, *out.shape[1:])}")
         out[start:stop] = values
         out.flush()
-        _write_json_atomic(meta_path, {**header, "done": stop})
+        atomic_file.write_json(meta_path, {**header, "done": stop}, sort_keys=True)
         if log is not None:
             log(f"[dpjax] {data_path.name}: {stop} of {rows} rows")
     result = np.array(out)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpjax import atomic_file
 from dpjax.privacy import accounting
 
 MECHANISMS = ("dpsgd", "release")
@@ -268,15 +269,8 @@ def _release_plan(
 
 def save_plan(path: str, plan: DPPlan, extra: dict[str, Any] | None = None) -> None:
     """Writes the plan (and e.g. the epsilon spent so far) as JSON, atomically."""
-    import os
-    import tempfile
-
     payload = {"plan": plan.to_dict(), **(extra or {})}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dp_plan.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_file.write_json(path, payload, indent=2, sort_keys=True)
 
 
 def load_plan(path: str) -> tuple[DPPlan, dict[str, Any]]:

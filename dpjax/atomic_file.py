@@ -1,0 +1,78 @@
+"""Files replaced whole or not at all: write next to the target, sync, rename.
+
+Every file that a later run reads back to decide something (``dp_plan.json``,
+``config.json``, a resumable array's row count, ``eval.json``, ``samples.npz``, cached
+FID statistics) is written through this module, so that a job killed at any moment
+leaves either the old file or the new one, never a truncated one.
+
+Guarantees of ``atomic_write`` (and of the helpers built on it):
+  * On a normal exit the target holds exactly what was written; the data was flushed
+    and fsync'ed before the rename, so a crash of the machine right after does not
+    leave an empty file under the new name.
+  * On an exception (or a kill) the target is untouched and the temporary file is
+    removed (after a kill it stays as a hidden ``.<name>.*.tmp`` file next to it).
+  * The temporary name is unique per call, so two processes writing the same target
+    do not write into one temporary file; the last rename wins.
+  * The new file gets the usual permissions (0o666 minus the umask), like ``open``:
+    unlike ``tempfile.mkstemp``'s 0o600, which hid samples and reports from a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Yields a file to write; it replaces ``path`` only when the block exits cleanly.
+
+    Args:
+      path: the target; its folder must exist.
+      mode: 'w' (text) or 'wb' (bytes).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 applies the umask, as a plain open() of the target would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replaces ``path`` with ``text``, atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
+    """Replaces ``path`` with ``json.dump(obj, **dump_kwargs)``, atomically.
+
+    The object is serialized before the file is opened, so an object that JSON cannot
+    encode raises without touching anything.
+    """
+    write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any],
+              compressed: bool = False) -> None:
+    """Replaces ``path`` with an .npz of ``arrays`` (zip-compressed if asked), atomically."""
+    with atomic_write(path, "wb") as f:
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)

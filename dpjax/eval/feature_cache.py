@@ -1,0 +1,182 @@
+"""Inception features and FID statistics of image sets, computed once and kept.
+
+Sixty thousand images through Inception are hours on a CPU and more than one short
+device lease, and the same features serve FID and the memorization report, so they are
+computed once: ``cached_features`` keeps a set's features in a resumable array
+(``dpjax.eval.resumable_array``), ``reference_features`` and ``reference_stats`` keep a
+dataset split's features and statistics under the cache dir.
+
+Guarantee: cached values are reused only for the same image content (a fingerprint of
+the bytes), batch size, backend and network settings; anything else recomputes. The
+recipe written next to the features is a stable key: changing what goes into it
+throws away every cached feature file, so tests pin it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.eval import fid, resumable_array
+from dpjax.eval.inception_weights import default_cache_dir, save_cache_npz
+
+# What the features are: part of every cache key.
+_NETWORK = "inception-2015-12-05-pool3"
+
+
+def _fingerprint(images: Any) -> str:
+    a = np.ascontiguousarray(np.asarray(images))
+    h = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
+    h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+# inception_features' settings and their defaults (tests check that they agree).
+_FEATURE_DEFAULTS = {"params": None, "weights_path": None, "cache_dir": None,
+                     "quantize": True, "precision": "highest"}
+
+
+def cached_features(
+    stem: str | os.PathLike,
+    images: Any,
+    batch_size: int = 200,
+    *,
+    chunk_batches: int = 10,
+    log: Callable[[str], None] | None = None,
+    **feature_kwargs: Any,
+) -> np.ndarray:
+    """``fid.inception_features(images)``, kept at ``<stem>.npy`` and resumed if killed.
+
+    Features are computed ``chunk_batches`` batches at a time and saved after each
+    chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
+    short device lease or of a CPU session. The saved rows are only reused for the same
+    images (content fingerprint), batch size, backend and ``feature_kwargs``. If the
+    folder cannot be written (a read-only cache), the features are computed in memory
+    with a warning.
+
+    Args:
+      stem: file path without suffix (``.npy`` and ``.json`` are written).
+      images: as for ``inception_features`` (host or device array).
+      batch_size: see ``inception_features``; every network call has this many images
+        (a short last chunk is padded), so the network compiles once.
+      chunk_batches: batches per saved chunk.
+      log: progress lines, if given.
+      **feature_kwargs: passed to ``inception_features``.
+
+    Returns:
+      (N, D) float32 features, equal to ``fid.inception_features(images, batch_size, ...)``.
+    """
+    # Defaults filled in, so that leaving a setting out and passing its default agree.
+    settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
+    if settings["params"] is not None:  # Caller-supplied weights: by content.
+        settings["params"] = resumable_array.tree_digest(settings["params"])
+    recipe = {
+        "fingerprint": _fingerprint(images),
+        "network": _NETWORK,
+        "resize": "nv_bilinear_float",
+        "batch_size": batch_size,
+        "backend": jax.default_backend(),
+        **{k: None if v is None else str(v) for k, v in sorted(settings.items())},
+    }
+    n = len(images)
+
+    def compute(start: int, stop: int) -> np.ndarray:
+        x = images[start:stop]
+        if stop - start < batch_size <= n:  # Pad with real rows: the one compiled shape.
+            xp = jnp if isinstance(x, jax.Array) else np
+            x = xp.concatenate([x, images[: batch_size - (stop - start)]])
+        return fid.inception_features(x, batch_size, **feature_kwargs)[: stop - start]
+
+    try:  # Can the files be written at all? (A read-only cache is not an error.)
+        pathlib.Path(stem).parent.mkdir(parents=True, exist_ok=True)
+        open(f"{stem}.lock", "a").close()
+    except OSError as e:
+        warnings.warn(f"Cannot keep Inception features at {stem}.npy ({e}); computing "
+                      "them in memory, without resuming.", stacklevel=2)
+        return fid.inception_features(images, batch_size, **feature_kwargs)
+    return resumable_array.fill_resumably(
+        stem, n, batch_size * chunk_batches, recipe, compute, log=log)
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise ValueError(f"reference name {name!r}: use letters, digits and _.+-")
+    return name
+
+
+def reference_features(
+    name: str,
+    images: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    log: Callable[[str], None] | None = None,
+    **feature_kwargs: Any,
+) -> np.ndarray:
+    """Inception features of a dataset split, computed once (resumably) and cached.
+
+    The file is ``<cache_dir>/fid_features/<name>.npy`` (60k x 2048 float32 is 0.5 GB);
+    ``reference_stats`` and the memorization report share it, so each split goes
+    through the network once. Reused only for the same image content and settings.
+    """
+    stem = default_cache_dir(cache_dir) / "fid_features" / _check_name(name)
+    return cached_features(stem, images, batch_size, log=log, **feature_kwargs)
+
+
+def reference_stats(
+    name: str,
+    images: Any = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 200,
+    log: Callable[[str], None] | None = None,
+    **feature_kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature statistics of a dataset split, computed once and cached.
+
+    Args:
+      name: key such as 'fashion_mnist-train'; the file is
+        ``<cache_dir>/fid_stats/<name>.npz``.
+      images: the split's images (an array, or a zero-argument callable that loads
+        them, only called on a cache miss); None uses the cache only. An array whose
+        content differs from the one the cache was computed on (a smoke-test subset,
+        another preprocessing) triggers a recomputation.
+      cache_dir: default $DPJAX_CACHE or ~/.cache/dpjax.
+      batch_size: see ``inception_features``.
+      log: progress lines while features are computed, if given.
+      **feature_kwargs: passed to ``inception_features``.
+
+    Returns:
+      (mu, sigma) in float64. On a cache miss the features themselves are kept too
+      (``reference_features``), and computing them resumes where a killed job stopped.
+    """
+    path = default_cache_dir(cache_dir) / "fid_stats" / f"{_check_name(name)}.npz"
+    fingerprint = None if images is None or callable(images) else _fingerprint(images)
+    if path.is_file():
+        with np.load(path) as f:
+            stats = f["mu"], f["sigma"]
+            cached_fp = str(f["fingerprint"]) if "fingerprint" in f.files else None
+        if fingerprint is None or fingerprint == cached_fp:
+            return stats
+        warnings.warn(f"{path} was computed on other images; recomputing", stacklevel=2)
+    elif images is None:
+        raise FileNotFoundError(f"no cached FID statistics {path}; pass the images")
+    if callable(images):
+        images = images()
+        fingerprint = _fingerprint(images)
+    feats = reference_features(name, images, cache_dir=cache_dir, batch_size=batch_size,
+                               log=log, **feature_kwargs)
+    mu, sigma = fid.compute_stats(feats)
+    save_cache_npz(path, {
+        "mu": mu, "sigma": sigma, "num_images": np.int64(len(images)),
+        "fingerprint": np.str_(fingerprint), "resize": np.str_("nv_bilinear_float")})
+    return mu, sigma
