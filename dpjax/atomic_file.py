@@ -1,20 +1,22 @@
 """Files replaced whole or not at all: write next to the target, sync, rename.
 
 Every file that a later run reads back to decide something (``dp_plan.json``,
-``config.json``, a resumable array's row count, ``eval.json``, ``samples.npz``, cached
-FID statistics) is written through this module, so that a job killed at any moment
-leaves either the old file or the new one, never a truncated one.
+``config.json``, ``data_spec.json``, a resumable array's row count, ``eval.json``,
+``samples.npz``, cached FID statistics) is written through this module, so that a job
+killed at any moment leaves either the old file or the new one, never a truncated one.
 
 Guarantees of ``atomic_write`` (and of the helpers built on it):
   * On a normal exit the target holds exactly what was written; the data was flushed
     and fsync'ed before the rename, so a crash of the machine right after does not
     leave an empty file under the new name.
-  * On an exception (or a kill) the target is untouched and the temporary file is
-    removed (after a kill it stays as a hidden ``.<name>.*.tmp`` file next to it).
+  * On an exception the target is untouched and the temporary file is removed. A
+    kill leaves the target untouched too, and the temporary behind as a hidden
+    ``.<name>.<pid>.<random>.tmp`` next to it, which nothing reads.
   * The temporary name is unique per call, so two processes writing the same target
     do not write into one temporary file; the last rename wins.
-  * The new file gets the usual permissions (0o666 minus the umask), like ``open``:
-    unlike ``tempfile.mkstemp``'s 0o600, which hid samples and reports from a group.
+  * The new file gets the usual permissions (0o666 minus the umask), like ``open``
+    (``tempfile.mkstemp``, used before, gave 0o600: ``dp_plan.json`` and the cache
+    headers were readable by their owner only).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ loaded). Samples are post-processing of the DP model and cost no privacy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -31,8 +30,8 @@ SPEC_FILE = "data_spec.json"
 
 def save_spec(workdir: str, spec: DataSpec) -> None:
     """Records the public data spec (image shape, classes) next to the checkpoints."""
-    with open(os.path.join(workdir, SPEC_FILE), "w") as f:
-        json.dump({"image_shape": list(spec.image_shape), "num_classes": spec.num_classes}, f)
+    atomic_file.write_json(os.path.join(workdir, SPEC_FILE),
+                           {"image_shape": list(spec.image_shape), "num_classes": spec.num_classes})
 
 
 def load_spec(workdir: str) -> DataSpec:
@@ -110,7 +109,7 @@ def generate(
     full_recipe = {
         "params": resumable_array.tree_digest(params),
         "key": np.asarray(key_data).tolist(),
-        "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
+        "labels": resumable_array.tree_digest(labels),
         **(recipe or {}),
     }
     images = resumable_array.fill_resumably(resume_stem, n, batch_size, full_recipe, compute,

@@ -6,7 +6,7 @@
 #                   PYTHONPATH there)
 #   .gpu/whl_min/   dp-accounting and ml-collections only
 #   .gpu/fmnist/    Fashion-MNIST IDX files, xz-compressed (26 MB)
-#   .gpu/inception16.npz.xz   the FID Inception weights as converted by dpjax.eval.fid,
+#   .gpu/inception16.npz.xz   the FID Inception weights as converted by dpjax.eval.inception_weights,
 #                   rounded to float16 (39 MB), so that data + weights fit one 64 MiB transfer
 #   .gpu/bench/     a copy of ../shared/bench (the anchor benchmarks)
 # Usage, from the repository root after `make install fmnist`: bash benchmarks/gpu/prepare_carry.sh
@@ -27,9 +27,9 @@ if [ ! -s .gpu/inception16.npz.xz ]; then
 import jax
 import numpy as np
 
-from dpjax.eval import fid
+from dpjax.eval import inception_weights
 
-params = fid.load_inception_params()
+params = inception_weights.load_inception_params()
 flat = {
     "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v, np.float16)
     for path, v in jax.tree_util.tree_leaves_with_path(params)

@@ -14,7 +14,6 @@ throws away every cached feature file, so tests pin it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import re
@@ -28,16 +27,10 @@ import numpy as np
 
 from dpjax.eval import fid, resumable_array
 from dpjax.eval.inception_weights import default_cache_dir, save_cache_npz
+from dpjax.eval.resumable_array import tree_digest
 
 # What the features are: part of every cache key.
 _NETWORK = "inception-2015-12-05-pool3"
-
-
-def _fingerprint(images: Any) -> str:
-    a = np.ascontiguousarray(np.asarray(images))
-    h = hashlib.sha256(f"{a.shape}{a.dtype}".encode())
-    h.update(a.data)
-    return h.hexdigest()[:16]
 
 
 # inception_features' settings and their defaults (tests check that they agree).
@@ -78,9 +71,9 @@ def cached_features(
     # Defaults filled in, so that leaving a setting out and passing its default agree.
     settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
     if settings["params"] is not None:  # Caller-supplied weights: by content.
-        settings["params"] = resumable_array.tree_digest(settings["params"])
+        settings["params"] = tree_digest(settings["params"])
     recipe = {
-        "fingerprint": _fingerprint(images),
+        "fingerprint": tree_digest(images),
         "network": _NETWORK,
         "resize": "nv_bilinear_float",
         "batch_size": batch_size,
@@ -160,7 +153,7 @@ def reference_stats(
       (``reference_features``), and computing them resumes where a killed job stopped.
     """
     path = default_cache_dir(cache_dir) / "fid_stats" / f"{_check_name(name)}.npz"
-    fingerprint = None if images is None or callable(images) else _fingerprint(images)
+    fingerprint = None if images is None or callable(images) else tree_digest(images)
     if path.is_file():
         with np.load(path) as f:
             stats = f["mu"], f["sigma"]
@@ -172,7 +165,7 @@ def reference_stats(
         raise FileNotFoundError(f"no cached FID statistics {path}; pass the images")
     if callable(images):
         images = images()
-        fingerprint = _fingerprint(images)
+        fingerprint = tree_digest(images)
     feats = reference_features(name, images, cache_dir=cache_dir, batch_size=batch_size,
                                log=log, **feature_kwargs)
     mu, sigma = fid.compute_stats(feats)

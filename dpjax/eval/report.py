@@ -40,7 +40,8 @@ class EvalConfig:
       fid: compute FID (TF Inception 2015-12-05, pool3) against each reference split.
       fid_references: splits of the experiment's dataset to compare with.
       fid_batch: Inception batch size.
-      inception_weights: a weights file; '' searches the usual places (dpjax.eval.inception_weights).
+      inception_weights: a weights file; '' searches the usual places
+        (dpjax.eval.inception_weights).
       downstream: train classifiers on the labelled samples, test on the real test set.
       downstream_models: among 'logreg', 'mlp', 'cnn'.
       downstream_epochs: epochs per classifier (DPDM: 50); the epoch is selected on a

@@ -64,7 +64,12 @@ def exclusive_lock(lock_path: str | os.PathLike, log: Callable[[str], None] | No
 
 
 def tree_digest(tree: Any) -> str:
-    """A short content digest of a pytree of arrays (shapes, dtypes and bytes), for recipes."""
+    """A short content digest of a pytree of arrays (shapes, dtypes and bytes), for recipes.
+
+    The one content key of dpjax's caches (sample batches: parameters and labels;
+    Inception features: the images). A single array's digest is that of its shape,
+    dtype and bytes; a cache written by an earlier version keyed the same way stays valid.
+    """
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(tree):
         a = np.ascontiguousarray(np.asarray(leaf))
