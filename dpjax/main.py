@@ -30,6 +30,9 @@ _MODE = flags.DEFINE_enum(
 _NUM = flags.DEFINE_integer(
     "num", None, "--mode=sample/export: number of samples (default: config)."
 )
+_FID_BATCH = flags.DEFINE_integer(
+    "fid_batch", None, "--mode=eval: Inception batch size (overrides eval.fid_batch)."
+)
 _PNG = flags.DEFINE_boolean("png", False, "--mode=sample/export: also write a PNG folder.")
 _OUT = flags.DEFINE_string(
     "out", None, "--mode=sample/export: output directory; --mode=audit: where audit.json goes."
@@ -250,6 +253,8 @@ def run(argv: list[str]) -> None:
         cfg = report.eval_config(section)
         if _NUM.value is not None:
             cfg = dataclasses.replace(cfg, num_samples=_NUM.value)
+        if _FID_BATCH.value is not None:
+            cfg = dataclasses.replace(cfg, fid_batch=_FID_BATCH.value)
         report.evaluate_workdir(workdir, cfg)
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 

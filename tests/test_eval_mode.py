@@ -3,11 +3,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from dpjax import train
 from dpjax.eval import fid, report
+from dpjax.typed_config import ConfigError
 from experiments import toy_fake
 
 
@@ -156,3 +158,27 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     assert any("unreadable" in m for m in msgs)
     with np.load(npz) as z:
         np.testing.assert_array_equal(z["images"], expected)
+
+
+def test_the_fid_batch_is_chosen_for_the_backend_unless_set(monkeypatch):
+    assert report.EvalConfig().fid_batch == 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert report.fid_batch_size(report.EvalConfig()) == 8
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert report.fid_batch_size(report.EvalConfig()) == 200
+    assert report.fid_batch_size(report.EvalConfig(fid_batch=50)) == 50
+    with pytest.raises(ConfigError, match="fid_batch"):
+        report.fid_batch_size(report.EvalConfig(fid_batch=-1))
+
+
+def test_the_fid_batch_flag_reaches_the_eval_and_a_bad_one_fails_before_sampling(tmp_path):
+    from tests.test_export import cli
+
+    wd = str(tmp_path)
+    train.train(toy_fake.get_config("smoke"), wd, log=lambda *_: None)
+    result = cli("--mode=eval", f"--workdir={wd}", "--fid_batch=-1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "eval.fid_batch must be >= 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "eval.json")
+    assert not os.path.exists(tmp_path / "samples")

@@ -400,27 +400,27 @@ def test_cached_features_resume_and_key_on_images_and_settings(tmp_path, monkeyp
     stem = tmp_path / "feats"
     # 4-image batches, 3 per chunk: chunks of 12; die during the third chunk.
     with pytest.raises(KeyboardInterrupt):
-        feature_cache.cached_features(stem, images, 4, chunk_batches=3)
+        feature_cache.cached_features(stem, images, 4, chunk_images=12)
     calls.clear()
     lease["chunks_left"] = 100
-    out = feature_cache.cached_features(stem, images, 4, chunk_batches=3)
+    out = feature_cache.cached_features(stem, images, 4, chunk_images=12)
     np.testing.assert_array_equal(out, expected)
     # Rows 24..49 only; the last chunk's 2 rows are padded to one batch of 4.
     assert calls == [(12, None), (12, None), (4, None)]
     calls.clear()
-    np.testing.assert_array_equal(feature_cache.cached_features(stem, images, 4, chunk_batches=3),
+    np.testing.assert_array_equal(feature_cache.cached_features(stem, images, 4, chunk_images=12),
                                   expected)
     assert calls == []
     # Other settings or other images: computed again.
-    out = feature_cache.cached_features(stem, images, 4, chunk_batches=3, quantize=False)
+    out = feature_cache.cached_features(stem, images, 4, chunk_images=12, quantize=False)
     np.testing.assert_array_equal(out, expected + 0.5)
     calls.clear()
     flipped = images[::-1].copy()
-    out = feature_cache.cached_features(stem, flipped, 4, chunk_batches=3)
+    out = feature_cache.cached_features(stem, flipped, 4, chunk_images=12)
     np.testing.assert_array_equal(out, expected[::-1])
     assert sum(n for n, _ in calls) == 52
     calls.clear()  # Another batch size: computed again (features differ at ~1e-8).
-    feature_cache.cached_features(stem, flipped, 5, chunk_batches=2)
+    feature_cache.cached_features(stem, flipped, 5, chunk_images=10)
     assert sum(n for n, _ in calls) == 50
     # A cache folder that cannot be written: in memory, with a warning.
     blocker = tmp_path / "a_file"
@@ -452,7 +452,7 @@ def test_the_feature_cache_key_is_pinned(tmp_path, monkeypatch):
     images = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2, 1)
     feature_cache.cached_features(tmp_path / "f", images, 4)
     assert json.loads((tmp_path / "f.json").read_text()) == {
-        "chunk": 40, "done": 6, "format": 1, "rows": 6,
+        "chunk": 2000, "done": 6, "format": 1, "rows": 6,
         "recipe": {"backend": jax.default_backend(), "batch_size": 4, "cache_dir": None,
                    "fingerprint": "9b40105b5dc61d0f",
                    "network": "inception-2015-12-05-pool3", "params": None,

@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", required=True, help="a dpjax run (its data section is used)")
     p.add_argument("--splits", default="train,test")
     p.add_argument("--batch", type=int, default=None,
-                   help="Inception batch; default the run's eval.fid_batch, which the eval "
-                   "uses too (the cached features are keyed on it)")
+                   help="Inception batch; default the one the run's eval uses "
+                   "(report.fid_batch_size; the cached features are keyed on it)")
     args = p.parse_args(argv)
     run_cfg = sample_lib.load_run_config(args.workdir)
     data_cfg = run_cfg.data
-    batch = args.batch or report.eval_config(run_cfg.eval).fid_batch
+    batch = args.batch or report.fid_batch_size(report.eval_config(run_cfg.eval))
     for split in args.splits.split(","):
         images = data_lib.load(dataclasses.replace(data_cfg, split=split)).images
         name = report.reference_name(data_cfg, split, len(images))

@@ -43,14 +43,14 @@ def cached_features(
     images: Any,
     batch_size: int = 200,
     *,
-    chunk_batches: int = 10,
+    chunk_images: int = 2000,
     log: Callable[[str], None] | None = None,
     **feature_kwargs: Any,
 ) -> np.ndarray:
     """``fid.inception_features(images)``, kept at ``<stem>.npy`` and resumed if killed.
 
-    Features are computed ``chunk_batches`` batches at a time and saved after each
-    chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
+    Features are computed about ``chunk_images`` images at a time and saved after
+    each chunk (``dpjax.eval.resumable_array``), so a 60k-image set survives the end of a
     short device lease or of a CPU session. The saved rows are only reused for the same
     images (content fingerprint), batch size, backend and ``feature_kwargs``. If the
     folder cannot be written (a read-only cache), the features are computed in memory
@@ -61,7 +61,8 @@ def cached_features(
       images: as for ``inception_features`` (host or device array).
       batch_size: see ``inception_features``; every network call has this many images
         (a short last chunk is padded), so the network compiles once.
-      chunk_batches: batches per saved chunk.
+      chunk_images: images per saved chunk, rounded down to whole batches (at least
+        one batch): what a kill can lose.
       log: progress lines, if given.
       **feature_kwargs: passed to ``inception_features``.
 
@@ -97,7 +98,7 @@ def cached_features(
                       "them in memory, without resuming.", stacklevel=2)
         return fid.inception_features(images, batch_size, **feature_kwargs)
     return resumable_array.fill_resumably(
-        stem, n, batch_size * chunk_batches, recipe, compute, log=log)
+        stem, n, batch_size * max(1, chunk_images // batch_size), recipe, compute, log=log)
 
 
 def _check_name(name: str) -> str:

@@ -27,7 +27,7 @@ from dpjax import sample as sample_lib
 from dpjax.eval import marginal_likelihood, resumable_array
 from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
-from dpjax.typed_config import from_configdict
+from dpjax.typed_config import ConfigError, from_configdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,9 @@ class EvalConfig:
       sample_batch: images per sampling call.
       fid: compute FID (TF Inception 2015-12-05, pool3) against each reference split.
       fid_references: splits of the experiment's dataset to compare with.
-      fid_batch: Inception batch size.
+      fid_batch: Inception batch size; 0 (default) picks ``fid_batch_size``'s choice
+        for the backend. Cached features are keyed on it (it changes the floating
+        point), so the real splits' features are reused only at the same batch size.
       inception_weights: a weights file; '' searches the usual places
         (dpjax.eval.inception_weights).
       downstream: train classifiers on the labelled samples, test on the real test set.
@@ -63,7 +65,7 @@ class EvalConfig:
     sample_batch: int = 1000
     fid: bool = True
     fid_references: tuple[str, ...] = ("train", "test")
-    fid_batch: int = 200
+    fid_batch: int = 0
     inception_weights: str = ""
     downstream: bool = True
     downstream_models: tuple[str, ...] = ("logreg", "mlp", "cnn")
@@ -79,6 +81,24 @@ class EvalConfig:
 def eval_config(section: Any) -> EvalConfig:
     """The typed eval section (an empty or missing section gives the defaults)."""
     return from_configdict(EvalConfig, section or {}, "eval")
+
+
+# Inception batch sizes when eval.fid_batch is 0. On a CPU small batches are faster:
+# 4.36 against 3.22 images/s for 8 and 200 on the 2-core development machine
+# (interleaved, three 20-s rounds each), the activations of 8 images staying near the
+# caches. On an accelerator a large batch fills the device.
+_CPU_FID_BATCH = 8
+_ACCELERATOR_FID_BATCH = 200
+
+
+def fid_batch_size(cfg: EvalConfig) -> int:
+    """``cfg.fid_batch``, or for 0 the faster choice on this backend (8 on a CPU,
+    200 on a GPU or TPU)."""
+    if cfg.fid_batch < 0:
+        raise ConfigError(f"eval.fid_batch must be >= 0, got {cfg.fid_batch}")
+    if cfg.fid_batch:
+        return cfg.fid_batch
+    return _CPU_FID_BATCH if jax.default_backend() == "cpu" else _ACCELERATOR_FID_BATCH
 
 
 def _samples(
@@ -135,6 +155,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
 
     run_cfg = sample_lib.load_run_config(workdir)
     cfg = cfg or eval_config(run_cfg.eval)
+    fid_batch = fid_batch_size(cfg)  # Checked before hours of sampling.
     trained = sample_lib.load_trained(workdir)  # Restored once, for every part below.
     images, labels, step, (spec, run_cfg) = _samples(workdir, cfg, log, trained)
     splits = {"train": data_lib.load(run_cfg.data)}
@@ -151,12 +172,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         # next to the samples, each split's in the cache; memorization reuses both.
         sample_feats = feature_cache.cached_features(
             os.path.join(workdir, "samples", f"step_{step}", "inception_pool3"), images,
-            cfg.fid_batch, log=log, **feature_kwargs)
+            fid_batch, log=log, **feature_kwargs)
         mu, sigma = fid.compute_stats(sample_feats)
         result["fid"] = {}
         for split in cfg.fid_references:
             ref_mu, ref_sigma = feature_cache.reference_stats(
-                ref_names[split], splits[split].images, batch_size=cfg.fid_batch, log=log,
+                ref_names[split], splits[split].images, batch_size=fid_batch, log=log,
                 **feature_kwargs
             )
             result["fid"][split] = fid.fid_from_stats(mu, sigma, ref_mu, ref_sigma)
@@ -196,7 +217,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         features = None
         if cfg.fid:
             train_feats = feature_cache.reference_features(
-                ref_names["train"], splits["train"].images, batch_size=cfg.fid_batch, log=log,
+                ref_names["train"], splits["train"].images, batch_size=fid_batch, log=log,
                 **feature_kwargs)
             features = (sample_feats, train_feats)
         result["memorization"] = memorization.memorization_report(
