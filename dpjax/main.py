@@ -33,6 +33,9 @@ _NUM = flags.DEFINE_integer(
 _FID_BATCH = flags.DEFINE_integer(
     "fid_batch", None, "--mode=eval: Inception batch size (overrides eval.fid_batch)."
 )
+_SAMPLE_BATCH = flags.DEFINE_integer(
+    "sample_batch", None, "--mode=eval: sampler batch size (overrides eval.sample_batch)."
+)
 _PNG = flags.DEFINE_boolean("png", False, "--mode=sample/export: also write a PNG folder.")
 _OUT = flags.DEFINE_string(
     "out", None, "--mode=sample/export: output directory; --mode=audit: where audit.json goes."
@@ -255,6 +258,8 @@ def run(argv: list[str]) -> None:
             cfg = dataclasses.replace(cfg, num_samples=_NUM.value)
         if _FID_BATCH.value is not None:
             cfg = dataclasses.replace(cfg, fid_batch=_FID_BATCH.value)
+        if _SAMPLE_BATCH.value is not None:
+            cfg = dataclasses.replace(cfg, sample_batch=_SAMPLE_BATCH.value)
         report.evaluate_workdir(workdir, cfg)
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 

@@ -150,13 +150,15 @@ def write_grid(
     return path
 
 
-def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool) -> str:
-    """Writes ``samples.npz`` (images uint8 NHWC, labels; atomically) and optionally a
-    PNG folder."""
+def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool,
+                  extra: dict[str, Any] | None = None) -> str:
+    """Writes ``samples.npz`` (images uint8 NHWC, labels, and the ``extra`` arrays;
+    atomically) and optionally a PNG folder."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.npz")
     # Atomically: a kill mid-write leaves no half zip behind.
-    atomic_file.write_npz(path, {"images": images, "labels": labels}, compressed=True)
+    atomic_file.write_npz(path, {**(extra or {}), "images": images, "labels": labels},
+                          compressed=True)
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))

@@ -1,5 +1,6 @@
 """--mode=eval on a smoke run: eval.json, the markdown report and its images."""
 
+import dataclasses
 import json
 import os
 
@@ -40,14 +41,18 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert "bits_per_dim" not in result  # the toy method has no exact likelihood
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 30 and saved["privacy"]["private"] is True
+    assert saved["eval_config"]["sample_batch"] == 30  # The batch the samples came from,
+    assert saved["eval_config"]["fid_batch"] == 8  # and the CPU's Inception batch.
     md = (tmp_path / "eval_report.md").read_text()
     assert "FID" in md and "logreg" in md and "eval_closest_pixel.png" in md
     for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
         assert os.path.exists(tmp_path / f), f
     # A second evaluation reuses the stored samples.
     msgs = []
-    report.evaluate_workdir(wd, cfg, log=msgs.append)
+    again = report.evaluate_workdir(wd, dataclasses.replace(cfg, sample_batch=7),
+                                    log=msgs.append)
     assert any("reusing" in m for m in msgs)
+    assert again["eval_config"]["sample_batch"] == 30  # What made them, not the setting.
 
 
 def test_eval_section_typos_are_errors():
@@ -160,18 +165,22 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
         np.testing.assert_array_equal(z["images"], expected)
 
 
-def test_the_fid_batch_is_chosen_for_the_backend_unless_set(monkeypatch):
-    assert report.EvalConfig().fid_batch == 0
+def test_the_batch_sizes_are_chosen_for_the_backend_unless_set(monkeypatch):
+    default = report.EvalConfig()
+    assert default.fid_batch == default.sample_batch == 0
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert report.fid_batch_size(report.EvalConfig()) == 8
+    assert (report.fid_batch_size(default), report.sample_batch_size(default)) == (8, 50)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert report.fid_batch_size(report.EvalConfig()) == 200
-    assert report.fid_batch_size(report.EvalConfig(fid_batch=50)) == 50
+    assert (report.fid_batch_size(default), report.sample_batch_size(default)) == (200, 1000)
+    chosen = report.EvalConfig(fid_batch=50, sample_batch=3)
+    assert (report.fid_batch_size(chosen), report.sample_batch_size(chosen)) == (50, 3)
     with pytest.raises(ConfigError, match="fid_batch"):
         report.fid_batch_size(report.EvalConfig(fid_batch=-1))
+    with pytest.raises(ConfigError, match="sample_batch"):
+        report.sample_batch_size(report.EvalConfig(sample_batch=-1))
 
 
-def test_the_fid_batch_flag_reaches_the_eval_and_a_bad_one_fails_before_sampling(tmp_path):
+def test_the_batch_flags_reach_the_eval_and_a_bad_one_fails_before_sampling(tmp_path):
     from tests.test_export import cli
 
     wd = str(tmp_path)
@@ -179,6 +188,9 @@ def test_the_fid_batch_flag_reaches_the_eval_and_a_bad_one_fails_before_sampling
     result = cli("--mode=eval", f"--workdir={wd}", "--fid_batch=-1")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "eval.fid_batch must be >= 0" in result.stderr
+    result = cli("--mode=eval", f"--workdir={wd}", "--sample_batch=-2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "eval.sample_batch must be >= 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "eval.json")
     assert not os.path.exists(tmp_path / "samples")

@@ -7,8 +7,8 @@
 # A second process computes the real splits' features beside the eval (one core each).
 # Usage: bash benchmarks/cpu/eval_60k.sh WORKDIR   (logs in workdirs/logs/)
 # FID_BATCH=N overrides the run's eval.fid_batch in both processes (the cached features
-# are keyed on it): runs configured before eval.fid_batch=0 (auto: 8 on a CPU) stored 200,
-# which is 1.36x slower on this CPU.
+# are keyed on it), SAMPLE_BATCH=N its eval.sample_batch: runs configured before these
+# were 0 (auto: 8 and 50 on a CPU) stored 200 and 1000, 1.36x and 1.26x slower here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WD=${1:?usage: eval_60k.sh WORKDIR}
@@ -18,6 +18,9 @@ TAG=$(basename "$WD")
 REF_ARGS=() EVAL_ARGS=()
 if [ -n "${FID_BATCH:-}" ]; then
   REF_ARGS=(--batch "$FID_BATCH") EVAL_ARGS=(--fid_batch="$FID_BATCH")
+fi
+if [ -n "${SAMPLE_BATCH:-}" ]; then
+  EVAL_ARGS+=(--sample_batch="$SAMPLE_BATCH")
 fi
 mkdir -p workdirs/logs
 nice -n 10 $PY -u benchmarks/cpu/fid_reference.py --workdir "$WD" --splits test,train \
