@@ -137,3 +137,16 @@ def test_a_second_process_waits_for_the_first_and_reuses_its_rows(tmp_path):
     second.join(timeout=30)
     assert first_calls == [0] and second_calls == []
     np.testing.assert_array_equal(result["out"], ROWS * 2)
+
+
+def test_progress_is_logged_about_once_a_percent_and_at_the_end(tmp_path):
+    logs = []
+    rows = 1000
+    resumable_array.fill_resumably(
+        tmp_path / "b", rows, 3, {}, lambda a, b: np.zeros((b - a, 2)), log=logs.append)
+    assert 95 <= len(logs) <= 101, len(logs)  # Not one line per 3-row chunk (334).
+    assert logs[-1] == "[dpjax] b.npy: 1000 of 1000 rows"
+    few = []
+    resumable_array.fill_resumably(
+        tmp_path / "c", 5, 2, {}, lambda a, b: np.zeros((b - a, 2)), log=few.append)
+    assert few == [f"[dpjax] c.npy: {n} of 5 rows" for n in (2, 4, 5)]

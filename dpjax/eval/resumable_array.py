@@ -167,7 +167,9 @@ def _fill(stem, rows, chunk, recipe, compute, log) -> np.ndarray:
         out[start:stop] = values
         out.flush()
         atomic_file.write_json(meta_path, {**header, "done": stop}, sort_keys=True)
-        if log is not None:
+        # At most about 100 progress lines, whatever the chunk (a 50-image sampler batch
+        # of 60,000 would otherwise log 1,200 times).
+        if log is not None and (stop == rows or stop * 100 // rows > start * 100 // rows):
             log(f"[dpjax] {data_path.name}: {stop} of {rows} rows")
     result = np.array(out)
     del out  # Closes the memory map.
