@@ -388,8 +388,18 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     steps_done = int(state.step)
     meta = _meta(run, steps_done)
     run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
-    if not parallel.is_main_process():
-        return
+    if parallel.is_main_process():
+        _write_plan_file(run, meta)
+
+
+def refresh_plan_file(run: Run, steps_done: int) -> None:
+    """Rewrites dp_plan.json for the restored checkpoint's step. A kill between a
+    checkpoint and its plan file leaves the file one checkpoint behind; a resume that
+    has no step left to run would otherwise never bring it up to date."""
+    _write_plan_file(run, _meta(run, steps_done))
+
+
+def _write_plan_file(run: Run, meta: dict[str, Any]) -> None:
     plan_lib.save_plan(
         os.path.join(run.workdir, "dp_plan.json"),
         run.plan,
@@ -402,8 +412,8 @@ def write_privacy_report(run: Run, steps_done: int) -> dict[str, Any]:
     rep = report_lib.privacy_report(
         run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes()
     )
-    with open(os.path.join(run.workdir, "privacy_report.json"), "w") as f:
-        json.dump(rep, f, indent=2)
-    with open(os.path.join(run.workdir, "privacy_report.md"), "w") as f:
-        f.write(report_lib.report_markdown(rep))
+    # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
+    atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)
+    atomic_file.write_text(os.path.join(run.workdir, "privacy_report.md"),
+                           report_lib.report_markdown(rep))
     return rep

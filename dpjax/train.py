@@ -40,6 +40,7 @@ from dpjax.run_setup import (
     check_resume_config,
     check_workdir,
     prior_records,
+    refresh_plan_file,
     release_done,
     resolve_plan,
     save_checkpoint,
@@ -178,6 +179,8 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
     final = int(state.step)
     if final == start and start > 0:
         log(f"[dpjax] nothing to do: {final} of {plan.steps} planned steps already done.")
+        if main:
+            refresh_plan_file(run, final)
     if main:
         write_privacy_report(run, final)
     if main and final > start and cfg.train.grid_samples > 0:

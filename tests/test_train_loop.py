@@ -102,10 +102,17 @@ def test_budget_is_never_exceeded(tmp_path):
     with pytest.raises(train.BudgetExceededError, match="allows 4 steps"):
         train.train(_config(steps=6), wd, log=lambda *_: None)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
-    # Re-running the same plan does nothing more.
+    # Re-running the same plan does nothing more, but brings a plan file that lags the
+    # checkpoint (a kill between the two writes) up to date.
+    plan_path = tmp_path / "dp_plan.json"
+    complete = json.loads(plan_path.read_text())
+    assert complete["steps_done"] == 4
+    plan_path.write_text(json.dumps({**complete, "steps_done": 2,
+                                     "epsilon_spent": {"rdp": 0.0}}))
     msgs = []
     state = train.train(_config(steps=4), wd, log=msgs.append)
     assert int(state.step) == 4 and any("nothing to do" in m for m in msgs)
+    assert json.loads(plan_path.read_text()) == complete
 
 
 def test_resume_under_another_privacy_config_is_refused(tmp_path):
