@@ -202,6 +202,9 @@ def run(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required.")
+    for flag in (_FID_BATCH, _SAMPLE_BATCH):  # Eval settings: not silently ignored.
+        if flag.value is not None and _MODE.value != "eval":
+            raise app.UsageError(f"--{flag.name} applies to --mode=eval only.")
     workdir = os.path.abspath(_WORKDIR.value)
     from dpjax import compile_cache
 

@@ -393,9 +393,11 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 
 
 def refresh_plan_file(run: Run, steps_done: int) -> None:
-    """Rewrites dp_plan.json for the restored checkpoint's step. A kill between a
-    checkpoint and its plan file leaves the file one checkpoint behind; a resume that
-    has no step left to run would otherwise never bring it up to date."""
+    """Rewrites dp_plan.json for the restored checkpoint's step.
+
+    A kill between a checkpoint and its plan file leaves the file one checkpoint behind;
+    a resume that has no step left to run would otherwise never bring it up to date.
+    """
     _write_plan_file(run, _meta(run, steps_done))
 
 

@@ -221,7 +221,9 @@ def sample_from_workdir(
     out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step}")
     key = jax.random.fold_in(Streams.from_seed(cfg.seed).sample, 1_000_000 + seed)
     images, labels = generate(method, params, spec, key, num, batch_size)
-    path = write_samples(images, labels, out_dir, png)
+    # The batch the samples depend on (generate's, clamped), for an eval that reuses them.
+    used = np.int64(max(1, min(batch_size, num)))
+    path = write_samples(images, labels, out_dir, png, extra={"sample_batch": used})
     n_grid = min(num, 10 * max(spec.num_classes, 1) if spec.num_classes else 100)
     grid_image(images[:n_grid], labels[:n_grid], spec.num_classes).save(
         os.path.join(out_dir, "samples_grid.png")

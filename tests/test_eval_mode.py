@@ -42,7 +42,7 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 30 and saved["privacy"]["private"] is True
     assert saved["eval_config"]["sample_batch"] == 30  # The batch the samples came from,
-    assert saved["eval_config"]["fid_batch"] == 8  # and the CPU's Inception batch.
+    assert saved["eval_config"]["fid_batch"] == report.fid_batch_size(cfg)  # And Inception's.
     md = (tmp_path / "eval_report.md").read_text()
     assert "FID" in md and "logreg" in md and "eval_closest_pixel.png" in md
     for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
@@ -194,3 +194,11 @@ def test_the_batch_flags_reach_the_eval_and_a_bad_one_fails_before_sampling(tmp_
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "eval.json")
     assert not os.path.exists(tmp_path / "samples")
+
+
+def test_the_eval_flags_are_refused_in_other_modes(tmp_path):
+    from tests.test_export import cli
+
+    result = cli("--mode=sample", f"--workdir={tmp_path}", "--sample_batch=10")
+    assert result.returncode != 0
+    assert "--sample_batch applies to --mode=eval only" in result.stderr

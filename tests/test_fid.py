@@ -458,3 +458,34 @@ def test_the_feature_cache_key_is_pinned(tmp_path, monkeypatch):
                    "network": "inception-2015-12-05-pool3", "params": None,
                    "precision": "highest", "quantize": "True",
                    "resize": "nv_bilinear_float", "weights_path": None}}
+
+
+def test_reference_stats_are_keyed_on_network_settings_not_on_batch_size(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_features(images, batch_size, **kwargs):
+        calls.append((batch_size, kwargs.get("precision", "highest")))
+        return np.asarray(images, np.float64).reshape(len(images), -1)[:, :4]
+
+    monkeypatch.setattr(fid, "inception_features", fake_features)
+    images = np.random.default_rng(1).integers(0, 256, (12, 4, 4, 1), dtype=np.uint8)
+    stats = feature_cache.reference_stats("toy", images, cache_dir=tmp_path, batch_size=4)
+    assert calls == [(4, "highest")]
+    # Another batch size: the statistics are reused (rounding-level differences only).
+    again = feature_cache.reference_stats("toy", images, cache_dir=tmp_path, batch_size=6)
+    np.testing.assert_array_equal(again[0], stats[0])
+    assert calls == [(4, "highest")]
+    # Other network settings: recomputed, and without images it is an error.
+    with pytest.raises(FileNotFoundError, match="other network settings"):
+        feature_cache.reference_stats("toy", None, cache_dir=tmp_path, precision=None)
+    with pytest.warns(UserWarning, match="other network settings"):
+        feature_cache.reference_stats("toy", images, cache_dir=tmp_path, batch_size=4,
+                                      precision=None)
+    assert calls[-1] == (4, None)
+    # A file written before settings were stored counts as the default settings.
+    path = tmp_path / "fid_stats" / "toy.npz"
+    with np.load(path) as f:
+        old = {k: f[k] for k in f.files if k != "settings"}
+    np.savez(path, **old)
+    feature_cache.reference_stats("toy", images, cache_dir=tmp_path)  # Defaults: reused.
+    assert calls[-1] == (4, None) and len(calls) == 2

@@ -66,6 +66,17 @@ def test_another_recipe_starts_from_scratch(tmp_path, change):
     np.testing.assert_array_equal(out, ROWS[:rows] * 2)
 
 
+def test_a_complete_array_is_reused_whatever_chunk_filled_it(tmp_path):
+    resumable_array.fill_resumably(tmp_path / "a", 23, 5, {"x": 1}, _compute([]))
+    calls = []
+    out = resumable_array.fill_resumably(tmp_path / "a", 23, 4, {"x": 1}, _compute(calls))
+    assert calls == []
+    np.testing.assert_array_equal(out, ROWS * 2)
+    # But not for another recipe or row count.
+    assert resumable_array.rows_done(tmp_path / "a", 23, 4, {"x": 2}) == 0
+    assert resumable_array.rows_done(tmp_path / "a", 22, 4, {"x": 1}) == 0
+
+
 def test_rows_past_the_record_are_recomputed_not_trusted(tmp_path):
     """A kill after the rows were written but before the count was saved."""
     with pytest.raises(KilledError):

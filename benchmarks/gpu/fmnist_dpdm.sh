@@ -6,8 +6,9 @@
 # Carried to the machine (made by benchmarks/gpu/prepare_carry.sh, git-ignored):
 #   .gpu/whl_min/   dp-accounting and ml-collections wheels (the image lacks them)
 #   .gpu/fmnist/    the four Fashion-MNIST IDX files, xz-compressed
-#   .gpu/inception16.npz.xz   the FID Inception weights converted by dpjax.eval.inception_weights and
-#                   rounded to float16 so that data + weights fit one 64 MiB transfer
+#   .gpu/inception16.npz.xz   the FID Inception weights converted by
+#                   dpjax.eval.inception_weights and rounded to float16 so that data +
+#                   weights fit one 64 MiB transfer
 # Environment: EPS, BATCH, K, EPOCHS, MB (micro-batch), LR, TAG, TRAIN_LIMIT, EVAL_LIMIT
 # (seconds), EXTRA (more --config overrides). Results go to $OUT/$TAG.tgz (eval.json, reports, grids, metrics, export).
 # Two runs sharing one GPU: export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 for each (by

@@ -6,8 +6,9 @@
 #                   PYTHONPATH there)
 #   .gpu/whl_min/   dp-accounting and ml-collections only
 #   .gpu/fmnist/    Fashion-MNIST IDX files, xz-compressed (26 MB)
-#   .gpu/inception16.npz.xz   the FID Inception weights as converted by dpjax.eval.inception_weights,
-#                   rounded to float16 (39 MB), so that data + weights fit one 64 MiB transfer
+#   .gpu/inception16.npz.xz   the FID Inception weights as converted by
+#                   dpjax.eval.inception_weights, rounded to float16 (39 MB), so that
+#                   data + weights fit one 64 MiB transfer
 #   .gpu/bench/     a copy of ../shared/bench (the anchor benchmarks)
 # Usage, from the repository root after `make install fmnist`: bash benchmarks/gpu/prepare_carry.sh
 set -euo pipefail

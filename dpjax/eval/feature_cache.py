@@ -6,14 +6,21 @@ computed once: ``cached_features`` keeps a set's features in a resumable array
 (``dpjax.eval.resumable_array``), ``reference_features`` and ``reference_stats`` keep a
 dataset split's features and statistics under the cache dir.
 
-Guarantee: cached values are reused only for the same image content (a fingerprint of
-the bytes), batch size, backend and network settings; anything else recomputes. The
-recipe written next to the features is a stable key: changing what goes into it
-throws away every cached feature file, so tests pin it.
+Guarantees:
+  * Features are reused only for the same image content (a digest of the bytes), batch
+    size, backend and network settings (weights, precision, quantization): anything
+    else recomputes, so a resumed file never mixes rows computed two ways.
+  * Statistics are reused for the same image content and network settings, whatever
+    the batch size and backend: those change features at float rounding level (about
+    1e-6 relative), far below FID's resolution, while a split's features are hours on
+    a CPU.
+  * The recipe written next to the features is a stable key: changing what goes into
+    it throws away every cached feature file, so tests pin it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -36,6 +43,17 @@ _NETWORK = "inception-2015-12-05-pool3"
 # inception_features' settings and their defaults (tests check that they agree).
 _FEATURE_DEFAULTS = {"params": None, "weights_path": None, "cache_dir": None,
                      "quantize": True, "precision": "highest"}
+
+
+def network_settings(feature_kwargs: dict[str, Any]) -> dict[str, str | None]:
+    """What a feature means: the network, the resize and ``inception_features``' settings
+    (defaults filled in, caller-supplied weights by content), as JSON-ready strings."""
+    # Defaults filled in, so that leaving a setting out and passing its default agree.
+    settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
+    if settings["params"] is not None:
+        settings["params"] = tree_digest(settings["params"])
+    return {"network": _NETWORK, "resize": "nv_bilinear_float",
+            **{k: None if v is None else str(v) for k, v in sorted(settings.items())}}
 
 
 def cached_features(
@@ -69,17 +87,11 @@ def cached_features(
     Returns:
       (N, D) float32 features, equal to ``fid.inception_features(images, batch_size, ...)``.
     """
-    # Defaults filled in, so that leaving a setting out and passing its default agree.
-    settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
-    if settings["params"] is not None:  # Caller-supplied weights: by content.
-        settings["params"] = tree_digest(settings["params"])
     recipe = {
         "fingerprint": tree_digest(images),
-        "network": _NETWORK,
-        "resize": "nv_bilinear_float",
         "batch_size": batch_size,
         "backend": jax.default_backend(),
-        **{k: None if v is None else str(v) for k, v in sorted(settings.items())},
+        **network_settings(feature_kwargs),
     }
     n = len(images)
 
@@ -141,9 +153,10 @@ def reference_stats(
       name: key such as 'fashion_mnist-train'; the file is
         ``<cache_dir>/fid_stats/<name>.npz``.
       images: the split's images (an array, or a zero-argument callable that loads
-        them, only called on a cache miss); None uses the cache only. An array whose
-        content differs from the one the cache was computed on (a smoke-test subset,
-        another preprocessing) triggers a recomputation.
+        them, only called on a cache miss); None uses the cache only. Images whose
+        content differs from the ones the cache was computed on (a smoke-test subset,
+        another preprocessing), or other network settings, trigger a recomputation;
+        another batch size or backend does not (module docstring).
       cache_dir: default $DPJAX_CACHE or ~/.cache/dpjax.
       batch_size: see ``inception_features``.
       log: progress lines while features are computed, if given.
@@ -155,13 +168,21 @@ def reference_stats(
     """
     path = default_cache_dir(cache_dir) / "fid_stats" / f"{_check_name(name)}.npz"
     fingerprint = None if images is None or callable(images) else tree_digest(images)
+    settings = json.dumps(network_settings(feature_kwargs), sort_keys=True)
     if path.is_file():
         with np.load(path) as f:
             stats = f["mu"], f["sigma"]
             cached_fp = str(f["fingerprint"]) if "fingerprint" in f.files else None
-        if fingerprint is None or fingerprint == cached_fp:
+            # Files from before settings were stored were computed with the defaults.
+            cached_settings = (str(f["settings"]) if "settings" in f.files
+                               else json.dumps(network_settings({}), sort_keys=True))
+        same_images = fingerprint is None or fingerprint == cached_fp
+        if same_images and settings == cached_settings:
             return stats
-        warnings.warn(f"{path} was computed on other images; recomputing", stacklevel=2)
+        what = "other images" if not same_images else "other network settings"
+        if images is None:
+            raise FileNotFoundError(f"{path} was computed with {what}; pass the images")
+        warnings.warn(f"{path} was computed with {what}; recomputing", stacklevel=2)
     elif images is None:
         raise FileNotFoundError(f"no cached FID statistics {path}; pass the images")
     if callable(images):
@@ -172,5 +193,6 @@ def reference_stats(
     mu, sigma = fid.compute_stats(feats)
     save_cache_npz(path, {
         "mu": mu, "sigma": sigma, "num_images": np.int64(len(images)),
-        "fingerprint": np.str_(fingerprint), "resize": np.str_("nv_bilinear_float")})
+        "fingerprint": np.str_(fingerprint), "settings": np.str_(settings),
+        "resize": np.str_("nv_bilinear_float")})
     return mu, sigma

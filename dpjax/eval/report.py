@@ -43,7 +43,8 @@ class EvalConfig:
       fid_references: splits of the experiment's dataset to compare with.
       fid_batch: Inception batch size; 0 (default) picks ``fid_batch_size``'s choice
         for the backend. Cached features are keyed on it (it changes the floating
-        point), so the real splits' features are reused only at the same batch size.
+        point), so a split's features are reused only at the same batch size (its FID
+        statistics at any: ``dpjax.eval.feature_cache``).
       inception_weights: a weights file; '' searches the usual places
         (dpjax.eval.inception_weights).
       downstream: train classifiers on the labelled samples, test on the real test set.
@@ -104,14 +105,18 @@ def _batch_for_backend(cfg: EvalConfig, name: str) -> int:
 
 
 def fid_batch_size(cfg: EvalConfig) -> int:
-    """``cfg.fid_batch``, or for 0 the faster choice on this backend (8 on a CPU,
-    200 on a GPU or TPU)."""
+    """The Inception batch: ``cfg.fid_batch``, or for 0 this backend's choice.
+
+    8 on a CPU, 200 on a GPU or TPU (measurements next to ``_AUTO_BATCH``).
+    """
     return _batch_for_backend(cfg, "fid_batch")
 
 
 def sample_batch_size(cfg: EvalConfig) -> int:
-    """``cfg.sample_batch``, or for 0 the faster choice on this backend (50 on a CPU,
-    1000 on a GPU or TPU)."""
+    """The sampler batch: ``cfg.sample_batch``, or for 0 this backend's choice.
+
+    50 on a CPU, 1000 on a GPU or TPU (measurements next to ``_AUTO_BATCH``).
+    """
     return _batch_for_backend(cfg, "sample_batch")
 
 
@@ -135,7 +140,9 @@ def _samples(
                 log(f"[dpjax] eval: {path} is unreadable ({e}); sampling again")
                 stored = None
             if stored is not None and len(stored[1]) >= cfg.num_samples:
-                log(f"[dpjax] eval: reusing {path}")
+                log(f"[dpjax] eval: reusing {path} (drawn with sampler batch "
+                    f"{'unrecorded' if batch is None else batch}; eval.sample_batch does "
+                    "not apply to reused samples)")
                 images, labels = (a[: cfg.num_samples] for a in stored)
                 return images, labels, step, (spec, run_cfg), batch
         key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
@@ -147,7 +154,7 @@ def _samples(
         with open(os.path.join(workdir, "config.json"), "rb") as f:
             config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
         stem = os.path.join(out_dir, "samples_in_progress")
-        batch = sample_batch_size(cfg)
+        batch = max(1, min(sample_batch_size(cfg), cfg.num_samples))  # As generate does.
         images, labels = sample_lib.generate(
             method, params, spec, key, cfg.num_samples, batch, resume_stem=stem,
             recipe={"config_json": config_digest, "step": step,
@@ -257,8 +264,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     ).save(os.path.join(workdir, "eval_samples_grid.png"))
     result["privacy"] = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, step)
     _write_json(workdir, result)
-    with open(os.path.join(workdir, "eval_report.md"), "w") as f:
-        f.write(report_markdown(result))
+    atomic_file.write_text(os.path.join(workdir, "eval_report.md"), report_markdown(result))
     return result
 
 

@@ -10,8 +10,9 @@ same recipe starts at the recorded row.
 Guarantees:
   * Rows [0, done) of the .npy are the values ``compute`` returned for them: the JSON
     file is replaced atomically and only after the rows it counts were flushed.
-  * A different ``recipe``, row count or chunk size starts from row 0: a resumed
-    array never mixes rows from two recipes. The caller puts into ``recipe`` whatever
+  * A different ``recipe`` or row count starts from row 0: a resumed array never mixes
+    rows from two recipes. So does a different chunk size, unless the array is
+    complete. The caller puts into ``recipe`` whatever
     the values depend on (an input fingerprint, a seed, a network's settings).
   * The chunks a call computes are exactly those not done: ``compute`` is called with
     (start, stop) in increasing order, each chunk once.
@@ -94,7 +95,11 @@ def rows_done(stem: str | os.PathLike, rows: int, chunk: int, recipe: dict[str, 
         done = int(meta.pop("done", 0))
     except (OSError, ValueError, TypeError, AttributeError):  # Unreadable: start over.
         return 0
-    if meta != _header(rows, chunk, recipe):
+    expected = _header(rows, chunk, recipe)
+    # The chunk only says where a partial array may resume: a complete one is valid
+    # whatever chunk filled it.
+    same = meta == expected or (done >= rows and {**meta, "chunk": chunk} == expected)
+    if not same:
         return 0
     try:
         stored = np.load(data_path, mmap_mode="r")
