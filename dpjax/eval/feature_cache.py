@@ -11,9 +11,10 @@ Guarantees:
     size, backend and network settings (weights, precision, quantization): anything
     else recomputes, so a resumed file never mixes rows computed two ways.
   * Statistics are reused for the same image content and network settings, whatever
-    the batch size and backend: those change features at float rounding level (about
-    1e-6 relative), far below FID's resolution, while a split's features are hours on
-    a CPU.
+    the batch size and backend: those change features at float rounding level at most
+    (on the development CPU, features at batch 8, 20 and 200 are bit-identical; a GPU
+    may pick other convolution algorithms per shape), far below FID's resolution, while
+    a split's features are hours on a CPU.
   * The recipe written next to the features is a stable key: changing what goes into
     it throws away every cached feature file, so tests pin it.
 """
