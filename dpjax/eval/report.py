@@ -181,7 +181,8 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
 
     run_cfg = sample_lib.load_run_config(workdir)
     cfg = cfg or eval_config(run_cfg.eval)
-    fid_batch = fid_batch_size(cfg)  # Checked before hours of sampling.
+    # Both batch settings are checked here, before the checkpoint and hours of sampling.
+    fid_batch = fid_batch_size(cfg)
     sample_batch_size(cfg)
     trained = sample_lib.load_trained(workdir)  # Restored once, for every part below.
     images, labels, step, (spec, run_cfg), sample_batch = _samples(workdir, cfg, log, trained)
