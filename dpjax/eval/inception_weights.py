@@ -11,7 +11,6 @@ second process reads one .npz instead of converting again.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpjax import atomic_file
+from dpjax.eval import resumable_array
 from dpjax.eval.torch_pickle import read_torch_tensors
 from dpjax.models import inception
 
@@ -88,14 +88,6 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
     return flat
 
 
-def _file_digest(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def save_cache_npz(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes a cache file atomically (a reader never sees half a file); a cache that
     cannot be written is a warning, not an error: the values are only recomputed later."""
@@ -138,7 +130,7 @@ def load_inception_params(
                                 + _not_found_message(cache))
     if src.suffix == ".npz":
         return inception.unflatten_params(_load_npz(src))
-    cached = cache / f"{_CACHE_PREFIX}{_file_digest(src)}.npz"
+    cached = cache / f"{_CACHE_PREFIX}{resumable_array.file_digest(src)}.npz"
     if cached.is_file():
         return inception.unflatten_params(_load_npz(cached))
     flat = inception.torch_to_flax_params(read_torch_tensors(src))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -151,8 +150,7 @@ def _samples(
         # or of a session) resumes. The stored run config pins the sampler's settings
         # (its file's bytes, which a code change does not alter), the backend its
         # floating point.
-        with open(os.path.join(workdir, "config.json"), "rb") as f:
-            config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        config_digest = resumable_array.file_digest(os.path.join(workdir, "config.json"))
         stem = os.path.join(out_dir, "samples_in_progress")
         batch = max(1, min(sample_batch_size(cfg), cfg.num_samples))  # As generate does.
         images, labels = sample_lib.generate(

@@ -79,6 +79,15 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """A short digest of a file's bytes (read in 4 MiB pieces), for cache keys and recipes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _header(rows: int, chunk: int, recipe: dict) -> dict:
     # JSON round trip, so that a recipe compares equal to the one read back from disk.
     return json.loads(json.dumps({"format": _FORMAT, "rows": rows, "chunk": chunk,
