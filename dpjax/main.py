@@ -217,11 +217,16 @@ def run(argv: list[str]) -> None:
         train.train(_CONFIG.value, workdir)
     elif _MODE.value == "sample":
         from dpjax import sample
+        from dpjax.eval import report
 
         num = _NUM.value
         if num is None:
             num = sample.load_run_config(workdir).sample.num
-        path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value)
+        # --config's eval.sampling, if given, changes the sampler (as at --mode=eval).
+        sampling = (report.eval_config(_CONFIG.value.get("eval")).sampling
+                    if _CONFIG.value else None)
+        path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value,
+                                          sampling=sampling)
         print(f"[dpjax] wrote {path}")
     elif _MODE.value == "audit":
         from dpjax.privacy import audit

@@ -7,6 +7,8 @@ loaded). Samples are post-processing of the DP model and cost no privacy.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,10 +22,12 @@ from PIL import Image, ImageDraw
 
 from dpjax import atomic_file, run_config
 from dpjax import checkpoint as ckpt_lib
+from dpjax.diffusion import samplers
 from dpjax.methods import make_for_restore
 from dpjax.methods.base import DataSpec, Params
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
+from dpjax.typed_config import ConfigError
 
 SPEC_FILE = "data_spec.json"
 
@@ -169,6 +173,54 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     return path
 
 
+def sampler_changes(
+    cfg: run_config.RunConfig, sampling: samplers.SamplerOverrides | None
+) -> dict[str, Any]:
+    """The sampler fields ``sampling`` (``eval.sampling``) sets to other values than the
+    run ``cfg`` was configured with; {} when it changes nothing.
+
+    Raises:
+      ConfigError: ``sampling`` sets a field and the run's method has no diffusion
+        sampler, or the changed settings are invalid (checked before any checkpoint is
+        read).
+    """
+    given = sampling.given() if sampling is not None else {}
+    if not given:
+        return {}
+    if not isinstance(cfg.method_args, samplers.SamplerSettings):
+        raise ConfigError(
+            f"eval.sampling sets {sorted(given)}, but method '{cfg.method}' samples without "
+            "a diffusion sampler (eval.sampling applies to dpdm, ldm and dpsad runs)."
+        )
+    changes = {k: v for k, v in given.items() if getattr(cfg.method_args, k) != v}
+    with_sampler_changes(cfg, changes)  # Validates them.
+    return changes
+
+
+def with_sampler_changes(
+    cfg: run_config.RunConfig, changes: dict[str, Any]
+) -> run_config.RunConfig:
+    """``cfg`` with the method's sampler fields replaced by ``changes`` (validated)."""
+    if not changes:
+        return cfg
+    try:
+        args = dataclasses.replace(cfg.method_args, **changes)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"eval.sampling: {e}") from e
+    return dataclasses.replace(cfg, method_args=args)
+
+
+def samples_dir(workdir: str, step: int, changes: dict[str, Any] | None = None) -> str:
+    """Where the samples of checkpoint ``step`` go: ``samples/step_N`` with the run's
+    sampler, ``samples/step_N/sampler_<digest>`` with other settings (each set of
+    changes its own folder, so that samples of two samplers are never mixed up)."""
+    out = os.path.join(workdir, "samples", f"step_{step}")
+    if changes:
+        text = json.dumps(changes, sort_keys=True, default=str)
+        out = os.path.join(out, f"sampler_{hashlib.sha256(text.encode()).hexdigest()[:12]}")
+    return out
+
+
 def load_run_config(workdir: str) -> run_config.RunConfig:
     """The typed config stored in a workdir (no private data is read)."""
     path = os.path.join(workdir, "config.json")
@@ -178,11 +230,15 @@ def load_run_config(workdir: str) -> run_config.RunConfig:
         return run_config.from_configdict(ml_collections.ConfigDict(json.load(f)))
 
 
-def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainState, DataSpec, Any]:
-    """(method, full TrainState, spec, run config) of a workdir's checkpoint ``step``."""
+def restore_state(
+    workdir: str, step: int | None = None, changes: dict[str, Any] | None = None
+) -> tuple[Any, TrainState, DataSpec, Any]:
+    """(method, full TrainState, spec, run config) of a workdir's checkpoint ``step``;
+    the method samples with the run's sampler settings updated by ``changes``
+    (``sampler_changes``; the checkpoint does not depend on them)."""
     from dpjax.optim import make_optimizer
 
-    cfg = load_run_config(workdir)
+    cfg = with_sampler_changes(load_run_config(workdir), changes or {})
     spec = load_spec(workdir)
     method = make_for_restore(cfg.method, cfg.method_args, spec)
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
@@ -202,9 +258,12 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[Any, TrainStat
     return method, state, spec, cfg
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[Any, Params, DataSpec, Any, int]:
-    """(method, EMA params, spec, run config, step) from a workdir, without private data."""
-    method, state, spec, cfg = restore_state(workdir, step)
+def load_trained(
+    workdir: str, step: int | None = None, changes: dict[str, Any] | None = None
+) -> tuple[Any, Params, DataSpec, Any, int]:
+    """(method, EMA params, spec, run config, step) from a workdir, without private data
+    (the sampler updated by ``changes``, as ``restore_state``)."""
+    method, state, spec, cfg = restore_state(workdir, step, changes)
     return method, Params(state.ema, state.frozen), spec, cfg, int(state.step)
 
 
@@ -215,15 +274,21 @@ def sample_from_workdir(
     png: bool = False,
     seed: int = 0,
     batch_size: int = 1000,
+    sampling: samplers.SamplerOverrides | None = None,
 ) -> str:
-    """``--mode=sample``: samples from the latest checkpoint's EMA weights into ``out_dir``."""
-    method, params, spec, cfg, step = load_trained(workdir)
-    out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step}")
+    """``--mode=sample``: samples from the latest checkpoint's EMA weights into ``out_dir``
+    (default ``samples_dir``), with the run's sampler updated by ``sampling``."""
+    changes = sampler_changes(load_run_config(workdir), sampling)
+    method, params, spec, cfg, step = load_trained(workdir, changes=changes)
+    out_dir = out_dir or samples_dir(workdir, step, changes)
     key = jax.random.fold_in(Streams.from_seed(cfg.seed).sample, 1_000_000 + seed)
     images, labels = generate(method, params, spec, key, num, batch_size)
-    # The batch the samples depend on (generate's, clamped), for an eval that reuses them.
-    used = np.int64(max(1, min(batch_size, num)))
-    path = write_samples(images, labels, out_dir, png, extra={"sample_batch": used})
+    # What the samples depend on besides the weights, for an eval that reuses them: the
+    # batch (generate's, clamped) and the sampler's changed settings.
+    extra = {"sample_batch": np.int64(max(1, min(batch_size, num))), "sample_seed": np.int64(seed)}
+    if changes:
+        extra["sampler_changes"] = np.array(json.dumps(changes, sort_keys=True, default=str))
+    path = write_samples(images, labels, out_dir, png, extra=extra)
     n_grid = min(num, 10 * max(spec.num_classes, 1) if spec.num_classes else 100)
     grid_image(images[:n_grid], labels[:n_grid], spec.num_classes).save(
         os.path.join(out_dir, "samples_grid.png")

@@ -15,6 +15,7 @@ import typing
 from typing import Any, TypeVar
 
 import ml_collections
+from ml_collections import config_dict
 
 T = TypeVar("T")
 
@@ -24,7 +25,13 @@ class ConfigError(ValueError):
 
 
 def to_configdict(instance: Any) -> ml_collections.ConfigDict:
-    """A ConfigDict holding the fields of a dataclass instance (nested dataclasses too)."""
+    """A ConfigDict holding the fields of a dataclass instance (nested dataclasses too).
+
+    A field hinted ``X | None`` whose value is None becomes a typed placeholder, so that
+    the command line can set it (``--config.eval.sampling.s_churn=50``); ml_collections
+    cannot parse a value for a plain None field.
+    """
+    hints = typing.get_type_hints(type(instance))
     out = {}
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
@@ -32,8 +39,24 @@ def to_configdict(instance: Any) -> ml_collections.ConfigDict:
             value = to_configdict(value)
         elif isinstance(value, tuple):
             value = tuple(value)
+        elif value is None and (kind := _optional_scalar(hints[f.name])) is not None:
+            value = config_dict.placeholder(kind)
         out[f.name] = value
     return ml_collections.ConfigDict(out)
+
+
+def _optional_scalar(hint: Any) -> type | None:
+    """X for a hint ``X | None`` with X a scalar type (a Literal of strings: str)."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) != 1:
+        return None
+    (arg,) = args
+    if typing.get_origin(arg) is typing.Literal:
+        kinds = {type(v) for v in typing.get_args(arg)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return arg if arg in (int, float, str, bool) else None
 
 
 def suggest(name: str, choices: list[str]) -> str:

@@ -64,6 +64,13 @@ class SamplerSettings:
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}."
             )
+        if not self.rho > 0.0:
+            raise ValueError(f"rho must be > 0, got {self.rho}.")
+        if not (self.s_churn >= 0.0 and self.s_noise >= 0.0 and self.guidance >= 0.0):
+            raise ValueError("s_churn, s_noise and guidance must be >= 0, got "
+                             f"{self.s_churn}, {self.s_noise} and {self.guidance}.")
+        if not 0.0 <= self.s_min <= self.s_max:
+            raise ValueError(f"need 0 <= s_min <= s_max, got {self.s_min} and {self.s_max}.")
 
     def sampler_settings(self) -> dict[str, object]:
         """These fields (of this or a subclass' instance) by name."""
@@ -74,6 +81,40 @@ class SamplerSettings:
         out = self.sampler_settings()
         del out["sample_batch"]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOverrides:
+    """Sampler fields to use instead of a trained run's (the ``eval.sampling`` section).
+
+    ``None`` keeps the run's value. Sampling only post-processes the released weights,
+    so another sampler costs no privacy (e.g. DPDM's Churn samplers, tuned once for FID
+    and once for accuracy, Dockhorn et al. Sec. 5, on a model trained with "ddim").
+    """
+
+    sampler: SamplerName | None = None
+    num_steps: int | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    s_churn: float | None = None
+    s_min: float | None = None
+    s_max: float | None = None
+    s_noise: float | None = None
+    guidance: float | None = None
+
+    def given(self) -> dict[str, object]:
+        """The fields set (not None), by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    def apply(self, settings: SamplerSettings) -> SamplerSettings:
+        """``settings`` (a method's config) with these fields replaced, validated again.
+
+        Raises:
+          ValueError: the result is not a valid sampler (e.g. sigma_min >= sigma_max).
+        """
+        return dataclasses.replace(settings, **self.given()) if self.given() else settings
 
 
 def karras_sigmas(

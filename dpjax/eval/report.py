@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from dpjax import atomic_file
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
+from dpjax.diffusion import samplers
 from dpjax.eval import marginal_likelihood, resumable_array
 from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
@@ -61,6 +63,10 @@ class EvalConfig:
       likelihood_mode_steps: L-BFGS steps of each image's posterior-mode search there
         (most of the cost; fewer steps give a looser bound).
       seed: sampling seed (a stream separate from training's).
+      sampling: sampler settings to use instead of the run's (diffusion methods only;
+        None keeps the run's), e.g. DPDM's Churn sampler
+        ``--config.eval.sampling.sampler=heun --config.eval.sampling.s_churn=50``. The
+        samples of other settings go to their own folder (``sample.samples_dir``).
     """
 
     num_samples: int = 60000
@@ -78,6 +84,7 @@ class EvalConfig:
     likelihood_samples: int = 128
     likelihood_mode_steps: int = 100
     seed: int = 0
+    sampling: samplers.SamplerOverrides = samplers.SamplerOverrides()
 
 
 def eval_config(section: Any) -> EvalConfig:
@@ -120,12 +127,13 @@ def sample_batch_size(cfg: EvalConfig) -> int:
 
 
 def _samples(
-    workdir: str, cfg: EvalConfig, log, trained: tuple
-) -> tuple[np.ndarray, np.ndarray, int, Any, int | None]:
-    """The checkpoint's samples (reused from samples.npz if it has enough), and the
-    sampler batch size they were drawn with (None for a file that does not say)."""
+    workdir: str, cfg: EvalConfig, log, trained: tuple, changes: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, int, Any, int | None, str]:
+    """The checkpoint's samples (reused from samples.npz if it has enough and was drawn
+    with this seed), the sampler batch size they were drawn with (None for a file that
+    does not say), and their folder (``sample.samples_dir``: one per sampler)."""
     method, params, spec, run_cfg, step = trained
-    out_dir = os.path.join(workdir, "samples", f"step_{step}")
+    out_dir = sample_lib.samples_dir(workdir, step, changes)
     os.makedirs(out_dir, exist_ok=True)
     # One process at a time: a second eval of this workdir waits, then reuses.
     with resumable_array.exclusive_lock(os.path.join(out_dir, "samples.lock"), log):
@@ -135,37 +143,47 @@ def _samples(
                 with np.load(path) as z:
                     stored = z["images"], z["labels"]
                     batch = int(z["sample_batch"]) if "sample_batch" in z.files else None
+                    seed = int(z["sample_seed"]) if "sample_seed" in z.files else None
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 log(f"[dpjax] eval: {path} is unreadable ({e}); sampling again")
+                stored = None
+            if stored is not None and seed not in (None, cfg.seed):
+                log(f"[dpjax] eval: {path} was drawn with eval.seed={seed}; sampling again "
+                    f"with {cfg.seed}")
                 stored = None
             if stored is not None and len(stored[1]) >= cfg.num_samples:
                 log(f"[dpjax] eval: reusing {path} (drawn with sampler batch "
                     f"{'unrecorded' if batch is None else batch}; eval.sample_batch does "
                     "not apply to reused samples)")
                 images, labels = (a[: cfg.num_samples] for a in stored)
-                return images, labels, step, (spec, run_cfg), batch
+                return images, labels, step, (spec, run_cfg), batch, out_dir
         key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
         t = time.time()
         # Batches are saved as they finish, so a killed eval (the end of a device lease
         # or of a session) resumes. The stored run config pins the sampler's settings
-        # (its file's bytes, which a code change does not alter), the backend its
-        # floating point.
-        config_digest = resumable_array.file_digest(os.path.join(workdir, "config.json"))
+        # (its file's bytes, which a code change does not alter) with eval.sampling's
+        # changes, the backend its floating point.
+        recipe = {"config_json": resumable_array.file_digest(os.path.join(workdir,
+                                                                          "config.json")),
+                  "step": step, "backend": jax.default_backend()}
+        extra = {"sample_seed": np.int64(cfg.seed)}
+        if changes:  # Only then: the recipes of earlier evals stay valid.
+            recipe["sampler_changes"] = changes
+            extra["sampler_changes"] = np.array(json.dumps(changes, sort_keys=True,
+                                                           default=str))
         stem = os.path.join(out_dir, "samples_in_progress")
         batch = max(1, min(sample_batch_size(cfg), cfg.num_samples))  # As generate does.
         images, labels = sample_lib.generate(
             method, params, spec, key, cfg.num_samples, batch, resume_stem=stem,
-            recipe={"config_json": config_digest, "step": step,
-                    "backend": jax.default_backend()},
-            log=log,
+            recipe=recipe, log=log,
         )
         log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
         sample_lib.write_samples(images, labels, out_dir, png=False,  # Atomic.
-                                 extra={"sample_batch": np.int64(batch)})
+                                 extra={**extra, "sample_batch": np.int64(batch)})
         for suffix in (".npy", ".json"):  # samples.npz holds them now.
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stem + suffix)
-    return images, labels, step, (spec, run_cfg), batch
+    return images, labels, step, (spec, run_cfg), batch, out_dir
 
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
@@ -179,11 +197,15 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
 
     run_cfg = sample_lib.load_run_config(workdir)
     cfg = cfg or eval_config(run_cfg.eval)
-    # Both batch settings are checked here, before the checkpoint and hours of sampling.
+    # The batch and sampler settings are checked here, before the checkpoint and hours
+    # of sampling.
     fid_batch = fid_batch_size(cfg)
     sample_batch_size(cfg)
-    trained = sample_lib.load_trained(workdir)  # Restored once, for every part below.
-    images, labels, step, (spec, run_cfg), sample_batch = _samples(workdir, cfg, log, trained)
+    changes = sample_lib.sampler_changes(run_cfg, cfg.sampling)
+    # Restored once, for every part below.
+    trained = sample_lib.load_trained(workdir, changes=changes)
+    images, labels, step, (spec, run_cfg), sample_batch, sample_dir = _samples(
+        workdir, cfg, log, trained, changes)
     splits = {"train": data_lib.load(run_cfg.data)}
     test_cfg = dataclasses.replace(run_cfg.data, split="test")
     splits["test"] = data_lib.load(test_cfg)
@@ -192,6 +214,10 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     # sampler's; None: reused samples from a file that does not record it).
     result["eval_config"] = {**dataclasses.asdict(cfg), "fid_batch": fid_batch,
                              "sample_batch": sample_batch}
+    if isinstance(run_cfg.method_args, samplers.SamplerSettings):
+        # The sampler that drew the samples (the run's, with eval.sampling's changes).
+        result["sampler"] = {**run_cfg.method_args.sample_kwargs(),
+                             "changed": sorted(changes)}
     feature_kwargs = {"weights_path": cfg.inception_weights or None}
     ref_names = {split: reference_name(run_cfg.data, split, len(ref))
                  for split, ref in splits.items()}
@@ -201,7 +227,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         # Each image set goes through Inception once, resumably: the samples' features
         # next to the samples, each split's in the cache; memorization reuses both.
         sample_feats = feature_cache.cached_features(
-            os.path.join(workdir, "samples", f"step_{step}", "inception_pool3"), images,
+            os.path.join(sample_dir, "inception_pool3"), images,
             fid_batch, log=log, **feature_kwargs)
         mu, sigma = fid.compute_stats(sample_feats)
         result["fid"] = {}
