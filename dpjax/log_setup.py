@@ -13,6 +13,10 @@ class _DropKnownNoise(logging.Filter):
     NOISE = (
         # dp_accounting drops RDP orders it cannot evaluate for small sigma; expected.
         "_compute_log_a_frac failed to converge",
+        # orbax, each time a checkpoint is opened read-only (sample, eval, export): what
+        # read-only means, said in three warnings.
+        "CheckpointManagerOptions.read_only=True, setting",
+        "Given directory is read only=",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

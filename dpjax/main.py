@@ -205,6 +205,8 @@ def run(argv: list[str]) -> None:
     for flag in (_FID_BATCH, _SAMPLE_BATCH):  # Eval settings: not silently ignored.
         if flag.value is not None and _MODE.value != "eval":
             raise app.UsageError(f"--{flag.name} applies to --mode=eval only.")
+    if _NUM.value is not None and _NUM.value < 1:
+        raise app.UsageError(f"--num must be >= 1, got {_NUM.value}.")
     workdir = os.path.abspath(_WORKDIR.value)
     from dpjax import compile_cache
 
@@ -219,13 +221,13 @@ def run(argv: list[str]) -> None:
         from dpjax import sample
         from dpjax.eval import report
 
-        num = _NUM.value
-        if num is None:
-            num = sample.load_run_config(workdir).sample.num
+        defaults = sample.load_run_config(workdir).sample  # The run's sample section.
+        num = defaults.num if _NUM.value is None else _NUM.value
         # --config's eval.sampling, if given, changes the sampler (as at --mode=eval).
         sampling = (report.eval_config(_CONFIG.value.get("eval")).sampling
                     if _CONFIG.value else None)
-        path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value,
+        path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value or defaults.png,
+                                          seed=defaults.seed, batch_size=defaults.batch_size,
                                           sampling=sampling)
         print(f"[dpjax] wrote {path}")
     elif _MODE.value == "audit":
@@ -272,6 +274,44 @@ def run(argv: list[str]) -> None:
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 
 
+def _flag_error_message(error: BaseException) -> str:
+    """One line for an error raised while the flags (and the experiment file) load."""
+    from dpjax.typed_config import ConfigError
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):  # ml_collections quotes an experiment's traceback.
+        if "ConfigError: " in line:
+            return line.split("ConfigError: ", 1)[1]
+    seen = error
+    while seen is not None:  # An experiment's own message, if absl wrapped one.
+        if isinstance(seen, ConfigError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, (AttributeError, KeyError)):
+        # ml_collections: "'key'\nDid you mean ..." for a key the experiment lacks.
+        text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ")
+        return f"unknown config key {text} (in a --config.* flag)"
+    if isinstance(error, OSError):  # Its last line is the cause (e.g. [Errno 2] ...).
+        return "cannot load the --config file: " + (lines[-1] if lines else str(error))
+    return " ".join(lines) or type(error).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, loading the experiment file too; a missing file, a mistyped
+    key or experiment argument, or a value of the wrong type ends in one line (exit 2)."""
+    try:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            # ml_collections defers a failed load to the first use: make it now.
+            _CONFIG.value.keys()
+        return rest
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        if "--debug" in argv:
+            raise
+        print(f"dpjax error: {_flag_error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     from dpjax import log_setup
 
@@ -287,4 +327,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

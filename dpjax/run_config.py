@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Literal
 
 import ml_collections
 
 from dpjax import typed_config
 from dpjax.data.config import DataConfig
 from dpjax.methods import get_method_module
+
+# The choices of the string fields below, so that a typo fails when the config is read,
+# before a workdir is written (tests/test_train_loop.py checks they match the
+# implementations' tables: accounting.ACCOUNTANTS, clipping.MICROBATCH_IMPLS, ...).
+AccountantName = Literal["rdp", "pld"]
+RelationName = Literal["add_or_remove_one", "replace_one", "replace_special"]
+ClippingName = Literal["vmap", "layerwise", "ghost"]
+ComputeDtypeName = Literal["float32", "bfloat16"]
+MicrobatchLoopName = Literal["auto", "unroll", "loop"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,27 +38,51 @@ class DPConfig:
     batch_size: int = 4096  # expected batch size B; q = B / N
     epochs: float = 300.0
     steps: int = 0  # if > 0, overrides epochs
-    accountant: str = "rdp"  # 'rdp' or 'pld'
-    neighbouring: str = "add_or_remove_one"
+    accountant: AccountantName = "rdp"
+    neighbouring: RelationName = "add_or_remove_one"
     microbatch_size: int = 64  # 0: the largest that fits the memory (privacy/microbatch.py)
     # 'vmap' (the reference), 'layerwise' (faster at K=1 on GPU) or 'ghost' (ghost norms
     # where cheaper, no per-example gradients there); the same sum (privacy/clipping.py).
-    clipping: str = "vmap"
+    clipping: ClippingName = "vmap"
     # The per-example losses' arithmetic: 'float32' or 'bfloat16' (with clipping 'vmap');
     # gradients, clipping, the sum and the noise stay float32 (privacy/clipping.py).
-    compute_dtype: str = "float32"
+    compute_dtype: ComputeDtypeName = "float32"
     # How the micro-batches of one step run: 'loop' (a traced loop that stops after the
     # last real one), 'unroll' (all of them, unrolled) or 'auto' (unrolled on CPU up to
     # 8 micro-batches, where XLA:CPU runs convolutions in loop bodies slowly); the same
     # sum either way (privacy/clipping.py).
-    microbatch_loop: str = "auto"
+    microbatch_loop: MicrobatchLoopName = "auto"
+
+    def __post_init__(self) -> None:
+        _at_least(self, "dp", {"batch_size": 1, "steps": 0, "microbatch_size": 0})
+        if not self.clip_norm > 0.0:
+            raise typed_config.ConfigError(f"dp.clip_norm must be > 0, got {self.clip_norm}.")
+        if not 0.0 < self.delta < 1.0:
+            raise typed_config.ConfigError(f"dp.delta must be in (0, 1), got {self.delta}.")
+        if not self.epochs >= 0.0:
+            raise typed_config.ConfigError(f"dp.epochs must be >= 0, got {self.epochs}.")
+        if self.epsilon is not None and not self.epsilon > 0.0:
+            raise typed_config.ConfigError(f"dp.epsilon must be > 0 (or None), got {self.epsilon}.")
+        # Sigma 0 is allowed: a run without noise, reported as epsilon inf (export refuses it).
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0.0:
+            raise typed_config.ConfigError(
+                f"dp.noise_multiplier must be >= 0 (or None), got {self.noise_multiplier}.")
+
+
+def _at_least(section: Any, where: str, minimums: dict[str, int]) -> None:
+    """Raises ConfigError naming the first field of ``section`` below its minimum."""
+    for key, low in minimums.items():
+        if getattr(section, key) < low:
+            raise typed_config.ConfigError(
+                f"{where}.{key} must be >= {low}, got {getattr(section, key)}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimizer settings (optax)."""
 
-    name: str = "adam"  # 'adam', 'adamw' or 'sgd'
+    name: OptimizerName = "adam"
     learning_rate: float = 3e-4
     b1: float = 0.9
     b2: float = 0.999
@@ -77,6 +111,14 @@ class TrainConfig:
     # a run may resume on another device count (same numbers up to float rounding).
     num_devices: int = 1
 
+    def __post_init__(self) -> None:
+        _at_least(self, "train", {"log_every": 1, "ckpt_every": 1, "keep_checkpoints": 1,
+                                  "max_steps_per_run": 0, "grid_samples": 0,
+                                  "num_devices": 0})
+        if not self.max_seconds_per_run >= 0.0:
+            raise typed_config.ConfigError(
+                f"train.max_seconds_per_run must be >= 0, got {self.max_seconds_per_run}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
@@ -86,6 +128,9 @@ class SampleConfig:
     batch_size: int = 1000
     png: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, "sample", {"num": 1, "batch_size": 1})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,8 +182,10 @@ def resolve_plan(
                 )
         if steps > stored.steps:
             raise BudgetExceededError(
-                f"The privacy plan in {path} allows {stored.steps} steps (epsilon "
-                f"{stored.target_epsilon}); the config asks for {steps}. Training past the "
+                f"The privacy plan in {path} allows {stored.steps} steps ("
+                + (f"epsilon {stored.target_epsilon}" if stored.target_epsilon is not None
+                   else f"sigma {stored.noise_multiplier:.4g}")
+                + f"); the config asks for {steps}. Training past the "
                 "budget is refused: start a new run with a new plan instead."
             )
         return stored
@@ -233,9 +235,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
     mesh = parallel.make_data_mesh(cfg.train.num_devices)
-    check_workdir(workdir)
-    if cfg.dp.microbatch_size < 0:
-        raise ValueError("dp.microbatch_size must be > 0, or 0 to choose it from the memory.")
+    check_workdir(workdir)  # After the typed config: a bad value creates nothing.
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
     )

@@ -177,6 +177,9 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
             bar.close()
         logger.close()
     final = int(state.step)
+    if start < final < plan.steps and final == end:  # train.max_steps_per_run stopped it.
+        log(f"[dpjax] stopping at step {final} of {plan.steps}: train.max_steps_per_run="
+            f"{cfg.train.max_steps_per_run}; run the same command again to resume.")
     if final == start and start > 0:
         log(f"[dpjax] nothing to do: {final} of {plan.steps} planned steps already done.")
         if main:

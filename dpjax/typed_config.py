@@ -118,7 +118,8 @@ def from_configdict(cls: type[T], section: Any, where: str = "config") -> T:
     """Builds dataclass ``cls`` from a ConfigDict (or dict), checking every key and type.
 
     Raises:
-      ConfigError: for an unknown key (with a suggestion), or a value of the wrong type.
+      ConfigError: for an unknown key (with a suggestion), a value of the wrong type, or
+        one the section's own checks refuse.
     """
     if isinstance(section, ml_collections.ConfigDict):
         section = section.to_dict()
@@ -136,4 +137,10 @@ def from_configdict(cls: type[T], section: Any, where: str = "config") -> T:
     try:
         return cls(**kwargs)
     except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    except ValueError as e:
+        # A section's own range checks (``__post_init__``) are config errors too; the
+        # errors of a more specific kind (PrivacyError, ConfigError) keep it.
+        if type(e) is not ValueError:
+            raise
         raise ConfigError(f"{where}: {e}") from e

@@ -18,9 +18,13 @@ Commands::
 
 Expected: epsilon <= 10 / 1 / 0.2 at delta=1e-5 (RDP), sigma 2.514 / 18.35 / 81.52 for
 q=4096/60000, T=4394 (the paper's q=1/15, T=4500 gives 2.487 / 18.13 / 80.56). Paper
-FID 18.6 / 37.8 / 78.4 (train statistics, TF Inception), CNN accuracy 86.2 / 79.4 / 72.3
-(with the accuracy-tuned sampler). Time on one GPU: see benchmarks/results.md (no GPU
-was available when this file was written; the CPU projection is in benchmarks/).
+FID 18.6 / 37.8 / 78.4 (train statistics, TF Inception), CNN accuracy 86.2 / 79.4 / 72.3,
+both with the paper's tuned stochastic Churn samplers (one tuned for FID, one for
+accuracy). This config samples as the official code's sample configs do (deterministic
+"ddim", 50 steps, no guidance), which the paper's sampler ablation finds worse; set the
+Churn settings at eval time with ``eval.sampling`` (README, "Evaluation"). Time on one
+GPU: see benchmarks/results.md (no GPU was available when this file was written; the CPU
+projection is in benchmarks/).
 """
 
 import ml_collections

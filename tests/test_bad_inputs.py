@@ -83,6 +83,54 @@ def test_train_bad_input(case, tmp_path, record_tried):
     assert not os.path.exists(tmp_path / "w" / "checkpoints" / "2")
 
 
+# Values of the right type that the typed config refuses, before the workdir is created
+# (before, a mistyped optimizer or clipping name failed after config.json was written,
+# and the corrected command was then refused as a changed config).
+BAD_VALUES = {
+    "optim.name": ("adma", "not one of ['adam', 'adamw', 'sgd']"),
+    "dp.clipping": ("ghots", "not one of ['vmap', 'layerwise', 'ghost']"),
+    "dp.compute_dtype": ("bfloat15", "not one of"),
+    "dp.microbatch_loop": ("unrol", "not one of"),
+    "dp.accountant": ("prv", "not one of ['rdp', 'pld']"),
+    "dp.microbatch_size": (-1, "dp.microbatch_size must be >= 0"),
+    "dp.delta": (0.0, "dp.delta must be in (0, 1)"),
+    "dp.clip_norm": (0.0, "dp.clip_norm must be > 0"),
+    "train.log_every": (0, "train.log_every must be >= 1"),
+    "train.ckpt_every": (0, "train.ckpt_every must be >= 1"),
+    "sample.batch_size": (0, "sample.batch_size must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_a_bad_config_value_fails_before_the_workdir_is_created(key, tmp_path, record_tried):
+    from dpjax.typed_config import ConfigError
+
+    value, needle = BAD_VALUES[key]
+    record_tried("bad inputs", f"train: {key}={value!r}")
+    with pytest.raises(ConfigError) as e:
+        train.train(_config(**{key: value}), str(tmp_path / "w"), log=lambda *_: None)
+    assert needle in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_the_config_choices_are_the_implementations():
+    """The Literal choices of the typed config are exactly what the code accepts."""
+    import typing
+
+    from dpjax import optim, run_config
+    from dpjax.privacy import accounting, clipping, compute_dtype
+
+    choices = {run_config.ClippingName: clipping.MICROBATCH_IMPLS,
+               run_config.ComputeDtypeName: compute_dtype.COMPUTE_DTYPES,
+               run_config.MicrobatchLoopName: clipping.MICROBATCH_LOOPS,
+               run_config.AccountantName: accounting.ACCOUNTANTS,
+               run_config.RelationName: accounting._RELATIONS}  # fmt: skip
+    for literal, table in choices.items():
+        assert set(typing.get_args(literal)) == set(table), literal
+    for name in typing.get_args(run_config.OptimizerName):
+        optim.make_optimizer(run_config.OptimConfig(name=name))
+
+
 def test_train_disk_full_fails_before_training(tmp_path, monkeypatch, record_tried):
     record_tried("bad inputs", "train: disk full")
 
@@ -146,3 +194,25 @@ def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path, record_tr
     corrupt_latest_checkpoint(wd, "truncate")
     with pytest.raises(user_errors()):
         ENTRY_POINTS[entry](wd, str(tmp_path / "out"))
+
+
+def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_tried):
+    """Errors while the flags load (before dpjax's own code runs): one line, exit 2."""
+    from tests.test_export import cli
+
+    cases = {
+        ("--config=experiments/toy_fake.py:smoke", "--config.dp.clip_nrom=1"):
+            'unknown config key \'clip_nrom\' Did you mean "clip_norm"',
+        ("--config=experiments/no_such_experiment.py",): "cannot load the --config file",
+        ("--config=experiments/toy_fake.py:smok",): "Did you mean 'smoke'?",
+        ("--config=experiments/toy_fake.py:smoke", "--config.optim.name=adma"):
+            "optim.name: 'adma' is not one of",
+    }
+    for args, needle in cases.items():
+        record_tried("bad inputs", f"command line: {' '.join(args)}")
+        result = cli(*args, f"--workdir={tmp_path / 'w'}")
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("dpjax error:")]
+        assert len(errors) == 1 and needle in errors[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "w")

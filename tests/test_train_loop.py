@@ -99,7 +99,8 @@ def test_budget_is_never_exceeded(tmp_path):
     wd = str(tmp_path)
     train.train(_config(steps=4), wd, log=lambda *_: None)
     before = sorted(os.listdir(tmp_path / "checkpoints"))
-    with pytest.raises(train.BudgetExceededError, match="allows 4 steps"):
+    # The toy config gives sigma, not epsilon: the message states the sigma.
+    with pytest.raises(train.BudgetExceededError, match=r"allows 4 steps \(sigma 1\); "):
         train.train(_config(steps=6), wd, log=lambda *_: None)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
     # Re-running the same plan does nothing more, but brings a plan file that lags the
@@ -113,6 +114,18 @@ def test_budget_is_never_exceeded(tmp_path):
     state = train.train(_config(steps=4), wd, log=msgs.append)
     assert int(state.step) == 4 and any("nothing to do" in m for m in msgs)
     assert json.loads(plan_path.read_text()) == complete
+
+
+def test_a_run_stopped_by_max_steps_per_run_says_so(tmp_path):
+    msgs = []
+    train.train(_config(steps=4, **{"train.max_steps_per_run": 3}), str(tmp_path),
+                log=msgs.append)
+    assert any("stopping at step 3 of 4: train.max_steps_per_run=3; run the same command "
+               "again" in m for m in msgs), msgs
+    msgs.clear()
+    state = train.train(_config(steps=4, **{"train.max_steps_per_run": 3}), str(tmp_path),
+                        log=msgs.append)
+    assert int(state.step) == 4 and not any("stopping" in m for m in msgs)
 
 
 def test_resume_under_another_privacy_config_is_refused(tmp_path):
