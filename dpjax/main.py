@@ -221,14 +221,16 @@ def run(argv: list[str]) -> None:
         from dpjax import sample
         from dpjax.eval import report
 
-        defaults = sample.load_run_config(workdir).sample  # The run's sample section.
+        stored = sample.load_run_config(workdir)
+        defaults = stored.sample  # The run's sample section.
         num = defaults.num if _NUM.value is None else _NUM.value
-        # --config's eval.sampling, if given, changes the sampler (as at --mode=eval).
-        sampling = (report.eval_config(_CONFIG.value.get("eval")).sampling
-                    if _CONFIG.value else None)
-        path = sample.sample_from_workdir(workdir, num, _OUT.value, _PNG.value or defaults.png,
-                                          seed=defaults.seed, batch_size=defaults.batch_size,
-                                          sampling=sampling)
+        png = _PNG.value if flags.FLAGS["png"].present else defaults.png
+        # The sampler changes of eval.sampling (--config's if given, else the run's), as
+        # at --mode=eval.
+        section = _CONFIG.value.get("eval") if _CONFIG.value else stored.eval
+        sampling = report.eval_config(section).sampling
+        path = sample.sample_from_workdir(workdir, num, _OUT.value, png, seed=defaults.seed,
+                                          batch_size=defaults.batch_size, sampling=sampling)
         print(f"[dpjax] wrote {path}")
     elif _MODE.value == "audit":
         from dpjax.privacy import audit
@@ -274,7 +276,7 @@ def run(argv: list[str]) -> None:
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 
 
-def _flag_error_message(error: BaseException) -> str:
+def _flag_error_message(error: BaseException, argv: list[str]) -> str:
     """One line for an error raised while the flags (and the experiment file) load."""
     from dpjax.typed_config import ConfigError
 
@@ -290,10 +292,21 @@ def _flag_error_message(error: BaseException) -> str:
     if isinstance(error, (AttributeError, KeyError)):
         # ml_collections: "'key'\nDid you mean ..." for a key the experiment lacks.
         text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ")
-        return f"unknown config key {text} (in a --config.* flag)"
-    if isinstance(error, OSError):  # Its last line is the cause (e.g. [Errno 2] ...).
-        return "cannot load the --config file: " + (lines[-1] if lines else str(error))
+        key = text.strip("'").split("'")[0]
+        if key and any(a.startswith("--config.") and key in a for a in argv):
+            return f"unknown config key {text} (in a --config.* flag)"
+        return (f"the --config experiment failed: {type(error).__name__}: {text} "
+                "(--debug shows where)")
+    if isinstance(error, OSError) and "Failed loading config file" in str(error):
+        return "cannot load the --config file: " + lines[-1]
+    if any(line.startswith("Traceback") for line in lines):
+        # An experiment file that raised: its exception's line (the last one).
+        return f"the --config experiment failed: {lines[-1]} (--debug shows where)"
     return " ".join(lines) or type(error).__name__
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -306,9 +319,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             _CONFIG.value.keys()
         return rest
     except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
-        if "--debug" in argv:
+        if _debug_requested(argv):
             raise
-        print(f"dpjax error: {_flag_error_message(e)}", file=sys.stderr)
+        print(f"dpjax error: {_flag_error_message(e, argv)}", file=sys.stderr)
         sys.exit(2)
 
 

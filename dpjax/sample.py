@@ -192,6 +192,8 @@ def sampler_changes(
             f"eval.sampling sets {sorted(given)}, but method '{cfg.method}' samples without "
             "a diffusion sampler (eval.sampling applies to dpdm, ldm and dpsad runs)."
         )
+    # In the field's own type (50 and 50.0 are one setting, one folder, one recipe).
+    given = {k: type(getattr(cfg.method_args, k))(v) for k, v in given.items()}
     changes = {k: v for k, v in given.items() if getattr(cfg.method_args, k) != v}
     with_sampler_changes(cfg, changes)  # Validates them.
     return changes
@@ -240,7 +242,13 @@ def restore_state(
 
     cfg = with_sampler_changes(load_run_config(workdir), changes or {})
     spec = load_spec(workdir)
-    method = make_for_restore(cfg.method, cfg.method_args, spec)
+    try:
+        method = make_for_restore(cfg.method, cfg.method_args, spec)
+    except ValueError as e:
+        if not changes or type(e) is not ValueError:
+            raise
+        # E.g. guidance for a run without classes: the changed sampler, not the run.
+        raise ConfigError(f"eval.sampling {changes}: {e}") from e
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
     optimizer = method.optimizer(make_optimizer(cfg.optim))
     template = TrainState(

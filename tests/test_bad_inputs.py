@@ -207,6 +207,8 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
         ("--config=experiments/toy_fake.py:smok",): "Did you mean 'smoke'?",
         ("--config=experiments/toy_fake.py:smoke", "--config.optim.name=adma"):
             "optim.name: 'adma' is not one of",
+        ("--config=experiments/toy_fake.py:steps=abc",):
+            "the --config experiment failed: ValueError: invalid literal for int()",
     }
     for args, needle in cases.items():
         record_tried("bad inputs", f"command line: {' '.join(args)}")

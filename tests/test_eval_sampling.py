@@ -54,9 +54,19 @@ def test_optional_fields_become_typed_placeholders_that_round_trip():
         report.eval_config({"sampling": {"sampler": "dpm"}})
 
 
-def test_another_sampler_draws_other_samples_into_their_own_folder(dpdm_run):
+def test_another_sampler_draws_other_samples_into_their_own_folder(dpdm_run, monkeypatch):
     wd = dpdm_run
+    recipes = []
+    generate = sample_lib.generate
+
+    def recording_generate(*args, recipe=None, **kwargs):
+        recipes.append(recipe)
+        return generate(*args, recipe=recipe, **kwargs)
+
+    monkeypatch.setattr(sample_lib, "generate", recording_generate)
     base = report.evaluate_workdir(wd, _CFG, log=lambda *_: None)
+    # The run's own sampler: the recipe of every earlier eval, so their resumes hold.
+    assert set(recipes[-1]) == {"config_json", "step", "backend"}
     run_sampler = sample_lib.load_run_config(wd).method_args
     assert base["sampler"]["sampler"] == run_sampler.sampler == "ddim"
     assert base["sampler"]["changed"] == []
@@ -64,7 +74,8 @@ def test_another_sampler_draws_other_samples_into_their_own_folder(dpdm_run):
     default_npz = os.path.join(default_dir, "samples.npz")
     before = _npz(default_npz)
 
-    churn = SamplerOverrides(sampler="heun", s_churn=10.0, num_steps=run_sampler.num_steps)
+    # s_churn as an int, as code may give it: the same setting as 10.0 (one folder).
+    churn = SamplerOverrides(sampler="heun", s_churn=10, num_steps=run_sampler.num_steps)
     msgs = []
     result = report.evaluate_workdir(wd, dataclasses.replace(_CFG, sampling=churn),
                                      log=msgs.append)
@@ -77,6 +88,7 @@ def test_another_sampler_draws_other_samples_into_their_own_folder(dpdm_run):
     drawn = _npz(os.path.join(churn_dir, "samples.npz"))
     assert json.loads(str(drawn["sampler_changes"])) == changes
     assert not any("reusing" in m for m in msgs)
+    assert recipes[-1]["sampler_changes"] == changes
     # Same key and labels, another sampler: other images; the run's samples untouched.
     np.testing.assert_array_equal(drawn["labels"], before["labels"])
     assert not np.array_equal(drawn["images"], before["images"])
@@ -140,3 +152,4 @@ def test_sample_mode_takes_the_sampler_from_the_config(dpdm_run, tmp_path):
                  "--config=experiments/dpdm_fmnist.py:smoke",
                  "--config.eval.sampling.rho=-1")  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "eval.sampling: rho must be > 0, got -1.0." in result.stderr
