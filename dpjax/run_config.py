@@ -16,7 +16,7 @@ from dpjax.data.config import DataConfig
 from dpjax.methods import get_method_module
 
 # The choices of the string fields below, so that a typo fails when the config is read,
-# before a workdir is written (tests/test_train_loop.py checks they match the
+# before a workdir is written (tests/test_bad_inputs.py checks they match the
 # implementations' tables: accounting.ACCOUNTANTS, clipping.MICROBATCH_IMPLS, ...).
 AccountantName = Literal["rdp", "pld"]
 RelationName = Literal["add_or_remove_one", "replace_one", "replace_special"]
