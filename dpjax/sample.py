@@ -212,14 +212,20 @@ def with_sampler_changes(
     return dataclasses.replace(cfg, method_args=args)
 
 
+def changes_json(changes: dict[str, Any]) -> str:
+    """Canonical JSON of sampler changes (sorted keys): the text that names their samples
+    folder and is recorded beside the samples, so both always agree."""
+    return json.dumps(changes, sort_keys=True, default=str)
+
+
 def samples_dir(workdir: str, step: int, changes: dict[str, Any] | None = None) -> str:
     """Where the samples of checkpoint ``step`` go: ``samples/step_N`` with the run's
     sampler, ``samples/step_N/sampler_<digest>`` with other settings (each set of
     changes its own folder, so that samples of two samplers are never mixed up)."""
     out = os.path.join(workdir, "samples", f"step_{step}")
     if changes:
-        text = json.dumps(changes, sort_keys=True, default=str)
-        out = os.path.join(out, f"sampler_{hashlib.sha256(text.encode()).hexdigest()[:12]}")
+        digest = hashlib.sha256(changes_json(changes).encode()).hexdigest()[:12]
+        out = os.path.join(out, f"sampler_{digest}")
     return out
 
 
@@ -295,7 +301,7 @@ def sample_from_workdir(
     # batch (generate's, clamped) and the sampler's changed settings.
     extra = {"sample_batch": np.int64(max(1, min(batch_size, num))), "sample_seed": np.int64(seed)}
     if changes:
-        extra["sampler_changes"] = np.array(json.dumps(changes, sort_keys=True, default=str))
+        extra["sampler_changes"] = np.array(changes_json(changes))
     path = write_samples(images, labels, out_dir, png, extra=extra)
     n_grid = min(num, 10 * max(spec.num_classes, 1) if spec.num_classes else 100)
     grid_image(images[:n_grid], labels[:n_grid], spec.num_classes).save(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -169,8 +168,7 @@ def _samples(
         extra = {"sample_seed": np.int64(cfg.seed)}
         if changes:  # Only then: the recipes of earlier evals stay valid.
             recipe["sampler_changes"] = changes
-            extra["sampler_changes"] = np.array(json.dumps(changes, sort_keys=True,
-                                                           default=str))
+            extra["sampler_changes"] = np.array(sample_lib.changes_json(changes))
         stem = os.path.join(out_dir, "samples_in_progress")
         batch = max(1, min(sample_batch_size(cfg), cfg.num_samples))  # As generate does.
         images, labels = sample_lib.generate(
