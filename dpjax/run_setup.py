@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from dpjax import atomic_file, parallel, run_config, sample
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
+from dpjax.eval import resumable_array
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
@@ -43,6 +44,16 @@ from dpjax.state import TrainState
 MIN_FREE_BYTES = 50 * 2**20
 # Sections whose change on resume would change what is trained or its privacy.
 RESUME_LOCKED_SECTIONS = ("seed", "method", "method_args", "data", "dp", "optim")
+# Fields of those sections that may change on resume. The dp ones choose how the same
+# clipped sum is computed (privacy/clipping.py: equal up to float rounding), e.g. a
+# smaller micro-batch on a smaller accelerator; the data ones where the same data lies
+# (a moved dataset, another cluster's mounts), accepted when the data's digest agrees.
+RESUME_FREE_FIELDS = {
+    "dp": ("microbatch_size", "microbatch_loop", "clipping"),
+    "data": ("path", "tfds_data_dir", "tfds_download"),
+}
+# The digest of the private data a run began on (``dataset_digest``); workdir only.
+DATA_DIGEST_FILE = "data_digest.json"
 
 
 class BudgetExceededError(PrivacyError):
@@ -88,19 +99,38 @@ def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
 
 
 def check_resume_config(
-    workdir: str, config: ml_collections.ConfigDict, write: bool = True
-) -> None:
-    """On resume, the sections that define the run must equal the stored ones."""
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    write: bool = True,
+    data_digest: str | None = None,
+) -> list[str]:
+    """On resume, the sections that define the run must equal the stored ones.
+
+    The fields of ``RESUME_FREE_FIELDS`` may change: they say how the same sum is
+    computed or where the same data lies. A changed data location is accepted only
+    when ``data_digest`` (that of the data just loaded) equals the digest recorded when
+    the run began; a run from before digests were recorded keeps its data fields locked.
+    With ``data_digest``, data that changed under the same path is refused too. When
+    ``write``, a new run's config and digest are written, and a resume's changed free
+    fields are recorded in ``config.json`` (so that eval and sample find the data).
+    Returns those changes ('dp.microbatch_size: 64 -> 16'), for the log.
+    """
     path = os.path.join(workdir, "config.json")
     new = json.loads(run_config.config_to_json(config))
+    stored_digest = _read_data_digest(workdir)
+    digest_path = os.path.join(workdir, DATA_DIGEST_FILE)
     if not os.path.exists(path):
-        if not write:
-            return
-        atomic_file.write_text(path, run_config.config_to_json(config))
-        return
+        if write:
+            atomic_file.write_text(path, run_config.config_to_json(config))
+            if data_digest is not None:
+                atomic_file.write_json(digest_path, {"digest": data_digest})
+        return []
     with open(path) as f:
         old = json.load(f)
-    diffs = []
+    free = {s: set(keys) for s, keys in RESUME_FREE_FIELDS.items()}
+    if stored_digest is None or data_digest is None:
+        free["data"] = set()  # Nothing shows that another location holds the same data.
+    diffs, changed_free = [], []
     for section in RESUME_LOCKED_SECTIONS:
         if old.get(section) != new.get(section):
             a, b = old.get(section), new.get(section)
@@ -114,7 +144,9 @@ def check_resume_config(
                     # does not change the run.
                     and not (k not in a and k in defaults and b[k] == defaults[k])
                 )
-                diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+                for k in keys:
+                    change = f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                    (changed_free if k in free.get(section, ()) else diffs).append(change)
             else:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
     if diffs:
@@ -122,6 +154,40 @@ def check_resume_config(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "
             f"with: {'; '.join(diffs)}. Use a new --workdir (existing checkpoints are untouched)."
         )
+    if data_digest is not None and stored_digest not in (None, data_digest):
+        raise ckpt_lib.CheckpointError(
+            f"The data that data.* gives now ({new['data'].get('source')} "
+            f"{new['data'].get('name')!r}) differs from the data that the run in {workdir} was "
+            "trained on; refusing to resume it on other data. Point data.* at the run's data, "
+            "or use a new --workdir (existing checkpoints are untouched)."
+        )
+    if write and data_digest is not None and stored_digest is None:
+        # A run from before digests: its data fields were locked, so this is its data.
+        atomic_file.write_json(digest_path, {"digest": data_digest})
+    if changed_free and write:
+        for section, keys in RESUME_FREE_FIELDS.items():
+            for k in keys:
+                if k in new.get(section, {}):
+                    old.setdefault(section, {})[k] = new[section][k]
+        atomic_file.write_text(path, json.dumps(old, indent=2, sort_keys=True))
+    return changed_free
+
+
+def dataset_digest(dataset: data_lib.InMemoryDataset) -> str:
+    """A digest of a dataset's images and labels (in order): equal digests, same data.
+
+    Kept in the workdir only (``DATA_DIGEST_FILE``) and never exported or logged: it is
+    an exact function of the private data."""
+    return resumable_array.tree_digest((dataset.images, dataset.labels))
+
+
+def _read_data_digest(workdir: str) -> str | None:
+    """The digest recorded when the run began; None for a new run or an older one."""
+    path = os.path.join(workdir, DATA_DIGEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return str(json.load(f)["digest"])
 
 
 def _section_defaults(section: str, method: str) -> dict[str, Any]:
@@ -293,7 +359,9 @@ def _build_run(
             )
     # First: a budget overrun or a changed plan says so before anything is written.
     plan = resolve_plan(cfg, num_examples, workdir, main, method)
-    check_resume_config(workdir, config, main)
+    digest = None if dataset is None else dataset_digest(dataset)
+    for change in check_resume_config(workdir, config, main, digest):
+        log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")
     if main:
         sample.save_spec(workdir, spec)
     streams = Streams.from_seed(cfg.seed)
