@@ -240,8 +240,9 @@ def _audit_line(workdir: str) -> list[str]:
             f"- Empirical audit (one-run gradient canaries, {d['num_canaries']} canaries, "
             f"{d['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
             f"{d['confidence']:.0%} confidence, below the accountant's "
-            f"{_fmt(a['accountant_epsilon'])}; it checks the DP step's implementation, "
-            "not the tightness of epsilon.",
+            f"{_fmt(a['accountant_epsilon'])}; it checks the DP step's implementation"
+            + (f" (clipping '{d['clipping_impl']}')" if "clipping_impl" in d else "")
+            + ", not the tightness of epsilon.",
         ]
     except (OSError, ValueError, KeyError, TypeError):
         return []

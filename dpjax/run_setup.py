@@ -78,6 +78,8 @@ class Run:
     checkpointer: ckpt_lib.Checkpointer
     releases: list[dict[str, Any]]
     mesh: Mesh | None = None  # None: one device; else the 'data' mesh the step runs on.
+    # Free fields this resume changed; written to config.json after it worked.
+    free_changes: list[FreeChange] = dataclasses.field(default_factory=list)
 
 
 def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
@@ -103,17 +105,19 @@ def check_resume_config(
     config: ml_collections.ConfigDict,
     write: bool = True,
     data_digest: str | None = None,
-) -> list[str]:
+) -> list[FreeChange]:
     """On resume, the sections that define the run must equal the stored ones.
 
     The fields of ``RESUME_FREE_FIELDS`` may change: they say how the same sum is
     computed or where the same data lies. A changed data location is accepted only
     when ``data_digest`` (that of the data just loaded) equals the digest recorded when
-    the run began; a run from before digests were recorded keeps its data fields locked.
+    the run began; a run from before digests were recorded keeps its data fields locked
+    (its first resume records the digest of its data, found where the run read it).
     With ``data_digest``, data that changed under the same path is refused too. When
-    ``write``, a new run's config and digest are written, and a resume's changed free
-    fields are recorded in ``config.json`` (so that eval and sample find the data).
-    Returns those changes ('dp.microbatch_size: 64 -> 16'), for the log.
+    ``write``, a new run's digest and then its config are written (the digest first: a
+    kill between the two leaves a new run, not one that looks older than digests).
+    Nothing else is written: the changed free fields are returned, and
+    ``record_free_changes`` writes them once the run has used them.
     """
     path = os.path.join(workdir, "config.json")
     new = json.loads(run_config.config_to_json(config))
@@ -121,9 +125,9 @@ def check_resume_config(
     digest_path = os.path.join(workdir, DATA_DIGEST_FILE)
     if not os.path.exists(path):
         if write:
-            atomic_file.write_text(path, run_config.config_to_json(config))
             if data_digest is not None:
                 atomic_file.write_json(digest_path, {"digest": data_digest})
+            atomic_file.write_text(path, run_config.config_to_json(config))
         return []
     with open(path) as f:
         old = json.load(f)
@@ -145,8 +149,10 @@ def check_resume_config(
                     and not (k not in a and k in defaults and b[k] == defaults[k])
                 )
                 for k in keys:
-                    change = f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                    (changed_free if k in free.get(section, ()) else diffs).append(change)
+                    if k in free.get(section, ()):
+                        changed_free.append(FreeChange(section, k, a.get(k), b.get(k)))
+                    else:
+                        diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
             else:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
     if diffs:
@@ -158,19 +164,45 @@ def check_resume_config(
         raise ckpt_lib.CheckpointError(
             f"The data that data.* gives now ({new['data'].get('source')} "
             f"{new['data'].get('name')!r}) differs from the data that the run in {workdir} was "
-            "trained on; refusing to resume it on other data. Point data.* at the run's data, "
+            "trained on (its images, labels or their order; a new image decoder can change "
+            "them too); refusing to resume it on other data. Point data.* at the run's data, "
             "or use a new --workdir (existing checkpoints are untouched)."
         )
     if write and data_digest is not None and stored_digest is None:
         # A run from before digests: its data fields were locked, so this is its data.
         atomic_file.write_json(digest_path, {"digest": data_digest})
-    if changed_free and write:
-        for section, keys in RESUME_FREE_FIELDS.items():
-            for k in keys:
-                if k in new.get(section, {}):
-                    old.setdefault(section, {})[k] = new[section][k]
-        atomic_file.write_text(path, json.dumps(old, indent=2, sort_keys=True))
     return changed_free
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeChange:
+    """A ``RESUME_FREE_FIELDS`` field that a resume changes (values as config.json has them)."""
+
+    section: str
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.section}.{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def record_free_changes(workdir: str, changes: list[FreeChange], steps_ran: bool) -> None:
+    """Writes a resume's changed free fields into ``config.json``, once they worked.
+
+    The data location always (eval and sample read the data from there; the digest
+    showed it holds the run's data); how the sum is computed only when ``steps_ran``
+    (a setting that never ran a step, e.g. a clipping path the method refuses, is not
+    recorded as the run's)."""
+    todo = [c for c in changes if steps_ran or c.section == "data"]
+    if not todo:
+        return
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        stored = json.load(f)
+    for c in todo:
+        stored.setdefault(c.section, {})[c.key] = c.new
+    atomic_file.write_text(path, json.dumps(stored, indent=2, sort_keys=True))
 
 
 def dataset_digest(dataset: data_lib.InMemoryDataset) -> str:
@@ -186,8 +218,14 @@ def _read_data_digest(workdir: str) -> str | None:
     path = os.path.join(workdir, DATA_DIGEST_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return str(json.load(f)["digest"])
+    try:
+        with open(path) as f:
+            return str(json.load(f)["digest"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ckpt_lib.CheckpointError(
+            f"{path} is unreadable ({e}); it records which data the run began on. Restore "
+            "it, or delete it to resume with the data fields locked as they are stored."
+        ) from e
 
 
 def _section_defaults(section: str, method: str) -> dict[str, Any]:
@@ -360,7 +398,8 @@ def _build_run(
     # First: a budget overrun or a changed plan says so before anything is written.
     plan = resolve_plan(cfg, num_examples, workdir, main, method)
     digest = None if dataset is None else dataset_digest(dataset)
-    for change in check_resume_config(workdir, config, main, digest):
+    free_changes = check_resume_config(workdir, config, main, digest)
+    for change in free_changes:
         log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")
     if main:
         sample.save_spec(workdir, spec)
@@ -408,7 +447,8 @@ def _build_run(
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = _with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
-    run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh)
+    run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
+              free_changes)
     return run, dataset
 
 

@@ -40,6 +40,7 @@ from dpjax.run_setup import (
     check_resume_config,
     check_workdir,
     prior_records,
+    record_free_changes,
     refresh_plan_file,
     release_done,
     resolve_plan,
@@ -185,6 +186,7 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
         if main:
             refresh_plan_file(run, final)
     if main:
+        record_free_changes(workdir, run.free_changes, steps_ran=final > start)
         write_privacy_report(run, final)
     if main and final > start and cfg.train.grid_samples > 0:
         path = sample.write_grid(

@@ -161,3 +161,23 @@ def test_progress_is_logged_about_once_a_percent_and_at_the_end(tmp_path):
     resumable_array.fill_resumably(
         tmp_path / "c", 5, 2, {}, lambda a, b: np.zeros((b - a, 2)), log=few.append)
     assert few == [f"[dpjax] c.npy: {n} of 5 rows" for n in (2, 4, 5)]
+
+
+def test_tree_digest_keys_on_shape_dtype_and_bytes_of_any_dtype():
+    """The digest is sha256 over each leaf's shape, dtype and bytes (the caches written
+    by earlier versions stay valid), for ml_dtypes too, and any change of one changes it."""
+    import hashlib
+
+    import ml_dtypes
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    tree = {"a": a.T, "b": np.ones(5, ml_dtypes.bfloat16), "c": np.zeros((0, 2), np.uint8)}
+    h = hashlib.sha256()
+    for leaf in (a.T, tree["b"], tree["c"]):
+        h.update(f"{leaf.shape}{leaf.dtype}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    assert resumable_array.tree_digest(tree) == h.hexdigest()[:16]
+    digests = {resumable_array.tree_digest(t) for t in (
+        tree, {**tree, "a": a}, {**tree, "b": np.ones(5, np.float16)},
+        {**tree, "a": a.T.copy() + np.float32(1e-6)})}
+    assert len(digests) == 4

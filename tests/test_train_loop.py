@@ -141,45 +141,61 @@ def _npz_data(path, images):
 
 
 def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(tmp_path):
-    """A resume on another machine: a smaller micro-batch, another loop and clipping,
-    the data moved. It trains what the uninterrupted run trains (up to float rounding);
-    other data under the new path, or a move of a run without a data digest, is refused."""
+    """A resume on another machine: a smaller micro-batch, another loop, the data moved.
+    It trains what the uninterrupted run trains (up to float rounding) and records the
+    new settings once they ran; a setting that fails, other data under the new path or
+    the old one, or a move of a run without a data digest is refused, and then nothing
+    in the workdir changes."""
     images = np.random.default_rng(0).integers(0, 256, (128, 28, 28, 1), np.uint8)
     first = _npz_data(tmp_path / "a.npz", images)
     ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
-    train.train(_config(steps=6, **first), ref, log=lambda *_: None)
-    train.train(_config(steps=6, **first, **{"train.max_steps_per_run": 3}), wd,
-                log=lambda *_: None)
+    train.train(_config(steps=9, **first), ref, log=lambda *_: None)
+    stop = {"train.max_steps_per_run": 3}
+    train.train(_config(steps=9, **first, **stop), wd, log=lambda *_: None)
     moved = _npz_data(tmp_path / "b.npz", images)
     how = {"dp.microbatch_size": 4, "dp.microbatch_loop": "loop"}  # (Toy: vmap clipping.)
     msgs = []
-    state = train.train(_config(steps=6, **moved, **how), wd, log=msgs.append)
+    state = train.train(_config(steps=9, **moved, **how, **stop), wd, log=msgs.append)
     assert int(state.step) == 6
     for change in ("dp.microbatch_size: 8 -> 4", "dp.microbatch_loop: 'auto' -> 'loop'",
                    f"data.path: '{tmp_path}/a.npz' -> '{tmp_path}/b.npz'"):
         assert any(f"resuming with {change}" in m for m in msgs), (change, msgs)
-    for a, b in zip(_flat_state(ref), _flat_state(wd)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    with open(os.path.join(wd, "config.json")) as f:  # Eval and sample find the data.
-        assert json.load(f)["data"]["path"] == str(tmp_path / "b.npz")
+    config_path = os.path.join(wd, "config.json")
+    with open(config_path) as f:  # Eval and sample find the data; the new loop is recorded.
+        stored = json.load(f)
+    assert stored["data"]["path"] == str(tmp_path / "b.npz")
+    assert (stored["dp"]["microbatch_size"], stored["dp"]["microbatch_loop"]) == (4, "loop")
 
-    steps_before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+    def files():
+        return (sorted(os.listdir(os.path.join(wd, "checkpoints"))),
+                open(config_path).read(), open(os.path.join(wd, "data_digest.json")).read())
+
+    before = files()
+    with pytest.raises(ConfigError, match="layerwise"):  # The toy has no supported layers.
+        train.train(_config(steps=9, **moved, **{"dp.clipping": "layerwise"}), wd,
+                    log=lambda *_: None)
+    assert files() == before
     other = images.copy()
     other[5, 0, 0, 0] ^= 1  # One pixel of one example.
     with pytest.raises(CheckpointError, match="differs from the data that the run"):
-        train.train(_config(steps=6, **_npz_data(tmp_path / "c.npz", other)), wd,
+        train.train(_config(steps=9, **_npz_data(tmp_path / "c.npz", other)), wd,
                     log=lambda *_: None)
     os.remove(tmp_path / "b.npz")  # Other data under the run's own path: refused too.
-    np.savez(tmp_path / "b.npz", images=other, labels=np.arange(128) % 10)
+    _npz_data(tmp_path / "b.npz", other)
     with pytest.raises(CheckpointError, match="differs from the data that the run"):
-        train.train(_config(steps=6, **moved), wd, log=lambda *_: None)
-    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == steps_before
+        train.train(_config(steps=9, **moved), wd, log=lambda *_: None)
+    assert files() == before
 
-    # A run from before data digests: its data stays where it was.
+    _npz_data(tmp_path / "b.npz", images)
+    assert int(train.train(_config(steps=9, **moved), wd, log=lambda *_: None).step) == 9
+    for a, b in zip(_flat_state(ref), _flat_state(wd)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    # A run from before data digests: the same data elsewhere is not enough.
     os.remove(os.path.join(ref, run_setup.DATA_DIGEST_FILE))
     with pytest.raises(CheckpointError, match="different config.*data.path"):
-        train.train(_config(steps=6, **moved), ref, log=lambda *_: None)
-    train.train(_config(steps=6, **first), ref, log=lambda *_: None)  # Records its digest.
+        train.train(_config(steps=9, **moved), ref, log=lambda *_: None)
+    train.train(_config(steps=9, **first), ref, log=lambda *_: None)  # Records its digest.
     assert os.path.exists(os.path.join(ref, run_setup.DATA_DIGEST_FILE))
 
 

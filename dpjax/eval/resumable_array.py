@@ -75,8 +75,9 @@ def tree_digest(tree: Any) -> str:
     for leaf in jax.tree_util.tree_leaves(tree):
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{a.shape}{a.dtype}".encode())
-        # The buffer itself (the bytes tobytes() gives, without a copy of a dataset).
-        h.update(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+        # The bytes tobytes() gives, without copying a dataset (a view; memoryview
+        # would refuse ml_dtypes such as bfloat16).
+        h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()[:16]
 
 

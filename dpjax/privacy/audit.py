@@ -403,6 +403,8 @@ def run_audit(
         "accountant": plan.accountant,
         "noise_multiplier": plan.noise_multiplier,
         "clip_norm": plan.clip_norm,
+        "clipping_impl": clipping_impl,
+        "microbatch_size": microbatch_size,
         "sampling_rate": plan.sampling_rate,
         "expected_batch_size": plan.expected_batch_size,
         "num_examples": plan.num_examples,
