@@ -293,8 +293,10 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
         # ml_collections: "'key'\nDid you mean ..." for a key the experiment lacks.
         text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ")
         key = text.strip("'").split("'")[0]
-        if key and any(a.startswith("--config.") and key in a for a in argv):
-            return f"unknown config key {text} (in a --config.* flag)"
+        flag = next((a for a in argv if a.startswith("--config.") and key in a), None)
+        if key and flag:
+            return _unknown_key_message(flag, argv) or (
+                f"unknown config key {text} (in a --config.* flag)")
         return (f"the --config experiment failed: {type(error).__name__}: {text} "
                 "(--debug shows where)")
     if isinstance(error, OSError) and "Failed loading config file" in str(error):
@@ -303,6 +305,39 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
         # An experiment file that raised: its exception's line (the last one).
         return f"the --config experiment failed: {lines[-1]} (--debug shows where)"
     return " ".join(lines) or type(error).__name__
+
+
+def _unknown_key_message(flag: str, argv: list[str]) -> str | None:
+    """'unknown config key dp.clip_nrom in --config.dp.clip_nrom=1; did you mean
+    'clip_norm'? dp's keys: ...' from the experiment's config without the overrides;
+    None where that cannot be built (the caller's plainer message then stands)."""
+    import importlib.util
+
+    from dpjax.typed_config import suggest
+
+    path = flag[len("--config."):].split("=", 1)[0].split(".")
+    spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec_arg is None:
+        return None
+    file, _, arg = spec_arg.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_dpjax_experiment", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        section = module.get_config(arg) if arg else module.get_config()
+        for depth, key in enumerate(path):
+            if not hasattr(section, "keys"):
+                return None
+            if key not in section:
+                where = ".".join(path[:depth]) or "the config"
+                keys = sorted(section.keys())
+                hint = suggest(key, keys).strip()
+                return (f"unknown config key {'.'.join(path[:depth + 1])} in {flag}."
+                        f"{' ' + hint if hint else ''} Keys of {where}: {', '.join(keys)}.")
+            section = section[key]
+    except Exception:  # noqa: BLE001 - an error path: fall back to the plainer message.
+        return None
+    return None
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -202,7 +202,11 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
 
     cases = {
         ("--config=experiments/toy_fake.py:smoke", "--config.dp.clip_nrom=1"):
-            'unknown config key \'clip_nrom\' Did you mean "clip_norm"',
+            "unknown config key dp.clip_nrom in --config.dp.clip_nrom=1. Did you mean "
+            "'clip_norm'? Keys of dp: accountant, batch_size, clip_norm,",
+        ("--config=experiments/toy_fake.py:smoke", "--config.method_args.zzzq=1"):
+            "unknown config key method_args.zzzq in --config.method_args.zzzq=1. Keys of "
+            "method_args: input_noise, noise_multiplicity.",
         ("--config=experiments/no_such_experiment.py",): "cannot load the --config file",
         ("--config=experiments/toy_fake.py:smok",): "Did you mean 'smoke'?",
         ("--config=experiments/toy_fake.py:smoke", "--config.optim.name=adma"):
