@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=4
 
-.PHONY: install demo test test-slow mutants lint bench-cpu fmnist clean
+.PHONY: install demo test test-slow mutants lint fmnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ fmnist:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
-# The main job: a short real DPDM run on Fashion-MNIST (about 10 minutes on 2 CPU cores):
+# The main job: a short real DPDM run on Fashion-MNIST (100 s of training on 2 CPU cores):
 # writes workdirs/demo/samples_grid.png and workdirs/demo/privacy_report.md.
 demo: install fmnist
 	$(PY) -m dpjax.main --config=experiments/dpdm_fmnist.py:quick --workdir=workdirs/demo

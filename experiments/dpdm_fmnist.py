@@ -67,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.ckpt_every = 100
     c.eval.num_samples = 60000
     if args["quick"]:
-        # A real DP run sized for a 2-core CPU in ~10 minutes: all 60k private images
+        # A real DP run sized for a 2-core CPU (100 s of training): all 60k private images
         # (so q and epsilon are the real ones), a much smaller UNet without attention,
         # K=2, 30 steps of an expected batch of 32, sigma calibrated to the requested
         # epsilon for THIS plan. Per-example gradients of convolutions are slow on CPU,

