@@ -50,6 +50,9 @@ jax.tree_util.register_dataclass(
 
 
 def ema_decay(rate: float, num_updates: jax.Array, warmup: bool = True) -> jax.Array:
-    """EMA decay with DPDM's warm-up: min(rate, (1 + n) / (10 + n))."""
+    """EMA decay with DPDM's warm-up: min(rate, (1 + n) / (10 + n)).
+
+    ``num_updates`` counts the update being made (1 at the first), as the EMA of the
+    official DPDM / score_sde code increments its counter before computing the decay."""
     n = num_updates.astype(jnp.float32)
     return jnp.minimum(rate, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(rate)

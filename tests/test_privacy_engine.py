@@ -282,6 +282,24 @@ def test_update_divides_by_expected_batch_size_not_realized():
     assert int(metrics["batch_size"]) == batch.num_real
 
 
+def test_ema_warm_up_counts_the_update_being_made_as_dpdm_does():
+    """DPDM's EMA: decay min(rate, (1 + n) / (10 + n)) with n = 1 at the first update
+    (its counter is incremented first), so EMA_1 = 2/11 init + 9/11 params_1."""
+    method, plan, images, labels, tr, state, step, sampler = _step_setup(sigma=1.0)
+    streams = Streams.from_seed(0)
+    first = _flat(state.ema)
+    for t in range(3):
+        batch = sampler.batch(t)
+        before = jax.tree_util.tree_map(np.array, state.ema)  # The step donates the state.
+        state, _ = step(state, images, labels, batch.indices, batch.mask, batch.num_real,
+                        streams)
+        decay = min(0.9, (2 + t) / (11 + t))
+        expected = jax.tree_util.tree_map(lambda e, p, d=decay: d * e + (1 - d) * p, before,
+                                          state.trainable)
+        np.testing.assert_allclose(_flat(state.ema), _flat(expected), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(_flat(state.ema), first)
+
+
 def test_step_micro_batch_loop_setting_gives_the_same_update():
     """``dp.microbatch_loop`` changes how the step runs, not what it computes."""
     method, plan, images, labels, tr, _, _, sampler = _step_setup(sigma=1.0)

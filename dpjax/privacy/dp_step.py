@@ -246,7 +246,7 @@ def make_train_step(
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        decay = ema_decay(ema_rate, t, ema_warmup)
+        decay = ema_decay(ema_rate, t + 1, ema_warmup)  # Step t is update t + 1.
         ema = jax.tree_util.tree_map(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema, trainable
         )
