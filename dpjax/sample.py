@@ -52,7 +52,11 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
-    """[-1, 1] floats to uint8 pixels (round to nearest, clipped)."""
+    """[-1, 1] floats to uint8 pixels (round to nearest, clipped).
+
+    The inverse of ``methods.base.to_model_range`` up to rounding. DPDM's sample writer
+    truncates instead ((x / 2 + 0.5) * 255 cast to uint8), which darkens every pixel by
+    half a level on average; rounding keeps the samples' mean that of the model."""
     x = np.asarray(images, np.float32)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
