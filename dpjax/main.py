@@ -308,9 +308,10 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
 
 
 def _unknown_key_message(flag: str, argv: list[str]) -> str | None:
-    """'unknown config key dp.clip_nrom in --config.dp.clip_nrom=1; did you mean
-    'clip_norm'? dp's keys: ...' from the experiment's config without the overrides;
-    None where that cannot be built (the caller's plainer message then stands)."""
+    """'unknown config key dp.clip_nrom in --config.dp.clip_nrom=1. Did you mean
+    'clip_norm'? Keys of dp: ...', from the experiment's config without the overrides
+    (the experiment file runs again: this is the error path only); None where that
+    cannot be built (the caller's plainer message then stands)."""
     import importlib.util
 
     from dpjax.typed_config import suggest
