@@ -92,6 +92,7 @@ def test_summary_flags_copies(copies):
     _, dist = mem.find_nearest(samples, train, k=2)
     train_nn = mem.train_nn_distances(mem.embed(train), num_queries=None)
     s = mem.memorization_summary(dist, train_nn)
+    assert s["num_samples"] == 40 and isinstance(s["num_samples"], int)
     assert s["nn_distance_min"] == 0.0
     assert s["fraction_exact_copies"] == pytest.approx(5 / 40)
     assert s["fraction_ratio_test"] == pytest.approx(5 / 40)  # noise samples: d1 ~ d2

@@ -251,7 +251,7 @@ def memorization_summary(
     ratio_threshold: float = 1.0 / 3.0,
     train_quantile: float = 0.05,
     exact_atol: float = 1e-6,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Scalar memorization statistics from sample-to-train neighbour distances.
 
     Args:
@@ -274,7 +274,7 @@ def memorization_summary(
         distances = distances[:, None]
     d1 = distances[:, 0]
     out = {
-        "num_samples": float(d1.size),
+        "num_samples": int(d1.size),
         "nn_distance_min": float(d1.min()),
         "nn_distance_median": float(np.median(d1)),
         "nn_distance_mean": float(d1.mean()),
