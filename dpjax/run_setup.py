@@ -15,6 +15,7 @@ checkpoint and in the final report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -340,10 +341,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
     mesh = parallel.make_data_mesh(cfg.train.num_devices)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    created = [d for d in (workdir, ckpt_dir) if not os.path.exists(d)]
     check_workdir(workdir)  # After the typed config: a bad value creates nothing.
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints
-    )
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
     try:
         return _build_run(config, cfg, workdir, checkpointer, mesh, log)
     except BaseException:
@@ -351,6 +352,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         # missing dataset, a changed plan) must end it, or the interpreter's shutdown
         # prints that thread's traceback under the user's one-line error.
         checkpointer.close()
+        # A new run that failed before writing anything (a missing dataset) leaves no
+        # empty folders behind; rmdir removes only empty ones, never a checkpoint.
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         raise
 
 
