@@ -240,7 +240,8 @@ def _audit_line(workdir: str) -> list[str]:
             f"- Empirical audit (one-run gradient canaries, {d['num_canaries']} canaries, "
             f"{d['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
             f"{d['confidence']:.0%} confidence, below the accountant's "
-            f"{_fmt(a['accountant_epsilon'])}; it checks the DP step's implementation"
+            f"{_fmt(a['accountant_epsilon'])} for those {d['steps']} steps; it checks the DP "
+            "step's implementation"
             + (f" (clipping '{d['clipping_impl']}')" if "clipping_impl" in d else "")
             + ", not the tightness of epsilon.",
         ]
@@ -248,8 +249,21 @@ def _audit_line(workdir: str) -> list[str]:
         return []
 
 
-def check_audit(workdir: str) -> None:
-    """Refuses a run whose own audit (no fault injected) flagged its DP step."""
+# The plan fields an audit must share with the run it is quoted for.
+_AUDIT_PLAN_FIELDS = ("noise_multiplier", "clip_norm", "sampling_rate", "num_examples", "delta")
+
+
+def audit_matches_plan(details: dict[str, Any], plan: Any) -> bool:
+    """Whether an audit's recorded plan (sigma, C, q, N, delta) is ``plan``'s."""
+    return all(
+        k in details and math.isclose(float(details[k]), float(getattr(plan, k)), rel_tol=1e-9)
+        for k in _AUDIT_PLAN_FIELDS
+    )
+
+
+def check_audit(workdir: str, plan: Any = None) -> None:
+    """Refuses a run whose own audit (no fault injected) flagged its DP step, or whose
+    audit.json was made under another plan (then it says nothing about this run)."""
     path = os.path.join(workdir, "audit.json")
     if not os.path.exists(path):
         return
@@ -259,6 +273,12 @@ def check_audit(workdir: str) -> None:
         flagged, faults = bool(a["flagged"]), a["details"].get("faults")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{path} is unreadable ({e}); re-run --mode=audit or remove it.") from e
+    if plan is not None and not audit_matches_plan(a["details"], plan):
+        raise ExportError(
+            f"{path} was made under another plan than this run's (sigma, C, q, N or delta "
+            "differ: e.g. --mode=audit with another --config); re-run --mode=audit on this "
+            "run or remove the file."
+        )
     if flagged and not faults:
         raise NotPrivateError(
             f"{path} flags this run's DP step: its empirical epsilon lower bound "
@@ -286,6 +306,17 @@ def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
     )
 
 
+def _stopped_line(plan: Any, step: int) -> list[str]:
+    """A run exported before its planned end says so (its epsilon is that of ``step``)."""
+    if step >= plan.steps:
+        return []
+    return [
+        f"- The run was exported at step {step}, before its planned {plan.steps}: the "
+        "guarantee below is for the steps done. An export of the same run after more "
+        "steps has a larger epsilon; both together are covered by the larger one."
+    ]
+
+
 def model_card(
     run: LoadedRun, report: dict[str, Any], files: list[str], command: str, num_samples: int
 ) -> str:
@@ -300,7 +331,11 @@ def model_card(
         "",
         "## Model",
         f"- Method: `{cfg.method}` (dpjax), EMA weights (rate {cfg.train.ema_rate}) of "
-        f"step {run.step} of {plan.steps} planned DP-SGD steps.",
+        + (f"step {run.step} of {plan.steps} planned DP-SGD steps."
+           if plan.mechanism != "release" else
+           f"step {run.step} of {plan.steps} planned training steps on the one DP release "
+           "(post-processing)."),
+        *_stopped_line(plan, run.step),
         f"- Parameters: {count_params(run.state.ema):,} trained with DP"
         + (f", {frozen:,} frozen public parameters" if frozen else "")
         + ".",
@@ -318,8 +353,9 @@ def model_card(
         "## Privacy guarantee",
         f"- ({_fmt(eps.get(plan.accountant))}, {plan.delta:g})-differential privacy "
         f"({plan.accountant.upper()} accountant; PLD: {_fmt(eps.get('pld'))}, RDP: "
-        f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example (an image with "
-        "its label) of the training set.",
+        f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example ("
+        + ("an image with its label" if spec.num_classes else "an image")
+        + ") of the training set.",
         _mechanism_line(plan, run.step, report),
         "- Everything in this directory is post-processing of the DP model, so it is "
         "covered by the same guarantee. See `privacy_report.md`.",
@@ -374,7 +410,10 @@ def export_run(
     run = load_run(workdir)
     releases = list(run.meta.get("releases", []))
     check_private(run.plan, run.step, releases)
-    check_audit(workdir)
+    check_audit(workdir, run.plan)
+    if run.step < run.plan.steps:
+        log(f"[dpjax] note: exporting step {run.step} of {run.plan.steps} planned; the model "
+            "card says so, and its epsilon is that of the steps done.")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExportError(f"{out} exists and is not empty; refusing to overwrite it.")
     cfg = run.config

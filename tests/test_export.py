@@ -17,6 +17,7 @@ from dpjax import checkpoint as ckpt_lib
 from dpjax import export, run_config, sample, train
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec
+from dpjax.privacy import report as report_lib
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
 from experiments import toy_fake
@@ -143,6 +144,7 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
     for section in ("## Data", "## Privacy guarantee", "## Intended use", "## Limitations"):
         assert section in card
     assert "-differential privacy" in card and "Exported with: `test`" in card
+    assert "one example (an image with its label)" in card and "before its planned" not in card
     # An existing, non-empty output is never overwritten.
     with pytest.raises(export.ExportError, match="not empty"):
         export.export_run(wd, out, num_samples=2, log=lambda *_: None)
@@ -167,14 +169,24 @@ def test_non_private_runs_are_refused_and_nothing_is_written(tmp_path):
 
 def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):
     wd = fake_run(tmp_path / "run")
+    plan = export.read_plan(wd)
+    details = {k: getattr(plan, k) for k in
+               ("noise_multiplier", "clip_norm", "sampling_rate", "num_examples", "delta")}
     audit = {"flagged": True, "epsilon_lower_bound": 9.0, "accountant_epsilon": 3.0}
-    with open(os.path.join(wd, "audit.json"), "w") as f:
-        json.dump({**audit, "details": {"faults": {}, "data": "fake"}}, f)
+
+    def write(**d):
+        with open(os.path.join(wd, "audit.json"), "w") as f:
+            json.dump({**audit, "details": {**details, "data": "fake", **d}}, f)
+
+    write(faults={})
     with pytest.raises(export.NotPrivateError, match="flags this run"):
         export.export_run(wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None)
+    # An audit made under another plan says nothing about this run: refused, not quoted.
+    write(faults={}, noise_multiplier=2 * plan.noise_multiplier)
+    with pytest.raises(export.ExportError, match="another plan"):
+        export.export_run(wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None)
     # A flagged audit with an injected fault is the audit's self-test, not a finding.
-    with open(os.path.join(wd, "audit.json"), "w") as f:
-        json.dump({**audit, "details": {"faults": {"noise_scale": 0.0}, "data": "fake"}}, f)
+    write(faults={"noise_scale": 0.0})
     assert "ema_params.npz" in export.export_run(
         wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None
     )
@@ -225,3 +237,20 @@ def test_model_card_names_the_mechanism_that_touched_the_data():
     dpsgd = _mechanism_line(SimpleNamespace(mechanism="dpsgd", **common), 500,
                             {"releases": []})
     assert "DP-SGD with Poisson sampling q = 0.01" in dpsgd and "500 steps" in dpsgd
+
+
+def test_a_run_exported_before_its_planned_end_says_so(tmp_path):
+    """Step 3 of 6: the card states it, and its epsilon is that of the 3 steps done."""
+    wd = fake_run(tmp_path / "run", steps=3, **{"dp.steps": 6})
+    msgs = []
+    out = str(tmp_path / "out")
+    export.export_run(wd, out, num_samples=2, log=msgs.append)
+    with open(os.path.join(out, "model_card.md")) as f:
+        card = f.read()
+    assert "exported at step 3, before its planned 6" in card
+    assert "step 3 of 6 planned DP-SGD steps" in card
+    assert any("exporting step 3 of 6 planned" in m for m in msgs), msgs
+    with open(os.path.join(out, "privacy_report.json")) as f:
+        report = json.load(f)
+    full = report_lib.epsilon_spent(export.read_plan(wd), 6, [], ("rdp",))["rdp"]
+    assert report["steps_done"] == 3 and report["epsilon"]["rdp"] < full
