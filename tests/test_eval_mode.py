@@ -45,6 +45,7 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert saved["eval_config"]["fid_batch"] == report.fid_batch_size(cfg)  # And Inception's.
     md = (tmp_path / "eval_report.md").read_text()
     assert "FID" in md and "logreg" in md and "eval_closest_pixel.png" in md
+    assert md.splitlines()[2].startswith("**Not differentially private: do not publish.**")
     for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
         assert os.path.exists(tmp_path / f), f
     # A second evaluation reuses the stored samples.

@@ -353,9 +353,23 @@ def _write_json(workdir: str, result: dict[str, Any]) -> None:
     atomic_file.write_json(os.path.join(workdir, "eval.json"), result, indent=2, default=float)
 
 
+# The first lines of eval_report.md: what the evaluation shows is not covered by DP.
+EVAL_NOT_PUBLISHABLE = (
+    "**Not differentially private: do not publish.** This report and `eval.json` are "
+    "computed on the real data (FID against private-train statistics, distances to "
+    "private training images), and the closest-pairs images SHOW private training "
+    "images. Only `--mode=export` output is covered by the model's guarantee."
+)
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     """A short human-readable report of ``evaluate_workdir``'s result."""
-    lines = [f"# Evaluation (step {result['step']}, {result['num_samples']} samples)", ""]
+    lines = [
+        f"# Evaluation (step {result['step']}, {result['num_samples']} samples)",
+        "",
+        EVAL_NOT_PUBLISHABLE,
+        "",
+    ]
     privacy = result.get("privacy")
     if privacy:
         eps = privacy["epsilon"]
@@ -364,7 +378,7 @@ def report_markdown(result: dict[str, Any]) -> str:
             for k in ("rdp", "pld")
         )
         lines += [
-            f"Privacy: epsilon {shown_eps} at delta "
+            f"The model's guarantee (not this report's): epsilon {shown_eps} at delta "
             f"{privacy['delta']:g}, sigma {privacy['noise_multiplier']:.4g}, "
             f"{privacy['steps_done']} steps.",
             "",
