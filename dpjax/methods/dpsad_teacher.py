@@ -186,9 +186,11 @@ def teacher_notes(teacher: Teacher, config: Config) -> list[str]:
     in the composition; the export holds no teacher parameter in either case.
     """
     if config.teacher_privacy == "dp":
+        # No step count here: at export the teacher's run may have gone on training; the
+        # composed release (recorded in the checkpoint) states the steps that count.
         how = (
-            f"trained with DP-SGD on the private data ({teacher.step} steps); its training "
-            "is composed into the epsilon above as a prior release"
+            "trained with DP-SGD on the private data; its training (the steps in its "
+            "release record above) is composed into the epsilon as a prior release"
         )
     else:
         how = (
