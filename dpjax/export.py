@@ -25,8 +25,11 @@ Guarantees:
 * Nothing is copied from the workdir: every file is written anew from the EMA weights,
   the plan and the public data spec. The training metrics (``metrics.jsonl``,
   TensorBoard: losses on private rows, a non-private release), the optimizer state,
-  the non-EMA weights, the config (it names private data paths) and the private data
-  are never read into the output.
+  the non-EMA weights, the config (it names private data paths), the data digest and
+  the private data are never read into the output; the local workdirs that ``*_from``
+  settings name are redacted from the method settings and the report
+  (``redact_source_paths``). An ``audit.json`` is quoted only if it was made under this
+  run's plan (else the export is refused).
 * Everything written is post-processing of the DP model (EMA weights) plus public facts
   (data spec, plan), so it costs no privacy beyond the report's epsilon.
 * The output appears atomically (written to a temporary directory, then renamed), and
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -306,6 +310,40 @@ def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
     )
 
 
+def redact_source_paths(obj: Any, method_args: Any) -> Any:
+    """``obj`` (JSON-like) with the local workdirs that the method's ``*_from`` settings
+    name replaced by a placeholder: where a run's sources lie on the trainer's disk is
+    not part of a release (the sources' privacy is in the report, not their paths)."""
+    def label(key: str) -> str:
+        return f"<{key}: a local workdir, not part of this release>"
+
+    names = {}
+    if dataclasses.is_dataclass(method_args):
+        for field in dataclasses.fields(method_args):
+            value = getattr(method_args, field.name)
+            if field.name.endswith("_from") and isinstance(value, str) and value:
+                for form in (value, os.path.abspath(value), os.path.normpath(value)):
+                    # In free text only forms with a separator: a bare name ('teacher')
+                    # would also match ordinary words.
+                    if os.sep in form:
+                        names.setdefault(form, label(field.name))
+    ordered = sorted(names, key=len, reverse=True)  # '/a/b' before its prefix '/a'.
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            for path in ordered:
+                x = x.replace(path, names[path])
+            return x
+        if isinstance(x, dict):
+            return {k: label(k) if str(k).endswith("_from") and isinstance(v, str) and v
+                    else walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return walk(obj)
+
+
 def _stopped_line(plan: Any, step: int) -> list[str]:
     """A run exported before its planned end says so (its epsilon is that of ``step``)."""
     if step >= plan.steps:
@@ -382,7 +420,8 @@ def model_card(
         "## Command",
         f"- Exported with: `{command}`",
         "- Load: `np.load('ema_params.npz')` gives the trainable parameters by path; "
-        "`model_config.json` gives the method settings to rebuild the model in dpjax.",
+        "`model_config.json` gives the method settings to rebuild the model in dpjax (the "
+        "local workdirs of `*_from` settings are redacted).",
         f"- Exported on {datetime.date.today().isoformat()}.",
     ]
     return "\n".join(lines) + "\n"
@@ -427,6 +466,7 @@ def export_run(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not meant for a release.
     try:
+        redact = functools.partial(redact_source_paths, method_args=cfg.method_args)
         files = ["ema_params.npz"]
         save_params(os.path.join(tmp, "ema_params.npz"), run.state.ema)
         public_frozen = exported_frozen(run.method, run.state.frozen)
@@ -435,7 +475,7 @@ def export_run(
             files.append("frozen_params.npz")
         model = {
             "method": cfg.method,
-            "method_args": dataclasses.asdict(cfg.method_args),
+            "method_args": redact(dataclasses.asdict(cfg.method_args)),
             "data_spec": {
                 "image_shape": list(run.spec.image_shape),
                 "num_classes": run.spec.num_classes,
@@ -457,9 +497,9 @@ def export_run(
             os.path.join(tmp, "samples_grid.png")
         )
         files += ["samples.npz", "samples_grid.png"] + (["png"] if png else [])
-        report = report_lib.privacy_report(
+        report = redact(report_lib.privacy_report(
             run.plan, run.step, cfg.method, releases, run.method.privacy_notes()
-        )
+        ))
         with open(os.path.join(tmp, "privacy_report.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "privacy_report.md"), "w") as f:

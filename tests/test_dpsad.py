@@ -380,9 +380,20 @@ def check_export(wd: str, out: str, teacher: dict) -> None:
          open(os.path.join(out, "privacy_report.json")) as g:  # fmt: skip
         in_workdir, exported = json.load(f), json.load(g)
     assert exported["epsilon"] == in_workdir["epsilon"]
-    # The method's notes (how the teacher enters the guarantee) travel with the export.
-    assert exported["notes"] == in_workdir["notes"] and any(
-        "teacher" in n for n in exported["notes"])
+    # The method's notes (how the teacher enters the guarantee) travel with the export,
+    # without the teacher's local workdir (nor does any other exported text name it).
+    teacher_dir = os.path.abspath(sample.load_run_config(wd).method_args.teacher_from)
+    placeholder = "<teacher_from: a local workdir, not part of this release>"
+    assert exported["notes"] == [n.replace(teacher_dir, placeholder)
+                                 for n in in_workdir["notes"]]
+    assert any("teacher" in n for n in exported["notes"])
+    assert any(teacher_dir in n for n in in_workdir["notes"])
+    for name in os.listdir(out):
+        if name.endswith((".json", ".md")):
+            with open(os.path.join(out, name)) as f:
+                assert teacher_dir not in f.read(), name
+    with open(os.path.join(out, "model_config.json")) as f:
+        assert json.load(f)["method_args"]["teacher_from"] == placeholder
     teacher_leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(teacher)]
     for name in os.listdir(out):
         if name.endswith(".npz") and name != "samples.npz":
