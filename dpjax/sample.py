@@ -233,6 +233,21 @@ def samples_dir(workdir: str, step: int, changes: dict[str, Any] | None = None) 
     return out
 
 
+def not_private_warning(workdir: str) -> str | None:
+    """A warning when the workdir's plan gives no finite guarantee (DP off or sigma 0)."""
+    from dpjax.privacy import plan as plan_lib
+
+    path = os.path.join(workdir, "dp_plan.json")
+    if not os.path.exists(path):
+        return None
+    plan, _ = plan_lib.load_plan(path)
+    if plan.enabled and plan.noise_multiplier > 0:
+        return None
+    why = "DP is disabled" if not plan.enabled else "its noise multiplier is 0"
+    return (f"[dpjax] warning: this run has no differential privacy guarantee ({why}): its "
+            "samples are not a private release.")
+
+
 def load_run_config(workdir: str) -> run_config.RunConfig:
     """The typed config stored in a workdir (no private data is read)."""
     path = os.path.join(workdir, "config.json")
@@ -293,11 +308,17 @@ def sample_from_workdir(
     seed: int = 0,
     batch_size: int = 1000,
     sampling: samplers.SamplerOverrides | None = None,
+    log=print,
 ) -> str:
     """``--mode=sample``: samples from the latest checkpoint's EMA weights into ``out_dir``
-    (default ``samples_dir``), with the run's sampler updated by ``sampling``."""
+    (default ``samples_dir``), with the run's sampler updated by ``sampling``. Sampling
+    is post-processing: the samples carry the run's guarantee, and a run without one
+    (DP off, or no noise) is warned about."""
     changes = sampler_changes(load_run_config(workdir), sampling)
     method, params, spec, cfg, step = load_trained(workdir, changes=changes)
+    warning = not_private_warning(workdir)
+    if warning:
+        log(warning)
     out_dir = out_dir or samples_dir(workdir, step, changes)
     key = jax.random.fold_in(Streams.from_seed(cfg.seed).sample, 1_000_000 + seed)
     images, labels = generate(method, params, spec, key, num, batch_size)

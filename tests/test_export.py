@@ -254,3 +254,14 @@ def test_a_run_exported_before_its_planned_end_says_so(tmp_path):
         report = json.load(f)
     full = report_lib.epsilon_spent(export.read_plan(wd), 6, [], ("rdp",))["rdp"]
     assert report["steps_done"] == 3 and report["epsilon"]["rdp"] < full
+
+
+def test_sampling_a_run_without_a_guarantee_warns(tmp_path):
+    """Samples are post-processing: they carry the run's guarantee, or a warning."""
+    for name, over, warned in (("private", {}, False), ("off", {"dp.enabled": False}, True),
+                               ("sigma0", {"dp.epsilon": None, "dp.noise_multiplier": 0.0},
+                                True)):
+        wd = fake_run(tmp_path / name, **over)
+        msgs = []
+        sample.sample_from_workdir(wd, 2, str(tmp_path / f"{name}_out"), log=msgs.append)
+        assert any("no differential privacy guarantee" in m for m in msgs) == warned, msgs
