@@ -1,8 +1,9 @@
 """Runs sweep points as local processes: one per GPU (or GPU group), the rest queued.
 
 Guarantees of ``run_local``: points start in order; a point runs with
-CUDA_VISIBLE_DEVICES set to its slot's GPUs (removed from the environment on a CPU-only
-machine); no two running points share a slot; each point's output goes to
+CUDA_VISIBLE_DEVICES set to its slot's GPUs (set to '' on a CPU slot, with
+JAX_PLATFORMS=cpu unless the caller set it, so that a CPU point never lands on a GPU);
+no two running points share a slot; each point's output goes to
 ``<workdir>/launch.log``; every exit code is returned.
 """
 
@@ -72,7 +73,7 @@ def run_local(
 ) -> dict[str, int]:
     """Runs ``jobs`` in order, one process per free slot, the rest queued.
 
-    A slot is a CUDA_VISIBLE_DEVICES value (None: the variable is removed, CPU). Each
+    A slot is a CUDA_VISIBLE_DEVICES value (None: CPU, no GPU visible). Each
     job's output goes to ``<workdir>/launch.log``. Returns the exit code of every job.
     Guarantee: no two running jobs share a slot; on KeyboardInterrupt the running jobs
     are terminated (they resume from their workdirs when the sweep is run again).
@@ -88,7 +89,10 @@ def run_local(
                 slot, job = free.pop(0), pending.pop(0)
                 child_env = dict(base_env)
                 if slots[slot] is None:
-                    child_env.pop("CUDA_VISIBLE_DEVICES", None)
+                    # Removing the variable would show every GPU (--gpus=none on a GPU
+                    # machine, or CUDA_VISIBLE_DEVICES=-1): all points on GPU 0.
+                    child_env["CUDA_VISIBLE_DEVICES"] = ""
+                    child_env.setdefault("JAX_PLATFORMS", "cpu")
                 else:
                     child_env["CUDA_VISIBLE_DEVICES"] = slots[slot]
                 os.makedirs(job.workdir, exist_ok=True)

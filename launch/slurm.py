@@ -44,8 +44,10 @@ def sbatch_script(
     """The text of the sbatch file running ``commands[i]`` as array task i.
 
     With ``opts.nodes_per_point`` > 1 each task is launched with ``srun`` as one process
-    per node (dpjax then runs multi-host: it detects the srun step and calls
-    ``jax.distributed.initialize()``).
+    per GPU (``--ntasks-per-node`` = GPUs per node; dpjax then runs multi-host: it
+    detects the srun step and calls ``jax.distributed.initialize()``, which gives each
+    process the GPU of its ``SLURM_LOCALID``; one process per node would use only GPU 0
+    of each node). ``cpus_per_task`` is then per GPU process.
     """
     if len(names) != len(commands) or not names:
         raise ValueError("need one name per command, and at least one point.")
@@ -63,7 +65,8 @@ def sbatch_script(
     if opts.gpus_per_point > 0:
         lines.append(f"#SBATCH --gres=gpu:{opts.gpus_per_point}")
     if opts.nodes_per_point > 1:
-        lines += [f"#SBATCH --nodes={opts.nodes_per_point}", "#SBATCH --ntasks-per-node=1"]
+        lines += [f"#SBATCH --nodes={opts.nodes_per_point}",
+                  f"#SBATCH --ntasks-per-node={max(1, opts.gpus_per_point)}"]
     if opts.partition:
         lines.append(f"#SBATCH --partition={opts.partition}")
     if opts.account:
@@ -71,7 +74,7 @@ def sbatch_script(
     if opts.mem:
         lines.append(f"#SBATCH --mem={opts.mem}")
     lines += [
-        f"#SBATCH --output={opts.log_dir}/%A_%a.out",
+        f'#SBATCH --output="{opts.log_dir}/%A_%a.out"',  # Quoted: ROOT may hold spaces.
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         f"#SBATCH --signal=B:USR1@{opts.signal_seconds}",

@@ -108,8 +108,12 @@ def check_point(module: Any, point: Point) -> None:
             node = node[part]
 
 
-def sweep_points(experiment: str, limit: int = 0) -> tuple[str, list[Point]]:
-    """(experiment file, checked points) of ``FILE.py[:BASE]``; the first ``limit`` if > 0."""
+def sweep_points(
+    experiment: str, limit: int = 0, sets: Sequence[str] = ()
+) -> tuple[str, list[Point]]:
+    """(experiment file, checked points) of ``FILE.py[:BASE]``; the first ``limit`` if > 0.
+
+    ``sets`` (``KEY=VALUE``, given to every point) are checked with each point's flags."""
     path, _, base = experiment.partition(":")
     module = load_experiment(path)
     if not callable(getattr(module, "sweep", None)):
@@ -124,8 +128,12 @@ def sweep_points(experiment: str, limit: int = 0) -> tuple[str, list[Point]]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SweepError(f"{path}: sweep points with the same workdir name: {dupes}.")
+    for s in sets:
+        if "=" not in s or not s.split("=", 1)[0]:
+            raise SweepError(f"--set {s!r}: expected KEY=VALUE, e.g. --set train.log_every=50.")
     for p in points:
-        check_point(module, p)
+        check_point(module, dataclasses.replace(p, flags=(*p.flags, *(f"--config.{s}"
+                                                                       for s in sets))))
     return path, points
 
 
@@ -202,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (non-zero if a point failed)."""
     a = _parser().parse_args(argv)
     try:
-        path, points = sweep_points(a.experiment, a.limit)
+        path, points = sweep_points(a.experiment, a.limit, a.set)
     except SweepError as e:
         print(f"sweep error: {e}", file=sys.stderr)
         return 2

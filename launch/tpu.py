@@ -44,18 +44,27 @@ def tpu_script(names: Sequence[str], commands: Sequence[Sequence[str]], opts: Tp
         f"# on every worker of the Cloud TPU VM {opts.tpu_name} (one JAX process per worker).",
         "# Workdirs must be on storage every worker shares (NFS/Filestore or a gcsfuse",
         "# mount) when the slice has more than one worker. Re-running resumes every point.",
-        "set -euo pipefail",
+        "# A failed point does not stop the others; the failed ones are listed at the end",
+        "# and the exit status is then 1.",
+        "set -uo pipefail",
         f"TPU={shlex.quote(opts.tpu_name)}",
         f"ZONE={shlex.quote(opts.zone)}",
+        "FAILED=()",
         "run_point() {  # run_point NAME COMMAND",
         '  echo "[sweep] $1"',
         f'  gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE"{project} --worker=all '
-        '--command="$2"',
+        '--command="$2" || { echo "[sweep] $1 failed (exit $?)" >&2; FAILED+=("$1"); }',
         "}",
     ]
     for name, cmd in zip(names, commands):
         lines.append(
             f"run_point {shlex.quote(name)} {shlex.quote(remote_command(cmd, opts.repo_dir))}"
         )
-    lines.append("")
+    lines += [
+        'if [ "${#FAILED[@]}" -gt 0 ]; then',
+        '  echo "[sweep] ${#FAILED[@]} of ' + str(len(names)) + ' points failed: ${FAILED[*]}" >&2',
+        "  exit 1",
+        "fi",
+        "",
+    ]
     return "\n".join(lines)

@@ -77,6 +77,12 @@ def test_bad_points_fail_before_anything_runs(tmp_path):
     write(["sigmaa=2"])
     with pytest.raises(sweep.SweepError, match="sigmaa"):
         sweep.sweep_points(str(exp))
+    write(["sigma=1", "sigma=2"])  # --set applies to every point: checked with each.
+    with pytest.raises(sweep.SweepError, match="no key 'train.log_evry'"):
+        sweep.sweep_points(str(exp), sets=["train.log_evry=5"])
+    with pytest.raises(sweep.SweepError, match="expected KEY=VALUE"):
+        sweep.sweep_points(str(exp), sets=["bogus"])
+    assert len(sweep.sweep_points(str(exp), sets=["train.log_every=5"])[1]) == 2
     assert sweep.main(["experiments/common.py", "--root", str(tmp_path / "r"), "--dry-run"]) == 2
 
 
@@ -93,7 +99,7 @@ def test_slurm_array_file_dry_run_and_requeue(tmp_path, capsys, monkeypatch):
     text = (root / "sweep.sbatch").read_text()
     for line in ("#SBATCH --array=0-5%4", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00",
-                 f"#SBATCH --output={root}/slurm/%A_%a.out", f"cd {ROOT}",
+                 f'#SBATCH --output="{root}/slurm/%A_%a.out"', f"cd {ROOT}",
                  'scontrol requeue "$TASK"', "trap requeue USR1"):  # fmt: skip
         assert line in text, line
     manifest = json.loads((root / "sweep.json").read_text())
@@ -128,6 +134,21 @@ def test_slurm_array_file_dry_run_and_requeue(tmp_path, capsys, monkeypatch):
     assert "requeueing 77_2" in output
 
 
+def test_multi_node_points_run_one_process_per_gpu():
+    """JAX gives each srun task the GPU of its SLURM_LOCALID: one task per node would
+    train on GPU 0 of each node only."""
+    from launch import slurm
+
+    text = slurm.sbatch_script(["a"], [["python", "-m", "dpjax.main"]], "/repo",
+                               slurm.SlurmOptions("j", gpus_per_point=4, nodes_per_point=2))
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
+                 "CMD=(srun --kill-on-bad-exit=1 python -m dpjax.main)"):
+        assert line in text, line
+    single = slurm.sbatch_script(["a"], [["python"]], "/repo",
+                                 slurm.SlurmOptions("j", gpus_per_point=4))
+    assert "ntasks-per-node" not in single and "srun" not in single
+
+
 def test_tpu_script(tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "local"
     args = ["experiments/dpdm_fmnist.py", "--root=/mnt/shared/fm", "--mode=tpu", "--dry-run",
@@ -157,6 +178,12 @@ def test_tpu_script(tmp_path, capsys, monkeypatch):
         "--config.seed=0 --config.train.num_devices=0"
     )
     assert calls[0] == first
+    # A failing point does not stop the later ones; the failures are listed, exit 1.
+    _fake_bin(tmp_path, "gcloud", '[[ "$*" == *eps=10_seed=0* ]] && exit 7; exit 0')
+    log.unlink()
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and len(log.read_text().splitlines()) == 6
+    assert "1 of 6 points failed: eps=10_seed=0" in done.stderr, done.stderr
     assert _dry_main(monkeypatch, args[:4] + [f"--out={out_dir}"]) == 2  # No --tpu-name/--zone.
 
 
@@ -202,6 +229,17 @@ def test_run_local_queue_never_shares_a_gpu(tmp_path):
     for s in spans.values():
         s.sort()
         assert all(a[1] <= b[0] for a, b in zip(s, s[1:])), "two points shared a GPU"
+
+
+def test_a_cpu_slot_sees_no_gpu_even_when_the_parent_does(tmp_path):
+    code = ("import os, sys; open(sys.argv[1], 'w').write("
+            "repr((os.environ['CUDA_VISIBLE_DEVICES'], os.environ['JAX_PLATFORMS'])))")
+    job = local.Job("p", [sys.executable, "-c", code, str(tmp_path / "env.txt")],
+                    str(tmp_path / "p"))
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+           "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert local.run_local([job], [None], env=env, echo=lambda *_: None) == {"p": 0}
+    assert (tmp_path / "env.txt").read_text() == repr(("", "cpu"))
 
 
 def test_local_sweep_runs_two_smoke_points(tmp_path):
