@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 from typing import Any
 
 import jax
@@ -55,6 +57,8 @@ RESUME_FREE_FIELDS = {
 }
 # The digest of the private data a run began on (``dataset_digest``); workdir only.
 DATA_DIGEST_FILE = "data_digest.json"
+# Held (flock) by the process training in a workdir; the OS releases it when it dies.
+LOCK_FILE = ".dpjax_train.lock"
 
 
 class BudgetExceededError(PrivacyError):
@@ -81,6 +85,44 @@ class Run:
     mesh: Mesh | None = None  # None: one device; else the 'data' mesh the step runs on.
     # Free fields this resume changed; written to config.json after it worked.
     free_changes: list[FreeChange] = dataclasses.field(default_factory=list)
+    lock: Any = None  # The workdir lock's open file (process 0), closed by ``close``.
+
+    def close(self) -> None:
+        """Ends orbax's threads and releases the workdir lock (``train`` calls it)."""
+        try:
+            self.checkpointer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+
+
+def lock_workdir(workdir: str) -> Any:
+    """Takes the workdir's training lock (process 0 only; None elsewhere).
+
+    Two processes training one workdir would write the same checkpoints: a second
+    ``train`` of a workdir (a resubmitted SLURM task while the first still runs, a
+    forgotten background job) fails here with WorkdirError before anything is written.
+    The lock is advisory (flock) and released by the OS when its holder dies, so a
+    killed run never blocks its resume."""
+    if not parallel.is_main_process():
+        return None
+    path = os.path.join(workdir, LOCK_FILE)
+    f = open(path, "a+")  # noqa: SIM115 - held for the run's lifetime.
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise WorkdirError(
+            f"Another dpjax process (pid {holder}) is training in {workdir}; two would "
+            "write the same checkpoints. Wait for it or stop it, then run again."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}@{socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
@@ -344,20 +386,33 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     ckpt_dir = os.path.join(workdir, "checkpoints")
     created = [d for d in (workdir, ckpt_dir) if not os.path.exists(d)]
     check_workdir(workdir)  # After the typed config: a bad value creates nothing.
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    lock = lock_workdir(workdir)
     try:
-        return _build_run(config, cfg, workdir, checkpointer, mesh, log)
+        checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    try:
+        run, dataset = _build_run(config, cfg, workdir, checkpointer, mesh, log)
     except BaseException:
         # Orbax cleans the directory in a background thread; a run that fails here (a
         # missing dataset, a changed plan) must end it, or the interpreter's shutdown
         # prints that thread's traceback under the user's one-line error.
         checkpointer.close()
+        if lock is not None:
+            lock.close()
+            if workdir in created:  # Nobody else can be waiting on a new workdir's lock.
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(workdir, LOCK_FILE))
         # A new run that failed before writing anything (a missing dataset) leaves no
         # empty folders behind; rmdir removes only empty ones, never a checkpoint.
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         raise
+    run.lock = lock
+    return run, dataset
 
 
 def _build_run(

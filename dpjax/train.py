@@ -101,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     try:
         return _train_run(run, dataset, log)
     finally:
-        run.checkpointer.close()  # Waits for orbax's threads, also when a step failed.
+        run.close()  # Waits for orbax's threads and frees the workdir, also on failure.
 
 
 def _train_run(run: Run, dataset: Any, log) -> TrainState:

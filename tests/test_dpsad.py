@@ -428,7 +428,7 @@ def test_the_loop_composes_the_dp_teacher_into_the_total_and_exports_no_teacher(
     state = TrainState(jnp.asarray(2, jnp.int32), trained, run.state.frozen,
                        run.state.opt_state, trained)  # fmt: skip
     train.save_checkpoint(run, state)
-    run.checkpointer.close()
+    run.close()
     report = train.write_privacy_report(run, 2)
     assert report["target_epsilon"] == 0.6
     assert report["epsilon"]["rdp"] == pytest.approx(0.6, rel=1e-3)

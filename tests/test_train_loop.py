@@ -199,6 +199,32 @@ def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
     assert os.path.exists(os.path.join(ref, run_setup.DATA_DIGEST_FILE))
 
 
+def test_a_second_training_process_in_a_workdir_is_refused(tmp_path):
+    """Two processes training one workdir would write the same checkpoints: the second
+    fails before writing anything; the lock goes with its holder (a killed run resumes)."""
+    wd = str(tmp_path)
+    train.train(_config(steps=6, **{"train.max_steps_per_run": 3}), wd, log=lambda *_: None)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242@elsewhere'); f.flush(); "
+         "print('locked', flush=True); time.sleep(60)",
+         os.path.join(wd, run_setup.LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+        with pytest.raises(train.WorkdirError, match=r"pid 4242@elsewhere\) is training"):
+            train.train(_config(steps=6), wd, log=lambda *_: None)
+        assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: its lock is gone, and the run resumes; its own lock is freed after.
+    assert int(train.train(_config(steps=6), wd, log=lambda *_: None).step) == 6
+    assert int(train.train(_config(steps=6), wd, log=lambda *_: None).step) == 6
+
+
 def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path, record_tried):
     cfg = _config(steps=12, **{"optim.learning_rate": 1e30, "optim.name": "sgd"})
     record_tried("faults", "NaN loss")
