@@ -215,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep error: {e}", file=sys.stderr)
         return 2
     remote = a.mode == "tpu"
+    if remote and not (a.tpu_name and a.zone):  # Before anything is written.
+        print("sweep error: --mode=tpu needs --tpu-name and --zone.", file=sys.stderr)
+        return 2
+    if remote and not os.path.abspath(path).startswith(REPO + os.sep):
+        print(f"sweep error: --mode=tpu runs {path} on the workers from --repo-dir, so it "
+              "must be a file of this repository (experiments/...).", file=sys.stderr)
+        return 2
     root = a.root if remote else os.path.abspath(a.root)
     python = a.python or ("python3" if remote else sys.executable)
     devices = a.gpus_per_point if a.mode == "local" else a.gpus_per_point * a.nodes_per_point
@@ -275,9 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return subprocess.run(["sbatch", script], check=False).returncode
     if a.mode == "tpu":
-        if not (a.tpu_name and a.zone):
-            print("sweep error: --mode=tpu needs --tpu-name and --zone.", file=sys.stderr)
-            return 2
         opts = tpu.TpuOptions(a.tpu_name, a.zone, a.project, a.repo_dir)
         script = os.path.join(meta_dir, "sweep_tpu.sh")
         with open(script, "w") as f:

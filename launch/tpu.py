@@ -25,12 +25,18 @@ class TpuOptions:
     tpu_name: str
     zone: str
     project: str = ""
-    repo_dir: str = "~/dpjax"  # left unquoted on the worker so that ~ expands
+    repo_dir: str = "~/dpjax"  # a leading ~ expands on the worker (remote_command)
 
 
 def remote_command(cmd: Sequence[str], repo_dir: str) -> str:
-    """What every worker runs for one point."""
-    return f"cd {repo_dir} && DPJAX_DISTRIBUTED=1 {shlex.join(cmd)}"
+    """What every worker runs for one point (a leading ~ of ``repo_dir`` expands on the
+    worker; the rest is quoted, so a path with spaces works)."""
+    if repo_dir == "~" or repo_dir.startswith("~/"):
+        rest = repo_dir[2:]
+        where = "~" + (f"/{shlex.quote(rest)}" if rest else "")
+    else:
+        where = shlex.quote(repo_dir)
+    return f"cd {where} && DPJAX_DISTRIBUTED=1 {shlex.join(cmd)}"
 
 
 def tpu_script(names: Sequence[str], commands: Sequence[Sequence[str]], opts: TpuOptions) -> str:

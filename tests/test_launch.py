@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch import local, sweep
+from launch import local, sweep, tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,6 +185,10 @@ def test_tpu_script(tmp_path, capsys, monkeypatch):
     assert done.returncode == 1 and len(log.read_text().splitlines()) == 6
     assert "1 of 6 points failed: eps=10_seed=0" in done.stderr, done.stderr
     assert _dry_main(monkeypatch, args[:4] + [f"--out={out_dir}"]) == 2  # No --tpu-name/--zone.
+    assert tpu.remote_command(["a"], "~/my repo") == "cd ~/'my repo' && DPJAX_DISTRIBUTED=1 a"
+    outside = tmp_path / "exp.py"  # Not in the repository: the workers cannot run it.
+    outside.write_text("from experiments.dpdm_fmnist import get_config, sweep\n")
+    assert _dry_main(monkeypatch, [str(outside), *args[1:]]) == 2
 
 
 def test_local_dry_run_assigns_gpus_and_queues(tmp_path, capsys, monkeypatch):
