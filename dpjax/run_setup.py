@@ -402,7 +402,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         checkpointer.close()
         if lock is not None:
             lock.close()
-            if workdir in created:  # Nobody else can be waiting on a new workdir's lock.
+            if workdir in created:  # A workdir this process created holds no other run.
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(workdir, LOCK_FILE))
         # A new run that failed before writing anything (a missing dataset) leaves no
