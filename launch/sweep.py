@@ -239,9 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a path on the workers.
     default_out = os.path.join(REPO, "workdirs", "sweeps", os.path.basename(root.rstrip("/")))
     meta_dir = os.path.abspath(a.out or (default_out if remote else root))
+    previous = os.path.join(meta_dir, "sweep.json")
+    if os.path.exists(previous):  # E.g. two TPU ROOTs with one basename: one default --out.
+        with open(previous) as f:
+            other = json.load(f).get("root", root)
+        if other != root:
+            print(f"sweep error: {meta_dir} holds the sweep of ROOT {other}, not {root}; "
+                  "give another --out.", file=sys.stderr)
+            return 2
     os.makedirs(meta_dir, exist_ok=True)
     manifest = {
         "experiment": a.experiment,
+        "root": root,
         "mode": a.mode,
         "points": [
             {

@@ -186,6 +186,9 @@ def test_tpu_script(tmp_path, capsys, monkeypatch):
     assert "1 of 6 points failed: eps=10_seed=0" in done.stderr, done.stderr
     assert _dry_main(monkeypatch, args[:4] + [f"--out={out_dir}"]) == 2  # No --tpu-name/--zone.
     assert tpu.remote_command(["a"], "~/my repo") == "cd ~/'my repo' && DPJAX_DISTRIBUTED=1 a"
+    # Another ROOT with the same --out (e.g. the same basename) does not overwrite it.
+    assert _dry_main(monkeypatch, [args[0], "--root=/mnt/other/fm", *args[2:]]) == 2
+    assert json.loads((out_dir / "sweep.json").read_text())["root"] == "/mnt/shared/fm"
     outside = tmp_path / "exp.py"  # Not in the repository: the workers cannot run it.
     outside.write_text("from experiments.dpdm_fmnist import get_config, sweep\n")
     assert _dry_main(monkeypatch, [str(outside), *args[1:]]) == 2
