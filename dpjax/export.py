@@ -28,8 +28,8 @@ Guarantees:
   the non-EMA weights, the config (it names private data paths), the data digest and
   the private data are never read into the output; the local workdirs that ``*_from``
   settings name are redacted from the method settings and the report
-  (``redact_source_paths``). An ``audit.json`` is quoted only if it was made under this
-  run's plan (else the export is refused).
+  (``model_card.redact_source_paths``). An ``audit.json`` is quoted only if it was made
+  under this run's plan (else the export is refused).
 * Everything written is post-processing of the DP model (EMA weights) plus public facts
   (data spec, plan), so it costs no privacy beyond the report's epsilon.
 * The output appears atomically (written to a temporary directory, then renamed), and
@@ -39,7 +39,6 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 
 from dpjax import checkpoint as ckpt_lib
+from dpjax import model_card as card_lib
 from dpjax import sample
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.privacy import plan as plan_lib
@@ -227,32 +227,6 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def _audit_line(workdir: str) -> list[str]:
-    """The workdir's audit (``--mode=audit``), if one on public stand-in data exists."""
-    path = os.path.join(workdir, "audit.json")
-    try:
-        with open(path) as f:
-            a = json.load(f)
-        d = a["details"]
-        if d.get("data") != "fake" or d.get("faults"):
-            return []  # An audit on private rows is itself not DP: not published.
-        return [
-            f"- Empirical audit (one-run gradient canaries, {d['num_canaries']} canaries, "
-            f"{d['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
-            f"{d['confidence']:.0%} confidence, below the accountant's "
-            f"{_fmt(a['accountant_epsilon'])} for those {d['steps']} steps; it checks the DP "
-            "step's implementation"
-            + (f" (clipping '{d['clipping_impl']}')" if "clipping_impl" in d else "")
-            + ", not the tightness of epsilon.",
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
 # The plan fields an audit must share with the run it is quoted for.
 _AUDIT_PLAN_FIELDS = ("noise_multiplier", "clip_norm", "sampling_rate", "num_examples", "delta")
 
@@ -289,142 +263,6 @@ def check_audit(workdir: str, plan: Any = None) -> None:
             f"{a.get('epsilon_lower_bound')} exceeds the accountant's "
             f"{a.get('accountant_epsilon')}. Refusing to export until that is explained."
         )
-
-
-def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
-    """How the private data was accessed: DP-SGD steps, or one release (DP-MEPF)."""
-    n = len(report["releases"])
-    if plan.mechanism == "release":
-        return (
-            "- Mechanism: one Gaussian release of the sum over the dataset of per-example "
-            f"vectors of norm C = {plan.clip_norm}, noise multiplier sigma = "
-            f"{plan.noise_multiplier:.6g}; the {step} training steps after it read only the "
-            f"release (post-processing); {n} release records in all (composed in the epsilon)."
-        )
-    return (
-        f"- Mechanism: DP-SGD with Poisson sampling q = {plan.sampling_rate:.6g} "
-        f"(expected batch {plan.expected_batch_size:.1f}), per-example clipping to "
-        f"C = {plan.clip_norm}, Gaussian noise multiplier sigma = "
-        f"{plan.noise_multiplier:.6g}, {step} steps; {n} other private releases (composed "
-        "in the epsilon)."
-    )
-
-
-def redact_source_paths(obj: Any, method_args: Any) -> Any:
-    """``obj`` (JSON-like) with the local workdirs that the method's ``*_from`` settings
-    name replaced by a placeholder: where a run's sources lie on the trainer's disk is
-    not part of a release (the sources' privacy is in the report, not their paths)."""
-    def label(key: str) -> str:
-        return f"<{key}: a local workdir, not part of this release>"
-
-    names = {}
-    if dataclasses.is_dataclass(method_args):
-        for field in dataclasses.fields(method_args):
-            value = getattr(method_args, field.name)
-            if field.name.endswith("_from") and isinstance(value, str) and value:
-                for form in (value, os.path.abspath(value), os.path.normpath(value)):
-                    # In free text only forms with a separator: a bare name ('teacher')
-                    # would also match ordinary words.
-                    if os.sep in form:
-                        names.setdefault(form, label(field.name))
-    ordered = sorted(names, key=len, reverse=True)  # '/a/b' before its prefix '/a'.
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, str):
-            for path in ordered:
-                x = x.replace(path, names[path])
-            return x
-        if isinstance(x, dict):
-            return {k: label(k) if str(k).endswith("_from") and isinstance(v, str) and v
-                    else walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
-        return x
-
-    return walk(obj)
-
-
-def _stopped_line(plan: Any, step: int) -> list[str]:
-    """A run exported before its planned end says so (its epsilon is that of ``step``)."""
-    if step >= plan.steps:
-        return []
-    return [
-        f"- The run was exported at step {step}, before its planned {plan.steps}: the "
-        "guarantee below is for the steps done. An export of the same run after more "
-        "steps has a larger epsilon; both together are covered by the larger one."
-    ]
-
-
-def model_card(
-    run: LoadedRun, report: dict[str, Any], files: list[str], command: str, num_samples: int
-) -> str:
-    """The markdown model card of an export."""
-    plan, spec, cfg = run.plan, run.spec, run.config
-    eps = report["epsilon"]
-    classes = f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
-    frozen = count_params(exported_frozen(run.method, run.state.frozen))
-    rel = plan.neighbouring.replace("_", " ")
-    lines = [
-        f"# Model card: {cfg.method} image generator trained with differential privacy",
-        "",
-        "## Model",
-        f"- Method: `{cfg.method}` (dpjax), EMA weights (rate {cfg.train.ema_rate}) of "
-        + (f"step {run.step} of {plan.steps} planned DP-SGD steps."
-           if plan.mechanism != "release" else
-           f"step {run.step} of {plan.steps} planned training steps on the one DP release "
-           "(post-processing)."),
-        *_stopped_line(plan, run.step),
-        f"- Parameters: {count_params(run.state.ema):,} trained with DP"
-        + (f", {frozen:,} frozen public parameters" if frozen else "")
-        + ".",
-        "- Files: " + ", ".join(f"`{f}`" for f in files) + ".",
-        f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
-        "NHWC images, int32 labels).",
-        "",
-        "## Data",
-        f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "
-        f"{classes}; N = {plan.num_examples} private training examples (N is treated as "
-        "public, as it sets the sampling rate).",
-        "- The private data, its location and any statistic of it other than through the "
-        "DP mechanism are not part of this release.",
-        "",
-        "## Privacy guarantee",
-        f"- ({_fmt(eps.get(plan.accountant))}, {plan.delta:g})-differential privacy "
-        f"({plan.accountant.upper()} accountant; PLD: {_fmt(eps.get('pld'))}, RDP: "
-        f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example ("
-        + ("an image with its label" if spec.num_classes else "an image")
-        + ") of the training set.",
-        _mechanism_line(plan, run.step, report),
-        "- Everything in this directory is post-processing of the DP model, so it is "
-        "covered by the same guarantee. See `privacy_report.md`.",
-        *_audit_line(run.workdir),
-        "",
-        "## Intended use",
-        "- Generating synthetic images that share coarse statistics with the private "
-        "training data, for research, prototyping and training downstream models, where "
-        "the stated example-level guarantee is the accepted protection.",
-        "",
-        "## Limitations",
-        "- The guarantee is per example: a person contributing many images is protected "
-        "only at a correspondingly weaker level (group privacy).",
-        "- Hyperparameter, step-count and checkpoint selection are outside epsilon: if "
-        "they were tuned on the private data, that selection is an unaccounted release.",
-        "- The guarantee assumes ideal Gaussian noise; JAX's PRNG is not cryptographically "
-        "secure and floating-point effects are not accounted for.",
-        "- Samples can still resemble training images in coarse ways allowed by epsilon; "
-        "sample quality and class fidelity are limited, especially at small epsilon. Do "
-        "not use the samples for decisions about individuals.",
-        "- Training losses computed on private rows are deliberately excluded (they are "
-        "not differentially private), as are the optimizer state and the raw weights.",
-        "",
-        "## Command",
-        f"- Exported with: `{command}`",
-        "- Load: `np.load('ema_params.npz')` gives the trainable parameters by path; "
-        "`model_config.json` gives the method settings to rebuild the model in dpjax (the "
-        "local workdirs of `*_from` settings are redacted).",
-        f"- Exported on {datetime.date.today().isoformat()}.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def export_run(
@@ -466,7 +304,7 @@ def export_run(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not meant for a release.
     try:
-        redact = functools.partial(redact_source_paths, method_args=cfg.method_args)
+        redact = functools.partial(card_lib.redact_source_paths, method_args=cfg.method_args)
         files = ["ema_params.npz"]
         save_params(os.path.join(tmp, "ema_params.npz"), run.state.ema)
         public_frozen = exported_frozen(run.method, run.state.frozen)
@@ -505,7 +343,10 @@ def export_run(
         with open(os.path.join(tmp, "privacy_report.md"), "w") as f:
             f.write(report_lib.report_markdown(report))
         files += ["privacy_report.json", "privacy_report.md", "model_card.md"]
-        card = model_card(run, report, files, command or f"export of {workdir}", num)
+        card = card_lib.model_card(
+            run, report, files, command or f"export of {workdir}", num,
+            count_params(public_frozen),
+        )
         with open(os.path.join(tmp, "model_card.md"), "w") as f:
             f.write(card)
         unexpected = sorted(set(os.listdir(tmp)) - set(ALLOWED))

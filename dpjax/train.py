@@ -33,14 +33,9 @@ from dpjax.methods.base import Params
 from dpjax.optim import make_optimizer
 from dpjax.privacy import report as report_lib
 from dpjax.run_setup import (
-    RESUME_LOCKED_SECTIONS,
     BudgetExceededError,
     Run,
-    WorkdirError,
-    check_resume_config,
-    check_workdir,
     prior_records,
-    record_free_changes,
     refresh_plan_file,
     release_done,
     resolve_plan,
@@ -49,6 +44,13 @@ from dpjax.run_setup import (
     write_privacy_report,
 )
 from dpjax.state import TrainState
+from dpjax.workdir_guard import (
+    RESUME_LOCKED_SECTIONS,
+    WorkdirError,
+    check_resume_config,
+    check_workdir,
+    record_free_changes,
+)
 
 # The loop's public names, wherever they are defined (callers import them from here).
 __all__ = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpjax import export, run_setup, sample, train
+from dpjax import export, sample, train, workdir_guard
 from dpjax.eval import report
 from dpjax.main import user_errors
 from experiments import toy_fake
@@ -137,7 +137,7 @@ def test_train_disk_full_fails_before_training(tmp_path, monkeypatch, record_tri
     class Usage:
         free = 1024
 
-    monkeypatch.setattr(run_setup.shutil, "disk_usage", lambda _: Usage())
+    monkeypatch.setattr(workdir_guard.shutil, "disk_usage", lambda _: Usage())
     with pytest.raises(train.WorkdirError, match="MiB free"):
         train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
@@ -159,13 +159,13 @@ def test_fields_added_to_dpjax_since_a_run_began_do_not_block_its_resume(tmp_pat
     wd = str(tmp_path / "old")
     os.makedirs(wd)
     config = _config()
-    stored = json.loads(run_setup.run_config.config_to_json(config))
+    stored = json.loads(workdir_guard.run_config.config_to_json(config))
     del stored["dp"]["compute_dtype"], stored["optim"]["warmup_steps"]
     with open(os.path.join(wd, "config.json"), "w") as f:
         json.dump(stored, f)
-    run_setup.check_resume_config(wd, config)  # Both at their defaults: the same run.
+    workdir_guard.check_resume_config(wd, config)  # Both at their defaults: the same run.
     with pytest.raises(user_errors(), match=r"dp.compute_dtype: None -> 'bfloat16'"):
-        run_setup.check_resume_config(wd, _config(**{"dp.compute_dtype": "bfloat16"}))
+        workdir_guard.check_resume_config(wd, _config(**{"dp.compute_dtype": "bfloat16"}))
 
 
 ENTRY_POINTS = {

@@ -226,7 +226,7 @@ def test_model_card_names_the_mechanism_that_touched_the_data():
     """DP-MEPF's data access is one release; its card must not describe DP-SGD steps."""
     from types import SimpleNamespace
 
-    from dpjax.export import _mechanism_line
+    from dpjax.model_card import _mechanism_line
 
     common = dict(sampling_rate=0.01, expected_batch_size=600.0, clip_norm=1.0,
                   noise_multiplier=2.5)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dpjax import checkpoint as ckpt_lib
-from dpjax import metrics_log, run_setup, sample, train
+from dpjax import metrics_log, sample, train, workdir_guard
 from dpjax.checkpoint import CheckpointError
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.typed_config import ConfigError
@@ -192,11 +192,11 @@ def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
     # A run from before data digests: the same data elsewhere is not enough.
-    os.remove(os.path.join(ref, run_setup.DATA_DIGEST_FILE))
+    os.remove(os.path.join(ref, workdir_guard.DATA_DIGEST_FILE))
     with pytest.raises(CheckpointError, match="different config.*data.path"):
         train.train(_config(steps=9, **moved), ref, log=lambda *_: None)
     train.train(_config(steps=9, **first), ref, log=lambda *_: None)  # Records its digest.
-    assert os.path.exists(os.path.join(ref, run_setup.DATA_DIGEST_FILE))
+    assert os.path.exists(os.path.join(ref, workdir_guard.DATA_DIGEST_FILE))
 
 
 def test_a_second_training_process_in_a_workdir_is_refused(tmp_path):
@@ -209,7 +209,7 @@ def test_a_second_training_process_in_a_workdir_is_refused(tmp_path):
          "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
          "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242@elsewhere'); f.flush(); "
          "print('locked', flush=True); time.sleep(60)",
-         os.path.join(wd, run_setup.LOCK_FILE)],
+         os.path.join(wd, workdir_guard.LOCK_FILE)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

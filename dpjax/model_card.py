@@ -1,0 +1,192 @@
+"""The model card of an export, and the redaction of local paths from what is published.
+
+``export.export_run`` writes the card; what it may say is what the export may publish:
+public facts (method, data spec, N, the DP plan), the privacy report's epsilon, an
+audit made on public stand-in data, and the export command. ``redact_source_paths``
+removes the trainer's local workdirs (``*_from`` settings) from published JSON and text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from dpjax.methods.base import count_params
+
+if TYPE_CHECKING:
+    from dpjax.export import LoadedRun
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _audit_line(workdir: str) -> list[str]:
+    """The workdir's audit (``--mode=audit``), if one on public stand-in data exists."""
+    path = os.path.join(workdir, "audit.json")
+    try:
+        with open(path) as f:
+            a = json.load(f)
+        d = a["details"]
+        if d.get("data") != "fake" or d.get("faults"):
+            return []  # An audit on private rows is itself not DP: not published.
+        return [
+            f"- Empirical audit (one-run gradient canaries, {d['num_canaries']} canaries, "
+            f"{d['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
+            f"{d['confidence']:.0%} confidence, below the accountant's "
+            f"{_fmt(a['accountant_epsilon'])} for those {d['steps']} steps; it checks the DP "
+            "step's implementation"
+            + (f" (clipping '{d['clipping_impl']}')" if "clipping_impl" in d else "")
+            + ", not the tightness of epsilon.",
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
+    """How the private data was accessed: DP-SGD steps, or one release (DP-MEPF)."""
+    n = len(report["releases"])
+    if plan.mechanism == "release":
+        return (
+            "- Mechanism: one Gaussian release of the sum over the dataset of per-example "
+            f"vectors of norm C = {plan.clip_norm}, noise multiplier sigma = "
+            f"{plan.noise_multiplier:.6g}; the {step} training steps after it read only the "
+            f"release (post-processing); {n} release records in all (composed in the epsilon)."
+        )
+    return (
+        f"- Mechanism: DP-SGD with Poisson sampling q = {plan.sampling_rate:.6g} "
+        f"(expected batch {plan.expected_batch_size:.1f}), per-example clipping to "
+        f"C = {plan.clip_norm}, Gaussian noise multiplier sigma = "
+        f"{plan.noise_multiplier:.6g}, {step} steps; {n} other private releases (composed "
+        "in the epsilon)."
+    )
+
+
+def redact_source_paths(obj: Any, method_args: Any) -> Any:
+    """``obj`` (JSON-like) with the local workdirs that the method's ``*_from`` settings
+    name replaced by a placeholder: where a run's sources lie on the trainer's disk is
+    not part of a release (the sources' privacy is in the report, not their paths)."""
+    def label(key: str) -> str:
+        return f"<{key}: a local workdir, not part of this release>"
+
+    names = {}
+    if dataclasses.is_dataclass(method_args):
+        for field in dataclasses.fields(method_args):
+            value = getattr(method_args, field.name)
+            if field.name.endswith("_from") and isinstance(value, str) and value:
+                for form in (value, os.path.abspath(value), os.path.normpath(value)):
+                    # In free text only forms with a separator: a bare name ('teacher')
+                    # would also match ordinary words.
+                    if os.sep in form:
+                        names.setdefault(form, label(field.name))
+    ordered = sorted(names, key=len, reverse=True)  # '/a/b' before its prefix '/a'.
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            for path in ordered:
+                x = x.replace(path, names[path])
+            return x
+        if isinstance(x, dict):
+            return {k: label(k) if str(k).endswith("_from") and isinstance(v, str) and v
+                    else walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return walk(obj)
+
+
+def _stopped_line(plan: Any, step: int) -> list[str]:
+    """A run exported before its planned end says so (its epsilon is that of ``step``)."""
+    if step >= plan.steps:
+        return []
+    return [
+        f"- The run was exported at step {step}, before its planned {plan.steps}: the "
+        "guarantee below is for the steps done. An export of the same run after more "
+        "steps has a larger epsilon; both together are covered by the larger one."
+    ]
+
+
+def model_card(
+    run: LoadedRun,
+    report: dict[str, Any],
+    files: list[str],
+    command: str,
+    num_samples: int,
+    num_frozen: int,
+) -> str:
+    """The markdown model card of an export of ``run``.
+
+    ``report`` is the exported (redacted) privacy report, ``files`` the files written,
+    ``num_frozen`` the number of frozen public parameters the export publishes. The card
+    states only public facts and what the report states: the method, the data spec, N,
+    the plan and epsilon, an audit on public stand-in data, and the command."""
+    plan, spec, cfg = run.plan, run.spec, run.config
+    eps = report["epsilon"]
+    classes = f"{spec.num_classes} classes" if spec.num_classes else "unconditional"
+    frozen = num_frozen
+    rel = plan.neighbouring.replace("_", " ")
+    lines = [
+        f"# Model card: {cfg.method} image generator trained with differential privacy",
+        "",
+        "## Model",
+        f"- Method: `{cfg.method}` (dpjax), EMA weights (rate {cfg.train.ema_rate}) of "
+        + (f"step {run.step} of {plan.steps} planned DP-SGD steps."
+           if plan.mechanism != "release" else
+           f"step {run.step} of {plan.steps} planned training steps on the one DP release "
+           "(post-processing)."),
+        *_stopped_line(plan, run.step),
+        f"- Parameters: {count_params(run.state.ema):,} trained with DP"
+        + (f", {frozen:,} frozen public parameters" if frozen else "")
+        + ".",
+        "- Files: " + ", ".join(f"`{f}`" for f in files) + ".",
+        f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
+        "NHWC images, int32 labels).",
+        "",
+        "## Data",
+        f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "
+        f"{classes}; N = {plan.num_examples} private training examples (N is treated as "
+        "public, as it sets the sampling rate).",
+        "- The private data, its location and any statistic of it other than through the "
+        "DP mechanism are not part of this release.",
+        "",
+        "## Privacy guarantee",
+        f"- ({_fmt(eps.get(plan.accountant))}, {plan.delta:g})-differential privacy "
+        f"({plan.accountant.upper()} accountant; PLD: {_fmt(eps.get('pld'))}, RDP: "
+        f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example ("
+        + ("an image with its label" if spec.num_classes else "an image")
+        + ") of the training set.",
+        _mechanism_line(plan, run.step, report),
+        "- Everything in this directory is post-processing of the DP model, so it is "
+        "covered by the same guarantee. See `privacy_report.md`.",
+        *_audit_line(run.workdir),
+        "",
+        "## Intended use",
+        "- Generating synthetic images that share coarse statistics with the private "
+        "training data, for research, prototyping and training downstream models, where "
+        "the stated example-level guarantee is the accepted protection.",
+        "",
+        "## Limitations",
+        "- The guarantee is per example: a person contributing many images is protected "
+        "only at a correspondingly weaker level (group privacy).",
+        "- Hyperparameter, step-count and checkpoint selection are outside epsilon: if "
+        "they were tuned on the private data, that selection is an unaccounted release.",
+        "- The guarantee assumes ideal Gaussian noise; JAX's PRNG is not cryptographically "
+        "secure and floating-point effects are not accounted for.",
+        "- Samples can still resemble training images in coarse ways allowed by epsilon; "
+        "sample quality and class fidelity are limited, especially at small epsilon. Do "
+        "not use the samples for decisions about individuals.",
+        "- Training losses computed on private rows are deliberately excluded (they are "
+        "not differentially private), as are the optimizer state and the raw weights.",
+        "",
+        "## Command",
+        f"- Exported with: `{command}`",
+        "- Load: `np.load('ema_params.npz')` gives the trainable parameters by path; "
+        "`model_config.json` gives the method settings to rebuild the model in dpjax (the "
+        "local workdirs of `*_from` settings are redacted).",
+        f"- Exported on {datetime.date.today().isoformat()}.",
+    ]
+    return "\n".join(lines) + "\n"
