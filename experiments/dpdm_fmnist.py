@@ -22,7 +22,10 @@ FID 18.6 / 37.8 / 78.4 (train statistics, TF Inception), CNN accuracy 86.2 / 79.
 both with the paper's tuned stochastic Churn samplers (one tuned for FID, one for
 accuracy). This config samples as the official code's sample configs do (deterministic
 "ddim", 50 steps, no guidance), which the paper's sampler ablation finds worse; set the
-Churn settings at eval time with ``eval.sampling`` (README, "Evaluation"). Time on one
+Churn settings at eval time with ``eval.sampling`` (README, "Evaluation"). The paper's
+tuned Fashion-MNIST values are in its Tables 13 and 14 (the official README points
+there); the code release has none (its sample configs are all 50-step "ddim"), and
+they could not be retrieved offline, so none is set here. Time on one
 GPU: see benchmarks/results.md (no GPU was available when this file was written; the CPU
 projection is in benchmarks/).
 """
