@@ -78,3 +78,34 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any],
     """Replaces ``path`` with an .npz of ``arrays`` (zip-compressed if asked), atomically."""
     with atomic_write(path, "wb") as f:
         (np.savez_compressed if compressed else np.savez)(f, **arrays)
+
+
+class CorruptFileError(ValueError):
+    """A file that a run reads back does not parse (edited by hand, or damaged)."""
+
+
+def read_json(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> Any:
+    """The JSON object in ``path``, which must hold the top-level ``keys``.
+
+    Raises:
+      FileNotFoundError: the file is missing.
+      CorruptFileError: it is not valid JSON, not an object, or lacks one of ``keys``;
+        the message names the file and says what to do (the file is left as it is).
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError.
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({e}); dpjax wrote it atomically, so it was changed "
+            "outside dpjax. Restore it from a backup, or start a new --workdir."
+        ) from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CorruptFileError(
+            f"{path} lacks {missing}: it was changed outside dpjax. Restore it from a "
+            "backup, or start a new --workdir."
+        )
+    return obj
+

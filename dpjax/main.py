@@ -72,6 +72,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix: reported in one line."""
+    from dpjax.atomic_file import CorruptFileError
     from dpjax.checkpoint import CheckpointError
     from dpjax.data.dataset import DataError
     from dpjax.export import ExportError
@@ -88,6 +89,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         WorkdirError,
         FileNotFoundError,
         ExportError,
+        CorruptFileError,
     )
 
 

@@ -90,6 +90,23 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
 
+    def __post_init__(self) -> None:
+        # Each would train silently wrong (a negative rate ascends the loss; b1 = 1
+        # never forgets the first gradient; eps = 0 divides by zero where a gradient is
+        # zero, e.g. at LoRA's zero-initialized factors).
+        checks = (
+            ("learning_rate", self.learning_rate > 0.0, "> 0"),
+            ("b1", 0.0 <= self.b1 < 1.0, "in [0, 1)"),
+            ("b2", 0.0 <= self.b2 < 1.0, "in [0, 1)"),
+            ("eps", self.eps > 0.0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        )
+        for key, ok, want in checks:
+            if not ok:
+                raise typed_config.ConfigError(
+                    f"optim.{key} must be {want}, got {getattr(self, key)}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -112,6 +129,9 @@ class TrainConfig:
     num_devices: int = 1
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_rate < 1.0:  # 1 would never move the released weights.
+            raise typed_config.ConfigError(
+                f"train.ema_rate must be in [0, 1) (0: no averaging), got {self.ema_rate}.")
         _at_least(self, "train", {"log_every": 1, "ckpt_every": 1, "keep_checkpoints": 1,
                                   "max_steps_per_run": 0, "grid_samples": 0,
                                   "num_devices": 0})
@@ -161,9 +181,14 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
     for k in ("seed", "method", "data", "dp", "optim", "train"):
         if k not in d:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
-    module = get_method_module(d["method"])
+    if isinstance(d["seed"], bool) or not isinstance(d["seed"], int):
+        raise typed_config.ConfigError(f"seed: expected an integer, got {d['seed']!r}.")
+    try:
+        module = get_method_module(d["method"])
+    except ValueError as e:  # An unknown method name: the user's to fix, in one line.
+        raise typed_config.ConfigError(str(e)) from e
     return RunConfig(
-        seed=int(d["seed"]),
+        seed=d["seed"],
         method=d["method"],
         method_args=typed_config.from_configdict(
             module.Config, d.get("method_args", {}), "method_args"

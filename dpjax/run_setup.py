@@ -38,6 +38,7 @@ from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
+from dpjax.typed_config import ConfigError
 from dpjax.workdir_guard import (
     LOCK_FILE,
     FreeChange,
@@ -170,6 +171,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     if not main:
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
+    check_eval_section(cfg)  # Its typos fail now, not at --mode=eval after the training.
+    if cfg.dp.microbatch_size == 0 and jax.process_count() > 1:
+        # Each host would measure its own memory; the padded batch shape must agree.
+        raise ConfigError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
     mesh = parallel.make_data_mesh(cfg.train.num_devices)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     created = [d for d in (workdir, ckpt_dir) if not os.path.exists(d)]
@@ -229,13 +234,21 @@ def _build_run(
         dataset = data_lib.load(cfg.data)
         spec = DataSpec(dataset.image_shape, cfg.data.num_classes)
         num_examples = len(dataset)
-    method = get_method_module(cfg.method).make(cfg.method_args, spec)
+    with _settings_errors_as_config_errors():  # A setting that fits no model built.
+        method = get_method_module(cfg.method).make(cfg.method_args, spec)
     if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
         provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed)
     if not method.uses_dp_sgd and mesh is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
         )
+    streams = Streams.from_seed(cfg.seed)
+    # Before anything is written too: a parameter pattern or LoRA target that matches
+    # nothing fails here, and the corrected command then starts the run afresh. One
+    # compiled init instead of one compilation per initializer op.
+    with _settings_errors_as_config_errors():
+        params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
+    optimizer = method.optimizer(make_optimizer(cfg.optim))
     prior = prior_records(method)  # Read once (a method may read another workdir).
     for r in prior:
         if r.get("neighbouring", cfg.dp.neighbouring) != cfg.dp.neighbouring:
@@ -253,10 +266,6 @@ def _build_run(
         log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")
     if main:
         sample.save_spec(workdir, spec)
-    streams = Streams.from_seed(cfg.seed)
-    # One compiled init instead of one compilation per initializer op.
-    params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
-    optimizer = method.optimizer(make_optimizer(cfg.optim))
     state = TrainState.create(params.trainable, params.frozen, optimizer.init(params.trainable))
     data_line = (
         f"data {dataset.name}: {len(dataset)} x {dataset.image_shape}"
@@ -302,15 +311,38 @@ def _build_run(
     return run, dataset
 
 
+def check_eval_section(cfg: run_config.RunConfig) -> None:
+    """Raises ConfigError for an ``eval`` section that ``--mode=eval`` would refuse.
+
+    Checked when training starts: a mistyped key or a bad value would otherwise surface
+    only at ``--mode=eval``, after the whole training."""
+    from dpjax.eval import report as eval_report  # The eval package: not needed to train.
+
+    section = eval_report.eval_config(cfg.eval)
+    eval_report.fid_batch_size(section)
+    eval_report.sample_batch_size(section)
+    sample.sampler_changes(cfg, section.sampling)
+
+
+@contextlib.contextmanager
+def _settings_errors_as_config_errors():
+    """A plain ValueError raised while a method builds its model or parameters comes
+    from its settings (a UNet size that fits no image, a pattern that matches no
+    parameter): a ConfigError, reported in one line. Narrower errors keep their type."""
+    try:
+        yield
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise ConfigError(f"method_args: {e}") from e
+
+
 def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
     """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``).
 
     Capped at a quarter of the expected per-device batch, so that the last, partly
     padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
     """
-    if jax.process_count() > 1:
-        # Each host would measure its own memory; the padded batch shape must agree.
-        raise ValueError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
     per_device = plan.expected_batch_size / parallel.num_shards(mesh)
     choice = microbatch_lib.auto_microbatch_size(
         method,

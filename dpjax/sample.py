@@ -39,8 +39,8 @@ def save_spec(workdir: str, spec: DataSpec) -> None:
 
 
 def load_spec(workdir: str) -> DataSpec:
-    with open(os.path.join(workdir, SPEC_FILE)) as f:
-        d = json.load(f)
+    d = atomic_file.read_json(os.path.join(workdir, SPEC_FILE), keys=("image_shape",
+                                                                       "num_classes"))
     return DataSpec(tuple(d["image_shape"]), int(d["num_classes"]))
 
 
@@ -253,8 +253,11 @@ def load_run_config(workdir: str) -> run_config.RunConfig:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ckpt_lib.CheckpointError(f"{workdir} holds no dpjax run (no config.json).")
-    with open(path) as f:
-        return run_config.from_configdict(ml_collections.ConfigDict(json.load(f)))
+    stored = atomic_file.read_json(path)
+    try:
+        return run_config.from_configdict(ml_collections.ConfigDict(stored))
+    except ConfigError as e:  # Changed outside dpjax, or written by another dpjax version.
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def restore_state(

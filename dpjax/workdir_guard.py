@@ -128,8 +128,7 @@ def check_resume_config(
                 atomic_file.write_json(digest_path, {"digest": data_digest})
             atomic_file.write_text(path, run_config.config_to_json(config))
         return []
-    with open(path) as f:
-        old = json.load(f)
+    old = atomic_file.read_json(path)
     free = {s: set(keys) for s, keys in RESUME_FREE_FIELDS.items()}
     if stored_digest is None or data_digest is None:
         free["data"] = set()  # Nothing shows that another location holds the same data.
@@ -198,8 +197,7 @@ def record_free_changes(workdir: str, changes: list[FreeChange], steps_ran: bool
     if not todo:
         return
     path = os.path.join(workdir, "config.json")
-    with open(path) as f:
-        stored = json.load(f)
+    stored = atomic_file.read_json(path)
     for c in todo:
         stored.setdefault(c.section, {})[c.key] = c.new
     atomic_file.write_text(path, json.dumps(stored, indent=2, sort_keys=True))

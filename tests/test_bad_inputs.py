@@ -70,6 +70,9 @@ TRAIN_CASES = {
         "empty"),
     "dataset smaller than the expected batch": (lambda t: {"dp.batch_size": 1000},
                                                 "exceeds the dataset size"),
+    "images of zero height and width": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "zero", images=np.zeros((20, 0, 0, 1), np.uint8), labels=np.zeros(20, np.int64))},
+        "zero height or width"),
 }
 
 
@@ -98,6 +101,16 @@ BAD_VALUES = {
     "train.log_every": (0, "train.log_every must be >= 1"),
     "train.ckpt_every": (0, "train.ckpt_every must be >= 1"),
     "sample.batch_size": (0, "sample.batch_size must be >= 1"),
+    "optim.learning_rate": (-3e-4, "optim.learning_rate must be > 0"),
+    "optim.b1": (1.0, "optim.b1 must be in [0, 1)"),
+    "optim.eps": (0.0, "optim.eps must be > 0"),
+    "optim.warmup_steps": (-5, "optim.warmup_steps must be >= 0"),
+    "train.ema_rate": (1.5, "train.ema_rate must be in [0, 1)"),
+    "method": ("toyy", "Unknown method 'toyy'"),
+    # The eval section is checked when training starts, not at --mode=eval after it.
+    "eval.fid_batch": (-1, "eval.fid_batch must be >= 0"),
+    "eval.num_sampels": (5, "Unknown config key 'eval.num_sampels'"),
+    "eval.sampling.s_churn": (10.0, "samples without a diffusion sampler"),
 }
 
 
@@ -111,6 +124,44 @@ def test_a_bad_config_value_fails_before_the_workdir_is_created(key, tmp_path, r
         train.train(_config(**{key: value}), str(tmp_path / "w"), log=lambda *_: None)
     assert needle in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("stage", ["make", "init"])
+def test_a_method_setting_that_fits_no_model_fails_before_anything_is_written(
+        stage, tmp_path, monkeypatch, record_tried):
+    """A setting the method refuses while building its model (make) or parameters (init:
+    a trainable pattern or LoRA target that matches nothing) is one ConfigError line, and
+    leaves no run behind: the corrected command then starts the run (before, init ran
+    after config.json and the plan were written, and the corrected command was refused
+    as a changed config)."""
+    from dpjax.methods import toy
+    from dpjax.typed_config import ConfigError
+
+    record_tried("bad inputs", f"train: a method setting refused at {stage}")
+
+    def refuse(*_):
+        raise ValueError("trainable pattern 'atn' matches no parameter")
+
+    target = (toy, "make") if stage == "make" else (toy.Toy, "init")
+    with monkeypatch.context() as m:
+        m.setattr(*target, refuse)
+        with pytest.raises(ConfigError, match="method_args: trainable pattern 'atn'"):
+            train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "w")
+    assert int(train.train(_config(), str(tmp_path / "w"), log=lambda *_: None).step) > 0
+
+
+def test_a_seed_that_is_not_an_integer_is_refused():
+    """ml_collections keeps a ConfigDict's int an int; a plain dict config is checked too
+    (1.7 was silently truncated to 1)."""
+    from dpjax import run_config
+    from dpjax.typed_config import ConfigError
+
+    d = _config().to_dict()
+    for bad in (1.7, None, True):
+        with pytest.raises(ConfigError, match="seed: expected an integer"):
+            run_config.from_configdict({**d, "seed": bad})
+    assert run_config.from_configdict(d).seed == d["seed"]
 
 
 def test_the_config_choices_are_the_implementations():
@@ -194,6 +245,50 @@ def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path, record_tr
     corrupt_latest_checkpoint(wd, "truncate")
     with pytest.raises(user_errors()):
         ENTRY_POINTS[entry](wd, str(tmp_path / "out"))
+
+
+RUN_FILES = ("config.json", "dp_plan.json", "data_spec.json")
+
+
+@pytest.mark.parametrize("damage", ["not json", "a key removed"])
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_a_damaged_run_file_is_one_clear_error_everywhere(name, damage, trained, tmp_path,
+                                                          record_tried):
+    """A run file edited outside dpjax gives one line naming it, on every entry point and
+    on resume, and leaves the checkpoints as they were (was: a JSONDecodeError or
+    KeyError traceback)."""
+    import json
+    import shutil
+
+    record_tried("bad inputs", f"all entries: {name} {damage}")
+    wd = str(tmp_path / "copy")
+    shutil.copytree(trained, wd)
+    path = os.path.join(wd, name)
+    if damage == "not json":
+        with open(path, "a") as f:
+            f.write("}{")
+    else:
+        with open(path) as f:
+            d = json.load(f)
+        del d[{"config.json": "method", "dp_plan.json": "plan",
+               "data_spec.json": "num_classes"}[name]]
+        with open(path, "w") as f:
+            json.dump(d, f)
+    before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+    for entry, call in sorted(ENTRY_POINTS.items()):
+        with pytest.raises(user_errors()) as e:
+            call(wd, str(tmp_path / f"out_{entry}"))
+        # The file is named; a resume may instead refuse the config that differs.
+        assert name in str(e.value), (entry, e.value)
+    if name == "data_spec.json":  # A resume derives the spec from the data again.
+        train.train(_config(), wd, log=lambda *_: None)
+        assert sample.load_spec(wd).num_classes == 10
+    else:
+        with pytest.raises(user_errors()) as e:
+            train.train(_config(), wd, log=lambda *_: None)
+        # A resume may instead refuse the config that differs from the stored one.
+        assert name in str(e.value) or "different config" in str(e.value), e.value
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
 
 
 def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_tried):

@@ -583,6 +583,33 @@ def test_every_tfds_data_section_of_the_experiments_loads_through_mock_data():
                 assert ds.num_classes == 0, where
 
 
+@pytest.mark.parametrize("fails_at", ["length", "example"])
+def test_tfds_a_damaged_prepared_split_is_one_data_error(fails_at, monkeypatch):
+    """A corrupt array_record shard or an image that does not decode raises inside
+    TFDS's data source, as whatever error its reader has: one DataError naming the
+    split and the example (was: that raw error)."""
+    from types import SimpleNamespace
+
+    from dpjax.data import tfds_source
+
+    class Damaged:
+        def __len__(self):
+            if fails_at == "length":
+                raise OSError("array_record: bad shard header")
+            return 3
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise RuntimeError("DecodeError: truncated PNG")
+            return {"image": np.zeros((28, 28, 1), np.uint8), "label": 0}
+
+    fake = SimpleNamespace(core=SimpleNamespace(), data_source=lambda *a, **k: Damaged())
+    monkeypatch.setattr(tfds_source, "import_tfds", lambda: fake)
+    needle = "its length.*bad shard header" if fails_at == "length" else "example 1.*truncated"
+    with pytest.raises(DataError, match=rf"tfds:mnist \(train\): reading {needle}"):
+        load(cfg(source="tfds", name="mnist"))
+
+
 def test_tfds_not_prepared(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match=r"not prepared under .*tfds build mnist"):

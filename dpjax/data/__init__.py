@@ -65,6 +65,8 @@ def load(config: DataConfig) -> InMemoryDataset:
         labels = None if labels is None else labels[: config.limit]
     if images.ndim != 4 or len(images) == 0:
         raise DataError(f"{name}: the dataset is empty or not (N, H, W, C): {images.shape}.")
+    if 0 in images.shape[1:3]:  # Resizing would make blank images of them.
+        raise DataError(f"{name}: images of zero height or width: {images.shape}.")
     if not data.cropped_and_resized:
         images = transforms.crop_resize_all(images, config.center_crop, config.image_size, name)
     images = transforms.convert_channels(images, config.channels)

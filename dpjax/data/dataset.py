@@ -56,6 +56,8 @@ def validate(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str
         raise DataError(f"{name}: images must have shape (N, H, W, C), got {images.shape}.")
     if images.shape[0] == 0:
         raise DataError(f"{name}: the dataset is empty.")
+    if 0 in images.shape[1:3]:
+        raise DataError(f"{name}: images of zero height or width: {images.shape}.")
     if images.shape[-1] not in (1, 3):
         raise DataError(f"{name}: images must have 1 or 3 channels, got shape {images.shape}.")
     if labels.shape != (images.shape[0],):

@@ -47,6 +47,20 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _read(fetch, where: str, what: str):
+    """``fetch()``; a failure while reading the prepared split (a corrupt or truncated
+    record shard, an image that does not decode) becomes one DataError naming it."""
+    try:
+        return fetch()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - array_record and TF raise many kinds.
+        raise DataError(
+            f"{where}: reading {what} failed ({type(e).__name__}: {e}); the prepared files "
+            "may be corrupt or incomplete: prepare the dataset again."
+        ) from e
+
+
 def _open(tfds: types.ModuleType, config: DataConfig, where: str) -> Any:
     """A random-access sequence of example dicts (numpy values) for the split."""
     data_dir = config.tfds_data_dir or None
@@ -137,14 +151,15 @@ def load_tfds(config: DataConfig) -> SourceData:
     tfds = import_tfds()
     where = f"tfds:{config.name} ({config.split})"
     source = _open(tfds, config, where)
-    n = len(source) if not config.limit else min(config.limit, len(source))
+    n = _read(lambda: len(source), where, "its length")
+    n = n if not config.limit else min(config.limit, n)
     if n == 0:
         raise DataError(f"{where}: the split is empty.")
     label_key = config.tfds_label_key if config.num_classes else ""
     images: np.ndarray | None = None
     labels = np.zeros(n, np.int64)
     for i in range(n):
-        example = source[i]
+        example = _read(lambda i=i: source[i], where, f"example {i}")
         image = np.asarray(_get(example, config.tfds_image_key, where))
         if image.ndim == 2:
             image = image[..., None]

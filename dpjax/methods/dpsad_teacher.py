@@ -11,13 +11,13 @@ from the teacher's workdir before any weight is loaded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
+from dpjax import atomic_file
 from dpjax.methods import base, dpdm
 from dpjax.privacy import provenance
 from dpjax.privacy.provenance import DATA_IDENTITY_FIELDS, data_identity  # noqa: F401
@@ -63,8 +63,7 @@ def read_teacher_run(workdir: str) -> TeacherRun:
         )
     workdir = os.path.abspath(workdir)
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = json.load(f)
+        config = atomic_file.read_json(os.path.join(workdir, "config.json"))
         plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
     except OSError as e:
         raise ValueError(f"teacher_from={workdir!r} holds no complete dpjax run ({e}).") from e

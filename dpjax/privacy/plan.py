@@ -12,7 +12,6 @@ expected batch size N*q are derived from it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -274,7 +273,17 @@ def save_plan(path: str, plan: DPPlan, extra: dict[str, Any] | None = None) -> N
 
 
 def load_plan(path: str) -> tuple[DPPlan, dict[str, Any]]:
-    """Reads what ``save_plan`` wrote."""
-    with open(path) as f:
-        payload = json.load(f)
-    return DPPlan.from_dict(payload.pop("plan")), payload
+    """Reads what ``save_plan`` wrote.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CorruptFileError: the file does not parse as a plan (``atomic_file.read_json``).
+    """
+    payload = atomic_file.read_json(path, keys=("plan",))
+    try:
+        return DPPlan.from_dict(payload.pop("plan")), payload
+    except (TypeError, AttributeError) as e:  # Missing or extra fields, not an object.
+        raise atomic_file.CorruptFileError(
+            f"{path} does not hold a DP plan ({e}): it was changed outside dpjax. Restore "
+            "it from a backup, or start a new --workdir."
+        ) from None
