@@ -98,8 +98,8 @@ def read_json(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> Any:
         obj = json.loads(raw)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError.
         raise CorruptFileError(
-            f"{path} is not valid JSON ({e}); dpjax wrote it atomically, so it was changed "
-            "outside dpjax. Restore it from a backup, or start a new --workdir."
+            f"{path} is not valid JSON ({e}); dpjax writes it whole or not at all, so it was "
+            "damaged or changed outside dpjax. Restore it from a backup, or start a new --workdir."
         ) from None
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
