@@ -101,7 +101,12 @@ def read_json(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> Any:
             f"{path} is not valid JSON ({e}); dpjax writes it whole or not at all, so it was "
             "damaged or changed outside dpjax. Restore it from a backup, or start a new --workdir."
         ) from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict):
+        raise CorruptFileError(
+            f"{path} holds a {type(obj).__name__}, not a JSON object: it was damaged or "
+            "changed outside dpjax. Restore it from a backup, or start a new --workdir."
+        )
+    missing = [k for k in keys if k not in obj]
     if missing:
         raise CorruptFileError(
             f"{path} lacks {missing}: it was changed outside dpjax. Restore it from a "

@@ -17,6 +17,8 @@ from typing import Any
 
 from flax import traverse_util
 
+from dpjax.typed_config import ConfigError
+
 PyTree = Any
 
 
@@ -34,8 +36,8 @@ def split(tree: Mapping, patterns: Sequence[str]) -> tuple[dict, dict]:
     """(selected, rest): leaves whose path matches any pattern, and all the others.
 
     Raises:
-      ValueError: a pattern is not a valid regex or matches no leaf (a typo would
-        otherwise silently train nothing, or everything).
+      ConfigError: a pattern is not a valid regex or matches no leaf (a typo would
+        otherwise silently train nothing, or everything); reported in one line.
     """
     leaves = flat(tree)
     selected: dict[str, Any] = {}
@@ -43,11 +45,11 @@ def split(tree: Mapping, patterns: Sequence[str]) -> tuple[dict, dict]:
         try:
             regex = re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"Invalid trainable-parameter pattern {pattern!r}: {e}") from e
+            raise ConfigError(f"Invalid trainable-parameter pattern {pattern!r}: {e}") from e
         hits = [p for p in leaves if regex.search(p)]
         if not hits:
             examples = ", ".join(sorted(leaves)[:8])
-            raise ValueError(
+            raise ConfigError(
                 f"Trainable-parameter pattern {pattern!r} matches no parameter. Paths look "
                 f"like: {examples}, ..."
             )

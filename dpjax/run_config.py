@@ -13,7 +13,7 @@ import ml_collections
 
 from dpjax import typed_config
 from dpjax.data.config import DataConfig
-from dpjax.methods import get_method_module
+from dpjax.methods import METHODS, get_method_module
 
 # The choices of the string fields below, so that a typo fails when the config is read,
 # before a workdir is written (tests/test_bad_inputs.py checks they match the
@@ -183,10 +183,13 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
     if isinstance(d["seed"], bool) or not isinstance(d["seed"], int):
         raise typed_config.ConfigError(f"seed: expected an integer, got {d['seed']!r}.")
-    try:
-        module = get_method_module(d["method"])
-    except ValueError as e:  # An unknown method name: the user's to fix, in one line.
-        raise typed_config.ConfigError(str(e)) from e
+    if d["method"] not in METHODS:  # Checked first: the import's own errors are bugs.
+        known = sorted(METHODS)
+        raise typed_config.ConfigError(
+            f"Unknown method {d['method']!r}.{typed_config.suggest(str(d['method']), known)}"
+            f" Known methods: {known}."
+        )
+    module = get_method_module(d["method"])
     return RunConfig(
         seed=d["seed"],
         method=d["method"],

@@ -244,10 +244,10 @@ def _build_run(
         )
     streams = Streams.from_seed(cfg.seed)
     # Before anything is written too: a parameter pattern or LoRA target that matches
-    # nothing fails here, and the corrected command then starts the run afresh. One
-    # compiled init instead of one compilation per initializer op.
-    with _settings_errors_as_config_errors():
-        params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
+    # nothing (a ConfigError of params_select or lora) fails here, and the corrected
+    # command then starts the run afresh. One compiled init instead of one compilation
+    # per initializer op.
+    params: Params = jax.jit(method.init, static_argnums=1)(streams.init, spec)
     optimizer = method.optimizer(make_optimizer(cfg.optim))
     prior = prior_records(method)  # Read once (a method may read another workdir).
     for r in prior:
@@ -312,10 +312,13 @@ def _build_run(
 
 
 def check_eval_section(cfg: run_config.RunConfig) -> None:
-    """Raises ConfigError for an ``eval`` section that ``--mode=eval`` would refuse.
+    """Raises ConfigError for an ``eval`` section with an unknown key, a value of the wrong
+    type or out of range (``EvalConfig``'s checks), a bad batch size, or sampler changes
+    the method refuses.
 
-    Checked when training starts: a mistyped key or a bad value would otherwise surface
-    only at ``--mode=eval``, after the whole training."""
+    Checked when training starts: these would otherwise surface only at ``--mode=eval``,
+    after the whole training. (Whether the data, weights or caches an eval reads exist is
+    checked by the eval itself.)"""
     from dpjax.eval import report as eval_report  # The eval package: not needed to train.
 
     section = eval_report.eval_config(cfg.eval)
@@ -326,9 +329,11 @@ def check_eval_section(cfg: run_config.RunConfig) -> None:
 
 @contextlib.contextmanager
 def _settings_errors_as_config_errors():
-    """A plain ValueError raised while a method builds its model or parameters comes
-    from its settings (a UNet size that fits no image, a pattern that matches no
-    parameter): a ConfigError, reported in one line. Narrower errors keep their type."""
+    """A plain ValueError raised while a method builds its model (``make``) comes from
+    its settings or the runs they name (a UNet size that fits no image, a teacher
+    workdir that holds no run): a ConfigError, reported in one line. Narrower errors
+    keep their type. Not used around ``init``, where a plain ValueError may be a bug
+    (its setting errors are ConfigErrors already)."""
     try:
         yield
     except ValueError as e:

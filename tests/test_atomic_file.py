@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -77,3 +78,18 @@ def test_two_writers_of_one_target_use_different_temporaries(tmp_path):
 def test_an_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="mode"), atomic_file.atomic_write(tmp_path / "x", "a"):
         pass
+
+
+@pytest.mark.parametrize("text, needle", [("[]", "holds a list, not a JSON object"),
+                                          ("null", "holds a NoneType"),
+                                          ('{"a": 1', "is not valid JSON"),
+                                          ('{"b": 1}', "lacks ['a']"),
+                                          (b"\xff\xfe{", "is not valid JSON")])
+def test_read_json_names_a_damaged_file(tmp_path, text, needle):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(atomic_file.CorruptFileError, match=re.escape(needle)) as e:
+        atomic_file.read_json(path, keys=("a",))
+    assert str(path) in str(e.value)
+    path.write_text('{"a": [1, 2]}')
+    assert atomic_file.read_json(path, keys=("a",)) == {"a": [1, 2]}

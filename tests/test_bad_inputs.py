@@ -104,6 +104,9 @@ BAD_VALUES = {
     "optim.learning_rate": (-3e-4, "optim.learning_rate must be > 0"),
     "optim.b1": (1.0, "optim.b1 must be in [0, 1)"),
     "optim.eps": (0.0, "optim.eps must be > 0"),
+    "optim.b2": (1.0, "optim.b2 must be in [0, 1)"),
+    "optim.weight_decay": (-1e-4, "optim.weight_decay must be >= 0"),
+    "optim.learning_rate#nan": (float("nan"), "optim.learning_rate must be > 0, got nan"),
     "optim.warmup_steps": (-5, "optim.warmup_steps must be >= 0"),
     "train.ema_rate": (1.5, "train.ema_rate must be in [0, 1)"),
     "method": ("toyy", "Unknown method 'toyy'"),
@@ -121,7 +124,9 @@ def test_a_bad_config_value_fails_before_the_workdir_is_created(key, tmp_path, r
     value, needle = BAD_VALUES[key]
     record_tried("bad inputs", f"train: {key}={value!r}")
     with pytest.raises(ConfigError) as e:
-        train.train(_config(**{key: value}), str(tmp_path / "w"), log=lambda *_: None)
+        # 'key#case': a second case of the same key.
+        train.train(_config(**{key.split("#")[0]: value}), str(tmp_path / "w"),
+                    log=lambda *_: None)
     assert needle in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "w")
 
@@ -134,21 +139,44 @@ def test_a_method_setting_that_fits_no_model_fails_before_anything_is_written(
     leaves no run behind: the corrected command then starts the run (before, init ran
     after config.json and the plan were written, and the corrected command was refused
     as a changed config)."""
+    from dpjax import params_select
     from dpjax.methods import toy
     from dpjax.typed_config import ConfigError
 
     record_tried("bad inputs", f"train: a method setting refused at {stage}")
+    init = toy.Toy.init
 
-    def refuse(*_):
-        raise ValueError("trainable pattern 'atn' matches no parameter")
+    def refuse_make(*_):  # As a method's own setting checks do.
+        raise ValueError("unet 'fmnist28' fits no 8x8 image")
 
-    target = (toy, "make") if stage == "make" else (toy.Toy, "init")
+    def init_selecting_a_typo(self, key, spec):  # As DP-LDM's trainable patterns do.
+        params = init(self, key, spec)
+        params_select.split(params.trainable, ("atn",))
+        return params
+
+    target = ((toy, "make", refuse_make) if stage == "make"
+              else (toy.Toy, "init", init_selecting_a_typo))
     with monkeypatch.context() as m:
-        m.setattr(*target, refuse)
-        with pytest.raises(ConfigError, match="method_args: trainable pattern 'atn'"):
+        m.setattr(*target)
+        with pytest.raises(ConfigError, match="'fmnist28' fits no|pattern 'atn' matches no"):
             train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
     assert not os.path.exists(tmp_path / "w")
     assert int(train.train(_config(), str(tmp_path / "w"), log=lambda *_: None).step) > 0
+
+
+def test_a_plain_value_error_in_init_is_not_reported_as_a_setting(tmp_path, monkeypatch):
+    """A plain ValueError inside a method's init may be a bug (a shape mismatch): it keeps
+    its type and traceback instead of becoming a one-line 'bad setting'."""
+    from dpjax.methods import toy
+    from dpjax.typed_config import ConfigError
+
+    def broken(*_):
+        raise ValueError("Incompatible shapes for broadcasting")
+
+    monkeypatch.setattr(toy.Toy, "init", broken)
+    with pytest.raises(ValueError, match="Incompatible shapes") as e:
+        train.train(_config(), str(tmp_path / "w"), log=lambda *_: None)
+    assert not isinstance(e.value, ConfigError)
 
 
 def test_a_seed_that_is_not_an_integer_is_refused():

@@ -29,6 +29,11 @@ from dpjax.methods.base import to_model_range
 from dpjax.randomness import Streams
 from dpjax.typed_config import ConfigError, from_configdict
 
+# The dataset splits FID compares with, and the classifiers of dpjax.eval.downstream (its
+# DOWNSTREAM_MODELS; named here so that a config is checked without importing flax models).
+FID_SPLITS = ("train", "test")
+DOWNSTREAM_MODEL_NAMES = ("logreg", "mlp", "cnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -84,6 +89,20 @@ class EvalConfig:
     likelihood_mode_steps: int = 100
     seed: int = 0
     sampling: samplers.SamplerOverrides = samplers.SamplerOverrides()
+
+    def __post_init__(self) -> None:
+        # Checked here, so that training checks them at its start (run_setup) instead of
+        # an eval failing after hours of sampling.
+        for key, low in (("num_samples", 1), ("downstream_epochs", 1),
+                         ("bits_per_dim_images", 0), ("likelihood_samples", 1),
+                         ("likelihood_mode_steps", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"eval.{key} must be >= {low}, got {getattr(self, key)}.")
+        for key, known in (("fid_references", FID_SPLITS),
+                           ("downstream_models", DOWNSTREAM_MODEL_NAMES)):
+            unknown = [v for v in getattr(self, key) if v not in known]
+            if unknown:
+                raise ConfigError(f"eval.{key}: unknown {unknown}; one or more of {list(known)}.")
 
 
 def eval_config(section: Any) -> EvalConfig:

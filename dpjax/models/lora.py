@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.typed_config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
@@ -97,7 +99,8 @@ def discover(
         jax.eval_shape(apply_fn)
     missing = [t for t, ok in hit.items() if not ok]
     if missing:
-        raise ValueError(f"LoRA targets {missing} match no dense or 1x1-conv layer.")
+        # A setting (method_args.lora_targets), reported in one line.
+        raise ConfigError(f"LoRA targets {missing} match no dense or 1x1-conv layer.")
     return found
 
 

@@ -282,7 +282,7 @@ def load_plan(path: str) -> tuple[DPPlan, dict[str, Any]]:
     payload = atomic_file.read_json(path, keys=("plan",))
     try:
         return DPPlan.from_dict(payload.pop("plan")), payload
-    except (TypeError, AttributeError) as e:  # Missing or extra fields, not an object.
+    except (TypeError, AttributeError) as e:  # A missing field, or not an object.
         raise atomic_file.CorruptFileError(
             f"{path} does not hold a DP plan ({e}): it was changed outside dpjax. Restore "
             "it from a backup, or start a new --workdir."
