@@ -321,10 +321,7 @@ def check_eval_section(cfg: run_config.RunConfig) -> None:
     checked by the eval itself.)"""
     from dpjax.eval import report as eval_report  # The eval package: not needed to train.
 
-    section = eval_report.eval_config(cfg.eval)
-    eval_report.fid_batch_size(section)
-    eval_report.sample_batch_size(section)
-    sample.sampler_changes(cfg, section.sampling)
+    eval_report.check_eval(cfg)
 
 
 @contextlib.contextmanager

@@ -136,6 +136,19 @@ def fid_batch_size(cfg: EvalConfig) -> int:
     return _batch_for_backend(cfg, "fid_batch")
 
 
+def check_eval(
+    run_cfg: Any, cfg: EvalConfig | None = None
+) -> tuple[EvalConfig, int, dict[str, Any]]:
+    """(eval config, Inception batch, sampler changes) for a run: ``cfg``, or the run's
+    ``eval`` section checked (keys, types, ranges), with its batch sizes and sampler
+    changes checked too. Raises ConfigError. Training calls it at its start
+    (``run_setup``), ``evaluate_workdir`` before it reads the checkpoint."""
+    cfg = cfg or eval_config(run_cfg.eval)
+    fid_batch = fid_batch_size(cfg)
+    sample_batch_size(cfg)
+    return cfg, fid_batch, sample_lib.sampler_changes(run_cfg, cfg.sampling)
+
+
 def sample_batch_size(cfg: EvalConfig) -> int:
     """The sampler batch: ``cfg.sample_batch``, or for 0 this backend's choice.
 
@@ -213,12 +226,8 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     from dpjax.eval import downstream, feature_cache, fid, memorization  # Heavy, eval only.
 
     run_cfg = sample_lib.load_run_config(workdir)
-    cfg = cfg or eval_config(run_cfg.eval)
-    # The batch and sampler settings are checked here, before the checkpoint and hours
-    # of sampling.
-    fid_batch = fid_batch_size(cfg)
-    sample_batch_size(cfg)
-    changes = sample_lib.sampler_changes(run_cfg, cfg.sampling)
+    # Checked here, before the checkpoint and hours of sampling.
+    cfg, fid_batch, changes = check_eval(run_cfg, cfg)
     # Restored once, for every part below.
     trained = sample_lib.load_trained(workdir, changes=changes)
     images, labels, step, (spec, run_cfg), sample_batch, sample_dir = _samples(
