@@ -221,7 +221,7 @@ def run(argv: list[str]) -> None:
         train.train(_CONFIG.value, workdir)
     elif _MODE.value == "sample":
         from dpjax import sample
-        from dpjax.eval import report
+        from dpjax.eval import config as eval_config_lib
 
         stored = sample.load_run_config(workdir)
         defaults = stored.sample  # The run's sample section.
@@ -230,7 +230,7 @@ def run(argv: list[str]) -> None:
         # The sampler changes of eval.sampling (--config's if given, else the run's), as
         # at --mode=eval.
         section = _CONFIG.value.get("eval") if _CONFIG.value else stored.eval
-        sampling = report.eval_config(section).sampling
+        sampling = eval_config_lib.eval_config(section).sampling
         path = sample.sample_from_workdir(workdir, num, _OUT.value, png, seed=defaults.seed,
                                           batch_size=defaults.batch_size, sampling=sampling)
         print(f"[dpjax] wrote {path}")

@@ -319,9 +319,9 @@ def check_eval_section(cfg: run_config.RunConfig) -> None:
     Checked when training starts: these would otherwise surface only at ``--mode=eval``,
     after the whole training. (Whether the data, weights or caches an eval reads exist is
     checked by the eval itself.)"""
-    from dpjax.eval import report as eval_report  # The eval package: not needed to train.
+    from dpjax.eval import config as eval_config_lib  # Light: no data or eval models.
 
-    eval_report.check_eval(cfg)
+    eval_config_lib.check_eval(cfg)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import ml_collections
 
 from dpjax import run_config
 from dpjax.data.config import DataConfig
-from dpjax.eval.report import EvalConfig, eval_config
+from dpjax.eval.config import EvalConfig, eval_config
 from dpjax.privacy.sampling import PoissonSampler
 from dpjax.typed_config import ConfigError, to_configdict
 
