@@ -183,6 +183,11 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
     if isinstance(d["seed"], bool) or not isinstance(d["seed"], int):
         raise typed_config.ConfigError(f"seed: expected an integer, got {d['seed']!r}.")
+    if not isinstance(d["method"], str):
+        raise typed_config.ConfigError(
+            f"method: expected one method name (a string), got {d['method']!r}. "
+            f"Known methods: {sorted(METHODS)}."
+        )
     if d["method"] not in METHODS:  # Checked first: the import's own errors are bugs.
         known = sorted(METHODS)
         raise typed_config.ConfigError(

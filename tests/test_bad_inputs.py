@@ -192,6 +192,18 @@ def test_a_seed_that_is_not_an_integer_is_refused():
     assert run_config.from_configdict(d).seed == d["seed"]
 
 
+def test_a_method_that_is_not_a_name_is_refused():
+    """A plain dict config's method list (e.g. from a sweep) is one ConfigError line; it
+    was a TypeError ('unhashable type: list') from the method table's lookup."""
+    from dpjax import run_config
+    from dpjax.typed_config import ConfigError
+
+    d = _config().to_dict()
+    for bad in (["toy"], None, {"name": "toy"}):
+        with pytest.raises(ConfigError, match="method: expected one method name"):
+            run_config.from_configdict({**d, "method": bad})
+
+
 def test_the_config_choices_are_the_implementations():
     """The Literal choices of the typed config are exactly what the code accepts."""
     import typing
