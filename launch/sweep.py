@@ -206,6 +206,40 @@ def _rel(path: str) -> str:
     return os.path.relpath(full, REPO) if full.startswith(REPO + os.sep) else full
 
 
+def _experiment_key(experiment: str) -> str:
+    """``FILE.py[:BASE]`` with FILE resolved, so that two spellings of one file compare equal."""
+    path, sep, base = experiment.partition(":")
+    return os.path.realpath(path) + sep + base
+
+
+def _check_previous_sweep(manifest_path: str, root: str, experiment: str) -> str | None:
+    """Why this sweep must not reuse the folder of ``manifest_path`` (None: it may).
+
+    A point's workdir is named from the point's text alone, so a second sweep of another
+    experiment (or another ``FILE.py:BASE``) into the same ROOT would send every point to
+    a workdir holding a run of a different config: each would then fail at its start
+    (dpjax refuses to resume a changed config). This says so once, before anything runs.
+    ``--set`` changes are left to dpjax, which lets a resume change its free fields."""
+    if not os.path.exists(manifest_path):
+        return None
+    try:
+        with open(manifest_path) as f:
+            previous = json.load(f)
+        other_root, other_experiment = previous["root"], previous["experiment"]
+        # Absent from a manifest written before it was recorded: nothing to compare.
+        other_key = previous.get("experiment_key", _experiment_key(experiment))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return (f"{manifest_path} is unreadable ({e}); it records the sweep in ROOT. "
+                "Restore or delete it, or give another --out.")
+    if other_root != root:  # E.g. two TPU ROOTs with one basename: one default --out.
+        return (f"{os.path.dirname(manifest_path)} holds the sweep of ROOT {other_root}, "
+                f"not {root}; give another --out.")
+    if other_key != _experiment_key(experiment):
+        return (f"ROOT {root} holds the sweep of {other_experiment}, not {experiment}: its "
+                "points' workdirs would hold runs of other configs. Give another --root.")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (non-zero if a point failed)."""
     a = _parser().parse_args(argv)
@@ -239,17 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a path on the workers.
     default_out = os.path.join(REPO, "workdirs", "sweeps", os.path.basename(root.rstrip("/")))
     meta_dir = os.path.abspath(a.out or (default_out if remote else root))
-    previous = os.path.join(meta_dir, "sweep.json")
-    if os.path.exists(previous):  # E.g. two TPU ROOTs with one basename: one default --out.
-        with open(previous) as f:
-            other = json.load(f).get("root", root)
-        if other != root:
-            print(f"sweep error: {meta_dir} holds the sweep of ROOT {other}, not {root}; "
-                  "give another --out.", file=sys.stderr)
-            return 2
+    error = _check_previous_sweep(os.path.join(meta_dir, "sweep.json"), root, a.experiment)
+    if error:
+        print(f"sweep error: {error}", file=sys.stderr)
+        return 2
     os.makedirs(meta_dir, exist_ok=True)
     manifest = {
         "experiment": a.experiment,
+        "experiment_key": _experiment_key(a.experiment),
         "root": root,
         "mode": a.mode,
         "points": [

@@ -211,6 +211,25 @@ def test_local_dry_run_assigns_gpus_and_queues(tmp_path, capsys, monkeypatch):
         local.make_slots(["0"], 2, 1)
 
 
+def test_a_root_keeps_its_experiment(tmp_path, capsys, monkeypatch):
+    """A second sweep of another experiment (or another base argument) into one ROOT is
+    refused before anything runs: its points' workdirs hold runs of other configs. The
+    same sweep again (another spelling of the file, another --set) is a resume."""
+    root = str(tmp_path / "runs")
+    args = ["--root", root, "--dry-run", "--gpus=none"]
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *args]) == 0
+    same = os.path.join(ROOT, "experiments", "..", "experiments", "toy_fake.py:smoke")
+    assert _dry_main(monkeypatch, [same, *args, "--set", "train.log_every=5"]) == 0
+    capsys.readouterr()
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py", *args]) == 2
+    assert "toy_fake.py:smoke, not experiments/toy_fake.py: its points'" in capsys.readouterr().err
+    manifest = tmp_path / "runs" / "sweep.json"  # Still the first sweep's.
+    assert json.loads(manifest.read_text())["experiment_key"].endswith("/toy_fake.py:smoke")
+    manifest.write_text("{")  # Corrupt: one readable line, not a traceback.
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *args]) == 2
+    assert "sweep.json is unreadable" in capsys.readouterr().err
+
+
 def test_run_local_queue_never_shares_a_gpu(tmp_path):
     code = (
         "import os, sys, time; t = time.time(); time.sleep(0.3);"
