@@ -344,7 +344,8 @@ def export_run(
             f.write(report_lib.report_markdown(report))
         files += ["privacy_report.json", "privacy_report.md", "model_card.md"]
         card = card_lib.model_card(
-            run, report, files, command or f"export of {workdir}", num,
+            run, report, files, card_lib.redact_command(command or "export of a workdir",
+                                                        workdir, out), num,
             count_params(public_frozen),
         )
         with open(os.path.join(tmp, "model_card.md"), "w") as f:

@@ -65,6 +65,20 @@ def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
     )
 
 
+def redact_command(command: str, workdir: str, out: str) -> str:
+    """``command`` with the run's workdir and the export folder (as given, absolute or
+    normalized) replaced by placeholders: where they lie on the trainer's disk is not
+    part of a release, as for ``redact_source_paths``."""
+    names = {}
+    for path, label in ((out, "<this export>"), (workdir, "<the run's workdir>")):
+        for form in (path, os.path.abspath(path), os.path.normpath(path)):
+            if form and form != ".":
+                names.setdefault(form, label)
+    for path in sorted(names, key=len, reverse=True):  # '/a/b' before its prefix '/a'.
+        command = command.replace(path, names[path])
+    return command
+
+
 def redact_source_paths(obj: Any, method_args: Any) -> Any:
     """``obj`` (JSON-like) with the local workdirs that the method's ``*_from`` settings
     name replaced by a placeholder: where a run's sources lie on the trainer's disk is
@@ -181,6 +195,10 @@ def model_card(
         "not use the samples for decisions about individuals.",
         "- Training losses computed on private rows are deliberately excluded (they are "
         "not differentially private), as are the optimizer state and the raw weights.",
+        "- Evaluations of this model against the real data (dpjax's `--mode=eval`: FID "
+        "against the private split, downstream accuracy on the real test set, nearest "
+        "training images) are not covered by the guarantee: they are for the researcher "
+        "and are not part of this release.",
         "",
         "## Command",
         f"- Exported with: `{command}`",

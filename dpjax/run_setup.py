@@ -3,14 +3,15 @@
 ``setup`` is what ``train`` calls first. What it guarantees before any step runs:
 * the DP plan (q, sigma, C, T, delta) is fixed: a new one is calibrated over the
   method's prior releases and its own private access and written to ``dp_plan.json``;
-  on resume the stored plan is checked against the config and a budget overrun or a
-  changed plan is refused before anything is written;
+  on resume the stored plan is checked against the config and a budget overrun, a
+  changed plan or changed prior releases are refused before anything is written;
 * the workdir is usable and locked, and the config on resume defines the same run
   (``workdir_guard``);
 * a restored checkpoint was written under the same plan and the same prior releases;
 * a one-release method resumed after its release does not open the private data.
-``save_checkpoint`` and ``write_privacy_report`` keep the epsilon spent next to every
-checkpoint and in the final report.
+``save_checkpoint`` keeps the epsilon spent next to every checkpoint, in
+``dp_plan.json`` and in the privacy report (the plan's accountant; the end of the run
+writes both accountants with ``write_privacy_report``).
 """
 
 from __future__ import annotations
@@ -97,8 +98,22 @@ def resolve_plan(
     one_release = method is not None and not method.uses_dp_sgd
     q = 1.0 if one_release else dp.batch_size / num_examples
     steps = dp.steps if dp.steps > 0 or one_release else int(dp.epochs / q) if q <= 1 else 0
+    prior = prior_records(method)
     if os.path.exists(path):
-        stored, _ = plan_lib.load_plan(path)
+        stored, extra = plan_lib.load_plan(path)
+        # The sigma of a target epsilon was calibrated with the prior releases it was made
+        # with: a prior that changed since (a DP-SAD teacher or a DP feature network
+        # trained further, before this run's first checkpoint, whose own check is in
+        # ``setup``) would be composed silently over a sigma too small for the target.
+        # (A plan file written before dpjax recorded them has no 'releases' here.)
+        if "releases" in extra:
+            planned = [r for r in extra["releases"] if r.get("stage") == "prior"]
+            if planned != prior:
+                raise PrivacyError(
+                    f"{path} was planned with the prior releases {planned}, but the method now "
+                    f"reports {prior}; refusing to compose them under a sigma calibrated for "
+                    "the old ones. Use a new workdir (or restore the source runs)."
+                )
         expected = {
             "num_examples": num_examples,
             "sampling_rate": q,
@@ -138,11 +153,12 @@ def resolve_plan(
         accountant=dp.accountant,
         neighbouring=dp.neighbouring,
         enabled=dp.enabled,
-        prior_events=[report_lib.release_event(r) for r in prior_records(method)],
+        prior_events=[report_lib.release_event(r) for r in prior],
         release_events=method.release_events if one_release else None,
     )
     if write:
-        plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0}})
+        plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0},
+                                        "releases": prior})
     return plan
 
 
@@ -305,7 +321,7 @@ def _build_run(
         releases = list(meta.get("releases", []))
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
-        cfg = _with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
+        cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
               free_changes)
     return run, dataset
@@ -339,8 +355,9 @@ def _settings_errors_as_config_errors():
         raise ConfigError(f"method_args: {e}") from e
 
 
-def _with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
-    """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``).
+def with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
+    """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``) for
+    its ``dp.clipping`` path (training, and the audit of a run that chose it so).
 
     Capped at a quarter of the expected per-device batch, so that the last, partly
     padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
@@ -382,6 +399,10 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
     if parallel.is_main_process():
         _write_plan_file(run, meta)
+        # The report follows the checkpoints, so that a run killed later never leaves one
+        # that understates the latest checkpoint's epsilon; with the plan's accountant only
+        # (PLD at a small sigma takes seconds), the end of the run writes both.
+        write_privacy_report(run, steps_done, (run.plan.accountant,))
 
 
 def refresh_plan_file(run: Run, steps_done: int) -> None:
@@ -401,10 +422,14 @@ def _write_plan_file(run: Run, meta: dict[str, Any]) -> None:
     )
 
 
-def write_privacy_report(run: Run, steps_done: int) -> dict[str, Any]:
-    """Writes privacy_report.json and privacy_report.md to the workdir."""
+def write_privacy_report(
+    run: Run, steps_done: int, kinds: tuple[str, ...] = ("rdp", "pld")
+) -> dict[str, Any]:
+    """Writes privacy_report.json and privacy_report.md to the workdir (``kinds``: the
+    accountants computed)."""
     rep = report_lib.privacy_report(
-        run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes()
+        run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes(),
+        kinds,
     )
     # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
     atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)

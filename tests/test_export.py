@@ -123,7 +123,8 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
     train.train(toy_config(3), wd, log=lambda *_: None)
     assert os.path.exists(os.path.join(wd, "metrics.jsonl"))  # What must NOT be exported.
     out = str(tmp_path / "release")
-    names = export.export_run(wd, out, num_samples=20, command="test", log=lambda *_: None)
+    command = f"python -m dpjax.main --mode=export --workdir={wd} --out={out}/"
+    names = export.export_run(wd, out, num_samples=20, command=command, log=lambda *_: None)
     assert names == EXPECTED == sorted(os.listdir(out))
     _no_forbidden_content(out)
     # The weights are the EMA weights, not the trainable ones, and nothing else.
@@ -143,7 +144,12 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
         card = f.read()
     for section in ("## Data", "## Privacy guarantee", "## Intended use", "## Limitations"):
         assert section in card
-    assert "-differential privacy" in card and "Exported with: `test`" in card
+    assert "-differential privacy" in card
+    # Where the run and the export lie on the trainer's disk is not released.
+    assert ("Exported with: `python -m dpjax.main --mode=export --workdir=<the run's workdir> "
+            "--out=<this export>/`") in card
+    assert str(tmp_path) not in card
+    assert "Evaluations of this model against the real data" in card
     assert "one example (an image with its label)" in card and "before its planned" not in card
     # An existing, non-empty output is never overwritten.
     with pytest.raises(export.ExportError, match="not empty"):
@@ -165,6 +171,26 @@ def test_non_private_runs_are_refused_and_nothing_is_written(tmp_path):
         export.export_run(leaked, str(out), num_samples=2, log=lambda *_: None)
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
+
+
+def test_the_privacy_report_says_when_a_run_is_not_private(tmp_path):
+    """'private: True' with epsilon inf (sigma 0), and 'sigma calibrated' for a sigma the
+    config gave, misled (review of 2026-12-06)."""
+    from dpjax.privacy import report as report_lib
+
+    def markdown(name, **over):
+        plan = export.read_plan(fake_run(tmp_path / name, **over))
+        return report_lib.report_markdown(report_lib.privacy_report(plan, 3, "toy"))
+
+    given = markdown("given")  # toy_config gives sigma.
+    assert "- private: yes" in given
+    assert "- target epsilon: none (the config gave sigma" in given
+    assert "calibrated" not in given
+    calibrated = markdown("calibrated", **{"dp.epsilon": 5.0, "dp.noise_multiplier": None})
+    assert "- target epsilon: 5.0 (sigma calibrated with RDP)" in calibrated
+    assert "- private: no (sigma 0: clipped but not noised" in markdown(
+        "no_noise", **{"dp.noise_multiplier": 0.0})
+    assert "- private: no (dp.enabled=False" in markdown("public", **{"dp.enabled": False})
 
 
 def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):

@@ -140,6 +140,83 @@ def _npz_data(path, images):
     return {"data.source": "npz", "data.path": str(path)}
 
 
+def test_a_prior_release_that_changed_before_the_first_checkpoint_is_refused(
+        tmp_path, monkeypatch):
+    """A target epsilon's sigma is calibrated with the prior releases (a DP teacher, a DP
+    feature network). A run that died before its first checkpoint, restarted after its
+    source trained further, must not compose the larger prior over the old sigma (it
+    silently spent epsilon 16 of a target 8: review of 2026-12-06)."""
+    from dpjax.methods import toy
+
+    prior_steps = [100]
+
+    def prior(self):
+        return [{"kind": "dpsgd", "noise_multiplier": 1.0, "sampling_rate": 0.1,
+                 "steps": prior_steps[0], "neighbouring": "add_or_remove_one",
+                 "description": f"a DP source run, {prior_steps[0]} steps"}]
+
+    monkeypatch.setattr(toy.Toy, "prior_releases", prior)
+    cfg = _config(steps=6, **{"dp.epsilon": 8.0, "dp.noise_multiplier": None,
+                              "train.grid_samples": 0})
+    wd = str(tmp_path / "w")
+    # The plan is written, then the run dies before its first step (e.g. out of memory).
+    def dies(run, dataset):
+        raise MemoryError("out of memory while compiling the first step")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "dpsgd_advance", dies)
+        with pytest.raises(MemoryError):
+            train.train(cfg, wd, log=lambda *_: None)
+    assert os.path.exists(os.path.join(wd, "dp_plan.json"))
+    assert not os.path.exists(os.path.join(wd, "checkpoints", "3"))
+    prior_steps[0] = 400  # The source trained further.
+    with pytest.raises(PrivacyError, match="planned with the prior releases"):
+        train.train(cfg, wd, log=lambda *_: None)
+    prior_steps[0] = 100  # The same prior again: the run resumes and meets its target.
+    train.train(cfg, wd, log=lambda *_: None)
+    with open(os.path.join(wd, "privacy_report.json")) as f:
+        rep = json.load(f)
+    assert rep["epsilon"]["rdp"] <= 8.0 + 1e-9
+
+
+def test_the_privacy_report_follows_the_checkpoints_of_a_killed_run(tmp_path, monkeypatch):
+    """A run stopped between checkpoints (a kill, a pre-emption) leaves a report for its
+    latest checkpoint, not the last finished invocation's (review of 2026-12-06: it said
+    6 steps while the checkpoint held 9)."""
+    wd = str(tmp_path)
+    train.train(_config(steps=12, **{"train.max_steps_per_run": 6, "train.grid_samples": 0}),
+                wd, log=lambda *_: None)
+    advance = train.dpsgd_advance
+
+    def killed_at_10(run, dataset):
+        step = advance(run, dataset)
+
+        def run_step(state, t):
+            if t == 10:
+                raise KeyboardInterrupt("pre-empted")
+            return step(state, t)
+
+        return run_step
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "dpsgd_advance", killed_at_10)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(_config(steps=12, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
+    with open(os.path.join(wd, "privacy_report.json")) as f:
+        rep = json.load(f)
+    with open(os.path.join(wd, "dp_plan.json")) as f:
+        plan = json.load(f)
+    assert rep["steps_done"] == plan["steps_done"] == 9
+    assert rep["epsilon"] == plan["epsilon_spent"]  # The plan's accountant (RDP) only.
+    with open(os.path.join(wd, "privacy_report.md")) as f:
+        md = f.read()
+    assert "epsilon (PLD): not computed at this checkpoint" in md
+    train.train(_config(steps=12, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
+    with open(os.path.join(wd, "privacy_report.json")) as f:
+        rep = json.load(f)
+    assert rep["steps_done"] == 12 and set(rep["epsilon"]) == {"rdp", "pld"}
+
+
 def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(tmp_path):
     """A resume on another machine: a smaller micro-batch, another loop, the data moved.
     It trains what the uninterrupted run trains (up to float rounding) and records the

@@ -68,10 +68,12 @@ def privacy_report(
     method: str,
     releases: list[dict[str, Any]] = (),
     notes: list[str] = (),
+    kinds: tuple[str, ...] = ("rdp", "pld"),
 ) -> dict[str, Any]:
     """A JSON-serializable report of the guarantee of a run (``notes``: the method's own
-    sentences on how its guarantee is obtained, e.g. parallel composition)."""
-    eps = epsilon_spent(plan, steps_done, list(releases))
+    sentences on how its guarantee is obtained, e.g. parallel composition). ``kinds``:
+    the accountants to compute (the others are absent from ``epsilon``)."""
+    eps = epsilon_spent(plan, steps_done, list(releases), kinds)
     return {
         "method": method,
         "private": plan.enabled,
@@ -98,13 +100,23 @@ def privacy_report(
     }
 
 
+def _private_line(report: dict[str, Any]) -> str:
+    """Whether the run's guarantee is a real one, in words (the JSON's ``private`` says only
+    whether DP was enabled)."""
+    if not report["private"]:
+        return "no (dp.enabled=False: no clipping, no noise, no guarantee)"
+    if not (report["noise_multiplier"] or 0.0) > 0:
+        return "no (sigma 0: clipped but not noised, epsilon infinite; export refuses it)"
+    return "yes"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as a short markdown document."""
     eps = report["epsilon"]
     lines = [
         f"# Privacy report ({report['method']})",
         "",
-        f"- private: {report['private']}",
+        f"- private: {_private_line(report)}",
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
         f"- clip norm C: {report['clip_norm']}",
@@ -122,10 +134,16 @@ def report_markdown(report: dict[str, Any]) -> str:
             ]
         ),
         f"- delta: {report['delta']:g}",
-        f"- epsilon (RDP): {eps.get('rdp')}",
-        f"- epsilon (PLD): {eps.get('pld')}",
-        f"- target epsilon: {report['target_epsilon']} (sigma calibrated with "
-        f"{report['calibrated_with'].upper()})",
+        *(f"- epsilon ({k.upper()}): {eps[k]}" if k in eps else
+          f"- epsilon ({k.upper()}): not computed at this checkpoint (the end of the run "
+          "computes it)" for k in ("rdp", "pld")),
+        (
+            f"- target epsilon: {report['target_epsilon']} (sigma calibrated with "
+            f"{report['calibrated_with'].upper()})"
+            if report["target_epsilon"] is not None
+            else "- target epsilon: none (the config gave sigma; the epsilons above are "
+            "what it spends)"
+        ),
         f"- neighbouring relation: {report['neighbouring_relation']}",
         f"- other releases: {len(report['releases'])}",
     ]
