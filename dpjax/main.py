@@ -175,6 +175,13 @@ def run_audit_mode(
             "instead (its sensitivity and epsilon are tested against the closed form in "
             "tests/test_dpmepf.py)."
         )
+    if cfg.dp.microbatch_size == 0:  # Chosen for the memory, as training chose it.
+        from dpjax import run_setup
+        from dpjax.methods.base import Params
+
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, clipping="vmap"))
+        cfg = run_setup.with_auto_microbatch(cfg, method, Params(trainable, frozen), spec, plan,
+                                             None, log)
     log(
         f"[dpjax] auditing {cfg.method} ({source}; {data} data): {audit_config.num_canaries} "
         f"canaries, {audit_config.steps or plan.steps} steps"

@@ -149,3 +149,19 @@ def test_audit_entry_point_bad_inputs(tmp_path):
         with pytest.raises(CheckpointError, match="corrupt"):
             cli_main.run_audit_mode(wd, log=lambda *_: None)
         assert not os.path.exists(os.path.join(wd, "audit.json"))
+
+
+@pytest.mark.parametrize("over", [{"dp.clipping": "ghost"}, {"dp.microbatch_size": 0}])
+def test_a_run_with_a_fast_path_or_an_auto_micro_batch_can_be_audited(tmp_path, over):
+    """The README demo's run (ghost clipping) was refused by its own audit (the canary
+    loss plants its gradient outside any layer, which only 'vmap' supports), and an auto
+    micro-batch (0) divided by zero. The audit now runs the reference path, sized for the
+    memory, and says which path the run used."""
+    wd = fake_run(tmp_path / "run", **over)
+    result = cli_main.run_audit_mode(
+        wd, audit_config=audit.AuditConfig(num_canaries=50, steps=1), log=lambda *_: None)
+    with open(os.path.join(wd, "audit.json")) as f:
+        details = json.load(f)["details"]
+    assert details["clipping_impl"] == "vmap" and details["microbatch_size"] >= 1
+    assert details["run_clipping_impl"] == over.get("dp.clipping", "vmap")
+    assert not result.flagged

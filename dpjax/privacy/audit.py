@@ -319,7 +319,11 @@ def run_audit(
         comes from the plan.
       config: the audit settings (and any injected fault).
       microbatch_size: the DP step's micro-batch size.
-      clipping_impl: the DP step's clipping implementation.
+      clipping_impl: the run's clipping implementation. The canaries' loss reads the
+        parameters directly (their gradient is planted, not computed through layers),
+        which only the reference path ('vmap') supports: a fast path ('layerwise',
+        'ghost'; equal to the reference up to rounding, tests/test_layerwise.py and
+        test_ghost.py) is audited through the reference, and the details say so.
       log: progress printer.
 
     Returns:
@@ -334,6 +338,11 @@ def run_audit(
     if not 1 <= steps <= plan.steps:
         raise accounting.PrivacyError(f"audit steps must be in [1, {plan.steps}], got {steps}.")
     t0 = time.time()
+    run_clipping_impl = clipping_impl
+    if clipping_impl != "vmap":
+        log(f"[dpjax] audit: the run clips with '{clipping_impl}'; the canaries need the "
+            "reference path 'vmap', which computes the same clipped sum")
+        clipping_impl = "vmap"
     m, seed = config.num_canaries, config.seed
     claim = accounting.epsilon(
         [plan.dp_event(steps)], plan.delta, plan.accountant, "add_or_remove_one"
@@ -404,6 +413,7 @@ def run_audit(
         "noise_multiplier": plan.noise_multiplier,
         "clip_norm": plan.clip_norm,
         "clipping_impl": clipping_impl,
+        "run_clipping_impl": run_clipping_impl,
         "microbatch_size": microbatch_size,
         "sampling_rate": plan.sampling_rate,
         "expected_batch_size": plan.expected_batch_size,
