@@ -28,6 +28,7 @@ from experiments import _ldm, common, ldm_fmnist
 ARGS = {"f": 4, "quick": False, "smoke": False}
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     f = int(args["f"])

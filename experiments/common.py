@@ -2,20 +2,25 @@
 
 Usage in an experiment file::
 
+    @common.arguments_take_effect
     def get_config(arg: str = "") -> ml_collections.ConfigDict:
         args = common.parse_args(arg, {"eps": 10.0, "smoke": False})
         c = common.base_config("dpdm", dpdm.Config())
         ...  # overrides
-        return common.finalize(c, args)
+        return common.finalize(c)
 
 The config is locked by ``finalize``: assigning a key that the base does not have (a
-typo) raises at once, and so does an unknown ``key=value`` in the argument string.
+typo) raises at once, and so does an unknown ``key=value`` in the argument string, or
+an argument that a preset flag (``smoke``, ``quick``, ...) overrides
+(``arguments_take_effect``).
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -68,6 +73,69 @@ def parse_args(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
             )
         out[name] = _parse_value(value.strip()) if sep else True
     return out
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(config.to_dict(), "")
+    return out
+
+
+def arguments_take_effect(
+    get_config: Callable[[str], ml_collections.ConfigDict],
+) -> Callable[[str], ml_collections.ConfigDict]:
+    """Wraps an experiment's ``get_config``: an argument that a preset flag overrides is
+    a ConfigError, not a silent no-op.
+
+    Presets (``smoke``, ``quick``, ``cpu``) set values that other arguments set too, and
+    an experiment applies them last: ``toy_fake.py:smoke,sigma=0.5`` trained at sigma 1,
+    and ``dpdm_fmnist.py:quick,cpu`` was the ``cpu`` run. So, when flags are given, each
+    argument must change the config: a ``key=value`` that changes it without the flags
+    but not with them, or a flag that another flag undoes, is refused, with the
+    ``--config`` override that does what was meant (overrides apply after the
+    experiment). A ``key=value`` equal to its default changes nothing anyway and passes.
+    """
+
+    @functools.wraps(get_config)
+    def checked(arg: str = "") -> ml_collections.ConfigDict:
+        config = get_config(arg)
+        parts = list(dict.fromkeys(p.strip() for p in (arg or "").split(",") if p.strip()))
+        flags = [p for p in parts if "=" not in p]
+        if not flags:
+            return config
+        flat = _flat(config)
+        for part in parts:
+            rest = [p for p in parts if p != part]
+            if _flat(get_config(",".join(rest))) != flat:
+                continue  # It takes effect.
+            others = [p for p in flags if p != part]
+            if "=" not in part:
+                if others:
+                    raise ConfigError(f"Experiment argument '{part}' has no effect with "
+                                      f"{others}: give one of them.")
+                continue
+            values = [p for p in parts if "=" in p]
+            alone = _flat(get_config(",".join(values)))
+            without = _flat(get_config(",".join(p for p in values if p != part)))
+            changed = {k: v for k, v in alone.items() if without.get(k) != v}
+            if changed:
+                overrides = " ".join(f"--config.{k}={v!r}" for k, v in changed.items())
+                raise ConfigError(
+                    f"Experiment argument '{part}' has no effect with {flags}, which set "
+                    f"{sorted(changed)} themselves. Give it as an override after the "
+                    f"experiment instead: {overrides}"
+                )
+        return config
+
+    return checked
 
 
 def smoke_overrides(

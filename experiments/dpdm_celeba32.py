@@ -22,6 +22,7 @@ from dpjax.methods import dpdm
 from experiments import common
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, {"eps": 10.0, "smoke": False, "res": 32, "microbatch": 16})
     res = int(args["res"])

@@ -20,6 +20,7 @@ from dpjax.methods import dpdm
 from experiments import common
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(
         arg, {"eps": 10.0, "smoke": False, "quick": False, "K": 8, "microbatch": 32}

@@ -23,6 +23,7 @@ ARGS = {"eps": 10.0, "smoke": False, "steps": 300, "q": 0.1, "microbatch": 500}
 CELEBA_TRAIN = 162770
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     c = common.base_config("dplflow", dplflow.Config(latent_dim=32, width=256))

@@ -42,6 +42,7 @@ ARGS = {
 }
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     eps = float(args["eps"])

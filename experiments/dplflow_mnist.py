@@ -21,6 +21,7 @@ import ml_collections
 from experiments import common, dplflow_fmnist
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, {**dplflow_fmnist.ARGS, "source": "tfds"})
     c = dplflow_fmnist.get_config(",".join(f"{k}={v!r}" for k, v in args.items() if k != "source"))

@@ -20,9 +20,10 @@ to match here yet (../shared/reference/anchors_results.md lists the gap).
 
 import ml_collections
 
-from experiments import dpmepf_fmnist
+from experiments import common, dpmepf_fmnist
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return dpmepf_fmnist.for_tfds(
         arg,

@@ -44,6 +44,7 @@ ARGS = {
 }
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     c = common.base_config("dpmepf", dpmepf.Config())

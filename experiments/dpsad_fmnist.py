@@ -148,6 +148,7 @@ def teacher_config(args: dict) -> ml_collections.ConfigDict:
     return common.finalize(c)
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     if args["stage"] == "teacher":

@@ -13,11 +13,12 @@ Command (needs ``pip install 'dpjax[tfds]'`` and the prepared TFDS dataset)::
 
 import ml_collections
 
-from experiments import features_mnist
+from experiments import common, features_mnist
 
 ARGS = {"smoke": False, "steps": 20000, "batch": 256}
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return features_mnist.public_classifier(
         arg,

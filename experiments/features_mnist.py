@@ -23,6 +23,7 @@ from experiments import common
 ARGS = {"smoke": False, "steps": 400, "batch": 64}
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return public_classifier(
         arg,

@@ -71,6 +71,7 @@ PAIR = _ldm.Pair(
 ARGS = _ldm.args_for(PAIR)
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, ARGS)
     if args["stage"] == "ae":  # The same run as ldm_cifar10.py's (a shared workdir resumes).

@@ -80,5 +80,6 @@ PAIR = _ldm.Pair(
 ARGS = _ldm.args_for(PAIR)
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return _ldm.get_config(PAIR, common.parse_args(arg, ARGS))

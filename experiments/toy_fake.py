@@ -13,6 +13,7 @@ from dpjax.methods import toy
 from experiments import common
 
 
+@common.arguments_take_effect
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = common.parse_args(arg, {"sigma": 1.0, "steps": 20, "smoke": False, "K": 2})
     c = common.base_config("toy", toy.Config(noise_multiplicity=int(args["K"])))
@@ -28,6 +29,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.grid_samples = 20
     if args["smoke"]:
         common.smoke_overrides(c)
+        # The toy's sigma is always given (smoke's own reason to set one, avoiding a slow
+        # calibration, does not apply), so a smoke sweep over sigma runs each sigma.
+        c.dp.noise_multiplier = float(args["sigma"])
     return common.finalize(c)
 
 

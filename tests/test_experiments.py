@@ -93,6 +93,26 @@ def test_default_configs_build_and_reject_typos(name):
     module.get_config("")
     with pytest.raises(ConfigError, match="Unknown experiment argument"):
         module.get_config("smoke,no_such_arg=1")
+    # And an argument that a preset flag would silently override (arguments_take_effect).
+    assert module.get_config.__wrapped__ is not None
+
+
+def test_an_argument_a_preset_overrides_is_refused_with_the_override_that_works():
+    """``dpdm_fmnist.py:quick,batch=64`` trained at quick's batch 32, and ``quick,cpu`` was
+    the cpu run, silently (review of 2026-12-06)."""
+    from experiments import dpdm_fmnist, toy_fake
+
+    with pytest.raises(ConfigError, match=r"'batch=64' has no effect with \['quick'\].*"
+                       r"--config.dp.batch_size=64"):
+        dpdm_fmnist.get_config("quick,batch=64")
+    with pytest.raises(ConfigError, match="'quick' has no effect with \\['cpu'\\]"):
+        dpdm_fmnist.get_config("quick,cpu")
+    assert dpdm_fmnist.get_config("quick,eps=1").dp.epsilon == 1.0  # Not a preset's key.
+    assert dpdm_fmnist.get_config("quick,eps=10").dp.epsilon == 10.0  # The default: fine.
+    # The toy's smoke keeps the given sigma (the launch README's smoke sweep over sigma).
+    assert toy_fake.get_config("smoke,sigma=0.5").dp.noise_multiplier == 0.5
+    with pytest.raises(ConfigError, match="--config.dp.steps=7"):
+        toy_fake.get_config("smoke,steps=7")
 
 
 def test_dpdm_paper_configs():
