@@ -93,7 +93,8 @@ class Checkpointer:
             out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types for corrupt files.
             raise CheckpointError(
-                f"Checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: {e})."
+                f"Checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: "
+                f"{_first_line(e)})." + self._earlier_hint(step)
             ) from e
         return dict(out["meta"])
 
@@ -113,9 +114,25 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(
                 f"Cannot restore checkpoint {step} from {self.directory}: it is corrupt or was "
-                f"written by a different config/model ({type(e).__name__}: {str(e)[:500]})."
+                f"written by a different config/model ({type(e).__name__}: {_first_line(e)})."
+                + self._earlier_hint(step)
             ) from e
         return TrainState.from_dict(out["state"]), dict(out["meta"])
 
+    def _earlier_hint(self, step: int) -> str:
+        """How to go on from the checkpoint before ``step``, if there is one."""
+        earlier = sorted(s for s in self._mgr.all_steps() if s < step)
+        if not earlier:
+            return ""
+        return (f" To go on from checkpoint {earlier[-1]}, move {self.directory}/{step} out of "
+                "the workdir (a resume replays the same steps).")
+
     def close(self) -> None:
         self._mgr.close()
+
+
+def _first_line(error: BaseException) -> str:
+    """An orbax/TensorStore error's first sentence: their messages go on with a
+    multi-line dump of the store's spec, which says nothing to a user."""
+    text = str(error).split("See full TensorStore details", 1)[0]
+    return (text.strip().splitlines() or [type(error).__name__])[0].strip()[:300]

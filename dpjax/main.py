@@ -70,6 +70,11 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 
 
+class UsageError(ValueError):
+    """A missing or conflicting command-line flag: one line and exit 2, where absl's own
+    UsageError printed the whole flag list."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's to fix: reported in one line."""
     from dpjax.atomic_file import CorruptFileError
@@ -77,10 +82,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dpjax.data.dataset import DataError
     from dpjax.export import ExportError
     from dpjax.privacy.accounting import PrivacyError
+    from dpjax.sample import SampleOutputError
     from dpjax.train import NonFiniteError, WorkdirError
     from dpjax.typed_config import ConfigError
 
     return (
+        UsageError,
         ConfigError,
         DataError,
         PrivacyError,
@@ -90,25 +97,35 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         ExportError,
         CorruptFileError,
+        SampleOutputError,
     )
 
 
 def _drop_closed_loop_noise() -> None:
-    """Silences orbax/tensorstore's 'Event loop is closed' unraisable errors.
+    """Silences orbax/tensorstore's leftovers of a failed restore.
 
     After a failed restore (a truncated checkpoint file), tensorstore callbacks still
-    fire into orbax's closed asyncio loop; Python prints each as a traceback although
-    the failure itself is already reported as one CheckpointError line.
+    fire into orbax's closed asyncio loop, orbax's other read coroutines fail unawaited,
+    and asyncio logs their futures: Python printed each as a traceback (up to 578 lines)
+    although the failure itself is already reported as one CheckpointError line.
     """
+    import logging
+
     default = sys.unraisablehook
 
     def hook(unraisable) -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
             return
+        code = getattr(unraisable.object, "cr_code", None)  # An unawaited coroutine.
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
         default(unraisable)
 
     sys.unraisablehook = hook
+    # "Future exception was never retrieved": orbax's reads, in asyncio's log (dpjax
+    # itself uses no asyncio).
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def run_audit_mode(
@@ -210,13 +227,20 @@ def run_audit_mode(
 def run(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required.")
+        raise UsageError("--workdir is required.")
     for flag in (_FID_BATCH, _SAMPLE_BATCH):  # Eval settings: not silently ignored.
         if flag.value is not None and _MODE.value != "eval":
-            raise app.UsageError(f"--{flag.name} applies to --mode=eval only.")
+            raise UsageError(f"--{flag.name} applies to --mode=eval only.")
     if _NUM.value is not None and _NUM.value < 1:
-        raise app.UsageError(f"--num must be >= 1, got {_NUM.value}.")
+        raise UsageError(f"--num must be >= 1, got {_NUM.value}.")
     workdir = os.path.abspath(_WORKDIR.value)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UsageError(f"--workdir {workdir} is a file, not a directory.")
+    if _CONFIG.value is not None and _MODE.value == "export":
+        raise UsageError("--config does not apply to --mode=export: it exports the run as "
+                         "it was trained (--num and --png choose the samples).")
+    if _CONFIG.value is not None and _MODE.value in ("sample", "eval"):
+        _check_config_is_the_runs(_CONFIG.value, workdir)
     from dpjax import compile_cache
 
     compile_cache.enable(compile_cache.cache_dir(_COMPILATION_CACHE.value, workdir))
@@ -224,14 +248,17 @@ def run(argv: list[str]) -> None:
         from dpjax import train
 
         if _CONFIG.value is None:
-            raise app.UsageError("--config is required for --mode=train.")
+            raise UsageError("--config is required for --mode=train.")
         train.train(_CONFIG.value, workdir)
     elif _MODE.value == "sample":
-        from dpjax import sample
+        from dpjax import run_config, sample
         from dpjax.eval import config as eval_config_lib
 
         stored = sample.load_run_config(workdir)
-        defaults = stored.sample  # The run's sample section.
+        # The sample section of --config if given (its overrides, e.g.
+        # --config.sample.num=3, apply), else the run's.
+        defaults = (run_config.from_configdict(_CONFIG.value).sample if _CONFIG.value
+                    else stored.sample)
         num = defaults.num if _NUM.value is None else _NUM.value
         png = _PNG.value if flags.FLAGS["png"].present else defaults.png
         # The sampler changes of eval.sampling (--config's if given, else the run's), as
@@ -265,7 +292,7 @@ def run(argv: list[str]) -> None:
         from dpjax import export
 
         if not _OUT.value:
-            raise app.UsageError("--out is required for --mode=export.")
+            raise UsageError("--out is required for --mode=export.")
         command = "python -m dpjax.main " + " ".join(sys.argv[1:])
         export.export_run(workdir, _OUT.value, _NUM.value, _PNG.value, command=command)
     elif _MODE.value == "eval":
@@ -285,11 +312,34 @@ def run(argv: list[str]) -> None:
         print(f"[dpjax] wrote {os.path.join(workdir, 'eval.json')} and eval_report.md")
 
 
+def _check_config_is_the_runs(config, workdir: str) -> None:
+    """--config at --mode=sample or eval gives the sample and eval sections; the run's
+    method and data must be its own, else it is another experiment's config (whose
+    settings would be applied to this run without a word)."""
+    from dpjax import sample
+
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        return  # sample.load_run_config says what is missing.
+    stored = sample.load_run_config(workdir)
+    for key, given, run_value in (("method", config.method, stored.method),
+                                  ("data.source", config.data.source, stored.data.source),
+                                  ("data.name", config.data.name, stored.data.name)):
+        if given != run_value:
+            raise UsageError(
+                f"--config is another experiment's ({key} {given!r}; the run in {workdir} "
+                f"has {run_value!r}). Give the run's own experiment file, or leave --config "
+                "out to use the run's sample and eval settings.")
+
+
 def _flag_error_message(error: BaseException, argv: list[str]) -> str:
     """One line for an error raised while the flags (and the experiment file) load."""
     from dpjax.typed_config import ConfigError
 
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if (isinstance(error, flags.Error) and "Unknown command line flag 'config." in str(error)
+            and not any(a.startswith("--config=") or a == "--config" for a in argv)):
+        return ("--config.KEY=VALUE overrides need --config=FILE (the experiment they "
+                "override; for a trained run, its own experiment file).")
     for line in reversed(lines):  # ml_collections quotes an experiment's traceback.
         if "ConfigError: " in line:
             return line.split("ConfigError: ", 1)[1]
@@ -298,6 +348,12 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
         if isinstance(seen, ConfigError):
             return str(seen)
         seen = seen.__cause__ or seen.__context__
+    if isinstance(error, AttributeError) and "attribute 'get_config'" in str(error):
+        return ("the --config file defines no get_config(arg) function (see any file in "
+                "experiments/)")
+    if isinstance(error, SyntaxError):
+        return (f"the --config file has a syntax error: {error.msg} ({error.filename}, line "
+                f"{error.lineno})")
     if isinstance(error, (AttributeError, KeyError)):
         # ml_collections: "'key'\nDid you mean ..." for a key the experiment lacks.
         text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ")
@@ -313,6 +369,9 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
     if any(line.startswith("Traceback") for line in lines):
         # An experiment file that raised: its exception's line (the last one).
         return f"the --config experiment failed: {lines[-1]} (--debug shows where)"
+    if not isinstance(error, (flags.Error, OSError, TypeError, ValueError)):
+        return (f"the --config experiment failed: {type(error).__name__}: "
+                f"{' '.join(lines)} (--debug shows where)")
     return " ".join(lines) or type(error).__name__
 
 
@@ -363,7 +422,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             # ml_collections defers a failed load to the first use: make it now.
             _CONFIG.value.keys()
         return rest
-    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the experiment file's own errors too.
+        # Everything here comes from the flags or the experiment file (a syntax error, an
+        # exception in get_config): the user's to fix, in one line; --debug re-raises.
         if _debug_requested(argv):
             raise
         print(f"dpjax error: {_flag_error_message(e, argv)}", file=sys.stderr)

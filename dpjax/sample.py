@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -158,15 +159,41 @@ def write_grid(
     return path
 
 
+# What ``--mode=sample`` writes into its folder (``check_sample_out`` refuses others).
+SAMPLE_OUTPUTS = ("samples.npz", "samples_grid.png", "png")
+
+
+class SampleOutputError(ValueError):
+    """The folder given for samples cannot take them (a file, or another tool's folder)."""
+
+
+def check_sample_out(out_dir: str) -> None:
+    """Raises SampleOutputError unless ``out_dir`` is new, empty, or holds only an
+    earlier sample output (``SAMPLE_OUTPUTS``): samples must not overwrite an export
+    (its model card would describe other samples) or anything else."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise SampleOutputError(f"--out {out_dir} is a file, not a folder.")
+    others = sorted(set(os.listdir(out_dir)) - set(SAMPLE_OUTPUTS))
+    if others:
+        raise SampleOutputError(
+            f"--out {out_dir} holds other files ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}); samples go to a new or empty folder, "
+            "or to one holding only earlier samples (an export is never overwritten).")
+
+
 def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool,
                   extra: dict[str, Any] | None = None) -> str:
     """Writes ``samples.npz`` (images uint8 NHWC, labels, and the ``extra`` arrays;
-    atomically) and optionally a PNG folder."""
+    atomically) and optionally a PNG folder. A PNG folder of earlier samples is removed
+    first: it would no longer match ``samples.npz``."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.npz")
     # Atomically: a kill mid-write leaves no half zip behind.
     atomic_file.write_npz(path, {**(extra or {}), "images": images, "labels": labels},
                           compressed=True)
+    shutil.rmtree(os.path.join(out_dir, "png"), ignore_errors=True)
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))
@@ -317,6 +344,8 @@ def sample_from_workdir(
     (default ``samples_dir``), with the run's sampler updated by ``sampling``. Sampling
     is post-processing: the samples carry the run's guarantee, and a run without one
     (DP off, or no noise) is warned about."""
+    if out_dir is not None:
+        check_sample_out(out_dir)  # Before the checkpoint is read.
     changes = sampler_changes(load_run_config(workdir), sampling)
     method, params, spec, cfg, step = load_trained(workdir, changes=changes)
     warning = not_private_warning(workdir)

@@ -335,7 +335,18 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
     """Errors while the flags load (before dpjax's own code runs): one line, exit 2."""
     from tests.test_export import cli
 
+    files = {"bad_syntax": 'def get_config(arg=""):\n    return {\n',
+             "raises": 'def get_config(arg=""):\n    raise RuntimeError("no data here")\n',
+             "no_get_config": "x = 1\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text)
     cases = {
+        (f"--config={tmp_path}/bad_syntax.py",): "the --config file has a syntax error: '{' "
+            f"was never closed ({tmp_path}/bad_syntax.py, line 2)",
+        (f"--config={tmp_path}/raises.py",):
+            "the --config experiment failed: RuntimeError: no data here (--debug shows where)",
+        (f"--config={tmp_path}/no_get_config.py",):
+            "the --config file defines no get_config(arg) function",
         ("--config=experiments/toy_fake.py:smoke", "--config.dp.clip_nrom=1"):
             "unknown config key dp.clip_nrom in --config.dp.clip_nrom=1. Did you mean "
             "'clip_norm'? Keys of dp: accountant, batch_size, clip_norm,",

@@ -334,6 +334,77 @@ def test_cli_bad_inputs_give_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_a_partly_truncated_checkpoint_is_one_line_that_says_how_to_go_on(tmp_path):
+    """A checkpoint whose array files were cut short (a full disk, a copy stopped midway)
+    printed its TensorStore spec and up to 578 lines of orbax's unawaited coroutines
+    (review of 2026-12-06). Now: one line, naming the checkpoint to go on from."""
+    import glob
+    import shutil
+
+    wd = str(tmp_path / "run")
+    train.train(_config(steps=6, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
+    for path in glob.glob(os.path.join(wd, "checkpoints", "6", "state", "**", "d", "*"),
+                          recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(min(os.path.getsize(path), 1000))
+    for mode in ("sample", "eval"):
+        out = _cli(wd, f"--mode={mode}", "--num=4", config=None)
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = [x for x in out.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1, out.stderr[-3000:]
+        assert lines[0].startswith("dpjax error: Cannot restore checkpoint 6"), lines[0]
+        assert "TensorStore" not in lines[0]
+        assert f"To go on from checkpoint 3, move {wd}/checkpoints/6 out of" in lines[0]
+    shutil.move(os.path.join(wd, "checkpoints", "6"), str(tmp_path / "checkpoint_6"))
+    path = sample.sample_from_workdir(wd, 2, str(tmp_path / "s"), log=lambda *_: None)
+    assert os.path.exists(path)
+
+
+def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
+    """Review of 2026-12-06: usage errors printed the whole flag list; --config's sample
+    overrides were ignored at --mode=sample, another experiment's --config was applied
+    silently, --config.KEY without --config was an 'unknown flag', and a workdir that is
+    a file was 'not writable'."""
+    wd = str(tmp_path / "run")
+    train.train(_config(steps=3, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
+    cases = [
+        (("--mode=export",), None, "--out is required for --mode=export."),
+        (("--mode=sample", "--config.sample.num=3"), None,
+         "--config.KEY=VALUE overrides need --config=FILE"),
+        (("--mode=sample",), "experiments/dpdm_fmnist.py:smoke",
+         "--config is another experiment's (method 'dpdm'; the run in"),
+        (("--mode=export", f"--out={tmp_path}/o"), "experiments/toy_fake.py:steps=12",
+         "--config does not apply to --mode=export"),
+    ]
+    for args, config, needle in cases:
+        out = _cli(wd, *args, config=config)
+        lines = [x for x in out.stderr.splitlines() if x.strip()]
+        assert out.returncode == 2 and len(lines) == 1, (args, out.stderr[-2000:])
+        assert needle in lines[0], (args, lines[0])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = _cli(str(afile), config="experiments/toy_fake.py:steps=12")
+    assert out.returncode == 2 and f"--workdir {afile} is a file, not a directory" in out.stderr
+    # The run's own experiment: its sample overrides apply.
+    out = _cli(wd, "--mode=sample", f"--out={tmp_path}/s", "--config.sample.num=3",
+               config="experiments/toy_fake.py:steps=12")
+    assert out.returncode == 0, out.stderr[-2000:]
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        assert len(z["labels"]) == 3
+    # Samples never overwrite an export (its model card describes its own samples).
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "model_card.md").write_text("card")
+    with pytest.raises(sample.SampleOutputError, match="holds other files .model_card.md"):
+        sample.sample_from_workdir(wd, 2, str(release), log=lambda *_: None)
+    with pytest.raises(sample.SampleOutputError, match="is a file, not a folder"):
+        sample.sample_from_workdir(wd, 2, str(afile), log=lambda *_: None)
+    # A folder of earlier samples takes new ones; their old PNGs go with them.
+    sample.sample_from_workdir(wd, 4, str(tmp_path / "s"), png=True, log=lambda *_: None)
+    sample.sample_from_workdir(wd, 2, str(tmp_path / "s"), log=lambda *_: None)
+    assert not (tmp_path / "s" / "png").exists()
+
+
 def test_checkpointer_finishes_its_cleanup_before_it_is_used(tmp_path):
     """A stale temporary directory (a write killed midway) is gone once the Checkpointer
     exists: orbax removes it in a thread that only ``save`` waits for, and a run that
