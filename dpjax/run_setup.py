@@ -320,6 +320,12 @@ def _build_run(
             )
         releases = list(meta.get("releases", []))
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
+    elif main and os.path.exists(plan_path := os.path.join(workdir, "dp_plan.json")):
+        done = plan_lib.load_plan(plan_path)[1].get("steps_done", 0)
+        if done:  # The checkpoints were deleted or moved away.
+            log(f"[dpjax] {plan_path} records {done} steps done, but {checkpointer.directory} "
+                "holds no checkpoint: starting again from step 0. The steps replay the same "
+                "batches and noise (these depend only on the seed and the step).")
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,

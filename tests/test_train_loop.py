@@ -405,6 +405,18 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
     assert not (tmp_path / "s" / "png").exists()
 
 
+def test_a_run_whose_checkpoints_were_deleted_says_it_starts_again(tmp_path):
+    import shutil
+
+    wd = str(tmp_path)
+    train.train(_config(steps=3, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
+    shutil.rmtree(os.path.join(wd, "checkpoints"))
+    lines = []
+    train.train(_config(steps=3, **{"train.grid_samples": 0}), wd, log=lines.append)
+    assert any("records 3 steps done, but" in x and "starting again from step 0" in x
+               for x in lines), lines
+
+
 def test_checkpointer_finishes_its_cleanup_before_it_is_used(tmp_path):
     """A stale temporary directory (a write killed midway) is gone once the Checkpointer
     exists: orbax removes it in a thread that only ``save`` waits for, and a run that
