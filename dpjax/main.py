@@ -243,7 +243,10 @@ def run(argv: list[str]) -> None:
         _check_config_is_the_runs(_CONFIG.value, workdir)
     from dpjax import compile_cache
 
-    compile_cache.enable(compile_cache.cache_dir(_COMPILATION_CACHE.value, workdir))
+    cache = compile_cache.cache_dir(_COMPILATION_CACHE.value, workdir)
+    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+        raise UsageError(f"--compilation_cache {cache} is a file, not a directory.")
+    compile_cache.enable(cache)
     if _MODE.value == "train":
         from dpjax import train
 

@@ -385,6 +385,8 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
     afile.write_text("x")
     out = _cli(str(afile), config="experiments/toy_fake.py:steps=12")
     assert out.returncode == 2 and f"--workdir {afile} is a file, not a directory" in out.stderr
+    out = _cli(wd, "--mode=sample", f"--compilation_cache={afile}", config=None)
+    assert out.returncode == 2 and f"--compilation_cache {afile} is a file" in out.stderr
     # The run's own experiment: its sample overrides apply.
     out = _cli(wd, "--mode=sample", f"--out={tmp_path}/s", "--config.sample.num=3",
                config="experiments/toy_fake.py:steps=12")
