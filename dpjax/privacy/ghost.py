@@ -95,9 +95,9 @@ def _ghost_sq_norm(unfolded: unfolding.Unfolded) -> jax.Array:
     Where positions do not cancel, the bound is negligible: on the DPDM CPU UNet with
     real Fashion-MNIST images, the norms of the 'auto' choice are within 2.4e-7 of the
     reference's in a micro-batch of 16 and within 1.2e-7 in one of 649 (the 'cpu'
-    experiment's), float32 noise. Ghost norms forced on every kernel ('ghost' mode, 28 x 28 layers of 784
-    positions included) are 1.1x to 5.3x the reference's (median 1.2x): 'auto' never
-    picks such layers (it takes a ghost norm only where T < min(P_in, C_out)).
+    experiment's), float32 noise. Ghost norms forced on every kernel ('ghost' mode, 28 x
+    28 layers of 784 positions included) are 1.1x to 5.3x the reference's (median 1.2x):
+    'auto' never picks such layers (it takes a ghost norm only where T < min(P_in, C_out)).
     ||U_i[t]||^2 and ||g_i[t]||^2 are the Grams' diagonals; the bound adds a few
     elementwise passes over the (B, T, T) Grams."""
     b, t = unfolded.gg.shape[:2]
