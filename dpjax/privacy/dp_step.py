@@ -251,6 +251,11 @@ def make_train_step(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema, trainable
         )
         valid = jnp.maximum(res.num_valid, 1)
+        # Diagnostics. Those of the private rows (the realized batch size, clipping and
+        # non-finite counts, norm quantiles, losses) are NOT differentially private:
+        # metrics.jsonl and TensorBoard are never exported (README, "Workdir contents").
+        # The losses carry a '_nonprivate' suffix as the likeliest to be copied into a
+        # paper or a dashboard.
         metrics = {
             "batch_size": res.num_valid,
             "nonfinite_examples": res.num_nonfinite,
@@ -260,7 +265,6 @@ def make_train_step(
             "noise_std_on_mean": jnp.asarray(noise_std / plan.expected_batch_size),
             "update_norm": optax.global_norm(updates),
             "public_loss": pub_loss,
-            # Loss on private rows: itself a release; logged as non-private, never exported.
             "private_loss_nonprivate": res.loss_sum / valid,
             **{f"private_{k}_nonprivate": v / valid for k, v in res.aux_sum.items()},
             **{f"public_{k}": v for k, v in pub_aux.items()},
