@@ -192,13 +192,15 @@ def run_audit_mode(
             "instead (its sensitivity and epsilon are tested against the closed form in "
             "tests/test_dpmepf.py)."
         )
-    if cfg.dp.microbatch_size == 0:  # Chosen for the memory, as training chose it.
+    microbatch_size = cfg.dp.microbatch_size
+    if microbatch_size == 0:  # Chosen for the memory of the path the audit runs ('vmap').
         from dpjax import run_setup
         from dpjax.methods.base import Params
 
-        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, clipping="vmap"))
-        cfg = run_setup.with_auto_microbatch(cfg, method, Params(trainable, frozen), spec, plan,
-                                             None, log)
+        vmap_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, clipping="vmap"))
+        microbatch_size = run_setup.with_auto_microbatch(
+            vmap_cfg, method, Params(trainable, frozen), spec, plan, None, log
+        ).dp.microbatch_size
     log(
         f"[dpjax] auditing {cfg.method} ({source}; {data} data): {audit_config.num_canaries} "
         f"canaries, {audit_config.steps or plan.steps} steps"
@@ -211,7 +213,7 @@ def run_audit_mode(
         images,
         labels,
         audit_config,
-        microbatch_size=cfg.dp.microbatch_size,
+        microbatch_size=microbatch_size,
         clipping_impl=cfg.dp.clipping,
         log=log,
     )
@@ -329,9 +331,9 @@ def _check_config_is_the_runs(config, workdir: str) -> None:
                                   ("data.name", config.data.name, stored.data.name)):
         if given != run_value:
             raise UsageError(
-                f"--config is another experiment's ({key} {given!r}; the run in {workdir} "
-                f"has {run_value!r}). Give the run's own experiment file, or leave --config "
-                "out to use the run's sample and eval settings.")
+                f"--config does not match the run in {workdir}: its {key} is {given!r}, the "
+                f"run's is {run_value!r}. Give the run's own experiment (with the same data "
+                "overrides), or leave --config out to use the run's sample and eval settings.")
 
 
 def _flag_error_message(error: BaseException, argv: list[str]) -> str:

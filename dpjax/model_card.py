@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from dpjax.methods.base import count_params
@@ -66,16 +67,22 @@ def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
 
 
 def redact_command(command: str, workdir: str, out: str) -> str:
-    """``command`` with the run's workdir and the export folder (as given, absolute or
-    normalized) replaced by placeholders: where they lie on the trainer's disk is not
-    part of a release, as for ``redact_source_paths``."""
+    """``command`` with the run's workdir and the export folder replaced by placeholders,
+    in every form a command line may hold them (as typed, absolute, normalized, relative
+    to the current directory) and only as whole paths (``/data/run1`` does not touch
+    ``/data/run1x``): where they lie on the trainer's disk is not part of a release, as
+    for ``redact_source_paths``."""
     names = {}
     for path, label in ((out, "<this export>"), (workdir, "<the run's workdir>")):
-        for form in (path, os.path.abspath(path), os.path.normpath(path)):
-            if form and form != ".":
+        full = os.path.abspath(path)
+        for form in (path, full, os.path.normpath(path), os.path.relpath(full)):
+            if form not in ("", os.curdir, os.pardir):
                 names.setdefault(form, label)
     for path in sorted(names, key=len, reverse=True):  # '/a/b' before its prefix '/a'.
-        command = command.replace(path, names[path])
+        # A whole path: after the start, a space, '=' or a quote; before the end, a
+        # separator, a space or a quote.
+        pattern = r"(?<![^\s='\"])" + re.escape(path) + r"(?=$|[\s/'\"])"
+        command = re.sub(pattern, lambda _, label=names[path]: label, command)
     return command
 
 

@@ -87,18 +87,21 @@ def resolve_plan(
     workdir: str,
     write: bool = True,
     method: Any = None,
+    prior: list[dict[str, Any]] | None = None,
 ) -> plan_lib.DPPlan:
     """The run's plan: the stored one on resume (checked against the config), else a new one.
 
     With ``method``, a target epsilon is the total over the method's prior releases and
     its own private access (DP-SGD, or its one release when ``uses_dp_sgd`` is False).
-    A new plan is written to ``dp_plan.json`` when ``write`` (process 0 only)."""
+    A new plan is written to ``dp_plan.json`` when ``write`` (process 0 only). ``prior``:
+    the method's ``prior_records``, when the caller has read them already (they are read
+    once per run: a method may read another workdir)."""
     dp = cfg.dp
     path = os.path.join(workdir, "dp_plan.json")
     one_release = method is not None and not method.uses_dp_sgd
     q = 1.0 if one_release else dp.batch_size / num_examples
     steps = dp.steps if dp.steps > 0 or one_release else int(dp.epochs / q) if q <= 1 else 0
-    prior = prior_records(method)
+    prior = prior_records(method) if prior is None else prior
     if os.path.exists(path):
         stored, extra = plan_lib.load_plan(path)
         # The sigma of a target epsilon was calibrated with the prior releases it was made
@@ -275,7 +278,7 @@ def _build_run(
                 "dp.neighbouring."
             )
     # First: a budget overrun or a changed plan says so before anything is written.
-    plan = resolve_plan(cfg, num_examples, workdir, main, method)
+    plan = resolve_plan(cfg, num_examples, workdir, main, method, prior)
     digest = None if dataset is None else dataset_digest(dataset)
     free_changes = check_resume_config(workdir, config, main, digest)
     for change in free_changes:
@@ -408,7 +411,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
         # The report follows the checkpoints, so that a run killed later never leaves one
         # that understates the latest checkpoint's epsilon; with the plan's accountant only
         # (PLD at a small sigma takes seconds), the end of the run writes both.
-        write_privacy_report(run, steps_done, (run.plan.accountant,))
+        write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
 
 
 def refresh_plan_file(run: Run, steps_done: int) -> None:
@@ -429,13 +432,17 @@ def _write_plan_file(run: Run, meta: dict[str, Any]) -> None:
 
 
 def write_privacy_report(
-    run: Run, steps_done: int, kinds: tuple[str, ...] = ("rdp", "pld")
+    run: Run,
+    steps_done: int,
+    kinds: tuple[str, ...] = ("rdp", "pld"),
+    epsilon: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes privacy_report.json and privacy_report.md to the workdir (``kinds``: the
-    accountants computed)."""
+    accountants computed; ``epsilon``: their values at ``steps_done`` if already known,
+    as ``_meta`` has them)."""
     rep = report_lib.privacy_report(
         run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes(),
-        kinds,
+        kinds, epsilon,
     )
     # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
     atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)

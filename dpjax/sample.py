@@ -175,7 +175,12 @@ def check_sample_out(out_dir: str) -> None:
         return
     if not os.path.isdir(out_dir):
         raise SampleOutputError(f"--out {out_dir} is a file, not a folder.")
-    others = sorted(set(os.listdir(out_dir)) - set(SAMPLE_OUTPUTS))
+    # An interrupted atomic write leaves '.samples.npz.<pid>.<hex>.tmp' (atomic_file).
+    others = sorted(n for n in set(os.listdir(out_dir)) - set(SAMPLE_OUTPUTS)
+                    if not (n.startswith(".") and n.endswith(".tmp")))
+    png = os.path.join(out_dir, "png")
+    if os.path.lexists(png) and (os.path.islink(png) or not os.path.isdir(png)):
+        others.append("png (a link or a file, not earlier samples' folder)")
     if others:
         raise SampleOutputError(
             f"--out {out_dir} holds other files ({', '.join(others[:5])}"
@@ -193,7 +198,9 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     # Atomically: a kill mid-write leaves no half zip behind.
     atomic_file.write_npz(path, {**(extra or {}), "images": images, "labels": labels},
                           compressed=True)
-    shutil.rmtree(os.path.join(out_dir, "png"), ignore_errors=True)
+    old_png = os.path.join(out_dir, "png")
+    if os.path.isdir(old_png) and not os.path.islink(old_png):  # Never through a link.
+        shutil.rmtree(old_png)
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))

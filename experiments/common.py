@@ -95,20 +95,26 @@ def arguments_take_effect(
     """Wraps an experiment's ``get_config``: an argument that a preset flag overrides is
     a ConfigError, not a silent no-op.
 
-    Presets (``smoke``, ``quick``, ``cpu``) set values that other arguments set too, and
-    an experiment applies them last: ``toy_fake.py:smoke,sigma=0.5`` trained at sigma 1,
-    and ``dpdm_fmnist.py:quick,cpu`` was the ``cpu`` run. So, when flags are given, each
-    argument must change the config: a ``key=value`` that changes it without the flags
-    but not with them, or a flag that another flag undoes, is refused, with the
-    ``--config`` override that does what was meant (overrides apply after the
-    experiment). A ``key=value`` equal to its default changes nothing anyway and passes.
+    Presets (``quick``, ``cpu``) set values that other arguments set too, and an
+    experiment applies them last: ``dpdm_fmnist.py:quick,batch=64`` trained at quick's
+    batch of 32, and ``quick,cpu`` was the ``cpu`` run. So, when flags are given (a bare
+    name, or ``name=True``), each argument must change the config: a ``key=value`` that
+    changes it without the flags but not with them, or a flag that another flag undoes,
+    is refused, with the ``--config`` override that does what was meant (overrides apply
+    after the experiment). A ``key=value`` equal to its default changes nothing anyway
+    and passes. ``smoke`` is exempt: it replaces the data, the model and the DP settings
+    by design (a pipeline check of any point, e.g. a whole sweep's), so what it
+    overrides is meant to be overridden.
     """
 
     @functools.wraps(get_config)
     def checked(arg: str = "") -> ml_collections.ConfigDict:
         config = get_config(arg)
         parts = list(dict.fromkeys(p.strip() for p in (arg or "").split(",") if p.strip()))
-        flags = [p for p in parts if "=" not in p]
+        if any(p.split("=", 1)[0].strip() == "smoke" for p in parts):
+            return config
+        flags = [p for p in parts
+                 if "=" not in p or _parse_value(p.split("=", 1)[1].strip()) is True]
         if not flags:
             return config
         flat = _flat(config)
@@ -117,12 +123,12 @@ def arguments_take_effect(
             if _flat(get_config(",".join(rest))) != flat:
                 continue  # It takes effect.
             others = [p for p in flags if p != part]
-            if "=" not in part:
+            if part in flags:
                 if others:
                     raise ConfigError(f"Experiment argument '{part}' has no effect with "
                                       f"{others}: give one of them.")
                 continue
-            values = [p for p in parts if "=" in p]
+            values = [p for p in parts if p not in flags]
             alone = _flat(get_config(",".join(values)))
             without = _flat(get_config(",".join(p for p in values if p != part)))
             changed = {k: v for k, v in alone.items() if without.get(k) != v}

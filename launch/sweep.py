@@ -226,8 +226,9 @@ def _check_previous_sweep(manifest_path: str, root: str, experiment: str) -> str
         with open(manifest_path) as f:
             previous = json.load(f)
         other_root, other_experiment = previous["root"], previous["experiment"]
-        # Absent from a manifest written before it was recorded: nothing to compare.
-        other_key = previous.get("experiment_key", _experiment_key(experiment))
+        # A manifest written before the key was recorded: its experiment as given (a
+        # path relative to the repository root, where sweeps run from).
+        other_key = previous.get("experiment_key") or _experiment_key(other_experiment)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return (f"{manifest_path} is unreadable ({e}); it records the sweep in ROOT. "
                 "Restore or delete it, or give another --out.")

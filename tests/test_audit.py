@@ -151,7 +151,8 @@ def test_audit_entry_point_bad_inputs(tmp_path):
         assert not os.path.exists(os.path.join(wd, "audit.json"))
 
 
-@pytest.mark.parametrize("over", [{"dp.clipping": "ghost"}, {"dp.microbatch_size": 0}])
+@pytest.mark.parametrize("over", [{"dp.clipping": "ghost"}, {"dp.microbatch_size": 0},
+                                  {"dp.clipping": "ghost", "dp.microbatch_size": 0}])
 def test_a_run_with_a_fast_path_or_an_auto_micro_batch_can_be_audited(tmp_path, over):
     """The README demo's run (ghost clipping) was refused by its own audit (the canary
     loss plants its gradient outside any layer, which only 'vmap' supports), and an auto

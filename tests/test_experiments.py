@@ -109,10 +109,14 @@ def test_an_argument_a_preset_overrides_is_refused_with_the_override_that_works(
         dpdm_fmnist.get_config("quick,cpu")
     assert dpdm_fmnist.get_config("quick,eps=1").dp.epsilon == 1.0  # Not a preset's key.
     assert dpdm_fmnist.get_config("quick,eps=10").dp.epsilon == 10.0  # The default: fine.
-    # The toy's smoke keeps the given sigma (the launch README's smoke sweep over sigma).
+    with pytest.raises(ConfigError, match="'batch=64' has no effect"):
+        dpdm_fmnist.get_config("quick=True,batch=64")  # A flag spelled as a value.
+    with pytest.raises(ConfigError, match="--config.method_args.noise_multiplicity=4"):
+        dpdm_fmnist.get_config("cpu,K=4")
+    # smoke replaces the model and the DP settings by design: any point runs under it
+    # (a sweep's smoke check over eps), and the toy's smoke keeps its given sigma.
+    assert dpdm_fmnist.get_config("smoke,eps=1").dp.steps == 2
     assert toy_fake.get_config("smoke,sigma=0.5").dp.noise_multiplier == 0.5
-    with pytest.raises(ConfigError, match="--config.dp.steps=7"):
-        toy_fake.get_config("smoke,steps=7")
 
 
 def test_dpdm_paper_configs():

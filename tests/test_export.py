@@ -123,7 +123,8 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
     train.train(toy_config(3), wd, log=lambda *_: None)
     assert os.path.exists(os.path.join(wd, "metrics.jsonl"))  # What must NOT be exported.
     out = str(tmp_path / "release")
-    command = f"python -m dpjax.main --mode=export --workdir={wd} --out={out}/"
+    # The workdir as typed relative to the current directory, the export absolute.
+    command = f"python -m dpjax.main --mode=export --workdir={os.path.relpath(wd)} --out={out}/"
     names = export.export_run(wd, out, num_samples=20, command=command, log=lambda *_: None)
     assert names == EXPECTED == sorted(os.listdir(out))
     _no_forbidden_content(out)

@@ -372,7 +372,7 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
         (("--mode=sample", "--config.sample.num=3"), None,
          "--config.KEY=VALUE overrides need --config=FILE"),
         (("--mode=sample",), "experiments/dpdm_fmnist.py:smoke",
-         "--config is another experiment's (method 'dpdm'; the run in"),
+         "its method is 'dpdm', the run's is 'toy'"),
         (("--mode=export", f"--out={tmp_path}/o"), "experiments/toy_fake.py:steps=12",
          "--config does not apply to --mode=export"),
     ]
@@ -405,6 +405,12 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
     sample.sample_from_workdir(wd, 4, str(tmp_path / "s"), png=True, log=lambda *_: None)
     sample.sample_from_workdir(wd, 2, str(tmp_path / "s"), log=lambda *_: None)
     assert not (tmp_path / "s" / "png").exists()
+    (tmp_path / "s" / ".samples.npz.123.abcd.tmp").write_text("")  # A killed write's.
+    sample.check_sample_out(str(tmp_path / "s"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "s" / "png").symlink_to(tmp_path / "elsewhere")  # Never written through.
+    with pytest.raises(sample.SampleOutputError, match="png .a link or a file"):
+        sample.check_sample_out(str(tmp_path / "s"))
 
 
 def test_a_run_whose_checkpoints_were_deleted_says_it_starts_again(tmp_path):

@@ -96,7 +96,8 @@ def _ghost_sq_norm(unfolded: unfolding.Unfolded) -> jax.Array:
     real Fashion-MNIST images, the norms of the 'auto' choice are within 2.4e-7 of the
     reference's in a micro-batch of 16 and within 1.2e-7 in one of 649 (the 'cpu'
     experiment's), float32 noise. Ghost norms forced on every kernel ('ghost' mode, 28 x
-    28 layers of 784 positions included) are 1.1x to 5.3x the reference's (median 1.2x):
+    28 layers of 784 positions included) are 1.04x to 4.0x the reference's (median 1.09x;
+    ``benchmarks/cpu/ghost_bound.py``):
     'auto' never picks such layers (it takes a ghost norm only where T < min(P_in, C_out)).
     ||U_i[t]||^2 and ||g_i[t]||^2 are the Grams' diagonals; the bound adds a few
     elementwise passes over the (B, T, T) Grams."""

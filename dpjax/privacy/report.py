@@ -69,11 +69,17 @@ def privacy_report(
     releases: list[dict[str, Any]] = (),
     notes: list[str] = (),
     kinds: tuple[str, ...] = ("rdp", "pld"),
+    epsilon: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A JSON-serializable report of the guarantee of a run (``notes``: the method's own
     sentences on how its guarantee is obtained, e.g. parallel composition). ``kinds``:
-    the accountants to compute (the others are absent from ``epsilon``)."""
-    eps = epsilon_spent(plan, steps_done, list(releases), kinds)
+    the accountants to compute (the others are absent from ``epsilon``); ``epsilon``:
+    their values (infinite ones as strings) when the caller computed them already for
+    exactly this plan, step count and releases (a checkpoint's metadata)."""
+    if epsilon is not None:
+        eps = {k: float(epsilon[k]) for k in kinds}  # float('inf') reads its string.
+    else:
+        eps = epsilon_spent(plan, steps_done, list(releases), kinds)
     return {
         "method": method,
         "private": plan.enabled,
