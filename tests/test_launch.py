@@ -225,6 +225,11 @@ def test_a_root_keeps_its_experiment(tmp_path, capsys, monkeypatch):
     assert "toy_fake.py:smoke, not experiments/toy_fake.py: its points'" in capsys.readouterr().err
     manifest = tmp_path / "runs" / "sweep.json"  # Still the first sweep's.
     assert json.loads(manifest.read_text())["experiment_key"].endswith("/toy_fake.py:smoke")
+    old = json.loads(manifest.read_text())
+    del old["experiment_key"]  # A manifest from before the key: its experiment counts.
+    manifest.write_text(json.dumps(old))
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py", *args]) == 2
+    capsys.readouterr()
     manifest.write_text("{")  # Corrupt: one readable line, not a traceback.
     assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *args]) == 2
     assert "sweep.json is unreadable" in capsys.readouterr().err
