@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -362,6 +363,9 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
     if isinstance(error, (AttributeError, KeyError)):
         # ml_collections: "'key'\nDid you mean ..." for a key the experiment lacks.
         text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ")
+        # A locked ConfigDict lists the whole section (FieldReference reprs included):
+        # its "Did you mean" says what matters.
+        text = re.sub(r'Other fields present: ".*?" ?', "", text)
         key = text.strip("'").split("'")[0]
         flag = next((a for a in argv if a.startswith("--config.") and key in a), None)
         if key and flag:

@@ -337,7 +337,10 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
 
     files = {"bad_syntax": 'def get_config(arg=""):\n    return {\n',
              "raises": 'def get_config(arg=""):\n    raise RuntimeError("no data here")\n',
-             "no_get_config": "x = 1\n"}
+             "no_get_config": "x = 1\n",
+             "locked_typo": "from experiments import toy_fake\n\n\ndef get_config(arg=''):\n"
+                            "    c = toy_fake.get_config('smoke')\n    c.dp.clip_nrom = 1.0\n"
+                            "    return c\n"}
     for name, text in files.items():
         (tmp_path / f"{name}.py").write_text(text)
     cases = {
@@ -347,6 +350,8 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
             "the --config experiment failed: RuntimeError: no data here (--debug shows where)",
         (f"--config={tmp_path}/no_get_config.py",):
             "the --config file defines no get_config(arg) function",
+        (f"--config={tmp_path}/locked_typo.py",):  # Without the section's whole dump.
+            'cannot be added since the config is locked. Did you mean "clip_norm" instead',
         ("--config=experiments/toy_fake.py:smoke", "--config.dp.clip_nrom=1"):
             "unknown config key dp.clip_nrom in --config.dp.clip_nrom=1. Did you mean "
             "'clip_norm'? Keys of dp: accountant, batch_size, clip_norm,",
