@@ -102,6 +102,29 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def check_same_on_every_process(value: str, what: str) -> None:
+    """Raises ParallelConfigError unless every process of the job holds the same
+    ``value`` (a digest; at most 64 characters are compared). A no-op in one process.
+
+    Every process gathers dataset rows by the same global indices (the module
+    docstring), so a process whose copy of the data is in another order (another
+    decoder version, a differently sorted folder, a partial copy) would put one example
+    in a batch twice and another not at all: the sensitivity the accountant assumes
+    would not hold."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    row = np.frombuffer(value.encode()[:64].ljust(64, b"\0"), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(row))
+    differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ParallelConfigError(
+            f"The {what} differs between processes (process 0 and {differ}): every process "
+            "must read the same data in the same order. Point data.* at one shared copy."
+        )
+
+
 def is_main_process() -> bool:
     """True on process 0, the only one that writes logs, plan files and reports."""
     return jax.process_index() == 0

@@ -280,6 +280,8 @@ def _build_run(
     # First: a budget overrun or a changed plan says so before anything is written.
     plan = resolve_plan(cfg, num_examples, workdir, main, method, prior)
     digest = None if dataset is None else dataset_digest(dataset)
+    if digest is not None:  # Every process gathers rows by the same global indices.
+        parallel.check_same_on_every_process(digest, "private dataset (its digest)")
     free_changes = check_resume_config(workdir, config, main, digest)
     for change in free_changes:
         log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")

@@ -206,6 +206,28 @@ def test_mesh_config():
     )
 
 
+def test_processes_with_differently_ordered_data_are_refused(monkeypatch):
+    """Rows are gathered by global indices on every process: a process whose data is in
+    another order would put one example in a batch twice (review of 2026-12-06). The
+    real two-process run (below) passes the same check with equal digests."""
+    from jax.experimental import multihost_utils
+
+    parallel.check_same_on_every_process("abc", "dataset")  # One process: nothing to do.
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    gathered = {"rows": None}
+
+    def allgather(row):
+        other = np.frombuffer(b"abd".ljust(64, b"\0"), np.uint8)
+        gathered["rows"] = np.stack([row, row, other])
+        return gathered["rows"]
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    with pytest.raises(parallel.ParallelConfigError, match=r"process 0 and \[2\]"):
+        parallel.check_same_on_every_process("abc", "dataset")
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda row: np.stack([row] * 3))
+    parallel.check_same_on_every_process("abc", "dataset")
+
+
 def _state_leaves(state):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.as_dict())]
 
