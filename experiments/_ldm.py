@@ -20,6 +20,26 @@ its values and how far they are from the paper's).
 With ``smoke`` every stage uses fake 8x8 data, tiny networks and 2 steps; the public and
 private stages then use a randomly initialised autoencoder (``untrained_autoencoder``)
 with scale factor 1 and no public checkpoint, so each stage runs on its own.
+
+Departures from the original DP-LDM / DP-LoRA code shared by every pair (a review
+against their configs, 2026-12-06; the pair files list their own), besides EDM
+diffusion instead of DDPM and no LPIPS/GAN loss in the autoencoder:
+
+* the class-conditional UNet drops labels with probability 0.1 (the DPDM UNet's
+  classifier-free guidance); DP-LDM's ClassEmbedder has none;
+* the private fine-tune's EMA rate is 0.999, LitEma's 0.9999;
+* latents are the autoencoder's posterior mean (``ldm.Config.latent='mean'``), not a
+  posterior sample, and the scale factor is always 1/std of the public latents;
+* the KL autoencoder has one attention block, in the middle (the originals add
+  attention at the low resolutions, e.g. 16 and 8);
+* DP-LoRA: the ``attn`` target adapts the attention's output projections too (in the
+  original, PEFT's ``to_out.Linear`` matches nothing, so only q, k, v are adapted),
+  A is initialised with std 1/sqrt(d_in) (PEFT's 'gaussian': 1/r), LoRA biases are not
+  trained (PEFT ``bias='lora_only'``), and the public class embedder is fine-tuned
+  rather than re-initialised;
+* the originals' learning-rate warm-up (LambdaLinearScheduler from 1e-6 over 10k
+  Lightning steps, i.e. physical batches) is not set: give
+  ``--config.optim.warmup_steps=N`` (logical steps; the pair files give N).
 """
 
 from __future__ import annotations

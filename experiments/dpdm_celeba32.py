@@ -2,8 +2,11 @@
 
 Recipe (nv-tlabs/DPDM configs/celeba_32): DDPM++ with attention at 8 and 16 (1,804,451
 parameters), EDM preconditioning, K=32, batch 2048, 300 epochs (N=162,770:
-q = 2048/162770, T = 23842), C=1, Adam 3e-4, EMA 0.999, delta=1e-6. Images are
-center-cropped to 140x140 and resized to 32x32 (``data.center_crop``/``image_size``).
+q = 2048/162770, T = int(300 / q) = 23843), C=1, Adam 3e-4, EMA 0.999, delta=1e-6. Images are
+center-cropped to 140x140 and resized to 32x32 (``data.center_crop``/``image_size``);
+the 140 crop is the usual CelebA-32 preprocessing of the DP generative literature, but
+neither method_details.md nor the DPDM configs give it (DP-LDM and DP-LFlow crop the
+central 178x178 square): treat it as this file's choice.
 ``res=64`` selects the 64x64 model (ch_mult (1,1,2,2), K=8; 1,999,907 parameters).
 
 Command::

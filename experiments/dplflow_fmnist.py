@@ -9,7 +9,11 @@ class-conditional model on all 60,000 images at the same q = 1/12 (expected batc
 for the same number of steps, so each example is used as often as in the paper, with
 ONE clip over autoencoder and flow (the paper clips the two parts separately, so its
 real sigma is sigma/sqrt(2)) and sigma calibrated to the target epsilon under RDP,
-delta = 1e-5.
+delta = 1e-5. Other departures from the DP-LFlow code (a review, 2026-12-06): one Adam
+learning rate of 5e-3 for both parts (the original: ae_lr 0.01, nf_lr 0.005) and no
+weight decay (its default 1e-5); LeakyReLU slope 0.2 (PyTorch's default 0.01); the
+coupling masks alternate besides the permutations, and the last coupling layer starts
+at zero (the identity).
 
 Commands::
 

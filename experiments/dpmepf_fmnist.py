@@ -9,6 +9,12 @@ by default the MNIST classifier of experiments/features_mnist.py (the paper uses
 ResNet18 trained on CIFAR-10 for FMNIST); ``features=`` (empty) uses a random network.
 Then ``steps`` generator steps (GroupNorm ResNet generator, batch 100, Adam 1e-4 with
 beta1 0.5; moving average m with Adam 1e-3), post-processing that never reads the data.
+Departures from the DP-MEPF code (a review, 2026-12-06), settings of this file rather
+than of the method: the generator's lr 1e-4 (the paper's CIFAR/CelebA runs use
+3e-4...1e-3) and m's 1e-3 (the code's default m_avg_lr is 1e-5); no validation release
+(the paper composes one at 10 sigma: ``--config.method_args.val_noise_scale=10``); the
+label is concatenated to z rather than written into its first 10 dimensions. The
+CIFAR-10 and CelebA files inherit these, and its add-or-remove relation.
 
 Commands::
 

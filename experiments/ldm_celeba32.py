@@ -4,9 +4,12 @@ DP-LDM (Lyu et al., TMLR 2024) CelebA-32 recipe (method_details.md 2.2-2.4): the
 ImageNet32 autoencoder of ``ldm_cifar10.py`` (f=2, 16x16x3 latents), an UNCONDITIONAL
 LDM on ImageNet32 (UNet width 192, ch_mult (1, 2, 4), attention at 16, 8 and 4), then
 DP fine-tuning of the attention blocks only (``attention_flag: self``) on CelebA
-(center crop 140, resized to 32): epsilon=1, delta=1e-6, C=5e-4, batch 2048, lr 1e-3.
+(the central 178x178 square, resized to 32): epsilon=1, delta=1e-6, C=5e-4, batch 2048,
+lr 1e-3.
 DP-LoRA: rank 16 on the attention projections (its ``qkv``/``proj_out``), K=4 (its
-CelebA-64 value).
+CelebA-64 value), with DP-LDM's batch, lr and delta; DP-LoRA's own CelebA-32 configs
+(found in a review, 2026-12-06) use batch 8192, lr 5e-7 x batch, delta 1e-5 and K=2,
+not matched yet. Shared departures: ``experiments/_ldm.py``.
 The number of epochs is not in method_details.md: 20 here. Departures: EDM diffusion
 instead of DDPM, no LPIPS/GAN loss in the autoencoder.
 
@@ -33,14 +36,15 @@ import ml_collections
 
 from experiments import _ldm, common, ldm_cifar10
 
-# Unconditional CelebA, centre-cropped to 140x140 (DPDM's and DP-LDM's crop); ldm_celeba64.py
-# uses it at 64x64.
+# Unconditional CelebA, centre-cropped to the central 178x178 square, as DP-LDM's
+# ldm/data/celeba.py does (Resize to the side, then CenterCrop: the whole width of the
+# 178x218 images); ldm_celeba64.py uses it at 64x64.
 CELEBA_UNCONDITIONAL = {
     "source": "tfds",
     "name": "celeb_a",
     "num_classes": 0,
     "tfds_label_key": "",
-    "center_crop": 140,
+    "center_crop": 178,
 }
 
 PAIR = _ldm.Pair(

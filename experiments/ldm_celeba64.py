@@ -3,16 +3,18 @@
 DP-LDM (Lyu et al., TMLR 2024) CelebA-64 recipe (anchors_results.md, DP-LDM table;
 method_details.md 2.2): a KL autoencoder with f=2 on ImageNet64 (ch 192, ch_mult
 (1, 2), z=3: 64x64x3 -> 32x32x3 latents), an UNCONDITIONAL LDM on those latents (UNet
-width 128), then DP fine-tuning of the attention blocks only on CelebA (center crop
-140, resized to 64), without EMA: epsilon=10, delta=1e-6, C=5e-4, batch 8192, 70
+width 128), then DP fine-tuning of the attention blocks only on CelebA (the central
+178x178 square, resized to 64), without EMA: epsilon=10, delta=1e-6, C=5e-4, batch 8192, 70
 epochs, lr 1e-7 x batch (DP-LDM scales its base lr by the batch). Published FID:
 epsilon 1 / 5 / 10 = 21.1 / 16.1 / 14.3.
 DP-LoRA (Tsai et al., ICCV 2025; method_details.md 3): rank 16 on the attention
 projections, K=4, batch 8192, 20 epochs, lr 5e-7 x batch, C=5e-4, delta=1e-6.
-Not in the references, chosen here: the UNet's ch_mult (1, 2, 2, 4) and attention at
+Not in method_details.md, chosen here: the UNet's ch_mult (1, 2, 2, 4) and attention at
 latent resolutions 16, 8 and 4 (the CIFAR-10 LDM's, one level lower because the latents
 are 32x32), the public training length, and EDM diffusion instead of DDPM; no LPIPS/GAN
-loss in the autoencoder.
+loss in the autoencoder. DP-LDM's own celeba64-dp-eps1.yaml (found in a review,
+2026-12-06) uses ch_mult (1, 2, 4), attention at 32, 16 and 8 and 8 heads: a known
+departure, as are those shared by every pair (``experiments/_ldm.py``).
 
 Commands (the first two are NON-private, on public data only)::
 

@@ -9,7 +9,11 @@ its first rows): epsilon=10, delta=1e-5, C=1e-6 (tiny C + Adam = normalized DP-S
 batch 2000, 30 epochs, lr 2e-3 (DP-LDM's 1e-6 x batch). DP-LoRA: rank 8 on the
 attention projections, class embedder trained, K=8, batch 80, 20 epochs, lr 1e-6,
 C=1e-3. Departures: EDM diffusion instead of DDPM; all attention blocks are trained
-(DP-LDM trains the SpatialTransformers from block 9 on); no LPIPS/GAN loss in the AE.
+(DP-LDM trains the SpatialTransformers from block 9 on); no LPIPS/GAN loss in the AE;
+the autoencoder has one residual block per level (the original: 2); no lr warm-up
+(the original's 10k physical steps of 40 are about 200 of dpjax's logical steps of
+2000: ``--config.optim.warmup_steps=200``); and those shared by every pair
+(``experiments/_ldm.py``).
 
 Commands (the first two are NON-private, on public data only)::
 
@@ -63,7 +67,10 @@ PAIR = _ldm.Pair(
     public_train={"batch": 512, "steps": 200_000, "lr": 1e-4},
     private_dp={"eps": 10.0, "delta": 1e-5, "clip": 1e-6, "batch": 2000, "epochs": 30},
     ldm={"trainable": ("attn", "class_embed"), "lr": 2e-3, "K": 1},
-    # DP-LoRA's CIFAR-10 run (method_details.md 3): batch 80, 20 epochs, C=1e-3, K=8.
+    # DP-LoRA's CIFAR-10 run (method_details.md 3): batch 80, 20 epochs, C=1e-3, K=8, lr
+    # 1e-6 as method_details.md gives it. The original's main.py multiplies the config's
+    # base lr by the batch unless --scale_lr False (its MNIST run says so; this one does
+    # not), which would make it 8e-5: --config.optim.learning_rate=8e-5 for that reading.
     lora={
         "rank": 8,
         "targets": ("attn",),

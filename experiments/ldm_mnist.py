@@ -7,7 +7,10 @@ block per level, 4 heads, context width 5); then DP fine-tuning on MNIST with th
 letters' class embedder (MNIST's labels 0-9 use its first rows): epsilon=10,
 delta=1e-5, C=1e-3, batch 2000, 200 epochs. DP-LoRA (Tsai et al. 2025): rank 8 on the
 attention projections, class embedder trained, K=12, lr 2e-5. Departures: EDM
-diffusion instead of DDPM, no LPIPS/GAN loss in the autoencoder.
+diffusion instead of DDPM, no LPIPS/GAN loss in the autoencoder, no attention at 32, 16
+and 8 in the autoencoder, no lr warm-up (the original's 10k physical steps of 256 are
+about 1,280 of dpjax's logical steps of 2000: ``--config.optim.warmup_steps=1280``),
+and those shared by every pair (``experiments/_ldm.py``).
 
 TFDS's 'emnist/letters' labels letters 1-26 in a ClassLabel of 37 classes, hence
 ``num_classes=37`` (unused rows are harmless); like the original EMNIST files, its
