@@ -203,3 +203,40 @@ def test_the_eval_flags_are_refused_in_other_modes(tmp_path):
     result = cli("--mode=sample", f"--workdir={tmp_path}", "--sample_batch=10")
     assert result.returncode != 0
     assert "--sample_batch applies to --mode=eval only" in result.stderr
+
+
+def test_eval_skips_what_the_data_or_the_method_cannot_support(tmp_path, monkeypatch):
+    """Review of 2026-12-06: an npz file without '{split}' has no test split (its "test"
+    was the training file again: FID and accuracy "on the test set" were on the private
+    training images), and a method whose samples ignore their labels got a chance-level
+    accuracy reported as real. Both are skipped and said so; a TFDS name with a builder
+    config is a valid cache key."""
+    from dpjax.data.config import DataConfig
+    from dpjax.methods import toy
+    from tests.test_train_loop import _config
+
+    monkeypatch.setattr(fid, "inception_features", _fake_features)
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, images=rng.integers(0, 256, (64, 28, 28, 1), np.uint8),
+             labels=np.arange(64) % 10)
+    wd = str(tmp_path / "run")
+    train.train(_config(steps=2, **{"data.source": "npz", "data.path": str(npz),
+                                    "data.fake_num_examples": 64, "train.grid_samples": 0}),
+                wd, log=lambda *_: None)
+    cfg = report.EvalConfig(num_samples=20, sample_batch=20, fid=True,
+                            downstream_models=("logreg",), downstream_epochs=1)
+    result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
+    assert set(result["fid"]) == {"train"} and "downstream" not in result
+    assert "data has no test split" in result["skipped"][0]
+    assert "skipped: FID vs test" in (tmp_path / "run" / "eval_report.md").read_text()
+    monkeypatch.setattr(toy.Toy, "samples_follow_labels", False)
+    wd2 = str(tmp_path / "run2")
+    train.train(toy_fake.get_config("smoke"), wd2, log=lambda *_: None)
+    result = report.evaluate_workdir(wd2, cfg, log=lambda *_: None)
+    assert "downstream" not in result and set(result["fid"]) == {"train", "test"}
+    assert "samples do not follow their labels" in result["skipped"][0]
+    assert DataConfig(source="npz", path="x_{split}.npz").has_test_split()
+    name = report.reference_name(DataConfig(source="tfds", name="emnist/letters"), "train", 5)
+    assert name == "tfds-emnist_letters-train-n5"

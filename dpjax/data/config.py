@@ -93,6 +93,11 @@ class DataConfig:
         if self.fake_num_examples < 1:
             raise ConfigError(f"data.fake_num_examples must be >= 1, got {self.fake_num_examples}.")
 
+    def has_test_split(self) -> bool:
+        """Whether ``split='test'`` reads other data than the training split: an npz file
+        or image folder needs '{split}' in ``path`` (else both are the same file)."""
+        return self.source not in ("npz", "folder") or "{split}" in self.path
+
     def resolved_path(self, default: str = "") -> str:
         """``path`` (or ``default`` when it is ''), with '{split}' replaced by ``split``."""
         return (self.path or default).replace("{split}", self.split)

@@ -154,10 +154,12 @@ def reference_stats(
       name: key such as 'fashion_mnist-train'; the file is
         ``<cache_dir>/fid_stats/<name>.npz``.
       images: the split's images (an array, or a zero-argument callable that loads
-        them, only called on a cache miss); None uses the cache only. Images whose
-        content differs from the ones the cache was computed on (a smoke-test subset,
+        them, only called on a cache miss); None uses the cache only. An ARRAY whose
+        content differs from the images the cache was computed on (a smoke-test subset,
         another preprocessing), or other network settings, trigger a recomputation;
-        another batch size or backend does not (module docstring).
+        another batch size or backend does not (module docstring). A callable or None
+        is not loaded to be compared: the cache is then trusted by ``name`` alone, so
+        give a name that says the dataset, split, preparation and size.
       cache_dir: default $DPJAX_CACHE or ~/.cache/dpjax.
       batch_size: see ``inception_features``.
       log: progress lines while features are computed, if given.

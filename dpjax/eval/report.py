@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import time
 import zipfile
 from typing import Any
@@ -98,8 +99,12 @@ def _samples(
 
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
-    """The cache key of a split's FID statistics and features (``dpjax.eval.feature_cache``)."""
-    return f"{data_cfg.source}-{data_cfg.name}-{split}-n{num_images}"
+    """The cache key of a split's FID statistics and features (``dpjax.eval.feature_cache``):
+    a file name, so a TFDS builder config or version ('emnist/letters', 'celeb_a:2.1.0')
+    has its separators replaced (the cache's content fingerprint tells apart any two
+    datasets that then share a name)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(data_cfg.name))
+    return f"{data_cfg.source}-{name}-{split}-n{num_images}"
 
 
 def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> dict[str, Any]:
@@ -114,9 +119,19 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     images, labels, step, (spec, run_cfg), sample_batch, sample_dir = _samples(
         workdir, cfg, log, trained, changes)
     splits = {"train": data_lib.load(run_cfg.data)}
-    test_cfg = dataclasses.replace(run_cfg.data, split="test")
-    splits["test"] = data_lib.load(test_cfg)
     result: dict[str, Any] = {"step": step, "num_samples": int(len(images)), "workdir": workdir}
+    if run_cfg.data.has_test_split():
+        splits["test"] = data_lib.load(dataclasses.replace(run_cfg.data, split="test"))
+    else:
+        # An npz file or image folder without '{split}' in data.path: its "test" split
+        # would be the training file again, and FID and accuracy "on the test set" would
+        # be on the private training images.
+        result["skipped"] = ["FID vs test, downstream accuracy and bits/dim: data.path has "
+                             "no '{split}', so the data has no test split"]
+        log(f"[dpjax] eval: {result['skipped'][0]}")
+        cfg = dataclasses.replace(
+            cfg, fid_references=tuple(s for s in cfg.fid_references if s != "test"),
+            downstream=False, bits_per_dim=False)
     # What was computed, with the batch sizes actually used (the samples depend on the
     # sampler's; None: reused samples from a file that does not record it).
     result["eval_config"] = {**dataclasses.asdict(cfg), "fid_batch": fid_batch,
@@ -148,7 +163,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         log(f"[dpjax] eval: FID {result['fid']}")
         _write_json(workdir, result)  # Each finished part is kept if a later one fails.
 
-    if cfg.downstream and spec.num_classes > 0:
+    if cfg.downstream and spec.num_classes > 0 and not trained[0].samples_follow_labels:
+        # Classifiers trained on labels the samples ignore would report chance accuracy.
+        result.setdefault("skipped", []).append(
+            f"downstream accuracy: {run_cfg.method}'s samples do not follow their labels")
+        log(f"[dpjax] eval: {result['skipped'][-1]}")
+    elif cfg.downstream and spec.num_classes > 0:
         t = time.time()
         test = splits["test"]
         result["downstream"] = downstream.evaluate_downstream(
@@ -292,6 +312,9 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{privacy['steps_done']} steps.",
             "",
         ]
+    lines += [f"- skipped: {s}" for s in result.get("skipped", [])]
+    if result.get("skipped"):
+        lines.append("")
     if "fid" in result:
         lines += ["| FID vs | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in result["fid"].items()]

@@ -87,6 +87,7 @@ class Autoencoder(base.Method):
     """The KL autoencoder as a method: all parameters trainable, nothing frozen."""
 
     name = "autoencoder"
+    samples_follow_labels = False  # Decodings of prior draws: labels are ignored.
 
     def __init__(self, config: Config, spec: base.DataSpec) -> None:
         self.config = config

@@ -93,6 +93,11 @@ class Method:
     name: str = "base"
     #: Whether private data is accessed through DP-SGD on ``loss_per_example``.
     uses_dp_sgd: bool = True
+    #: Whether ``sample`` draws images of the classes it is given (on labelled data). The
+    #: downstream-accuracy evaluation trains classifiers on those labels, so a method
+    #: whose samples ignore them (an autoencoder's decodings, an unconditional flow)
+    #: sets it False and gets no accuracy, instead of a chance-level one.
+    samples_follow_labels: bool = True
 
     def init(self, key: jax.Array, spec: DataSpec) -> Params:
         """Returns freshly initialised parameters (or loads public pre-trained ones)."""

@@ -107,6 +107,8 @@ class DPLFlow(base.Method):
                 f"method.pixel_model must be one of {sorted(conv_autoencoder.PIXEL_MODELS)}, "
                 f"got {config.pixel_model!r}."
             )
+        # Per-class models follow the labels too (each sample from its class's models).
+        self.samples_follow_labels = bool(config.conditional or config.per_class)
         if config.per_class:  # Each class's flow is unconditional.
             config = dataclasses.replace(config, conditional=False)
         self.config = config
