@@ -157,6 +157,8 @@ def test_feature_batching_pads_and_strips(monkeypatch):
             rtol=1e-6)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         fid.inception_features(images.astype(np.float32), params={})
+    with pytest.warns(UserWarning, match="all non-negative"):  # [0, 1] read as [-1, 1].
+        fid.inception_features(images.astype(np.float32) / 255.0, params={})
 
 
 def test_conv_bn_folds_batch_norm_scale():

@@ -144,8 +144,14 @@ def inception_features(
     n = len(images)
     if n == 0:
         raise ValueError("no images")
-    if images.dtype != xp.uint8 and float(xp.max(images)) > 2.0:
-        raise ValueError("float images must be in [-1, 1]; pass uint8 for [0, 255] data")
+    if images.dtype != xp.uint8:
+        lo, hi = float(xp.min(images)), float(xp.max(images))
+        if hi > 2.0:
+            raise ValueError("float images must be in [-1, 1]; pass uint8 for [0, 255] data")
+        if lo >= 0.0:  # As downstream.py warns: [0, 1] images would be read as [-1, 1].
+            warnings.warn(f"float images lie in [{lo:.3g}, {hi:.3g}], all non-negative; they "
+                          "are read as [-1, 1] images. Pass uint8 or rescale if they are in "
+                          "[0, 1].", stacklevel=2)
     if params is None:
         params = _device_params(
             None if weights_path is None else str(weights_path),
