@@ -31,6 +31,16 @@ from typing import IO, Any
 import numpy as np
 
 
+def _temporary_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def is_leftover(filename: str, target: str) -> bool:
+    """Whether ``filename`` (a bare name) is the temporary that a killed write of
+    ``target`` (a bare name) left behind: ``.<target>.<pid>.<random>.tmp``."""
+    return filename.startswith(f".{target}.") and filename.endswith(".tmp")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Yields a file to write; it replaces ``path`` only when the block exits cleanly.
@@ -43,7 +53,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(folder, _temporary_name(name))
     # os.open with 0o666 applies the umask, as a plain open() of the target would.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

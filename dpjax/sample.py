@@ -175,9 +175,9 @@ def check_sample_out(out_dir: str) -> None:
         return
     if not os.path.isdir(out_dir):
         raise SampleOutputError(f"--out {out_dir} is a file, not a folder.")
-    # An interrupted atomic write leaves '.samples.npz.<pid>.<hex>.tmp' (atomic_file).
+    # A killed write of samples.npz leaves its temporary behind (atomic_file).
     others = sorted(n for n in set(os.listdir(out_dir)) - set(SAMPLE_OUTPUTS)
-                    if not (n.startswith(".") and n.endswith(".tmp")))
+                    if not atomic_file.is_leftover(n, "samples.npz"))
     png = os.path.join(out_dir, "png")
     if os.path.lexists(png) and (os.path.islink(png) or not os.path.isdir(png)):
         others.append("png (a link or a file, not earlier samples' folder)")
