@@ -114,10 +114,20 @@ def cached_features(
         stem, n, batch_size * max(1, chunk_images // batch_size), recipe, compute, log=log)
 
 
+_NAME_CHARS = "A-Za-z0-9_.+-"  # A cache name is a file name: no separators.
+
+
 def _check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+    if not re.fullmatch(f"[A-Za-z0-9][{_NAME_CHARS}]*", name):
         raise ValueError(f"reference name {name!r}: use letters, digits and _.+-")
     return name
+
+
+def name_part(text: str) -> str:
+    """``text`` with every character a cache name may not hold replaced by '_' (a TFDS
+    builder config or version: 'emnist/letters', 'celeb_a:2.1.0'); two datasets that
+    then share a name are told apart by the cache's content fingerprint."""
+    return re.sub(f"[^{_NAME_CHARS}]", "_", text)
 
 
 def reference_features(

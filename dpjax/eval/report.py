@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import time
 import zipfile
 from typing import Any
@@ -100,10 +99,10 @@ def _samples(
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
     """The cache key of a split's FID statistics and features (``dpjax.eval.feature_cache``):
-    a file name, so a TFDS builder config or version ('emnist/letters', 'celeb_a:2.1.0')
-    has its separators replaced (the cache's content fingerprint tells apart any two
-    datasets that then share a name)."""
-    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(data_cfg.name))
+    a file name, so the dataset's name goes through ``feature_cache.name_part``."""
+    from dpjax.eval import feature_cache
+
+    name = feature_cache.name_part(str(data_cfg.name))
     return f"{data_cfg.source}-{name}-{split}-n{num_images}"
 
 
