@@ -26,7 +26,8 @@ from dpjax.privacy.dp_step import make_train_step
 from dpjax.privacy.sampling import PoissonSampler
 from dpjax.public_step import make_public_step
 from dpjax.randomness import DATA_STREAM
-from dpjax.run_setup import Run, release_done, save_checkpoint
+from dpjax.run_records import save_checkpoint
+from dpjax.run_setup import Run, release_done
 from dpjax.state import TrainState
 
 

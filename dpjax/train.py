@@ -1,7 +1,9 @@
 """THE train loop of dpjax, read top to bottom: setup, restore, step loop, log, checkpoint.
 
-Setup and restore are in ``run_setup.py``, one step of each kind of plan (DP-SGD, or a
-one-shot release then post-processing) in ``advance.py``; this module runs the loop.
+Setup and restore are in ``run_setup.py``, what is written with each checkpoint (the
+epsilon spent, the privacy report) in ``run_records.py``, one step of each kind of plan
+(DP-SGD, or a one-shot release then post-processing) in ``advance.py``; this module runs
+the loop.
 Every method trains through ``train``. The privacy contract it enforces:
 * the DP plan (q, sigma, C, T, delta) is fixed before the first step, written to
   ``dp_plan.json`` and into every checkpoint, and a resumed run must have the same plan;
@@ -32,16 +34,14 @@ from dpjax.advance import dpsgd_advance, public_advance, release_once
 from dpjax.methods.base import Params
 from dpjax.optim import make_optimizer
 from dpjax.privacy import report as report_lib
+from dpjax.run_records import refresh_plan_file, save_checkpoint, write_privacy_report
 from dpjax.run_setup import (
     BudgetExceededError,
     Run,
     prior_records,
-    refresh_plan_file,
     release_done,
     resolve_plan,
-    save_checkpoint,
     setup,
-    write_privacy_report,
 )
 from dpjax.state import TrainState
 from dpjax.workdir_guard import (

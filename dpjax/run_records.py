@@ -1,0 +1,83 @@
+"""What a run writes next to its checkpoints: the epsilon spent and the privacy report.
+
+``save_checkpoint`` keeps the epsilon spent next to every checkpoint: in the checkpoint's
+own metadata, in ``dp_plan.json`` and in the privacy report (the plan's accountant; the
+end of the run writes both accountants with ``write_privacy_report``). Every file is
+written atomically, and only by process 0 (the checkpoint by every process: orbax
+coordinates the hosts).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from dpjax import atomic_file, parallel
+from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import report as report_lib
+from dpjax.run_setup import Run
+from dpjax.state import TrainState
+
+
+def _meta(run: Run, steps_done: int) -> dict[str, Any]:
+    # The plan's own accountant only: PLD at small sigma takes seconds per call, too slow
+    # for every checkpoint; the final privacy report gives both.
+    eps = report_lib.epsilon_spent(run.plan, steps_done, run.releases, (run.plan.accountant,))
+    return {
+        "plan": run.plan.to_dict(),
+        "steps_done": steps_done,
+        "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "releases": run.releases,
+        "method": run.config.method,
+    }
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Checkpoint, then the plan file with the epsilon now spent (both atomic)."""
+    steps_done = int(state.step)
+    meta = _meta(run, steps_done)
+    run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
+    if parallel.is_main_process():
+        _write_plan_file(run, meta)
+        # The report follows the checkpoints, so that a run killed later never leaves one
+        # that understates the latest checkpoint's epsilon; with the plan's accountant only
+        # (PLD at a small sigma takes seconds), the end of the run writes both.
+        write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
+
+
+def refresh_plan_file(run: Run, steps_done: int) -> None:
+    """Rewrites dp_plan.json for the restored checkpoint's step.
+
+    A kill between a checkpoint and its plan file leaves the file one checkpoint behind;
+    a resume that has no step left to run would otherwise never bring it up to date.
+    """
+    _write_plan_file(run, _meta(run, steps_done))
+
+
+def _write_plan_file(run: Run, meta: dict[str, Any]) -> None:
+    plan_lib.save_plan(
+        os.path.join(run.workdir, "dp_plan.json"),
+        run.plan,
+        {k: v for k, v in meta.items() if k != "plan"},
+    )
+
+
+def write_privacy_report(
+    run: Run,
+    steps_done: int,
+    kinds: tuple[str, ...] = ("rdp", "pld"),
+    epsilon: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes privacy_report.json and privacy_report.md to the workdir (``kinds``: the
+    accountants computed; ``epsilon``: their values at ``steps_done`` if already known,
+    as ``_meta`` has them)."""
+    rep = report_lib.privacy_report(
+        run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes(),
+        kinds, epsilon,
+    )
+    # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
+    atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)
+    atomic_file.write_text(os.path.join(run.workdir, "privacy_report.md"),
+                           report_lib.report_markdown(rep))
+    return rep
