@@ -10,6 +10,7 @@ import json
 from typing import Any, Literal
 
 import ml_collections
+import numpy as np
 
 from dpjax import typed_config
 from dpjax.data.config import DataConfig
@@ -181,8 +182,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
     for k in ("seed", "method", "data", "dp", "optim", "train"):
         if k not in d:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
-    if isinstance(d["seed"], bool) or not isinstance(d["seed"], int):
-        raise typed_config.ConfigError(f"seed: expected an integer, got {d['seed']!r}.")
+    seed = typed_config.as_int(d["seed"], "seed")
     if not isinstance(d["method"], str):
         raise typed_config.ConfigError(
             f"method: expected one method name (a string), got {d['method']!r}. "
@@ -196,7 +196,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         )
     module = get_method_module(d["method"])
     return RunConfig(
-        seed=d["seed"],
+        seed=seed,
         method=d["method"],
         method_args=typed_config.from_configdict(
             module.Config, d.get("method_args", {}), "method_args"
@@ -211,5 +211,15 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
-    """A JSON rendering of the experiment config (stored in the workdir)."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    """A JSON rendering of the experiment config (stored in the workdir).
+
+    NumPy scalars are written as the numbers they hold, so that the run's config, read
+    back from ``config.json``, converts to the same ``RunConfig``; anything else that
+    JSON cannot hold is written as its ``str``.
+    """
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_value)
+
+
+def _json_value(value: Any) -> Any:
+    """``json.dumps``'s fallback: NumPy scalars as Python numbers, the rest as text."""
+    return value.item() if isinstance(value, np.generic) else str(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import types
 import typing
 from typing import Any, TypeVar
@@ -94,13 +95,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}.")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # numbers.Real takes NumPy's scalars too (np.float32 is not a float).
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{where}: expected a number, got {value!r}.")
         return float(value)
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
-        return value
+        return as_int(value, where)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected True or False, got {value!r}.")
@@ -112,6 +112,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_configdict(hint, value, where)
     return value
+
+
+def as_int(value: Any, where: str) -> int:
+    """``value`` as a Python int: ints and NumPy integers (not bools, not floats).
+
+    Raises:
+      ConfigError: naming ``where``, for any other value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    return int(value)
 
 
 def from_configdict(cls: type[T], section: Any, where: str = "config") -> T:

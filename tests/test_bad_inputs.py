@@ -192,6 +192,39 @@ def test_a_seed_that_is_not_an_integer_is_refused():
     assert run_config.from_configdict(d).seed == d["seed"]
 
 
+def test_numpy_numbers_in_a_config_are_taken_and_stored_as_numbers():
+    """A config computed with NumPy (a seed from np.random, a learning rate as np.float32)
+    was refused ('expected an integer/number'), although the values are exact; and
+    config.json stored them as strings, which --mode=sample could not read back."""
+    import dataclasses
+    import json
+
+    import ml_collections
+
+    from dpjax import run_config
+    from dpjax.typed_config import ConfigError
+
+    d = _config().to_dict()
+    typed = run_config.from_configdict(d)
+    d["seed"] = np.int64(7)
+    d["optim"]["learning_rate"] = np.float32(typed.optim.learning_rate)
+    d["dp"]["batch_size"] = np.int32(typed.dp.batch_size)
+    cfg = ml_collections.ConfigDict(d)  # As a get_config that computes with NumPy builds it.
+    got = run_config.from_configdict(cfg)
+    assert (got.seed, got.dp.batch_size) == (7, typed.dp.batch_size)
+    assert type(got.seed) is int and type(got.dp.batch_size) is int
+    lr = got.optim.learning_rate
+    assert type(lr) is float and lr == float(np.float32(typed.optim.learning_rate))
+    stored = json.loads(run_config.config_to_json(cfg))
+    assert stored["seed"] == 7 and stored["dp"]["batch_size"] == typed.dp.batch_size
+    back = run_config.from_configdict(ml_collections.ConfigDict(stored))
+    # The eval section is a free dict (tuples come back as lists): compared apart.
+    assert dataclasses.replace(back, eval={}) == dataclasses.replace(got, eval={})
+    for bad in (np.float64(1.5), np.bool_(True)):
+        with pytest.raises(ConfigError, match="seed: expected an integer"):
+            run_config.from_configdict({**cfg.to_dict(), "seed": bad})
+
+
 def test_a_method_that_is_not_a_name_is_refused():
     """A plain dict config's method list (e.g. from a sweep) is one ConfigError line; it
     was a TypeError ('unhashable type: list') from the method table's lookup."""
