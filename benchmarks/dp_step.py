@@ -40,6 +40,13 @@ reference at 'highest' precision first (one step, sigma = 0, SGD so the update I
 clipped mean gradient) and stops the run if either disagrees, so a wrong fast path is
 never timed.
 
+``--flops`` adds each step's arithmetic, counted from its jaxpr by
+``benchmarks/flop_count.py`` (matmul and convolution FLOPs, loops multiplied out; the
+DP step's micro-batch loop is assumed to run B / m trips, as every row here is real), and
+the ratio of its matmul FLOPs to the plain step's. ``--flops-only`` traces the steps and
+counts, without compiling or timing them: a hardware-free check of how much arithmetic
+each path adds, which runs at full size on a CPU in a few minutes.
+
 Each entry is printed as one JSON line when done and the ``--out`` file (meta, check,
 entries) is rewritten after every entry, so a killed run keeps what it measured.
 
@@ -49,6 +56,7 @@ the repository root)::
     python benchmarks/dp_step.py --model anchor --cases 256x1,64x4,32x32 --check
     python benchmarks/dp_step.py --model dpdm --cases 256x1,64x4,32x32,4096x32
     python benchmarks/dp_step.py --tiny --check --out /tmp/dp_step.json   # CPU smoke
+    python benchmarks/dp_step.py --model dpdm --flops-only --out /tmp/flops.json  # arithmetic
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import anchor_unet  # noqa: E402
+from benchmarks import anchor_unet, flop_count  # noqa: E402
 from dpjax import atomic_file  # noqa: E402
 from dpjax.methods import dpdm  # noqa: E402
 from dpjax.methods.base import DataSpec, Method, count_params  # noqa: E402
@@ -514,7 +522,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="first check fast == reference on one step; stop if not",
     )
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count each step's FLOPs from its jaxpr (benchmarks/flop_count.py)",
+    )
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs only: trace each step, neither compile nor time it",
+    )
     args = parser.parse_args(argv)
+    args.flops = args.flops or args.flops_only
     if args.cases is None:
         args.cases = TINY_CASES if args.tiny else DEFAULT_CASES
     if args.steps is None:
@@ -586,6 +605,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return _run(args, argv)
 
 
+def _timing_fields(timing: dict[str, Any], case: Case, plain_ms: float | None) -> dict[str, Any]:
+    """An entry's timing fields: ``time_step``'s, rates, the ratio to plain, the recipe."""
+    step_s = timing["step_ms"] / 1e3
+    fields = dict(timing)
+    fields["examples_per_s"] = case.batch / step_s
+    fields["images_per_s"] = case.batch * case.k / step_s
+    fields["ratio_to_plain"] = timing["step_ms"] / plain_ms if plain_ms is not None else None
+    fields["peak_bytes"] = _peak_bytes()
+    if case.logical:
+        recipe_steps = int(RECIPE_EPOCHS * NUM_EXAMPLES / case.batch)
+        fields["recipe_steps"] = recipe_steps
+        fields["projected_recipe_h"] = recipe_steps * step_s / 3600
+    return fields
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     """The body of ``main``."""
     start = time.perf_counter()
@@ -612,7 +646,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     for case in cases:
         wanted = args.logical_variants if case.logical else VARIANTS
         variants = [v for v in VARIANTS if v in args.variants and v in wanted]  # plain first.
-        plain_ms = None
+        plain_ms, plain_flops = None, None
         for variant in variants:
             entry: dict[str, Any] = {
                 "model": args.model + ("-tiny" if args.tiny else ""),
@@ -637,29 +671,32 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                     plan = make_plan_for(case.batch)
                     step = make_step(variant, method, optimizer, plan, case.microbatch)
                     data = synthetic_batch(case.batch)
-                    timing = time_step(
-                        step,
-                        fresh_state(trainable, optimizer),
-                        _batch_args(data, streams),
-                        args.steps,
-                        args.warmup,
-                    )
-                    entry.update(timing)
+                    if args.flops:
+                        flops = flop_count.count_flops(
+                            step,
+                            fresh_state(trainable, optimizer),
+                            *_batch_args(data, streams),
+                            while_trips=case.batch // case.microbatch,  # All rows real.
+                        )
+                        entry["flops"] = flops.as_dict()
+                        if variant == "plain":
+                            plain_flops = flops.matmul_flops
+                        entry["matmul_flops_ratio_to_plain"] = (
+                            flops.matmul_flops / plain_flops if plain_flops else None
+                        )
                     if CLIPPING_IMPL.get(variant) == "ghost":
                         entry["ghosted_fraction"] = ghosted_fraction(method, trainable, case)
-                    step_s = timing["step_ms"] / 1e3
-                    entry["examples_per_s"] = case.batch / step_s
-                    entry["images_per_s"] = case.batch * case.k / step_s
-                    if variant == "plain":
-                        plain_ms = timing["step_ms"]
-                    entry["ratio_to_plain"] = (
-                        timing["step_ms"] / plain_ms if plain_ms is not None else None
-                    )
-                    entry["peak_bytes"] = _peak_bytes()
-                    if case.logical:
-                        recipe_steps = int(RECIPE_EPOCHS * NUM_EXAMPLES / case.batch)
-                        entry["recipe_steps"] = recipe_steps
-                        entry["projected_recipe_h"] = recipe_steps * step_s / 3600
+                    if not args.flops_only:
+                        timing = time_step(
+                            step,
+                            fresh_state(trainable, optimizer),
+                            _batch_args(data, streams),
+                            args.steps,
+                            args.warmup,
+                        )
+                        if variant == "plain":
+                            plain_ms = timing["step_ms"]
+                        entry.update(_timing_fields(timing, case, plain_ms))
                 except Exception as e:  # recorded; the run goes on.
                     entry["error"] = repr(e)[:ERROR_CHARS]
             entry["elapsed_s"] = time.perf_counter() - start

@@ -94,3 +94,37 @@ def test_time_budget_skips_and_records(tmp_path):
     assert "skipped" in entry and "step_ms" not in entry
     with open(out) as f:
         assert json.load(f)["entries"][0]["skipped"] == entry["skipped"]
+
+
+def test_flops_only_counts_every_variant_without_running(tmp_path):
+    out = tmp_path / "dp_step.json"
+    all_variants = "plain,fast,ghost,reference"
+    result = bench.main(
+        [
+            "--tiny",
+            "--flops-only",
+            "--cases=4x2,20x2/2",
+            f"--variants={all_variants}",
+            f"--logical-variants={all_variants}",
+            f"--out={out}",
+        ]
+    )
+    entries = {(e["case"], e["variant"]): e for e in result["entries"]}
+    assert len(entries) == 8
+    for (case, variant), e in entries.items():
+        assert "error" not in e, e
+        assert "step_ms" not in e and "compile_s" not in e  # Traced, never run.
+        flops = e["flops"]
+        assert flops["matmul_flops"] > 0 and flops["other_flops"] > 0
+        # The per-example paths do the plain step's arithmetic, not a second backward
+        # pass (that would be about 4/3 of it): only the norms and the clipped sum's
+        # reweighting are added. The ghost path's Gram norms may cost a little more.
+        limit = 1.05 if variant == "ghost" else 1.01
+        assert 1.0 <= e["matmul_flops_ratio_to_plain"] <= limit, (case, variant, flops)
+        # Ten micro-batches of 2 at 20x2/2: five times the 4x2 arithmetic. Ten is past
+        # what the CPU unrolls, so the DP step's micro-batch loop is a while loop whose
+        # trip count the benchmark supplies (B / m); the plain step's is static.
+        if case == "20x2/2":
+            single = entries[("4x2", variant)]["flops"]["matmul_flops"]
+            assert flops["matmul_flops"] == pytest.approx(5 * single, rel=1e-6)
+            assert flops["unknown_trip_loops"] == (0 if variant == "plain" else 1)
