@@ -462,6 +462,23 @@ def test_the_feature_cache_key_is_pinned(tmp_path, monkeypatch):
                    "resize": "nv_bilinear_float", "weights_path": None}}
 
 
+def test_weights_files_are_keyed_on_their_bytes_not_their_path(tmp_path):
+    """A weights file replaced in place kept the cached statistics of the old weights
+    (the key was the path string); now its bytes are the key."""
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    a.write_bytes(b"weights one")
+    b.write_bytes(b"weights one")
+    key = lambda p: feature_cache.network_settings({"weights_path": str(p)})  # noqa: E731
+    assert key(a) == key(b)  # The same weights under two paths share their cache.
+    assert key(a)["weights_path"].startswith("sha256:")
+    before = key(a)
+    a.write_bytes(b"weights two")
+    assert key(a) != before
+    missing = str(tmp_path / "missing.npz")
+    assert key(missing)["weights_path"] == missing  # Loading reports it, not the key.
+    assert feature_cache.network_settings({})["weights_path"] is None
+
+
 def test_reference_stats_are_keyed_on_network_settings_not_on_batch_size(tmp_path, monkeypatch):
     calls = []
 

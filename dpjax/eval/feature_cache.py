@@ -8,8 +8,8 @@ dataset split's features and statistics under the cache dir.
 
 Guarantees:
   * Features are reused only for the same image content (a digest of the bytes), batch
-    size, backend and network settings (weights, precision, quantization): anything
-    else recomputes, so a resumed file never mixes rows computed two ways.
+    size, backend and network settings (weights by content, precision, quantization):
+    anything else recomputes, so a resumed file never mixes rows computed two ways.
   * Statistics are reused for the same image content and network settings, whatever
     the batch size and backend: those change features at float rounding level at most
     (on the development CPU, features at batch 8, 20 and 200 are bit-identical; a GPU
@@ -48,11 +48,22 @@ _FEATURE_DEFAULTS = {"params": None, "weights_path": None, "cache_dir": None,
 
 def network_settings(feature_kwargs: dict[str, Any]) -> dict[str, str | None]:
     """What a feature means: the network, the resize and ``inception_features``' settings
-    (defaults filled in, caller-supplied weights by content), as JSON-ready strings."""
+    (defaults filled in, caller-supplied weights by content), as JSON-ready strings.
+
+    Weights given as a file (``weights_path``) count by their bytes, not their path: a
+    file replaced in place (another conversion, a truncated copy) recomputes, and the
+    same file under two paths shares its cache. A path that is not a file stays a path
+    (loading it then fails with its own message).
+    """
     # Defaults filled in, so that leaving a setting out and passing its default agree.
     settings = {**_FEATURE_DEFAULTS, **feature_kwargs}
     if settings["params"] is not None:
         settings["params"] = tree_digest(settings["params"])
+    weights = settings["weights_path"]
+    if weights is not None and os.path.isfile(os.path.expanduser(weights)):
+        settings["weights_path"] = "sha256:" + resumable_array.file_digest(
+            os.path.expanduser(weights)
+        )
     return {"network": _NETWORK, "resize": "nv_bilinear_float",
             **{k: None if v is None else str(v) for k, v in sorted(settings.items())}}
 
