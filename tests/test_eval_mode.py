@@ -45,6 +45,10 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert saved["eval_config"]["fid_batch"] == report.fid_batch_size(cfg)  # And Inception's.
     md = (tmp_path / "eval_report.md").read_text()
     assert "FID" in md and "logreg" in md and "eval_closest_pixel.png" in md
+    # How many real images each FID reference holds is recorded and shown.
+    n = saved["real_images"]
+    assert set(n) == {"train", "test"} and min(n.values()) > 0, n
+    assert f"| train | {n['train']} |" in md and "limited to their first" not in md
     assert md.splitlines()[2].startswith("**Not differentially private: do not publish.**")
     for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
         assert os.path.exists(tmp_path / f), f
@@ -78,6 +82,16 @@ def test_eval_states_the_guarantee_of_the_evaluated_checkpoint(tmp_path):
     result = report.evaluate_workdir(wd, cfg, log=lambda *_: None)
     assert result["privacy"]["steps_done"] == result["step"] == final["steps_done"]
     assert result["privacy"]["epsilon"] == final["epsilon"]
+
+
+def test_report_says_when_the_real_splits_are_limited():
+    """data.limit (a CPU run's first N examples) limits the test split too: FID against
+    the first 5,000 test images is not the paper's FID against all 10,000."""
+    result = {"step": 3, "num_samples": 100, "fid": {"train": 81.5, "test": 83.25},
+              "real_images": {"train": 5000, "test": 5000, "data.limit": 5000}}
+    md = report.report_markdown(result)
+    assert "| test | 5000 | 83.25 |" in md
+    assert "limited to their first 5000 images (the run's data.limit)" in md
 
 
 def test_report_rounds_epsilon_and_counts():

@@ -131,6 +131,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
         cfg = dataclasses.replace(
             cfg, fid_references=tuple(s for s in cfg.fid_references if s != "test"),
             downstream=False, bits_per_dim=False)
+    # How many real images each reference holds: data.limit applies to every split (it
+    # keeps CPU runs short), so a limited run's "test" is the first images of the test
+    # split, and FID against fewer real images reads higher.
+    result["real_images"] = {split: int(len(d.images)) for split, d in splits.items()}
+    if run_cfg.data.limit:
+        result["real_images"]["data.limit"] = run_cfg.data.limit
     # What was computed, with the batch sizes actually used (the samples depend on the
     # sampler's; None: reused samples from a file that does not record it).
     result["eval_config"] = {**dataclasses.asdict(cfg), "fid_batch": fid_batch,
@@ -314,10 +320,15 @@ def report_markdown(result: dict[str, Any]) -> str:
     lines += [f"- skipped: {s}" for s in result.get("skipped", [])]
     if result.get("skipped"):
         lines.append("")
+    real = result.get("real_images", {})
     if "fid" in result:
-        lines += ["| FID vs | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in result["fid"].items()]
+        lines += ["| FID vs | real images | value |", "|---|---|---|"]
+        lines += [f"| {k} | {real.get(k, '?')} | {v:.2f} |" for k, v in result["fid"].items()]
         lines.append("")
+    if "data.limit" in real:
+        lines += [f"The real splits are limited to their first {real['data.limit']} images "
+                  "(the run's data.limit): FID and test accuracy are not comparable with "
+                  "numbers on the full splits.", ""]
     if "downstream" in result:
         lines += [
             "| classifier | test accuracy | selected epoch (synthetic val) |",
