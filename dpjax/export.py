@@ -329,11 +329,7 @@ def export_run(
         images, labels = sample.generate(
             run.method, params, run.spec, key, num, cfg.sample.batch_size
         )
-        sample.write_samples(images, labels, tmp, png)
-        n_grid = min(num, 10 * run.spec.num_classes if run.spec.num_classes else 100)
-        sample.grid_image(images[:n_grid], labels[:n_grid], run.spec.num_classes).save(
-            os.path.join(tmp, "samples_grid.png")
-        )
+        sample.write_samples(images, labels, tmp, png, run.spec.num_classes)
         files += ["samples.npz", "samples_grid.png"] + (["png"] if png else [])
         report = redact(report_lib.privacy_report(
             run.plan, run.step, cfg.method, releases, run.method.privacy_notes()

@@ -189,10 +189,11 @@ def check_sample_out(out_dir: str) -> None:
 
 
 def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool,
-                  extra: dict[str, Any] | None = None) -> str:
+                  num_classes: int, extra: dict[str, Any] | None = None) -> str:
     """Writes ``samples.npz`` (images uint8 NHWC, labels, and the ``extra`` arrays;
-    atomically) and optionally a PNG folder. A PNG folder of earlier samples is removed
-    first: it would no longer match ``samples.npz``."""
+    atomically), ``samples_grid.png`` (the first ten of each class, or 100 images) and
+    optionally a PNG folder. The folder's outputs always describe one set of samples: a
+    PNG folder of earlier samples is removed first, and the grid is redrawn."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.npz")
     # Atomically: a kill mid-write leaves no half zip behind.
@@ -201,6 +202,9 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     old_png = os.path.join(out_dir, "png")
     if os.path.isdir(old_png) and not os.path.islink(old_png):  # Never through a link.
         shutil.rmtree(old_png)
+    n_grid = min(len(images), 10 * num_classes if num_classes else 100)
+    grid_image(images[:n_grid], labels[:n_grid], num_classes).save(
+        os.path.join(out_dir, "samples_grid.png"))
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))
@@ -366,9 +370,4 @@ def sample_from_workdir(
     extra = {"sample_batch": np.int64(max(1, min(batch_size, num))), "sample_seed": np.int64(seed)}
     if changes:
         extra["sampler_changes"] = np.array(changes_json(changes))
-    path = write_samples(images, labels, out_dir, png, extra=extra)
-    n_grid = min(num, 10 * max(spec.num_classes, 1) if spec.num_classes else 100)
-    grid_image(images[:n_grid], labels[:n_grid], spec.num_classes).save(
-        os.path.join(out_dir, "samples_grid.png")
-    )
-    return path
+    return write_samples(images, labels, out_dir, png, spec.num_classes, extra=extra)

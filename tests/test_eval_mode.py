@@ -155,7 +155,7 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     out_dir = os.path.join(wd, "samples", f"step_{step}")
     assert sorted(os.listdir(out_dir)) == [
         "inception_pool3.json", "inception_pool3.lock", "inception_pool3.npy",
-        "samples.lock", "samples.npz", "samples_in_progress.lock"]
+        "samples.lock", "samples.npz", "samples_grid.png", "samples_in_progress.lock"]
     # The resumed samples are the ones an uninterrupted run draws.
     key = report.jax.random.fold_in(report.Streams.from_seed(run_cfg.seed).sample, 1_000_000)
     expected, _ = sample_lib.generate(method, params, spec, key, 30, 10)
@@ -254,3 +254,32 @@ def test_eval_skips_what_the_data_or_the_method_cannot_support(tmp_path, monkeyp
     assert DataConfig(source="npz", path="x_{split}.npz").has_test_split()
     name = report.reference_name(DataConfig(source="tfds", name="emnist/letters"), "train", 5)
     assert name == "tfds-emnist_letters-train-n5"
+
+
+def test_eval_that_needs_more_samples_replaces_a_sample_output_whole(tmp_path):
+    """--mode=sample's 5 samples, with PNGs, in the checkpoint's samples folder; an eval
+    of 20 draws 20 and replaces them. It says so, and the folder describes one set: the
+    PNGs of the 5 are gone and the grid is the 20's (it stayed the 5's)."""
+    from PIL import Image
+
+    from dpjax import sample as sample_lib
+
+    wd = str(tmp_path / "run")
+    train.train(toy_fake.get_config("smoke"), wd, log=lambda *_: None)
+    path = sample_lib.sample_from_workdir(wd, num=5, png=True, log=lambda *_: None)
+    folder = os.path.dirname(path)
+    assert os.path.isdir(os.path.join(folder, "png"))
+    grid = os.path.join(folder, "samples_grid.png")
+    with Image.open(grid) as im:
+        small = im.size
+    msgs = []
+    cfg = report.EvalConfig(num_samples=20, sample_batch=20, fid=False, downstream_models=(),
+                            memorization=False)  # fmt: skip
+    result = report.evaluate_workdir(wd, cfg, log=msgs.append)
+    assert result["num_samples"] == 20
+    assert any("holds 5 samples, fewer than eval.num_samples=20" in m for m in msgs), msgs
+    with np.load(path) as z:
+        assert len(z["images"]) == 20
+    assert not os.path.exists(os.path.join(folder, "png"))
+    with Image.open(grid) as im:
+        assert im.size != small  # Redrawn from the 20 (more per class row).

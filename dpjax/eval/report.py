@@ -63,6 +63,11 @@ def _samples(
                 log(f"[dpjax] eval: {path} was drawn with eval.seed={seed}; sampling again "
                     f"with {cfg.seed}")
                 stored = None
+            if stored is not None and len(stored[1]) < cfg.num_samples:
+                # Typically a --mode=sample output in the same folder: say what goes.
+                log(f"[dpjax] eval: {path} holds {len(stored[1])} samples, fewer than "
+                    f"eval.num_samples={cfg.num_samples}; the {cfg.num_samples} drawn now "
+                    "replace it (with its grid, and its png/ folder if any)")
             if stored is not None and len(stored[1]) >= cfg.num_samples:
                 log(f"[dpjax] eval: reusing {path} (drawn with sampler batch "
                     f"{'unrecorded' if batch is None else batch}; eval.sample_batch does "
@@ -90,6 +95,7 @@ def _samples(
         )
         log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
         sample_lib.write_samples(images, labels, out_dir, png=False,  # Atomic.
+                                 num_classes=spec.num_classes,
                                  extra={**extra, "sample_batch": np.int64(batch)})
         for suffix in (".npy", ".json"):  # samples.npz holds them now.
             with contextlib.suppress(FileNotFoundError):
