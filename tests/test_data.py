@@ -448,6 +448,16 @@ def test_fake_unlabelled_and_limit():
     assert images.shape == (3, 4, 5, 1) and list(labels) == [0, 1, 0]
 
 
+def test_fake_limit_keeps_the_first_examples_as_every_source_does():
+    """limit=N drew N other examples (the random draws depend on how many are drawn), so
+    a limited fake run's data was not the first N of the unlimited run's."""
+    for split in ("train", "test"):
+        whole = load(cfg(source="fake", fake_num_examples=40, split=split))
+        first = load(cfg(source="fake", fake_num_examples=40, split=split, limit=7))
+        np.testing.assert_array_equal(first.images, whole.images[:7])
+        np.testing.assert_array_equal(first.labels, whole.labels[:7])
+
+
 # ----------------------------------------------------------------------------- small
 
 

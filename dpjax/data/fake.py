@@ -8,7 +8,8 @@ few hundred steps visibly learns something, while no real data is touched.
 
 The output depends only on (seed, split, num_examples, image shape, num_classes): the
 same config gives the same bytes on every machine. Labels cycle 0, 1, ..., K-1, 0, ...
-so any prefix (``limit``) is balanced.
+so any prefix (``limit``) is balanced; ``limit`` keeps a prefix of the
+``fake_num_examples`` examples, as it does for every other source.
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def make_fake(
 
 
 def load_fake(config: DataConfig) -> SourceData:
-    """The 'fake' source: ``fake_num_examples`` (or ``limit``) seeded examples."""
-    n = config.fake_num_examples
-    if config.limit:
-        n = min(n, config.limit)
+    """The 'fake' source: ``fake_num_examples`` seeded examples, of which ``limit`` keeps
+    the first, as every source does (the whole set is drawn, then cut: ``make_fake``'s
+    examples depend on how many are drawn)."""
     shape = tuple(int(d) for d in config.fake_image_shape)
-    images, labels = make_fake(n, shape, config.num_classes, config.fake_seed, config.split)
+    images, labels = make_fake(
+        config.fake_num_examples, shape, config.num_classes, config.fake_seed, config.split
+    )
+    if config.limit:
+        images, labels = images[: config.limit], labels[: config.limit]
     return SourceData(
         images=images,
         labels=labels if config.num_classes else None,
