@@ -66,6 +66,14 @@ def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
     )
 
 
+def path_forms(path: str) -> set[str]:
+    """The ways a text may spell ``path``: as given, absolute, normalized and relative to
+    the current directory (not '', '.' or '..', which would match everywhere)."""
+    full = os.path.abspath(path)
+    forms = {path, full, os.path.normpath(path), os.path.relpath(full)}
+    return forms - {"", os.curdir, os.pardir}
+
+
 def redact_command(command: str, workdir: str, out: str) -> str:
     """``command`` with the run's workdir and the export folder replaced by placeholders,
     in every form a command line may hold them (as typed, absolute, normalized, relative
@@ -74,10 +82,8 @@ def redact_command(command: str, workdir: str, out: str) -> str:
     for ``redact_source_paths``."""
     names = {}
     for path, label in ((out, "<this export>"), (workdir, "<the run's workdir>")):
-        full = os.path.abspath(path)
-        for form in (path, full, os.path.normpath(path), os.path.relpath(full)):
-            if form not in ("", os.curdir, os.pardir):
-                names.setdefault(form, label)
+        for form in path_forms(path):
+            names.setdefault(form, label)
     for path in sorted(names, key=len, reverse=True):  # '/a/b' before its prefix '/a'.
         # A whole path: after the start, a space, '=' or a quote; before the end, a
         # separator, a space or a quote.
@@ -98,9 +104,11 @@ def redact_source_paths(obj: Any, method_args: Any) -> Any:
         for field in dataclasses.fields(method_args):
             value = getattr(method_args, field.name)
             if field.name.endswith("_from") and isinstance(value, str) and value:
-                for form in (value, os.path.abspath(value), os.path.normpath(value)):
+                for form in path_forms(value):
                     # In free text only forms with a separator: a bare name ('teacher')
-                    # would also match ordinary words.
+                    # would also match ordinary words. Matched as substrings, unlike the
+                    # command line's whole paths: notes end a path with ')' or ',', and a
+                    # garbled neighbour is better than a path left in a release.
                     if os.sep in form:
                         names.setdefault(form, label(field.name))
     ordered = sorted(names, key=len, reverse=True)  # '/a/b' before its prefix '/a'.

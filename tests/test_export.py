@@ -292,3 +292,31 @@ def test_sampling_a_run_without_a_guarantee_warns(tmp_path):
         msgs = []
         sample.sample_from_workdir(wd, 2, str(tmp_path / f"{name}_out"), log=msgs.append)
         assert any("no differential privacy guarantee" in m for m in msgs) == warned, msgs
+
+
+def test_source_paths_are_redacted_in_every_form(tmp_path, monkeypatch):
+    """A teacher named by its absolute path and mentioned relative to the current
+    directory (as a user types it) was left in the export's notes."""
+    import dataclasses
+
+    from dpjax import model_card
+
+    @dataclasses.dataclass
+    class Args:
+        teacher_from: str
+        steps: int = 3
+
+    monkeypatch.chdir(tmp_path)
+    args = Args(teacher_from=str(tmp_path / "runs" / "teacher"))
+    notes = {"notes": ["teacher trained in runs/teacher (epsilon 3), then ./runs/teacher/x",
+                       f"at {tmp_path}/runs/teacher."],
+             "teacher_from": args.teacher_from, "steps": 3}
+    got = model_card.redact_source_paths(notes, args)
+    label = "<teacher_from: a local workdir, not part of this release>"
+    assert got["teacher_from"] == label and got["steps"] == 3
+    assert "runs/teacher" not in json.dumps(got) and str(tmp_path) not in json.dumps(got)
+    assert got["notes"][1] == f"at {label}."
+    # The command line's placeholders come from the same forms, as whole paths only.
+    cmd = f"dpjax --workdir=runs/teacher --out={tmp_path}/runs/teacher_export"
+    assert model_card.redact_command(cmd, "runs/teacher", f"{tmp_path}/runs/teacher_export") == (
+        "dpjax --workdir=<the run's workdir> --out=<this export>")
