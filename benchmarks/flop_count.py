@@ -68,7 +68,6 @@ _MOVEMENT = frozenset(
         "random_wrap",
         "random_unwrap",
         "threefry2x32",
-        "shard_map",
         "sharding_constraint",
         "optimization_barrier",
     }
