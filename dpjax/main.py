@@ -29,7 +29,10 @@ _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "sample", "eval", "audit", "export"], "What to do."
 )
 _NUM = flags.DEFINE_integer(
-    "num", None, "--mode=sample/export: number of samples (default: config)."
+    "num",
+    None,
+    "--mode=sample/export/eval: number of samples (default: the config's sample.num, "
+    "or for eval its eval.num_samples).",
 )
 _FID_BATCH = flags.DEFINE_integer(
     "fid_batch", None, "--mode=eval: Inception batch size (overrides eval.fid_batch)."
