@@ -239,7 +239,10 @@ def run(argv: list[str]) -> None:
             raise UsageError(f"--{flag.name} applies to --mode=eval only.")
     if _NUM.value is not None and _NUM.value < 1:
         raise UsageError(f"--num must be >= 1, got {_NUM.value}.")
-    workdir = os.path.abspath(_WORKDIR.value)
+    # A '~' the shell left alone ('--workdir=~/x': bash expands only a leading '~', and
+    # launch/tpu passes paths quoted) is the user's home, not a folder named '~'.
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    out = None if _OUT.value is None else os.path.expanduser(_OUT.value)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UsageError(f"--workdir {workdir} is a file, not a directory.")
     if _CONFIG.value is not None and _MODE.value == "export":
@@ -274,7 +277,7 @@ def run(argv: list[str]) -> None:
         # at --mode=eval.
         section = _CONFIG.value.get("eval") if _CONFIG.value else stored.eval
         sampling = eval_config_lib.eval_config(section).sampling
-        path = sample.sample_from_workdir(workdir, num, _OUT.value, png, seed=defaults.seed,
+        path = sample.sample_from_workdir(workdir, num, out, png, seed=defaults.seed,
                                           batch_size=defaults.batch_size, sampling=sampling)
         print(f"[dpjax] wrote {path}")
     elif _MODE.value == "audit":
@@ -292,7 +295,7 @@ def run(argv: list[str]) -> None:
                 clip_scale=_AUDIT_CLIP_SCALE.value,
             ),
             _AUDIT_DATA.value,
-            _OUT.value,
+            out,
         )
         print(f"[dpjax] {result.verdict()}")
         if result.flagged:
@@ -300,10 +303,10 @@ def run(argv: list[str]) -> None:
     elif _MODE.value == "export":
         from dpjax import export
 
-        if not _OUT.value:
+        if not out:
             raise UsageError("--out is required for --mode=export.")
         command = "python -m dpjax.main " + " ".join(sys.argv[1:])
-        export.export_run(workdir, _OUT.value, _NUM.value, _PNG.value, command=command)
+        export.export_run(workdir, out, _NUM.value, _PNG.value, command=command)
     elif _MODE.value == "eval":
         from dpjax import sample
         from dpjax.eval import report

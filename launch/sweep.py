@@ -108,6 +108,39 @@ def check_point(module: Any, point: Point) -> None:
             node = node[part]
 
 
+def _config_value(config: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a config (None where it has no such key)."""
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_sets_leave_the_sweep_alone(module: Any, points: list[Point], sets: Sequence[str]):
+    """Refuses a ``--set`` of a key that the sweep varies: appended after the point's own
+    flags, it would win, and every point would run the same value under its own label.
+
+    A key is varied if a point's ``--config.KEY`` flag sets it, or if the points'
+    experiment arguments give it different values (``eps=1`` and ``eps=10`` set
+    ``dp.epsilon``)."""
+    for s in sets:
+        key = s.split("=", 1)[0]
+        flagged = [p.name for p in points if any(f.startswith(f"--config.{key}=") for f in p.flags)]
+        if flagged:
+            raise SweepError(f"--set {s!r}: the points {flagged[:3]} set {key} themselves; "
+                             "--set would override what the sweep varies.")
+        try:
+            values = {repr(_config_value(module.get_config(p.config_arg), key)) for p in points}
+        except Exception:  # Reported, per point, by check_point.
+            continue
+        if len(values) > 1:
+            raise SweepError(f"--set {s!r}: the points' arguments give {key} different values "
+                             f"({', '.join(sorted(values)[:4])}); --set would override what the "
+                             "sweep varies.")
+
+
 def sweep_points(
     experiment: str, limit: int = 0, sets: Sequence[str] = ()
 ) -> tuple[str, list[Point]]:
@@ -131,6 +164,7 @@ def sweep_points(
     for s in sets:
         if "=" not in s or not s.split("=", 1)[0]:
             raise SweepError(f"--set {s!r}: expected KEY=VALUE, e.g. --set train.log_every=50.")
+    _check_sets_leave_the_sweep_alone(module, points, sets)
     for p in points:
         check_point(module, dataclasses.replace(p, flags=(*p.flags, *(f"--config.{s}"
                                                                        for s in sets))))
@@ -257,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep error: --mode=tpu runs {path} on the workers from --repo-dir, so it "
               "must be a file of this repository (experiments/...).", file=sys.stderr)
         return 2
-    root = a.root if remote else os.path.abspath(a.root)
+    # '--root=~/x' reaches us unexpanded (the shell expands only a leading '~'). Locally
+    # it is this user's home; on TPU workers the path stays as given and dpjax.main
+    # expands it there (each worker's own home: shared storage needs an explicit path).
+    root = a.root if remote else os.path.abspath(os.path.expanduser(a.root))
     python = a.python or ("python3" if remote else sys.executable)
     devices = a.gpus_per_point if a.mode == "local" else a.gpus_per_point * a.nodes_per_point
     all_devices = remote or devices > 1
@@ -274,10 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a path on the workers.
     default_out = os.path.join(REPO, "workdirs", "sweeps", os.path.basename(root.rstrip("/")))
     meta_dir = os.path.abspath(a.out or (default_out if remote else root))
-    error = _check_previous_sweep(os.path.join(meta_dir, "sweep.json"), root, a.experiment)
-    if error:
-        print(f"sweep error: {error}", file=sys.stderr)
-        return 2
+    # The manifest goes to --out, and a local ROOT keeps its own copy too: the check that
+    # ROOT holds this experiment's sweep must not depend on which --out was given.
+    manifest_dirs = [meta_dir] + ([root] if not remote and root != meta_dir else [])
+    for d in manifest_dirs:
+        error = _check_previous_sweep(os.path.join(d, "sweep.json"), root, a.experiment)
+        if error:
+            print(f"sweep error: {error}", file=sys.stderr)
+            return 2
     os.makedirs(meta_dir, exist_ok=True)
     manifest = {
         "experiment": a.experiment,
@@ -295,8 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p, j in zip(points, jobs)
         ],
     }
-    with open(os.path.join(meta_dir, "sweep.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    for d in manifest_dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "sweep.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
     names, cmds = [j.name for j in jobs], [j.cmd for j in jobs]
     if a.mode == "slurm":
         opts = slurm.SlurmOptions(

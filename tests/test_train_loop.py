@@ -360,7 +360,7 @@ def test_a_partly_truncated_checkpoint_is_one_line_that_says_how_to_go_on(tmp_pa
     assert os.path.exists(path)
 
 
-def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
+def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path, monkeypatch):
     """Review of 2026-12-06: usage errors printed the whole flag list; --config's sample
     overrides were ignored at --mode=sample, another experiment's --config was applied
     silently, --config.KEY without --config was an 'unknown flag', and a workdir that is
@@ -384,6 +384,10 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     out = _cli(str(afile), config="experiments/toy_fake.py:steps=12")
+    assert out.returncode == 2 and f"--workdir {afile} is a file, not a directory" in out.stderr
+    # A quoted '~' (launch/tpu quotes its paths) is the home folder, not a folder '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = _cli("~/afile", config="experiments/toy_fake.py:steps=12")
     assert out.returncode == 2 and f"--workdir {afile} is a file, not a directory" in out.stderr
     out = _cli(wd, "--mode=sample", f"--compilation_cache={afile}", config=None)
     assert out.returncode == 2 and f"--compilation_cache {afile} is a file" in out.stderr
