@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -24,7 +25,7 @@ class SlotError(ValueError):
 
 def detect_gpus(spec: str, env: Mapping[str, str] | None = None) -> list[str]:
     """GPU ids for ``--gpus``: 'none', a list '0,1', or 'auto' (CUDA_VISIBLE_DEVICES if set,
-    else one id per line of ``nvidia-smi -L``, else none)."""
+    else the GPUs ``nvidia-smi -L`` lists, else none)."""
     env = os.environ if env is None else env
     if spec == "none":
         return []
@@ -39,7 +40,14 @@ def detect_gpus(spec: str, env: Mapping[str, str] | None = None) -> list[str]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+    return gpu_ids(out.stdout)
+
+
+def gpu_ids(listing: str) -> list[str]:
+    """The GPU indices of ``nvidia-smi -L`` output: each 'GPU N: ...' line's N. MIG
+    devices are listed under their GPU ('  MIG 3g.40gb Device 0: ...'), so counting
+    lines would number them as GPUs."""
+    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", listing, re.MULTILINE)]
 
 
 def make_slots(gpus: Sequence[str], per_point: int, parallel: int) -> list[str | None]:
