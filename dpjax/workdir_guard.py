@@ -15,17 +15,17 @@ What it guarantees (``run_setup.setup`` calls it before any step runs):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
 import socket
+import warnings
 from typing import Any
 
 import jax
 import ml_collections
 
-from dpjax import atomic_file, parallel, run_config
+from dpjax import atomic_file, file_lock, parallel, run_config
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
 from dpjax.eval import resumable_array
@@ -65,8 +65,15 @@ def lock_workdir(workdir: str) -> Any:
     path = os.path.join(workdir, LOCK_FILE)
     f = open(path, "a+")  # noqa: SIM115 - held for the run's lifetime.
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        status, error = file_lock.try_lock(f)
+    except OSError as e:
+        f.close()
+        raise WorkdirError(f"Cannot lock {path}: {e.strerror or e}.") from e
+    if status == file_lock.UNSUPPORTED:
+        f.close()
+        warnings.warn(file_lock.unsupported_message(workdir, error), stacklevel=2)
+        return None
+    if status == file_lock.HELD:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()

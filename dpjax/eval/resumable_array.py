@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpjax import atomic_file
+from dpjax import atomic_file, file_lock
 
 _FORMAT = 1
 
@@ -52,9 +52,13 @@ def exclusive_lock(lock_path: str | os.PathLike, log: Callable[[str], None] | No
     The OS releases it when its holder dies."""
     lock_path = pathlib.Path(lock_path)
     with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        status, error = file_lock.try_lock(f)
+        if status == file_lock.UNSUPPORTED:
+            if log is not None:
+                log(f"[dpjax] {file_lock.unsupported_message(str(lock_path.parent), error)}")
+            yield
+            return
+        if status == file_lock.HELD:
             if log is not None:
                 log(f"[dpjax] waiting for another process to finish {lock_path.stem}")
             fcntl.flock(f, fcntl.LOCK_EX)
