@@ -257,9 +257,16 @@ def _build_run(
     if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
         provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed)
     if not method.uses_dp_sgd and mesh is not None:
-        raise ConfigError(
-            f"{cfg.method} trains on a release, not on private batches: set train.num_devices=1."
-        )
+        if cfg.train.num_devices != 0 or jax.process_count() > 1:
+            raise ConfigError(
+                f"{cfg.method} trains on a release, not on private batches: set "
+                "train.num_devices=1 (and run one process)."
+            )
+        # 0 asks for every device (a sweep's default on a multi-GPU point): one is what a
+        # release method uses, so it takes one rather than failing the point.
+        log(f"[dpjax] {cfg.method} trains on its release on one device; train.num_devices=0 "
+            "(every device) applies to DP-SGD's private batches only")
+        mesh = None
     streams = Streams.from_seed(cfg.seed)
     # Before anything is written too: a parameter pattern or LoRA target that matches
     # nothing (a ConfigError of params_select or lora) fails here, and the corrected

@@ -16,6 +16,7 @@ from dpjax.methods import base, dpmepf
 from dpjax.privacy import accounting
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
+from dpjax.typed_config import ConfigError
 from experiments import dpmepf_fmnist, features_mnist
 from tests.config_overrides import with_overrides
 
@@ -323,3 +324,16 @@ def test_a_release_that_is_not_the_planned_mechanism_is_refused(tmp_path, monkey
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     assert checkpointer.latest_step() is None
     checkpointer.close()
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs several (host) devices")
+def test_every_device_means_one_for_a_release_method(tmp_path):
+    """A sweep gives multi-GPU points train.num_devices=0 (every device); DP-MEPF, which
+    trains on its release, failed at every such point. It now takes one device, and
+    says so; an explicit count of several is still refused."""
+    logs = []
+    state = train.train(_smoke(**{"train.num_devices": 0}), str(tmp_path / "a"), log=logs.append)
+    assert int(state.step) == 3
+    assert any("trains on its release on one device" in m for m in logs), logs
+    with pytest.raises(ConfigError, match="set train.num_devices=1"):
+        train.train(_smoke(**{"train.num_devices": 2}), str(tmp_path / "b"), log=lambda *_: None)
