@@ -91,7 +91,12 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     # A hand-made launch (no SLURM/TPU to detect) names the process count and id.
     for name, key in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
         if env.get(key):
-            kwargs[name] = int(env[key])
+            try:
+                kwargs[name] = int(env[key])
+            except ValueError:
+                raise ParallelConfigError(
+                    f"{key}={env[key]!r} is not a whole number (the {name.replace('_', ' ')})."
+                ) from None
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:

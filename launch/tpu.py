@@ -6,7 +6,8 @@ Guarantees of the generated script:
   per worker, with ``DPJAX_DISTRIBUTED=1`` so that dpjax calls
   ``jax.distributed.initialize()`` (which finds the workers from the TPU metadata) and
   ``--config.train.num_devices=0`` so that the DP step is data-parallel over every chip.
-* The script stops at the first failing point (``set -e``); re-running it resumes every
+* A failing point does not stop the others: the script goes on to the next point, lists
+  the failed ones at the end and then exits with status 1. Re-running it resumes every
   point from its workdir (finished points exit at once).
 * Nothing runs when the script is generated.
 """

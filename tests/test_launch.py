@@ -83,6 +83,12 @@ def test_bad_points_fail_before_anything_runs(tmp_path):
     with pytest.raises(sweep.SweepError, match="expected KEY=VALUE"):
         sweep.sweep_points(str(exp), sets=["bogus"])
     assert len(sweep.sweep_points(str(exp), sets=["train.log_every=5"])[1]) == 2
+    # A --set of what the sweep varies would win over every point (appended last) and
+    # run one value under many labels: refused, whether a flag or the argument varies it.
+    with pytest.raises(sweep.SweepError, match="set optim.learning_rate themselves"):
+        sweep.sweep_points("experiments/toy_fake.py", sets=["optim.learning_rate=0.01"])
+    with pytest.raises(sweep.SweepError, match="give dp.noise_multiplier different values"):
+        sweep.sweep_points(str(exp), sets=["dp.noise_multiplier=3.0"])
     assert sweep.main(["experiments/common.py", "--root", str(tmp_path / "r"), "--dry-run"]) == 2
 
 
@@ -207,6 +213,11 @@ def test_local_dry_run_assigns_gpus_and_queues(tmp_path, capsys, monkeypatch):
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # No workdir was made.
     assert local.make_slots([], 1, 2) == [None, None]
     assert local.detect_gpus("auto", {"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    mig = ("GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-a)\n"
+           "  MIG 3g.40gb     Device  0: (UUID: MIG-a0)\n"
+           "  MIG 3g.40gb     Device  1: (UUID: MIG-a1)\n"
+           "GPU 1: NVIDIA A100-SXM4-80GB (UUID: GPU-b)\n")
+    assert local.gpu_ids(mig) == ["0", "1"]  # Not line numbers ('0', '3').
     with pytest.raises(local.SlotError):
         local.make_slots(["0"], 2, 1)
 
@@ -233,6 +244,19 @@ def test_a_root_keeps_its_experiment(tmp_path, capsys, monkeypatch):
     manifest.write_text("{")  # Corrupt: one readable line, not a traceback.
     assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *args]) == 2
     assert "sweep.json is unreadable" in capsys.readouterr().err
+    # With --out elsewhere, ROOT still keeps (and is checked against) its own manifest.
+    other = str(tmp_path / "other_root")
+    out = ["--root", other, "--dry-run", "--gpus=none", "--out", str(tmp_path / "o1")]
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *out]) == 0
+    assert os.path.isfile(os.path.join(other, "sweep.json"))
+    out[-1] = str(tmp_path / "o2")
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py", *out]) == 2
+    assert f"ROOT {other} holds the sweep of" in capsys.readouterr().err
+    # '~' in --root is this user's home, not a folder named '~'.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = ["--root", "~/sw", "--dry-run", "--gpus=none"]
+    assert _dry_main(monkeypatch, ["experiments/toy_fake.py:smoke", *home]) == 0
+    assert os.path.isfile(tmp_path / "home" / "sw" / "sweep.json")
 
 
 def test_run_local_queue_never_shares_a_gpu(tmp_path):

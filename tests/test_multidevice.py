@@ -204,6 +204,10 @@ def test_mesh_config():
     assert not parallel.distributed_requested(
         {"DPJAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "h:1234"}
     )
+    # A mistyped process count is one clear line, before jax.distributed is touched.
+    typo = {"DPJAX_DISTRIBUTED": "1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}
+    with pytest.raises(parallel.ParallelConfigError, match="JAX_NUM_PROCESSES='two'"):
+        parallel.initialize_distributed(typo)
 
 
 def test_processes_with_differently_ordered_data_are_refused(monkeypatch):
