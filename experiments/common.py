@@ -141,6 +141,7 @@ def arguments_take_effect(
                 )
         return config
 
+    checked.arguments_take_effect = True  # What tests check every experiment for.
     return checked
 
 

@@ -11,7 +11,7 @@ installed: JAX then locks every read and write (a size limit turns the lock on).
 
 XLA's LLVM optimizations dominate compile time on CPU for these small models (3x);
 the tests run with them off (numerics are unchanged: every comparison is within one
-configuration).
+configuration). The CPU shows four devices, as under ``make test``.
 """
 
 import atexit
@@ -23,6 +23,10 @@ import tempfile
 _NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _NO_LLVM_OPT).strip()
+# Four host devices, as ``make test`` gives them, also for a plain ``pytest`` run: the
+# multi-device tests (one noise draw per step, sharded == one-device) skip without them.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 
 # Without filelock JAX cannot lock the cache, so each process then keeps its own.
 _LOCKED = importlib.util.find_spec("filelock") is not None

@@ -316,7 +316,7 @@ def test_corrupt_checkpoint_is_a_clear_error(entry, trained, tmp_path, record_tr
     wd = str(tmp_path / "copy")
     shutil.copytree(trained, wd)
     corrupt_latest_checkpoint(wd, "truncate")
-    with pytest.raises(user_errors()):
+    with pytest.raises(user_errors(), match="Cannot restore checkpoint 2 .*it is corrupt"):
         ENTRY_POINTS[entry](wd, str(tmp_path / "out"))
 
 

@@ -229,7 +229,7 @@ def test_private_data_is_not_read_after_the_release(tmp_path, monkeypatch):
     monkeypatch.setattr(run_setup.data_lib, "load", no_data)
     state = train.train(_smoke(), wd, log=lambda *_: None)
     assert int(state.step) == 3
-    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(state)):
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     report = report_lib.privacy_report(*_plan_and_steps(wd), "dpmepf", _releases(wd))
     assert len(report["releases"]) == 1 and report["releases"][0]["stage"] == "release"

@@ -41,24 +41,26 @@ def _check_equal(ref, got, num_real):
     assert total <= num_real * CLIP * (1 + 1e-5)
 
 
-def _check_bound_and_sum(loss, params, ex, mask, keys, ref, got, num_real):
+def _check_bound_and_sum(loss, params, ex, mask, keys, ref, got, num_real, frozen=None,
+                         clip=CLIP):
     """Forced ghost norms on layers of many positions: the rounding bound that
-    ``_ghost_sq_norm`` adds makes them larger than the reference's (never smaller), and
-    the clipped sum is the reference's per-example gradients weighted by the factors of
-    those norms."""
+    ``_ghost_sq_norm`` adds makes them larger than the reference's (never smaller) but
+    only slightly (measured 1.01x on the zoo: a wrong Gram term, e.g. a doubled
+    diagonal, is far outside 1.05x), and the clipped sum is the reference's per-example
+    gradients weighted by the factors of those norms."""
     real = np.asarray(mask) & np.isfinite(np.asarray(ref.norms))
     got_norms, ref_norms = np.asarray(got.norms)[real], np.asarray(ref.norms)[real]
     assert np.all(got_norms >= ref_norms * (1 - 1e-6))
-    assert np.all(got_norms <= ref_norms * 1.5)  # The bound is a bound, not a blow-up.
+    assert np.all(got_norms <= ref_norms * 1.05), got_norms / ref_norms
     assert int(got.num_valid) == int(ref.num_valid) and int(got.num_clipped) > 0
-    grads = jax.vmap(jax.grad(lambda t, e, k: loss(t, None, e, k)[0]), in_axes=(None, 0, 0))(
+    grads = jax.vmap(jax.grad(lambda t, e, k: loss(t, frozen, e, k)[0]), in_axes=(None, 0, 0))(
         params, ex, keys)
     valid = mask & jnp.isfinite(ref.norms)
-    factors = clipping.clip_factors(got.norms, valid, CLIP)
+    factors = clipping.clip_factors(got.norms, valid, clip)
     _assert_trees_close(clipping.weighted_sum(grads, factors, valid), got.grad_sum,
-                        atol=1e-5 * CLIP)
+                        atol=1e-5 * clip)
     total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(got.grad_sum)))
-    assert total <= num_real * CLIP * (1 + 1e-5)
+    assert total <= num_real * clip * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("mode", ghost.GHOST_MODES)
@@ -66,7 +68,10 @@ def test_every_layer_kind_matches_the_reference(mode):
     """Dense, strided/dilated/padded Conv and ConvTranspose, norms and an embedding, two
     noisy copies per example, a NaN example and a padding row. In 'auto' (what training
     uses) the rounding bound of the ghost norms is below float32 noise here; 'ghost'
-    forces them on layers of 1,056 positions, where it is not (``_check_bound_and_sum``)."""
+    forces them on layers of 1,056 positions, where it is not (``_check_bound_and_sum``).
+    The zoo's layers have many positions, so 'auto' ghosts none of them and runs the
+    per-example route: ghost norms chosen by 'auto' are checked on the DPDM UNet
+    (``test_ghost_holds_no_per_example_kernel_gradients``)."""
     model = _Zoo()
     ex = _zoo_batch(6)
     ex["image"] = ex["image"].at[1].set(jnp.nan)
@@ -77,6 +82,8 @@ def test_every_layer_kind_matches_the_reference(mode):
     ref = _reference(loss, params, ex, mask, keys)
     got = _ghost(loss, params, ex, mask, keys, mode)
     assert int(ref.num_nonfinite) == 1
+    fraction = ghost.ghosted_fraction(loss, params, None, ex, mask, keys, mode=mode)
+    assert fraction > 0.9 if mode == "ghost" else fraction == 0.0, (mode, fraction)
     if mode == "ghost":
         _check_bound_and_sum(loss, params, ex, mask, keys, ref, got, 4)
     else:
@@ -245,6 +252,20 @@ def test_dp_lora_adapters_take_the_fast_paths():
         np.testing.assert_allclose(got.norms, ref.norms, rtol=1e-4, equal_nan=True)
         assert int(got.num_clipped) == int(ref.num_clipped) > 0
         _assert_trees_close(ref.grad_sum, got.grad_sum, atol=1e-5 * clip)
+    # 'auto' ghosts nothing in a model this small; forced, the ghost norms and the
+    # reweighted products run on the adapters too.
+    loss = method.loss_per_example
+    forced = ghost.ghosted_fraction(loss, trainable, params.frozen, ex, mask, keys, mode="ghost")
+    assert forced > 0.5, forced
+
+    def ghosted(t, e, m, k):
+        out_loss, aux, norms, summer = ghost.norms_and_sum(
+            loss, t, params.frozen, e, m, k, mode="ghost")
+        return clipping._finish(out_loss, aux, norms, m, clip, summer)
+
+    got = jax.jit(ghosted)(trainable, ex, mask, keys)
+    _check_bound_and_sum(loss, trainable, ex, mask, keys, ref, got, 3, frozen=params.frozen,
+                         clip=clip)
 
 
 def test_a_ghost_norm_whose_positions_cancel_still_bounds_the_gradient():

@@ -116,7 +116,6 @@ def test_every_convolution_and_matmul_runs_in_the_compute_dtype(setup, name):
 
 def test_bf16_clipped_sum_keeps_the_sensitivity(setup):
     full = _sum(setup, jnp.ones(N, bool), "bfloat16")
-    assert full.grad_sum is not None
     assert {x.dtype for x in jax.tree_util.tree_leaves(full.grad_sum)} == {jnp.dtype(jnp.float32)}
     assert int(full.num_clipped) == N, "the test needs every example above C"
     for i in range(N):

@@ -255,7 +255,7 @@ def test_checkpoints_restore_across_device_counts(tmp_path):
         assert int(out.step) == 4
         leaf = jax.tree_util.tree_leaves(out.trainable)[0]
         assert len(leaf.sharding.device_set) == devices
-        for x, y in zip(_state_leaves(ref), _state_leaves(out)):
+        for x, y in zip(_state_leaves(ref), _state_leaves(out), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     # A 4-device checkpoint restores in a process that has ONE device (sampling, eval).
     code = (
@@ -315,6 +315,6 @@ def test_two_processes_train_like_one_device(tmp_path):
         sample.restore_state(str(tmp_path / "mp"))[1],
         sample.restore_state(str(tmp_path / "one"))[1],
     )
-    for x, y in zip(_state_leaves(a), _state_leaves(b)):
+    for x, y in zip(_state_leaves(a), _state_leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in metrics_log.read(str(tmp_path / "mp"))] == [1, 2, 3, 4]

@@ -105,15 +105,15 @@ def test_sinusoidal_embedding_formula():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, needle",
     [
-        dict(image_size=28, ch_mult=(1, 2, 2, 2)),  # 7 cannot be halved
-        dict(image_size=32, attn_resolutions=(4,)),  # 4 is not a level of (1, 2, 2)
-        dict(nf=6 + 1),
+        (dict(image_size=28, ch_mult=(1, 2, 2, 2)), "cannot be halved at level 2"),
+        (dict(image_size=32, attn_resolutions=(4,)), "not among the UNet's resolutions"),
+        (dict(nf=6 + 1), "nf must be even"),
     ],
 )
-def test_invalid_configs_fail_loudly(kwargs):
-    with pytest.raises(ValueError):
+def test_invalid_configs_fail_loudly(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
         ncsnpp.UNetConfig(**kwargs)
 
 

@@ -82,7 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, record_tried):
     assert rows and rows[-1]["step"] < 12, "the run finished before it was killed"
     out = _cli(killed, *args)
     assert out.returncode == 0, out.stdout + out.stderr
-    for a, b in zip(_flat_state(ref), _flat_state(killed)):
+    for a, b in zip(_flat_state(ref), _flat_state(killed), strict=True):
         np.testing.assert_array_equal(a, b)
     # The epsilon log continues: one row per step, increasing epsilon, no restart.
     rows = metrics_log.read(str(killed))
@@ -265,7 +265,7 @@ def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
 
     _npz_data(tmp_path / "b.npz", images)
     assert int(train.train(_config(steps=9, **moved), wd, log=lambda *_: None).step) == 9
-    for a, b in zip(_flat_state(ref), _flat_state(wd)):
+    for a, b in zip(_flat_state(ref), _flat_state(wd), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
     # A run from before data digests: the same data elsewhere is not enough.
@@ -534,7 +534,7 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
     assert steps_done_seen == sorted(steps_done_seen), "epsilon/steps went backwards"
     out = _cli(wd, *args, config=config)
     assert out.returncode == 0, out.stdout + out.stderr
-    for a, b in zip(_flat_state(ref), _flat_state(wd)):
+    for a, b in zip(_flat_state(ref), _flat_state(wd), strict=True):
         np.testing.assert_array_equal(a, b)
     rows = metrics_log.read(str(wd))
     assert [r["step"] for r in rows] == list(range(1, 17))
