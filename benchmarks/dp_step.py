@@ -47,6 +47,13 @@ the ratio of its matmul FLOPs to the plain step's. ``--flops-only`` traces the s
 counts, without compiling or timing them: a hardware-free check of how much arithmetic
 each path adds, which runs at full size on a CPU in a few minutes.
 
+``--profile DIR`` traces one more step of every timed entry with ``jax.profiler`` into
+``DIR/<case>_<variant>`` (a Chrome trace, ``*.trace.json.gz``, for Perfetto) and adds
+its summary to the entry (``benchmarks/trace_summary.py``): per process (on a GPU, the
+device's streams) the number of kernels, their total time and the most expensive ones,
+by name and by HLO op. That is where the DP step's time goes, kernel by kernel, without
+opening a viewer during a short device lease.
+
 Each entry is printed as one JSON line when done and the ``--out`` file (meta, check,
 entries) is rewritten after every entry, so a killed run keeps what it measured.
 
@@ -81,7 +88,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import anchor_unet, flop_count  # noqa: E402
+from benchmarks import anchor_unet, flop_count, trace_summary  # noqa: E402
 from dpjax import atomic_file  # noqa: E402
 from dpjax.methods import dpdm  # noqa: E402
 from dpjax.methods.base import DataSpec, Method, count_params  # noqa: E402
@@ -341,12 +348,19 @@ def _peak_bytes() -> int | None:
 
 
 def time_step(
-    step: Callable[..., Any], state: TrainState, args: Sequence[Any], steps: int, warmup: int
+    step: Callable[..., Any],
+    state: TrainState,
+    args: Sequence[Any],
+    steps: int,
+    warmup: int,
+    profile_dir: str = "",
 ) -> dict[str, Any]:
     """Compiles ``step`` for (state, *args), then times ``steps`` calls after ``warmup``.
 
     Returns compile_s (lower + compile), first_step_ms, step_ms (mean of the timed steps,
-    one block_until_ready at the end) and the executable's memory analysis.
+    one block_until_ready at the end) and the executable's memory analysis. With
+    ``profile_dir``, one more step then runs under ``jax.profiler.trace(profile_dir)``
+    (after the timing, so the timed steps are not traced) and ``profile`` summarizes it.
     """
     t0 = time.perf_counter()
     compiled = step.lower(state, *args).compile()
@@ -363,13 +377,22 @@ def time_step(
         state, metrics = compiled(state, *args)
     jax.block_until_ready((state, metrics))
     step_ms = (time.perf_counter() - t0) / max(steps, 1) * 1e3
-    return {
+    result = {
         "compile_s": compile_s,
         "first_step_ms": first_ms,
         "step_ms": step_ms,
         "memory_analysis": _memory_analysis(compiled),
         "finite": bool(np.isfinite(float(_global_norm(state.trainable)))),
     }
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            state, metrics = compiled(state, *args)
+            jax.block_until_ready((state, metrics))
+        result["profile"] = {
+            "dir": profile_dir,
+            **trace_summary.summarize(trace_summary.latest_trace(profile_dir), top=15),
+        }
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,6 +549,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--flops",
         action="store_true",
         help="also count each step's FLOPs from its jaxpr (benchmarks/flop_count.py)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="DIR: after timing, trace one more step of each entry with jax.profiler "
+        "into DIR/<case>_<variant> and add the trace's summary (benchmarks/trace_summary.py)",
     )
     parser.add_argument(
         "--flops-only",
@@ -687,12 +716,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                     if CLIPPING_IMPL.get(variant) == "ghost":
                         entry["ghosted_fraction"] = ghosted_fraction(method, trainable, case)
                     if not args.flops_only:
+                        profile_dir = ""
+                        if args.profile:
+                            name = f"{case.name.replace('/', '_m')}_{variant}"
+                            profile_dir = os.path.join(args.profile, name)
                         timing = time_step(
                             step,
                             fresh_state(trainable, optimizer),
                             _batch_args(data, streams),
                             args.steps,
                             args.warmup,
+                            profile_dir,
                         )
                         if variant == "plain":
                             plain_ms = timing["step_ms"]

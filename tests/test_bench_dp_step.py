@@ -6,6 +6,7 @@ and recorded incrementally in the --out file, and its case parsing. Timings are 
 asserted.
 """
 
+import gzip
 import json
 
 import pytest
@@ -128,3 +129,49 @@ def test_flops_only_counts_every_variant_without_running(tmp_path):
             single = entries[("4x2", variant)]["flops"]["matmul_flops"]
             assert flops["matmul_flops"] == pytest.approx(5 * single, rel=1e-6)
             assert flops["unknown_trip_loops"] == (0 if variant == "plain" else 1)
+
+
+def test_profile_traces_one_step_per_entry_and_summarizes_it(tmp_path):
+    out, prof = tmp_path / "dp_step.json", tmp_path / "prof"
+    result = bench.main(["--tiny", "--cases=2x2", "--variants=plain,fast", "--steps=1",
+                         f"--profile={prof}", f"--out={out}"])  # fmt: skip
+    for entry in result["entries"]:
+        assert "error" not in entry, entry
+        profile = entry["profile"]
+        assert profile["dir"] == str(prof / f"2x2_{entry['variant']}")
+        assert list((prof / f"2x2_{entry['variant']}").rglob("*.trace.json.gz"))
+        host = profile["/host:CPU"]  # The CPU's trace: the step's ops run on the host.
+        assert host["events"] > 0 and host["total_us"] > 0
+        top = host["top_by_name"]
+        assert top and all(len(row) == 3 and row[2] >= 1 for row in top)
+        assert [row[1] for row in top] == sorted((row[1] for row in top), reverse=True)
+
+
+def test_trace_summary_groups_device_kernels_by_name_and_hlo_op(tmp_path):
+    summary = bench_scripts.load("benchmarks/trace_summary.py", "bench_trace_summary")
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        *[{"ph": "X", "pid": 1, "tid": 7, "name": "gemm_kernel", "dur": 10.0,
+           "args": {"hlo_op": "dot.3"}} for _ in range(3)],
+        {"ph": "X", "pid": 1, "tid": 8, "name": "loop_fusion", "dur": 5.0,
+         "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 1, "tid": 8, "name": "gemm_kernel", "dur": 1.0,
+         "args": {"hlo_op": "dot.9"}},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "dur": 50.0},
+        {"ph": "i", "pid": 1, "name": "marker"},  # Not a complete event: ignored.
+    ]  # fmt: skip
+    run = tmp_path / "plugins" / "profile" / "r1"
+    run.mkdir(parents=True)
+    with gzip.open(run / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = summary.summarize(summary.latest_trace(str(tmp_path)), top=2)
+    gpu = got["/device:GPU:0"]
+    assert gpu["events"] == 5 and gpu["total_us"] == 36.0
+    assert gpu["top_by_name"] == [["gemm_kernel", 31.0, 4], ["loop_fusion", 5.0, 1]]
+    assert gpu["top_by_hlo_op"] == [["dot.3", 30.0, 3], ["fusion.1", 5.0, 1]]
+    assert got["/host:CPU"] == {"events": 1, "total_us": 50.0,
+                                "top_by_name": [["PjitFunction(step)", 50.0, 1]],
+                                "top_by_hlo_op": []}  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz"):
+        summary.latest_trace(str(tmp_path / "empty"))
