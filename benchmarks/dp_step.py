@@ -50,7 +50,8 @@ each path adds, which runs at full size on a CPU in a few minutes.
 ``--profile DIR`` traces one more step of every timed entry with ``jax.profiler`` into
 ``DIR/<case>_<variant>`` (a Chrome trace, ``*.trace.json.gz``, for Perfetto) and adds
 its summary to the entry (``benchmarks/trace_summary.py``): per process (on a GPU, the
-device's streams) the number of kernels, their total time and the most expensive ones,
+device, its streams together) the number of kernels, their total time and the most
+expensive ones,
 by name and by HLO op. That is where the DP step's time goes, kernel by kernel, without
 opening a viewer during a short device lease.
 

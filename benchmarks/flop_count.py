@@ -18,10 +18,13 @@ What it counts:
   are counted ``while_trips`` times where the caller gives it, once otherwise. The DP
   step has one: its micro-batch ``fori_loop`` stops after the last micro-batch holding
   a real example, a trip count known only at run time (B / m when all rows are real, as
-  in ``benchmarks/dp_step.py``). Loops with static bounds are traced as scans.
+  in ``benchmarks/dp_step.py``). A ``fori_loop`` with static bounds is traced as a scan
+  (its count is known); a ``while_loop`` never is.
 
-``cond`` counts its most expensive branch. Sub-jaxprs of ``pjit``, ``custom_jvp_call``,
-``custom_vjp_call``, ``remat`` and the like are walked where they are.
+``cond`` counts its most expensive branch. A ``shard_map`` body (one shard's shapes)
+counts once per device of its manual mesh axes, so the count is the whole mesh's. Sub-jaxprs
+of ``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat`` and the like are walked
+where they are.
 """
 
 from __future__ import annotations
@@ -173,6 +176,13 @@ def _eqn_count(eqn: Any, while_trips: int) -> FlopCount:
     if name == "cond":
         branches = [jaxpr_count(b.jaxpr, while_trips) for b in eqn.params["branches"]]
         count.add(max(branches, key=lambda c: c.matmul_flops + c.other_flops))
+        return count
+    if name == "shard_map":
+        # The body holds one shard's shapes and runs on every device of its manual axes.
+        mesh = eqn.params["mesh"]
+        axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or ()
+        shards = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes)
+        count.add(jaxpr_count(eqn.params["jaxpr"], while_trips), times=shards)
         return count
     subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if subs:

@@ -41,9 +41,11 @@ def _top(totals: collections.Counter, counts: collections.Counter, top: int) -> 
 
 
 def summarize(trace_path: str, top: int = 25) -> dict[str, Any]:
-    """Per process of the trace: ``events``, ``total_us`` (the sum of their durations,
-    overlapping streams counted each), and ``top_by_name`` / ``top_by_hlo_op``:
-    ``[name, total_us, count]`` of the ``top`` most expensive, most first."""
+    """Per process of the trace (a device's streams together): ``events``, ``total_us``
+    (the sum of their durations: events on concurrent streams count each, and on the
+    host nested events, such as a Python frame around the step's execution, count
+    both), and ``top_by_name`` / ``top_by_hlo_op``: ``[name, total_us, count]`` of the
+    ``top`` most expensive, most first."""
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace

@@ -63,6 +63,7 @@ def lock_workdir(workdir: str) -> Any:
     if not parallel.is_main_process():
         return None
     path = os.path.join(workdir, LOCK_FILE)
+    existed = os.path.exists(path)
     f = open(path, "a+")  # noqa: SIM115 - held for the run's lifetime.
     try:
         status, error = file_lock.try_lock(f)
@@ -71,6 +72,8 @@ def lock_workdir(workdir: str) -> Any:
         raise WorkdirError(f"Cannot lock {path}: {e.strerror or e}.") from e
     if status == file_lock.UNSUPPORTED:
         f.close()
+        if not existed:  # Unheld, it marks nothing; a failed new run leaves no folder.
+            os.remove(path)
         warnings.warn(file_lock.unsupported_message(workdir, error), stacklevel=2)
         return None
     if status == file_lock.HELD:

@@ -118,27 +118,37 @@ def _config_value(config: Any, key: str) -> Any:
     return node
 
 
+# Keys whose value makes others unused: a given noise multiplier replaces the target
+# epsilon (run_setup plans with sigma and ignores dp.epsilon).
+_OVERRIDES = {"dp.noise_multiplier": ("dp.epsilon",)}
+
+
 def _check_sets_leave_the_sweep_alone(module: Any, points: list[Point], sets: Sequence[str]):
     """Refuses a ``--set`` of a key that the sweep varies: appended after the point's own
     flags, it would win, and every point would run the same value under its own label.
 
     A key is varied if a point's ``--config.KEY`` flag sets it, or if the points'
     experiment arguments give it different values (``eps=1`` and ``eps=10`` set
-    ``dp.epsilon``)."""
+    ``dp.epsilon``). Setting a key also overrides the keys it makes unused
+    (``_OVERRIDES``: ``dp.noise_multiplier`` over ``dp.epsilon``)."""
     for s in sets:
         key = s.split("=", 1)[0]
-        flagged = [p.name for p in points if any(f.startswith(f"--config.{key}=") for f in p.flags)]
-        if flagged:
-            raise SweepError(f"--set {s!r}: the points {flagged[:3]} set {key} themselves; "
-                             "--set would override what the sweep varies.")
-        try:
-            values = {repr(_config_value(module.get_config(p.config_arg), key)) for p in points}
-        except Exception:  # Reported, per point, by check_point.
-            continue
-        if len(values) > 1:
-            raise SweepError(f"--set {s!r}: the points' arguments give {key} different values "
-                             f"({', '.join(sorted(values)[:4])}); --set would override what the "
-                             "sweep varies.")
+        for varied in (key, *_OVERRIDES.get(key, ())):
+            flagged = [p.name for p in points
+                       if any(f.startswith(f"--config.{varied}=") for f in p.flags)]
+            if flagged:
+                raise SweepError(f"--set {s!r}: the points {flagged[:3]} set {varied} "
+                                 "themselves; --set would override what the sweep varies.")
+            try:
+                values = {repr(_config_value(module.get_config(p.config_arg), varied))
+                          for p in points}
+            except Exception:  # Reported, per point, by check_point.
+                continue
+            if len(values) > 1:
+                raise SweepError(
+                    f"--set {s!r}: the points' arguments give {varied} different values "
+                    f"({', '.join(sorted(values)[:4])}); --set would override what the sweep "
+                    "varies.")
 
 
 def sweep_points(

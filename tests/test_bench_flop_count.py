@@ -110,3 +110,17 @@ def test_calls_are_walked_and_elementwise_work_is_counted():
     as_json = got.as_dict()
     assert as_json["matmul_flops"] == got.matmul_flops
     assert as_json["by_primitive"] == {"dot_general": got.matmul_flops}
+
+
+def test_a_shard_map_counts_every_shard():
+    """The body of a shard_map holds one shard's shapes; the count is the whole mesh's
+    (the four host devices of the test session)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("d",), axis_types=(AxisType.Explicit,))
+    f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+    x = jax.device_put(jnp.ones((4 * n, 8)), NamedSharding(mesh, P("d")))
+    w = jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P()))
+    assert fc.count_flops(f, x, w).matmul_flops == 2 * (4 * n) * 8 * 8

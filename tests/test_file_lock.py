@@ -19,10 +19,16 @@ def test_a_filesystem_without_locks_is_not_another_process(tmp_path, monkeypatch
     monkeypatch.setattr(fcntl, "flock", _no_locks)
     with pytest.warns(UserWarning, match="does not support file locks"):
         assert workdir_guard.lock_workdir(str(tmp_path)) is None
+    # The lock file it created is gone (unheld, it marks nothing): a new run that then
+    # fails leaves an empty folder, which its cleanup removes.
+    assert not (tmp_path / workdir_guard.LOCK_FILE).exists()
     logs = []
     with resumable_array.exclusive_lock(tmp_path / "a.lock", logs.append):
         pass
     assert len(logs) == 1 and "does not support file locks" in logs[0]
+    no_log = resumable_array.exclusive_lock(tmp_path / "b.lock")  # Warns instead.
+    with pytest.warns(UserWarning, match="does not support file locks"), no_log:
+        pass
 
 
 def test_a_held_lock_and_other_failures(tmp_path, monkeypatch):

@@ -89,6 +89,9 @@ def test_bad_points_fail_before_anything_runs(tmp_path):
         sweep.sweep_points("experiments/toy_fake.py", sets=["optim.learning_rate=0.01"])
     with pytest.raises(sweep.SweepError, match="give dp.noise_multiplier different values"):
         sweep.sweep_points(str(exp), sets=["dp.noise_multiplier=3.0"])
+    # A given sigma makes the target epsilon unused: over an epsilon sweep, refused too.
+    with pytest.raises(sweep.SweepError, match="give dp.epsilon different values"):
+        sweep.sweep_points("experiments/dpdm_fmnist.py", sets=["dp.noise_multiplier=1.0"])
     assert sweep.main(["experiments/common.py", "--root", str(tmp_path / "r"), "--dry-run"]) == 2
 
 

@@ -141,8 +141,8 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     # keeps CPU runs short), so a limited run's "test" is the first images of the test
     # split, and FID against fewer real images reads higher.
     result["real_images"] = {split: int(len(d.images)) for split, d in splits.items()}
-    if run_cfg.data.limit:
-        result["real_images"]["data.limit"] = run_cfg.data.limit
+    if run_cfg.data.limit and run_cfg.data.limit in result["real_images"].values():
+        result["real_images"]["data.limit"] = run_cfg.data.limit  # It cut a split.
     # What was computed, with the batch sizes actually used (the samples depend on the
     # sampler's; None: reused samples from a file that does not record it).
     result["eval_config"] = {**dataclasses.asdict(cfg), "fid_batch": fid_batch,

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,8 +55,11 @@ def exclusive_lock(lock_path: str | os.PathLike, log: Callable[[str], None] | No
     with open(lock_path, "a") as f:
         status, error = file_lock.try_lock(f)
         if status == file_lock.UNSUPPORTED:
+            message = file_lock.unsupported_message(str(lock_path.parent), error)
             if log is not None:
-                log(f"[dpjax] {file_lock.unsupported_message(str(lock_path.parent), error)}")
+                log(f"[dpjax] {message}")
+            else:
+                warnings.warn(message, stacklevel=3)
             yield
             return
         if status == file_lock.HELD:
