@@ -16,6 +16,9 @@ and synthetic batch:
 * ``bf16``: the reference path with ``compute_dtype='bfloat16'`` (autocast): the per-example
   forward and backward passes in bfloat16, gradients, clipping, sum and noise in float32.
   Not part of the default ``--variants``.
+* ``fast_bf16``: the ``fast`` path with ``compute_dtype='bfloat16'``: the model's forward
+  and backward in bfloat16, the per-example products, clipping and sum in float32. Not
+  part of the default ``--variants``.
 
 All variants donate the training state. Each (B, K) case uses B real examples (no Poisson
 padding: the batch has exactly the expected size), uint8 images on the device gathered
@@ -105,9 +108,15 @@ NUM_EXAMPLES = 60000  # Fashion-MNIST: the plan's (public) N.
 RECIPE_EPOCHS = 300  # DPDM's Fashion-MNIST recipe: 300 epochs of 4096-example batches.
 LEARNING_RATE = 3e-4
 EMA_RATE = 0.999
-CLIPPING_IMPL = {"fast": "layerwise", "ghost": "ghost", "reference": "vmap", "bf16": "vmap"}
-COMPUTE_DTYPE = {"bf16": "bfloat16"}  # The others: float32.
-VARIANTS = ("plain", "fast", "ghost", "reference", "bf16")
+CLIPPING_IMPL = {
+    "fast": "layerwise",
+    "ghost": "ghost",
+    "reference": "vmap",
+    "bf16": "vmap",
+    "fast_bf16": "layerwise",
+}
+COMPUTE_DTYPE = {"bf16": "bfloat16", "fast_bf16": "bfloat16"}  # The others: float32.
+VARIANTS = ("plain", "fast", "ghost", "reference", "bf16", "fast_bf16")
 CHECKED = ("fast", "ghost")  # The variants ``--check`` compares with the reference.
 DEFAULT_CASES = "256x1,64x4,32x32,4096x32"
 TINY_CASES = "4x1,2x2,8x2/2"
@@ -251,7 +260,7 @@ def make_step(
     plan: DPPlan,
     microbatch: int,
 ) -> Callable[..., Any]:
-    """The jitted step of ``variant`` ('plain', 'fast', 'reference' or 'bf16')."""
+    """The jitted step of ``variant`` (one of ``VARIANTS``)."""
     if variant == "plain":
         return make_plain_step(method, optimizer, microbatch_size=microbatch, ema_rate=EMA_RATE)
     if variant not in CLIPPING_IMPL:

@@ -45,7 +45,7 @@ class DPConfig:
     # 'vmap' (the reference), 'layerwise' (faster at K=1 on GPU) or 'ghost' (ghost norms
     # where cheaper, no per-example gradients there); the same sum (privacy/clipping.py).
     clipping: ClippingName = "vmap"
-    # The per-example losses' arithmetic: 'float32' or 'bfloat16' (with clipping 'vmap');
+    # The per-example losses' arithmetic: 'float32' or 'bfloat16' (any clipping path);
     # gradients, clipping, the sum and the noise stay float32 (privacy/clipping.py).
     compute_dtype: ComputeDtypeName = "float32"
     # How the micro-batches of one step run: 'loop' (a traced loop that stops after the

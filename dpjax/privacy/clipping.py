@@ -16,8 +16,10 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   bfloat16 (``compute_dtype.in_compute_dtype``), but the parameters stay float32 and
   the cast sits inside the differentiated function, so each per-example gradient
   arrives in float32 and its norm, the clip, the sum (and the noise, ``dp_step.py``) are
-  float32. The sensitivity bound does not depend on how the per-example gradient was
-  computed.
+  float32. The 'layerwise' and 'ghost' paths are given the parameters already cast
+  (``compute_dtype.cast_params``) and form their per-example products in float32 from
+  the layers' bfloat16 inputs and cotangents. The sensitivity bound does not depend on
+  how the per-example gradient was computed.
 * Three implementations give the same result up to rounding: 'vmap' (vmap of grad, the
   reference), 'layerwise' (per-example gradients from layer inputs and output
   cotangents of one ordinary backward pass; see ``dpjax.privacy.layerwise``) and 'ghost'
@@ -57,7 +59,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from dpjax.privacy import ghost, layerwise
-from dpjax.privacy.compute_dtype import LossFn, PyTree, check_compute_dtype, in_compute_dtype
+from dpjax.privacy.compute_dtype import (
+    LossFn,
+    PyTree,
+    cast_params,
+    check_compute_dtype,
+    in_compute_dtype,
+)
 
 
 def sensitivity(clip_norm: float, relation: str = "add_or_remove_one") -> float:
@@ -406,9 +414,7 @@ def clipped_grad_sum(
 
     Raises:
       ValueError: a batch that is not a whole number of micro-batches, an unknown
-        implementation or dtype, or 'layerwise' / 'ghost' with a compute dtype other than
-        float32 (they read the layers' own float32 parameters and refuse casts), or ``routing``
-        with an implementation other than 'vmap'.
+        implementation or dtype, or ``routing`` with an implementation other than 'vmap'.
     """
     size = mask.shape[0]
     m = microbatch_size
@@ -416,8 +422,12 @@ def clipped_grad_sum(
         raise ValueError(f"batch size {size} is not a multiple of the micro-batch size {m}.")
     if impl not in MICROBATCH_IMPLS:
         raise ValueError(f"Unknown clipping implementation '{impl}': {list(MICROBATCH_IMPLS)}.")
-    check_compute_dtype(compute_dtype, impl, clip_norm is not None)
+    check_compute_dtype(compute_dtype)
     loss_fn = in_compute_dtype(loss_fn, compute_dtype)
+    if clip_norm is not None and impl in ("layerwise", "ghost"):
+        # Their layers must see the parameters they are given (compute_dtype.cast_params);
+        # their per-example gradients come out float32 all the same.
+        trainable = cast_params(trainable, compute_dtype)
     # Without clipping (public training) per-example gradients are not needed at all.
     one_mb = _microbatch_summed if clip_norm is None else MICROBATCH_IMPLS[impl]
     if routing is not None and clip_norm is not None:

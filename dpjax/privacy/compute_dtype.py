@@ -4,7 +4,10 @@ Guarantees of ``in_compute_dtype``: the returned loss runs its matmuls and convo
 in the compute dtype, but every cast sits INSIDE the function, so its gradient w.r.t.
 float32 parameters is float32 and per-example clipping, summation and noise stay float32
 (``dpjax.privacy.clipping``). The privacy guarantee does not depend on the compute dtype:
-the sensitivity bound holds for any per-example gradient, however it was computed.
+the sensitivity bound holds for any per-example gradient, however it was computed, as
+long as an example's clipped contribution is scaled by the norm of that same
+contribution, which every clipping path does (the layerwise and ghost paths form theirs
+in float32 from the layers' bfloat16 inputs and cotangents: ``cast_params``).
 """
 
 from __future__ import annotations
@@ -44,21 +47,26 @@ def _cast(tree: PyTree, to: Any) -> PyTree:
     return jax.tree_util.tree_map(one, tree)
 
 
-def check_compute_dtype(
-    compute_dtype: str, impl: str = "vmap", clipped: bool = True, setting: str = "clipping"
-) -> None:
-    """Raises ValueError for an unknown compute dtype, or for a non-float32 one with the
-    layerwise or ghost path when clipping (it reads the layers' own float32 parameters);
-    ``setting`` is the name the caller's user knows the implementation by."""
+def check_compute_dtype(compute_dtype: str) -> None:
+    """Raises ValueError for an unknown compute dtype (every clipping path takes each)."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
             f"Unknown compute dtype '{compute_dtype}': use one of {list(COMPUTE_DTYPES)}."
         )
-    if impl in ("layerwise", "ghost") and compute_dtype != "float32" and clipped:
-        raise ValueError(
-            f"compute_dtype='{compute_dtype}' needs {setting}='vmap': the {impl} path "
-            "forms per-example gradients from the layers' float32 parameters."
-        )
+
+
+def cast_params(tree: PyTree, compute_dtype: str) -> PyTree:
+    """``tree``'s floating leaves in ``compute_dtype`` (the tree itself for 'float32').
+
+    What the layerwise and ghost paths are given under bfloat16: they know a layer's
+    parameters by identity inside the loss, and ``in_compute_dtype``'s own cast of
+    leaves already in the compute dtype returns them unchanged, so the layers see these
+    very arrays. A layer's gradient w.r.t. them is its gradient w.r.t. the float32
+    parameters (the transpose of the cast casts it back).
+    """
+    check_compute_dtype(compute_dtype)
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    return tree if dtype is None else _cast(tree, dtype)
 
 
 def in_compute_dtype(loss_fn: LossFn, compute_dtype: str) -> LossFn:

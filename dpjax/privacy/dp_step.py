@@ -200,7 +200,7 @@ def make_train_step(
     clip = plan.clip_norm if plan.enabled else None
     noise_std = plan.noise_std if plan.enabled else 0.0
     # Before the first step's trace, so that a bad setting fails at build time.
-    check_compute_dtype(compute_dtype, clipping_impl, clip is not None, "dp.clipping")
+    check_compute_dtype(compute_dtype)
     unroll = clipping.unroll_setting(microbatch_loop)
     clipped_sum = _clipped_sum_fn(
         method, clip, microbatch_size, clipping_impl, compute_dtype, unroll
