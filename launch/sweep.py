@@ -101,19 +101,22 @@ def check_point(module: Any, point: Point) -> None:
         raise SweepError(f"Point {point.name}: get_config({point.config_arg!r}): {e}") from e
     for flag in point.flags:
         key = flag[len("--config.") :].split("=", 1)[0]
-        node = config
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node:
-                raise SweepError(f"Point {point.name}: the config has no key '{key}'.")
-            node = node[part]
+        try:
+            _config_value(config, key)
+        except KeyError:
+            raise SweepError(f"Point {point.name}: the config has no key '{key}'.") from None
 
 
 def _config_value(config: Any, key: str) -> Any:
-    """The value at dotted ``key`` of a config (None where it has no such key)."""
+    """The value at dotted ``key`` of a config.
+
+    Raises:
+      KeyError: the config has no such key.
+    """
     node = config
     for part in key.split("."):
         if not hasattr(node, "keys") or part not in node:
-            return None
+            raise KeyError(key)
         node = node[part]
     return node
 
@@ -142,7 +145,7 @@ def _check_sets_leave_the_sweep_alone(module: Any, points: list[Point], sets: Se
             try:
                 values = {repr(_config_value(module.get_config(p.config_arg), varied))
                           for p in points}
-            except Exception:  # Reported, per point, by check_point.
+            except Exception:  # A missing key or a bad point: check_point reports it.
                 continue
             if len(values) > 1:
                 raise SweepError(
