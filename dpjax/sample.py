@@ -188,6 +188,16 @@ def check_sample_out(out_dir: str) -> None:
             "or to one holding only earlier samples (an export is never overwritten).")
 
 
+def save_samples_grid(images: np.ndarray, labels: np.ndarray, out_dir: str,
+                      num_classes: int) -> str:
+    """Writes ``out_dir/samples_grid.png``, the first ten samples of each class (or the
+    first 100), and returns its path: the one grid of a folder of samples."""
+    n_grid = min(len(images), 10 * num_classes if num_classes else 100)
+    path = os.path.join(out_dir, "samples_grid.png")
+    grid_image(images[:n_grid], labels[:n_grid], num_classes).save(path)
+    return path
+
+
 def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: bool,
                   num_classes: int, extra: dict[str, Any] | None = None) -> str:
     """Writes ``samples.npz`` (images uint8 NHWC, labels, and the ``extra`` arrays;
@@ -202,9 +212,7 @@ def write_samples(images: np.ndarray, labels: np.ndarray, out_dir: str, png: boo
     old_png = os.path.join(out_dir, "png")
     if os.path.isdir(old_png) and not os.path.islink(old_png):  # Never through a link.
         shutil.rmtree(old_png)
-    n_grid = min(len(images), 10 * num_classes if num_classes else 100)
-    grid_image(images[:n_grid], labels[:n_grid], num_classes).save(
-        os.path.join(out_dir, "samples_grid.png"))
+    save_samples_grid(images, labels, out_dir, num_classes)
     if png:
         for i, (img, y) in enumerate(zip(images, labels)):
             d = os.path.join(out_dir, "png", str(int(y)))

@@ -50,14 +50,20 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert set(n) == {"train", "test"} and min(n.values()) > 0, n
     assert f"| train | {n['train']} |" in md and "limited to their first" not in md
     assert md.splitlines()[2].startswith("**Not differentially private: do not publish.**")
-    for f in ("eval_closest_pixel.png", "eval_samples_grid.png"):
-        assert os.path.exists(tmp_path / f), f
-    # A second evaluation reuses the stored samples.
+    assert os.path.exists(tmp_path / "eval_closest_pixel.png")
+    # The report shows the samples folder's grid: one grid per set of samples.
+    grid = f"samples/step_{saved['step']}/samples_grid.png"
+    assert saved["samples_grid"] == grid and f"![samples]({grid})" in md
+    assert os.path.exists(tmp_path / grid)
+    assert not os.path.exists(tmp_path / "eval_samples_grid.png")
+    # A second evaluation reuses the stored samples, and redraws a lost grid.
+    os.remove(tmp_path / grid)
     msgs = []
     again = report.evaluate_workdir(wd, dataclasses.replace(cfg, sample_batch=7),
                                     log=msgs.append)
     assert any("reusing" in m for m in msgs)
     assert again["eval_config"]["sample_batch"] == 30  # What made them, not the setting.
+    assert os.path.exists(tmp_path / grid)
 
 
 def test_eval_section_typos_are_errors():

@@ -220,11 +220,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
             features=features,
             png_prefix=os.path.join(workdir, "eval_closest"),
         )
-    sample_lib.grid_image(
-        images[: 10 * max(spec.num_classes, 1)],
-        labels[: 10 * max(spec.num_classes, 1)],
-        spec.num_classes,
-    ).save(os.path.join(workdir, "eval_samples_grid.png"))
+    # The report shows the samples folder's own grid (``sample.write_samples`` drew it),
+    # redrawn only if a reused folder lost it: one grid per set of samples.
+    grid = os.path.join(sample_dir, "samples_grid.png")
+    if not os.path.exists(grid):
+        sample_lib.save_samples_grid(images, labels, sample_dir, spec.num_classes)
+    result["samples_grid"] = os.path.relpath(grid, workdir)
     result["privacy"] = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, step)
     _write_json(workdir, result)
     atomic_file.write_text(os.path.join(workdir, "eval_report.md"), report_markdown(result))
@@ -362,5 +363,6 @@ def report_markdown(result: dict[str, Any]) -> str:
             )
             lines.append(f"- memorization ({space}): {shown}")
         lines += ["", "![closest pairs](eval_closest_pixel.png)", ""]
-    lines.append("![samples](eval_samples_grid.png)")
+    if "samples_grid" in result:
+        lines.append(f"![samples]({result['samples_grid']})")
     return "\n".join(lines) + "\n"
