@@ -66,6 +66,16 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / grid)
 
 
+def test_the_sampler_digest_follows_the_method_and_its_arguments(tmp_path):
+    base = {"method": "dpdm", "method_args": {"num_steps": 18}, "train": {"log_every": 1}}
+    digests = []
+    for cfg in (base, {**base, "train": {"log_every": 5}},
+                {**base, "method_args": {"num_steps": 50}}, {**base, "method": "dpsad"}):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        digests.append(report.sampler_definition_digest(str(tmp_path)))
+    assert digests[0] == digests[1] and len(set(digests)) == 3, digests
+
+
 def test_eval_section_typos_are_errors():
     from dpjax.typed_config import ConfigError
 
@@ -154,6 +164,17 @@ def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(
     with pytest.raises(KeyboardInterrupt):
         report.evaluate_workdir(wd, cfg, log=lambda *_: None)
     monkeypatch.setattr(sample_lib, "to_uint8", real_to_uint8)
+    # A training resume meanwhile rewrote config.json's fields that do not define the
+    # sampler (a train.* setting, a free dp field): the samples resume all the same.
+    path = os.path.join(wd, "config.json")
+    with open(path) as f:
+        stored = json.load(f)
+    before = report.sampler_definition_digest(wd)
+    stored["train"]["log_every"] = 7
+    stored["dp"]["microbatch_size"] = 1
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    assert report.sampler_definition_digest(wd) == before
     msgs = []
     result = report.evaluate_workdir(wd, cfg, log=msgs.append)
     assert any("resuming samples_in_progress.npy at row 20 of 30" in m for m in msgs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -77,12 +79,11 @@ def _samples(
         key = jax.random.fold_in(Streams.from_seed(run_cfg.seed).sample, 1_000_000 + cfg.seed)
         t = time.time()
         # Batches are saved as they finish, so a killed eval (the end of a device lease
-        # or of a session) resumes. The stored run config pins the sampler's settings
-        # (its file's bytes, which a code change does not alter) with eval.sampling's
-        # changes, the backend its floating point.
-        recipe = {"config_json": resumable_array.file_digest(os.path.join(workdir,
-                                                                          "config.json")),
-                  "step": step, "backend": jax.default_backend()}
+        # or of a session) resumes. ``generate`` keys them on the weights (by content),
+        # the key and the labels; the recipe adds the sampler's settings with
+        # eval.sampling's changes, and the backend (its floating point).
+        recipe = {"sampler": sampler_definition_digest(workdir), "step": step,
+                  "backend": jax.default_backend()}
         extra = {"sample_seed": np.int64(cfg.seed)}
         if changes:  # Only then: the recipes of earlier evals stay valid.
             recipe["sampler_changes"] = changes
@@ -101,6 +102,15 @@ def _samples(
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stem + suffix)
     return images, labels, step, (spec, run_cfg), batch, out_dir
+
+
+def sampler_definition_digest(workdir: str) -> str:
+    """A digest of what defines the run's sampler: the ``method`` and ``method_args`` of
+    its stored ``config.json`` (as stored: a code change does not alter it). A resume that
+    rewrites other fields (``train.*``, a free ``dp`` or ``data`` field) keeps it."""
+    stored = atomic_file.read_json(os.path.join(workdir, "config.json"))
+    defining = {k: stored.get(k) for k in ("method", "method_args")}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:
