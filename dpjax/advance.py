@@ -114,7 +114,9 @@ def release_once(run: Run, state: TrainState, dataset: Any, log) -> TrainState:
     if run.plan.enabled:  # The release must be exactly what the plan calibrated.
         planned = [e.noise_multiplier for e in run.method.release_events(run.plan.noise_multiplier)]
         made = [r.get("noise_multiplier") for r in release.records if r.get("kind") == "gaussian"]
-        if len(made) != len(release.records) or not np.allclose(made, planned, rtol=1e-12):
+        # The counts first: np.allclose broadcasts ([] or [s, s] against [s] passes).
+        if (len(made) != len(release.records) or len(made) != len(planned)
+                or not np.allclose(made, planned, rtol=1e-12)):
             raise PrivacyError(
                 f"The release's records {release.records} do not match the planned Gaussian "
                 f"mechanisms (noise multipliers {planned}); nothing was saved."

@@ -306,15 +306,25 @@ def test_canary_audit_refuses_a_release_method_clearly():
         main.run_audit_mode("unused", config=dpmepf_fmnist.get_config("smoke"), log=lambda *_: None)
 
 
-def test_a_release_that_is_not_the_planned_mechanism_is_refused(tmp_path, monkeypatch):
+_WRONG_RECORDS = {
+    "weaker_sigma": lambda recs: [{**r, "noise_multiplier": r["noise_multiplier"] / 2}
+                                  for r in recs],
+    # np.allclose broadcasts: none, or more records than planned, once passed the check.
+    "no_record": lambda recs: [],
+    "one_more": lambda recs: [*recs, recs[0]],
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(_WRONG_RECORDS))
+def test_a_release_that_is_not_the_planned_mechanism_is_refused(tmp_path, monkeypatch, wrong):
     """The loop checks the release's records against the calibrated plan: a method that
-    noised with another sigma than planned stops before anything is saved."""
+    noised with another sigma than planned, or made another number of releases, stops
+    before anything is saved."""
     original = dpmepf.DPMEPF.private_release
 
     def weaker(self, params, images, labels, key, plan):
         release = original(self, params, images, labels, key, plan)
-        wrong = [{**r, "noise_multiplier": r["noise_multiplier"] / 2} for r in release.records]
-        return base.Release(release.values, tuple(wrong))
+        return base.Release(release.values, tuple(_WRONG_RECORDS[wrong](list(release.records))))
 
     monkeypatch.setattr(dpmepf.DPMEPF, "private_release", weaker)
     with pytest.raises(accounting.PrivacyError, match="do not match the planned"):
