@@ -183,6 +183,8 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         if k not in d:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
     seed = typed_config.as_int(d["seed"], "seed")
+    if seed < 0:  # The data sampler's np.random.SeedSequence takes no negative entropy.
+        raise typed_config.ConfigError(f"seed must be >= 0, got {seed}.")
     if not isinstance(d["method"], str):
         raise typed_config.ConfigError(
             f"method: expected one method name (a string), got {d['method']!r}. "

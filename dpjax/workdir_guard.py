@@ -6,8 +6,10 @@ What it guarantees (``run_setup.setup`` calls it before any step runs):
   holder dies);
 * on resume, the config sections that define the run (``RESUME_LOCKED_SECTIONS``) equal
   the stored ones, except the fields of ``RESUME_FREE_FIELDS``, which say how the same
-  clipped sum is computed or where the same data lies; a moved dataset is accepted only
-  when its digest equals the one recorded when the run began (``check_resume_config``);
+  clipped sum is computed or where the same data lies, and so do the fields of
+  ``RESUME_LOCKED_FIELDS`` (the EMA's) of the sections that may otherwise change; a
+  moved dataset is accepted only when its digest equals the one recorded when the run
+  began (``check_resume_config``);
 * a changed free field is written into ``config.json`` only once the run has used it
   (``record_free_changes``).
 """
@@ -42,6 +44,10 @@ RESUME_FREE_FIELDS = {
     "dp": ("microbatch_size", "microbatch_loop", "clipping"),
     "data": ("path", "tfds_data_dir", "tfds_download"),
 }
+# Fields of the free sections that define the released weights all the same: the
+# exported EMA and the model card's rate. A resume under another rate would average
+# two rates while config.json and the card state the first.
+RESUME_LOCKED_FIELDS = {"train": ("ema_rate", "ema_warmup")}
 # The digest of the private data a run began on (``dataset_digest``); workdir only.
 DATA_DIGEST_FILE = "data_digest.json"
 # Held (flock) by the process training in a workdir; the OS releases it when it dies.
@@ -163,6 +169,13 @@ def check_resume_config(
                         diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
             else:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
+    for section, keys in RESUME_LOCKED_FIELDS.items():
+        a, b = old.get(section) or {}, new.get(section) or {}
+        defaults = _section_defaults(section, "")
+        for k in keys:  # A field the stored config lacks had its default.
+            was, now = a.get(k, defaults.get(k)), b.get(k, defaults.get(k))
+            if was != now:
+                diffs.append(f"{section}.{k}: {was!r} -> {now!r}")
     if diffs:
         raise ckpt_lib.CheckpointError(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "
@@ -238,7 +251,8 @@ def _read_data_digest(workdir: str) -> str | None:
 
 def _section_defaults(section: str, method: str) -> dict[str, Any]:
     """The defaults of a config section's fields, as ``config.json`` stores them."""
-    cls = {"dp": run_config.DPConfig, "optim": run_config.OptimConfig}.get(section)
+    cls = {"dp": run_config.DPConfig, "optim": run_config.OptimConfig,
+           "train": run_config.TrainConfig}.get(section)
     if section == "data":
         cls = data_lib.DataConfig
     elif section == "method_args" and method:

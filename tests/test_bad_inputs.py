@@ -190,6 +190,11 @@ def test_a_seed_that_is_not_an_integer_is_refused():
         with pytest.raises(ConfigError, match="seed: expected an integer"):
             run_config.from_configdict({**d, "seed": bad})
     assert run_config.from_configdict(d).seed == d["seed"]
+    # A negative seed failed at the first step (np.random.SeedSequence), after the
+    # workdir had been written.
+    with pytest.raises(ConfigError, match="seed must be >= 0, got -1"):
+        run_config.from_configdict({**d, "seed": -1})
+    assert run_config.from_configdict({**d, "seed": 0}).seed == 0
 
 
 def test_numpy_numbers_in_a_config_are_taken_and_stored_as_numbers():
@@ -290,6 +295,32 @@ def test_fields_added_to_dpjax_since_a_run_began_do_not_block_its_resume(tmp_pat
     workdir_guard.check_resume_config(wd, config)  # Both at their defaults: the same run.
     with pytest.raises(user_errors(), match=r"dp.compute_dtype: None -> 'bfloat16'"):
         workdir_guard.check_resume_config(wd, _config(**{"dp.compute_dtype": "bfloat16"}))
+
+
+def test_the_ema_settings_are_locked_on_resume_and_the_rest_of_train_is_free(tmp_path):
+    """The exported weights are the EMA, and the model card states its rate: a resume
+    under another rate or warmup would average two rates under the first one's name."""
+    import json
+
+    wd = str(tmp_path)
+    config = _config()
+    workdir_guard.check_resume_config(wd, config)  # A new run: writes config.json.
+    workdir_guard.check_resume_config(wd, _config(**{"train.ckpt_every": 7,
+                                                     "train.log_every": 3}))
+    with pytest.raises(user_errors(), match=r"train.ema_rate: 0.999 -> 0.0"):
+        workdir_guard.check_resume_config(wd, _config(**{"train.ema_rate": 0.0}))
+    with pytest.raises(user_errors(), match=r"train.ema_warmup: True -> False"):
+        workdir_guard.check_resume_config(wd, _config(**{"train.ema_warmup": False}))
+    # A stored config from before a field existed had the field's default.
+    path = os.path.join(wd, "config.json")
+    with open(path) as f:
+        stored = json.load(f)
+    del stored["train"]["ema_warmup"]
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    workdir_guard.check_resume_config(wd, config)
+    with pytest.raises(user_errors(), match=r"train.ema_warmup: True -> False"):
+        workdir_guard.check_resume_config(wd, _config(**{"train.ema_warmup": False}))
 
 
 ENTRY_POINTS = {
