@@ -2,7 +2,9 @@
 
 On resume from step s, entries with step > s (written after the last checkpoint by a
 run that was then killed) are dropped, so the log continues exactly where the restored
-state is, and the epsilon curve never restarts or repeats.
+state is, and the epsilon curve never restarts or repeats. TensorBoard's event files are
+append-only: there the resumed writer records a purge from step s + 1
+(``SummaryWriter(purge_step=...)``), and TensorBoard hides the killed run's later points.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class MetricsLog:
 
     def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
+        resumed = os.path.exists(self.path)
+        if resumed:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run.
         self._tb = None
@@ -35,7 +38,8 @@ class MetricsLog:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                         purge_step=resume_step + 1 if resumed else None)
             except ImportError:
                 self._tb = None
 
