@@ -142,6 +142,7 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
     logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
+    dropped, dropped_since = 0, start + 1  # Non-finite examples left out since the last log.
     try:
         for t in range(start, end):
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
@@ -155,9 +156,17 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
                     "learning rate or check the data."
                 )
             done = t + 1
+            dropped += int(m.get("nonfinite_examples", 0))
             if bar is not None:
                 bar.update(1)
             if done % cfg.train.log_every == 0 or done == end:
+                if dropped and main:  # Never silently: the run learns from fewer examples.
+                    steps = (f"step {done}" if dropped_since == done
+                             else f"steps {dropped_since}-{done}")
+                    log(f"[dpjax] warning: {dropped} example(s) with a non-finite loss or "
+                        f"gradient were left out of {steps} (each adds 0; the privacy "
+                        "guarantee holds); check the data or lower the learning rate")
+                dropped, dropped_since = 0, done + 1
                 eps = report_lib.epsilon_spent(plan, done, run.releases, ("rdp",))["rdp"]
                 row = {k: float(v) for k, v in m.items()}
                 row.update(epsilon_rdp=eps, steps_per_s=(done - start) / (time.time() - t0))

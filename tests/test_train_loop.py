@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -310,6 +311,29 @@ def test_nan_loss_is_reported_with_its_step_and_not_checkpointed(tmp_path, recor
     # Whatever was saved before the NaN restores to finite values.
     if os.listdir(tmp_path / "checkpoints"):
         assert all(np.isfinite(x).all() for x in _flat_state(str(tmp_path)))
+
+
+def test_examples_left_out_for_a_non_finite_loss_are_reported(tmp_path, monkeypatch):
+    """A non-finite example adds 0 to the clipped sum (the step goes on); the loop says
+    how many were left out, instead of showing it only in metrics.jsonl."""
+    from dpjax.methods import toy
+
+    finite_loss = toy.Toy.loss_per_example
+
+    def nan_for_half_the_classes(self, trainable, frozen, example, key):
+        loss, aux = finite_loss(self, trainable, frozen, example, key)
+        return jnp.where(example["label"] < 5, jnp.nan, loss), aux
+
+    monkeypatch.setattr(toy.Toy, "loss_per_example", nan_for_half_the_classes)
+    msgs = []
+    train.train(_config(steps=4, **{"train.log_every": 2}), str(tmp_path), log=msgs.append)
+    rows = metrics_log.read(str(tmp_path))  # Steps 2 and 4: each row counts its own step.
+    warned = [m for m in msgs if "non-finite loss or gradient were left out" in m]
+    assert [r["step"] for r in rows] == [2, 4] and len(warned) == 2, msgs
+    for row, message, window in zip(rows, warned, ("steps 1-2", "steps 3-4"), strict=True):
+        assert row["nonfinite_examples"] > 0 and window in message, (row, message)
+        count = int(message.split("warning: ")[1].split(" example(s)")[0])
+        assert count >= row["nonfinite_examples"], (row, message)  # Its window's sum.
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path, record_tried):
