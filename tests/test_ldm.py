@@ -356,6 +356,11 @@ def test_sampling_decodes_images_of_the_data_shape_in_range(pipeline):
     assert bool(jnp.all(jnp.isfinite(images))) and float(jnp.max(jnp.abs(images))) <= 1.0
     assert float(jnp.std(images)) > 0  # Decoded, not a constant.
     assert int(labels.max()) < 10  # The data's classes, never the null one.
+    # Drawn from DPDM's label key, not from a key that equals the images' one
+    # (fold_in(key, 1) is split(key)[1] under partitionable threefry).
+    label_key = jax.random.split(jax.random.key(0))[0]
+    expected = jax.random.randint(label_key, (3,), 0, 10, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(labels), np.asarray(expected))
 
 
 def test_dp_trained_or_mismatched_public_pieces_are_refused(pipeline):

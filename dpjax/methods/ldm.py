@@ -254,8 +254,11 @@ class LDM(dpdm.DPDM):
         """DPDM's ``sample_labelled`` returning images (n, H, W, C) in [-1, 1]; labels
         drawn by default uniformly from the DATA's classes (the UNet may have more)."""
         if labels is None and self.conditional:
-            k = jax.random.fold_in(key, 1)
-            labels = jax.random.randint(k, (n,), 0, self.image_spec.num_classes, jnp.int32)
+            # DPDM's own label key, which it leaves unused when given labels: the images'
+            # key (the second half of the split) must not also draw the labels.
+            label_key = jax.random.split(key)[0]
+            labels = jax.random.randint(
+                label_key, (n,), 0, self.image_spec.num_classes, jnp.int32)
         return super().sample_labelled(params, key, n, labels)
 
 
