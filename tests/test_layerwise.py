@@ -10,6 +10,7 @@ import pytest
 
 from dpjax.methods import base, dpdm
 from dpjax.privacy import clipping, layerwise
+from dpjax.privacy.compute_dtype import cast_params, in_compute_dtype
 
 
 def _assert_trees_close(a, b, rtol=1e-4, atol=0.0):
@@ -77,6 +78,42 @@ def test_per_example_grads_match_vmap_on_every_layer_kind():
         assert not np.any(np.asarray(g[4]))
     want = jax.vmap(lambda e, k: loss(params, None, e, k)[0])(ex, keys)
     np.testing.assert_allclose(values, want, rtol=1e-6)
+
+
+def test_bf16_layers_multiply_their_bf16_operands_exactly_in_float32():
+    """Under bfloat16 compute every Dense, Conv and ConvTranspose is unfolded from its
+    bfloat16 input and cotangent, and the per-example products accumulate in float32:
+    the same gradients as widening both operands to float32 first (bfloat16 products
+    are exact in float32), up to the order of the float32 sums."""
+    model = _Zoo()
+    ex = _zoo_batch()
+    params = model.init(jax.random.PRNGKey(0), ex["image"][:1], ex["label"][:1])["params"]
+    loss = in_compute_dtype(_zoo_loss(model), "bfloat16")
+    keys = jax.random.split(jax.random.PRNGKey(2), 5)
+    mask = jnp.array([True, True, True, True, False])
+
+    def both(t, e, m, k):
+        rec = layerwise.record(loss, t, None, e, m, k)
+        out = []
+        for j in range(len(rec.calls)):
+            unfolded = layerwise.unfold(rec, j)
+            if unfolded is None:  # norms and embeddings: the generic rule
+                continue
+            assert unfolded.source.dtype == unfolded.gg.dtype == jnp.bfloat16
+            out.append(
+                (
+                    layerwise.call_grads(rec, j, unfolded),
+                    layerwise.call_grads(rec, j, unfolded.as_float32()),
+                )
+            )
+        return out
+
+    pairs = jax.jit(both)(cast_params(params, "bfloat16"), ex, mask, keys)
+    assert len(pairs) == 8  # 3 Conv, 3 ConvTranspose, 2 Dense
+    for got, widened in pairs:
+        for name in got:
+            assert got[name].dtype == jnp.float32
+            _assert_trees_close(widened[name], got[name], rtol=1e-5)
 
 
 def test_dpdm_step_sums_equal_between_paths():

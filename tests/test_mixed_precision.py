@@ -83,14 +83,16 @@ def test_bf16_loss_gives_float32_gradients_close_to_float32(setup):
     assert not np.array_equal(grads["float32"], grads["bfloat16"])  # bf16 really ran.
 
 
-def _matmul_operand_dtypes(fn, *args) -> collections.Counter:
-    """(lhs dtype, rhs dtype) of every convolution and dot in ``fn``'s jaxpr, nested too."""
+def _matmul_operand_dtypes(fn, *args, result=False) -> collections.Counter:
+    """(lhs dtype, rhs dtype) of every convolution and dot in ``fn``'s jaxpr, nested too;
+    with ``result``, (lhs, rhs, result dtype)."""
     counts: collections.Counter = collections.Counter()
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-                counts[tuple(str(v.aval.dtype) for v in eqn.invars[:2])] += 1
+                kept = [*eqn.invars[:2], *eqn.outvars[: int(result)]]
+                counts[tuple(str(v.aval.dtype) for v in kept)] += 1
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (list, tuple)) else (value,):
                     inner = getattr(sub, "jaxpr", sub)
@@ -129,10 +131,11 @@ def test_bf16_clipped_sum_keeps_the_sensitivity(setup, impl):
 @pytest.mark.parametrize("impl", ["layerwise", "ghost"])
 def test_bf16_fast_paths_match_the_bf16_reference(setup, impl):
     """The layerwise and ghost paths under bfloat16: the model's forward and backward in
-    bfloat16, the per-example products in float32 from the layers' bfloat16 inputs and
-    cotangents. The reference forms its weight gradients in bfloat16, so the two agree to
-    bfloat16's precision, not float32's (0.2% on this UNet, as far as the bfloat16 and
-    float32 reference paths are apart: 0.5%)."""
+    bfloat16, the per-example products of the layers' bfloat16 inputs and cotangents
+    accumulated in float32 (ghost norms and sums in float32). The reference forms its
+    weight gradients in bfloat16, so the two agree to bfloat16's precision, not
+    float32's (0.2% on this UNet, as far as the bfloat16 and float32 reference paths
+    are apart: 0.5%)."""
     mask = jnp.arange(N) < N - 1  # One padding row.
     ref = _sum(setup, mask, "bfloat16")
     got = _sum(setup, mask, "bfloat16", impl)
@@ -150,9 +153,17 @@ def test_bf16_fast_paths_match_the_bf16_reference(setup, impl):
             method.loss_per_example, t, params.frozen, examples, mask, keys, clip_norm=C,
             microbatch_size=4, impl=impl, compute_dtype="bfloat16").grad_sum,
         params.trainable,
+        result=True,
     )  # fmt: skip
-    bf16 = ("bfloat16", "bfloat16")
-    assert counts[bf16] > 10, counts  # The UNet's forward and input-gradient convolutions.
+    bf16, f32 = "bfloat16", "float32"
+    assert counts[bf16, bf16, bf16] > 10, counts  # The UNet's forward and input gradients.
+    # The per-example products: bfloat16 operands, float32 results.
+    assert counts[bf16, bf16, f32] > 0, counts
+    if impl == "layerwise":
+        # No product widens its operands to float32: the only float32 contractions are
+        # the clip-weighted sums, one per leaf in each of the 2 micro-batches.
+        assert set(counts) == {(bf16, bf16, bf16), (bf16, bf16, f32), (f32, f32, f32)}
+        assert counts[f32, f32, f32] == 2 * len(jax.tree_util.tree_leaves(params.trainable))
 
 
 def test_unknown_compute_dtypes_are_refused(setup):

@@ -17,8 +17,9 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   the cast sits inside the differentiated function, so each per-example gradient
   arrives in float32 and its norm, the clip, the sum (and the noise, ``dp_step.py``) are
   float32. The 'layerwise' and 'ghost' paths are given the parameters already cast
-  (``compute_dtype.cast_params``) and form their per-example products in float32 from
-  the layers' bfloat16 inputs and cotangents. The sensitivity bound does not depend on
+  (``compute_dtype.cast_params``) and multiply the layers' bfloat16 inputs and
+  cotangents with float32 accumulation (``dpjax.privacy.unfolding``: the products are
+  exact, the per-example gradients float32). The sensitivity bound does not depend on
   how the per-example gradient was computed.
 * Three implementations give the same result up to rounding: 'vmap' (vmap of grad, the
   reference), 'layerwise' (per-example gradients from layer inputs and output

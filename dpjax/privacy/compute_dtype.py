@@ -7,7 +7,8 @@ float32 parameters is float32 and per-example clipping, summation and noise stay
 the sensitivity bound holds for any per-example gradient, however it was computed, as
 long as an example's clipped contribution is scaled by the norm of that same
 contribution, which every clipping path does (the layerwise and ghost paths form theirs
-in float32 from the layers' bfloat16 inputs and cotangents: ``cast_params``).
+from the layers' bfloat16 inputs and cotangents with float32 accumulation:
+``cast_params``, ``dpjax.privacy.unfolding``).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ _ROUNDOFF_MARGIN = 2.0
 
 def _ghost_sq_norm(unfolded: unfolding.Unfolded) -> jax.Array:
     """(B,) an upper bound, under float32 rounding, on the squared norm of each example's
-    kernel gradient W_i (the stack over offsets o of view(o)_i^T gg_i).
+    kernel gradient W_i (the stack over offsets o of view(o)_i^T gg_i); float32
+    operands (``Unfolded.as_float32``).
 
     The ghost norm sum_{t,s} (U_i U_i^T)_{ts} (g_i g_i^T)_{ts} sums terms of both signs:
     where the positions' contributions cancel (||W_i|| far below
@@ -219,10 +220,13 @@ def norms_and_sum(
     for j, call in enumerate(rec.calls):
         names = dict(zip(call.names, call.leaf_ids))
         if j in chosen:
-            sq = sq + _ghost_sq_norm(unfolded[j])
-            ghosts.append((names["kernel"], unfolded[j]))
+            # Widened (exactly) to float32: the rounding bound of ``_ghost_sq_norm`` and
+            # the reweighted cotangent of ``_reweighted_kernel_sum`` are float32's.
+            u = unfolded[j].as_float32()
+            sq = sq + _ghost_sq_norm(u)
+            ghosts.append((names["kernel"], u))
             if "bias" in names:  # the bias gradient of example i is sum_t g_i[t]
-                per_example[names["bias"]] = jnp.sum(unfolded[j].gg, axis=1)
+                per_example[names["bias"]] = jnp.sum(u.gg, axis=1)
             continue
         for name, g in layerwise.call_grads(rec, j, unfolded[j]).items():
             i = names[name]

@@ -49,6 +49,7 @@ class _Call:
     names: tuple[str, ...]  # its trainable parameter names
     leaf_ids: tuple[int, ...]  # id() of those leaves, as seen inside the loss
     out_shape: tuple[int, ...]  # per-example output shape
+    out_dtype: Any  # the output's dtype: its tap's, hence its cotangent's
 
 
 def _direct(params: Mapping) -> dict[str, Any]:
@@ -106,11 +107,17 @@ class _Recorder:
         out = next_fun(*args, **kwargs)
         index = len(self.calls)
         self.calls.append(
-            _Call(clone, tuple(own), tuple(self.ids[id(v)] for v in own.values()), tuple(out.shape))
+            _Call(
+                clone,
+                tuple(own),
+                tuple(self.ids[id(v)] for v in own.values()),
+                tuple(out.shape),
+                out.dtype,
+            )
         )
         self.inputs.append(tuple(args))
         if self.taps is not None:
-            out = out + self.taps[index].astype(out.dtype)
+            out = out + self.taps[index]
         return out
 
 
@@ -222,7 +229,8 @@ class Recording:
       loss: (B,) per-example losses; aux: their auxiliary scalars {name: (B,)}.
       calls: every call of a layer owning trainable leaves, in call order.
       inputs: per call, its inputs with a leading example axis (B, ...).
-      cotangents: per call, dL_i/dy_i of its output (B, ...), for every example i.
+      cotangents: per call, dL_i/dy_i of its output (B, ...), for every example i, in
+        the output's dtype (bfloat16 for a bfloat16 layer).
       leaves: the trainable leaves, in ``tree_leaves`` order (``_Call.leaf_ids`` index it).
       treedef: the trainable tree's structure.
     """
@@ -282,7 +290,10 @@ def record(
     _check_no_outside_use(loss_fn, trainable, frozen, ex0, keys[0])
 
     size = mask.shape[0]
-    taps = [jnp.zeros((size, *c.out_shape), jnp.float32) for c in found.calls]
+    # Each tap in its layer's output dtype, so that a bfloat16 layer's cotangent comes
+    # back as the bfloat16 array the backward pass computed (not widened to float32,
+    # which would double the memory and the traffic of the per-example products).
+    taps = [jnp.zeros((size, *c.out_shape), c.out_dtype) for c in found.calls]
 
     def total(taps_, t):
         def one(tap_i, ex_i, key_i):

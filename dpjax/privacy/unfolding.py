@@ -5,6 +5,14 @@ gradient at offset o is view(o)_i^T g_i: ``Unfolded`` holds the padded input and
 output cotangent and visits the offsets one at a time. ``dense_unfold``, ``conv_unfold``
 and ``conv_transpose_unfold`` build it for flax's Dense, Conv and ConvTranspose;
 ``patch_rule`` turns it into per-example gradients.
+
+Operand dtype: a layer that ran in bfloat16 (``dp.compute_dtype='bfloat16'``) is unfolded
+from its bfloat16 input and cotangent (``_operands``), and ``patch_rule`` multiplies them
+with float32 accumulation (``preferred_element_type``). The product of two bfloat16
+numbers is exact in float32 (8 + 8 significand bits < 24), so this gives the per-example
+gradients of widening both operands to float32 first, up to the order of the float32
+sums, at half the memory and traffic and at the matrix units' bfloat16 rate. Any other
+mix of dtypes is widened to float32.
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ class Unfolded:
     examples: int
     gg: jax.Array
 
+    def as_float32(self) -> Unfolded:
+        """The same unfolding with float32 operands (exact: a widening)."""
+        return dataclasses.replace(
+            self, source=self.source.astype(jnp.float32), gg=self.gg.astype(jnp.float32)
+        )
+
     @property
     def offsets(self) -> int:
         """Kernel offsets (1 for a dense layer)."""
@@ -88,11 +102,24 @@ class Unfolded:
         return lax.scan(step, init, jnp.asarray(self.starts))[0]
 
 
+def _operands(a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The layer's input and cotangent as the per-example products take them.
+
+    A cotangent in bfloat16 means the layer's output was bfloat16, and flax's Dense, Conv
+    and ConvTranspose cast the input and kernel to their output's dtype before
+    multiplying (``promote_dtype``): the input is then taken in bfloat16 too, the very
+    values the layer multiplied (the recorded input may be the float32 value before an
+    autocast, ``compute_dtype.in_compute_dtype``). Otherwise both are widened to float32.
+    """
+    if g.dtype == jnp.bfloat16:
+        return a.astype(jnp.bfloat16), g
+    return a.astype(jnp.float32), g.astype(jnp.float32)
+
+
 def dense_unfold(module: nn.Dense, inputs, g: jax.Array) -> Unfolded:
     """A dense layer over the last axis is a 1-offset patch layer: T = all other positions."""
     del module
-    a = inputs[0].astype(jnp.float32)
-    g = g.astype(jnp.float32)
+    a, g = _operands(inputs[0], g)
     b = a.shape[0]
     a = a.reshape(b, -1, a.shape[-1])
     return Unfolded(
@@ -133,8 +160,7 @@ def _patch_views(
     kernel_size = tuple(module.kernel_size)
     n = len(kernel_size)
     rhs_dilation = _tuple(module.kernel_dilation, n)
-    a = inputs[0].astype(jnp.float32)
-    g = g.astype(jnp.float32)
+    a, g = _operands(inputs[0], g)
     b = a.shape[0]
     a = a.reshape((-1, *a.shape[-(n + 1) :]))  # (B * copies, *spatial, C_in)
     spatial = a.shape[1:-1]
@@ -156,13 +182,15 @@ def _patch_views(
 
 
 def patch_rule(module: nn.Module, unfolded: Unfolded) -> dict[str, jax.Array]:
-    """Per-example kernel (and bias) gradients: one batched matrix product per kernel
-    offset; the kernel comes out (B, offsets, C_in, C_out), the leaf's layout flattened."""
+    """Per-example kernel (and bias) gradients in float32: one batched matrix product per
+    kernel offset, accumulated in float32 whatever the operands' dtype; the kernel comes
+    out (B, offsets, C_in, C_out), the leaf's layout flattened."""
     gg = unfolded.gg
-    w = unfolded.map(lambda v: jnp.einsum("btc,bto->bco", v, gg))
+    f32 = jnp.float32
+    w = unfolded.map(lambda v: jnp.einsum("btc,bto->bco", v, gg, preferred_element_type=f32))
     out = {"kernel": jnp.moveaxis(w, 0, 1)}
     if module.use_bias:
-        out["bias"] = jnp.sum(gg, axis=1)
+        out["bias"] = jnp.sum(gg, axis=1, dtype=f32)
     return out
 
 
