@@ -120,3 +120,27 @@ def test_invalid_configs_fail_loudly(kwargs, needle):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="Known presets"):
         ncsnpp.preset("mnist")
+
+
+def test_group_counts_keep_ddpmpp_and_fit_any_width():
+    """min(C // 4, 32) groups wherever that divides C (every published width: the
+    numbers are unchanged), else the largest smaller divisor: widths such as 18 or 132
+    failed at initialization ('Number of groups (4) does not divide ... (18)')."""
+    from dpjax.models import discriminator, feature_cnn, group_norm
+
+    assert [group_norm.num_groups(c) for c in (8, 16, 32, 64, 128, 256, 512)] == [
+        2, 4, 8, 16, 32, 32, 32]
+    assert [group_norm.num_groups(c) for c in (1, 3, 18, 132, 50)] == [1, 1, 3, 22, 10]
+    with pytest.raises(ValueError, match="at least one channel"):
+        group_norm.num_groups(0)
+    odd = ncsnpp.UNetConfig(nf=18, ch_mult=(1, 2), num_res_blocks=1, num_classes=3,
+                            image_size=8, channels=1)
+    x, c_noise, labels = inputs(odd, 2)
+    out = ncsnpp.NCSNpp(odd).apply({"params": random_params(odd)}, x, c_noise, labels)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    images = jnp.ones((2, 8, 8, 1))
+    for net, args in ((discriminator.Discriminator((18, 50)), (images, images)),
+                      (feature_cnn.FeatureCNN(num_classes=3, widths=(2, 6)), (images,))):
+        variables = net.init(jax.random.key(0), *args)
+        assert all(bool(jnp.all(jnp.isfinite(v)))
+                   for v in jax.tree_util.tree_leaves(net.apply(variables, *args)))

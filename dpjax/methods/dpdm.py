@@ -32,7 +32,8 @@ class Config(samplers.SamplerSettings):
     Attributes:
       unet: 'auto' (the DPDM preset matching the data's shape and conditioning), a preset
         name from ``ncsnpp.PRESETS``, or 'custom' (nf=32, ch_mult=(1, 2, 2), 2 blocks,
-        no attention, then the overrides below). The image size, channels and number of
+        no attention resolutions (the middle block's self-attention, as in DDPM++, is
+        always there), then the overrides below). The image size, channels and number of
         classes always come from the DataSpec.
       nf, ch_mult, num_res_blocks, attn_resolutions, dropout: overrides of the chosen UNet
         (None keeps the preset's value).

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import group_norm
+
 
 class Discriminator(nn.Module):
     """logit(a is the teacher's output) for pairs of images (N, H, W, C).
@@ -52,7 +54,7 @@ class Discriminator(nn.Module):
                 h = nn.Conv(
                     f, (3, 3), strides=(stride, stride), padding="SAME", name=f"conv_{i}_{j}"
                 )(h)
-                h = nn.GroupNorm(num_groups=max(1, min(f // 4, 32)), name=f"norm_{i}_{j}")(h)
+                h = nn.GroupNorm(num_groups=group_norm.num_groups(f), name=f"norm_{i}_{j}")(h)
                 h = nn.leaky_relu(h, 0.2)
         h = jnp.mean(h, axis=(1, 2))  # Per-image pooling: no statistic across examples.
         return nn.Dense(1, name="logit")(h)[:, 0]

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import group_norm
+
 
 class FeatureCNN(nn.Module):
     """``__call__(x) -> (logits, features)``; features are the pre-ReLU conv outputs.
@@ -37,7 +39,7 @@ class FeatureCNN(nn.Module):
             for j in range(2):
                 x = nn.Conv(width, (3, 3), padding="SAME", name=f"conv_{i}_{j}")(x)
                 features.append(x)  # Pre-activation, as DP-MEPF's forward hooks.
-                x = nn.GroupNorm(min(32, width // 4), name=f"norm_{i}_{j}")(x)
+                x = nn.GroupNorm(group_norm.num_groups(width), name=f"norm_{i}_{j}")(x)
                 x = nn.relu(x)
         logits = nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(-3, -2)))
         return logits, features

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import group_norm
+
 # The clamp of LDM's DiagonalGaussianDistribution, which keeps exp(logvar) finite.
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -98,11 +100,10 @@ class AEConfig:
 
 
 def _group_norm(channels: int, name: str) -> nn.GroupNorm:
-    # LDM: 32 groups, eps 1e-6; fewer for narrow layers (groups must divide channels).
-    groups = min(32, max(1, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
+    # eps 1e-6 as LDM, whose Normalize always takes 32 groups; here DDPM++'s rule
+    # (group_norm.num_groups: min(C // 4, 32), e.g. 16 at the default ch=64), kept so
+    # that trained autoencoders compute what they were trained with.
+    return nn.GroupNorm(num_groups=group_norm.num_groups(channels), epsilon=1e-6, name=name)
 
 
 def _conv(features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import group_norm
+
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -163,8 +165,9 @@ def sinusoidal_embedding(c_noise: jax.Array, dim: int, max_positions: int = 1000
 
 
 def _group_norm(channels: int, name: str) -> nn.GroupNorm:
-    # DDPM++: min(C // 4, 32) groups, eps 1e-6. Statistics are per example (GroupNorm only).
-    return nn.GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6, name=name)
+    # DDPM++: min(C // 4, 32) groups (group_norm.num_groups), eps 1e-6. Statistics are per
+    # example (GroupNorm only).
+    return nn.GroupNorm(num_groups=group_norm.num_groups(channels), epsilon=1e-6, name=name)
 
 
 def _conv(features: int, kernel: int, name: str, init_scale: float = 1.0) -> nn.Conv:

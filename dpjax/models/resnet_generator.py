@@ -15,9 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpjax.models import group_norm
+
 
 def up_blocks(image_size: int) -> int:
-    """Number of 2x up-blocks k: halve the size while it stays even and above 7."""
+    """Number of 2x up-blocks k: halve the size while it is even and its half is at least
+    4 (28 -> 7: k = 2; 32 -> 4: k = 3; 64 -> 4: k = 4)."""
     k = 0
     while image_size % 2 == 0 and image_size // 2 >= 4:
         image_size //= 2
@@ -25,10 +28,6 @@ def up_blocks(image_size: int) -> int:
     if k == 0:
         raise ValueError(f"The generator needs an even image size >= 8, got {image_size}.")
     return k
-
-
-def _groups(channels: int) -> int:
-    return max(1, min(32, channels // 4))
 
 
 class UpBlock(nn.Module):
@@ -40,9 +39,9 @@ class UpBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
-        y = nn.relu(nn.GroupNorm(_groups(c), name="norm_0")(x))
+        y = nn.relu(nn.GroupNorm(group_norm.num_groups(c), name="norm_0")(x))
         y = nn.Conv(self.features, (3, 3), padding="SAME", name="conv_0")(y)
-        y = nn.relu(nn.GroupNorm(_groups(self.features), name="norm_1")(y))
+        y = nn.relu(nn.GroupNorm(group_norm.num_groups(self.features), name="norm_1")(y))
         y = nn.Conv(self.features, (3, 3), padding="SAME", name="conv_1")(y)
         return y + nn.Conv(self.features, (1, 1), name="skip")(x)
 
@@ -76,5 +75,5 @@ class ResNetGenerator(nn.Module):
         for i in range(k):
             width //= 2
             x = UpBlock(width, name=f"up_{i}")(x)
-        x = nn.relu(nn.GroupNorm(_groups(width), name="norm_out")(x))
+        x = nn.relu(nn.GroupNorm(group_norm.num_groups(width), name="norm_out")(x))
         return jnp.tanh(nn.Conv(c, (3, 3), padding="SAME", name="to_image")(x))
