@@ -65,8 +65,9 @@ def test_another_sampler_draws_other_samples_into_their_own_folder(dpdm_run, mon
 
     monkeypatch.setattr(sample_lib, "generate", recording_generate)
     base = report.evaluate_workdir(wd, _CFG, log=lambda *_: None)
-    # The run's own sampler: the recipe of every earlier eval, so their resumes hold.
-    assert set(recipes[-1]) == {"config_json", "step", "backend"}
+    # The run's own sampler: no sampler changes in the recipe, so that adding the
+    # eval.sampling option did not restart the resumes of the evals before it.
+    assert set(recipes[-1]) == {"sampler", "step", "backend"}
     run_sampler = sample_lib.load_run_config(wd).method_args
     assert base["sampler"]["sampler"] == run_sampler.sampler == "ddim"
     assert base["sampler"]["changed"] == []
