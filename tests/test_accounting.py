@@ -95,3 +95,27 @@ def test_pld_calibration_with_a_large_prior_release():
                                        1e-5, "pld")
     assert pld < 0.5 * rdp
     assert 9.99 <= eps(pld) <= 10.0  # Meets the target, and not by a wide margin.
+
+
+def test_a_loose_target_met_below_sigma_one_tenth_is_calibrated():
+    """dp_accounting searches upward from its lower end (0.1 here before): epsilon 200
+    over 10 steps at q = 0.001 is met at sigma 0.083, and calibration failed with an
+    uncaught NoBracketIntervalFoundError instead of returning it."""
+    q, steps = 0.001, 10
+    eps = lambda s, kind: accounting.epsilon([accounting.dpsgd_event(s, q, steps)], 1e-5, kind)
+    rdp = accounting.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "rdp")
+    assert rdp < 0.1 and eps(rdp, "rdp") <= 200.0 < eps(rdp - 2e-4, "rdp")
+    # PLD keeps RDP's answer there (PLD's epsilon <= RDP's; searching below it took
+    # 220 s of PLD discretization).
+    assert accounting.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "pld") == rdp
+
+
+def test_a_target_that_earlier_releases_already_spend_is_one_privacy_error():
+    """Composed with a release of sigma 0.5 (epsilon about 10 alone), epsilon 1 is out
+    of reach for any sigma: a PrivacyError that says so, not dp_accounting's
+    NoBracketIntervalFoundError (not a ValueError: it escaped the handler)."""
+    prior = [dp_accounting.GaussianDpEvent(0.5)]
+    for kind in ("rdp", "pld"):
+        with pytest.raises(accounting.PrivacyError, match="no noise multiplier up to 2"):
+            accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.04, 100, kind,
+                                                  extra_events=prior)

@@ -168,6 +168,9 @@ def calibrate_noise_multiplier(
 
 
 _PLD_BRACKET_HALVINGS = 4
+_NoBracket = dp_accounting.mechanism_calibration.NoBracketIntervalFoundError
+# The smallest noise multiplier the RDP calibration looks at.
+_SMALLEST_SIGMA = 1e-4
 
 
 def calibrate(
@@ -196,6 +199,10 @@ def calibrate(
         # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
         # the PLD search below the cheap RDP answer instead of searching from ~0.
         hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
+        if hi < 0.1:
+            # A loose target: PLD would discretize an enormous loss range (minutes, GBs)
+            # for a sigma below RDP's, which already meets the target (PLD <= RDP).
+            return hi
         # Usually PLD's sigma is within a factor 2 of RDP's. With a large prior release
         # composed in, it can be far below (RDP composes the prior loosely): halve the
         # lower end until it is below the answer, a few times at most.
@@ -209,7 +216,16 @@ def calibrate(
                 return lo  # Meets the target (not the smallest such sigma; never unsafe).
         bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
     else:
-        bracket = dp_accounting.LowerEndpointAndGuess(0.1, 1.0)
+        # dp_accounting searches upward from [lower, guess]: the answer must lie above the
+        # lower end. A loose target (epsilon in the hundreds, few steps) is met below 0.1:
+        # step the lower end down until it misses the target.
+        # (Not for PLD, whose cost grows as sigma shrinks: it keeps 0.1.)
+        lo, smallest = 0.1, (_SMALLEST_SIGMA if kind == "rdp" else 0.1)
+        while epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
+            if lo <= smallest:
+                return lo  # Meets the target (not the smallest such sigma; never unsafe).
+            lo *= 0.1
+        bracket = dp_accounting.LowerEndpointAndGuess(lo, 1.0)
     try:
         sigma = dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(kind, relation),
@@ -219,6 +235,13 @@ def calibrate(
             bracket_interval=bracket,
             tol=tol,
         )
+    except _NoBracket as e:
+        # Composed with earlier releases, epsilon tends to theirs as sigma grows.
+        raise PrivacyError(
+            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
+            f"{' with ' + what if what else ''}: no noise multiplier up to 2^30 reaches it "
+            f"({kind}); the releases composed before this run spend about that much or more."
+        ) from e
     except (ValueError, RuntimeError) as e:
         raise PrivacyError(
             f"Cannot reach epsilon={target_epsilon} at delta={delta}"
