@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import decimal
 import json
+import math
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,14 @@ if TYPE_CHECKING:
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
+    """An epsilon for the card: 4 significant digits, rounded UP (a bound stated lower
+    than computed would overstate the guarantee: 7.3293... is '7.33', not '7.329')."""
+    if not isinstance(x, float) or not math.isfinite(x) or x == 0.0:
+        return str(x)
+    exponent = decimal.Decimal(repr(x)).adjusted()  # The leading digit's power of ten.
+    step = decimal.Decimal(1).scaleb(exponent - 3)
+    up = decimal.Decimal(repr(x)).quantize(step, rounding=decimal.ROUND_CEILING)
+    return f"{float(up):.4g}"
 
 
 def _audit_line(workdir: str) -> list[str]:
@@ -183,7 +192,7 @@ def model_card(
         "DP mechanism are not part of this release.",
         "",
         "## Privacy guarantee",
-        f"- ({_fmt(eps.get(plan.accountant))}, {plan.delta:g})-differential privacy "
+        f"- ({_fmt(eps.get(plan.accountant))}, {plan.delta!r})-differential privacy "
         f"({plan.accountant.upper()} accountant; PLD: {_fmt(eps.get('pld'))}, RDP: "
         f"{_fmt(eps.get('rdp'))}) under the {rel} relation: one example ("
         + ("an image with its label" if spec.num_classes else "an image")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -145,7 +146,12 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
         card = f.read()
     for section in ("## Data", "## Privacy guarantee", "## Intended use", "## Limitations"):
         assert section in card
-    assert "-differential privacy" in card
+    # The stated epsilon is the computed one rounded UP to 4 digits, delta as set.
+    eps = report["epsilon"][report["calibrated_with"]]
+    stated = re.search(r"- \(([0-9.e+-]+), ([0-9.e+-]+)\)-differential privacy", card)
+    assert stated, card
+    assert eps <= float(stated.group(1)) <= eps * (1 + 1e-3), (eps, stated.group(1))
+    assert float(stated.group(2)) == report["delta"]
     # Where the run and the export lie on the trainer's disk is not released.
     assert ("Exported with: `python -m dpjax.main --mode=export --workdir=<the run's workdir> "
             "--out=<this export>/`") in card
@@ -320,3 +326,12 @@ def test_source_paths_are_redacted_in_every_form(tmp_path, monkeypatch):
     cmd = f"dpjax --workdir=runs/teacher --out={tmp_path}/runs/teacher_export"
     assert model_card.redact_command(cmd, "runs/teacher", f"{tmp_path}/runs/teacher_export") == (
         "dpjax --workdir=<the run's workdir> --out=<this export>")
+
+
+def test_the_card_rounds_epsilon_up():
+    """4 significant digits, never below the computed bound (7.3293 was stated 7.329)."""
+    from dpjax import model_card
+
+    assert [model_card._fmt(x) for x in (7.329334702, 7.33, 8.0, 9.99999, 0.0123456)] == [
+        "7.33", "7.33", "8", "10", "0.01235"]
+    assert model_card._fmt(float("inf")) == "inf" and model_card._fmt(3) == "3"

@@ -139,7 +139,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"- steps: {report['steps_done']} done of {report['steps_planned']} planned",
             ]
         ),
-        f"- delta: {report['delta']:g}",
+        f"- delta: {report['delta']!r}",  # Not rounded (:g could round it down).
         *(f"- epsilon ({k.upper()}): {eps[k]}" if k in eps else
           f"- epsilon ({k.upper()}): not computed at this checkpoint (the end of the run "
           "computes it)" for k in ("rdp", "pld")),
