@@ -50,8 +50,11 @@ class PoissonSampler:
         rate: q.
         seed: the data-sampling seed (a stream of its own).
         multiple: padded sizes are multiples of this (the micro-batch size).
-        tail_stds: the base padded size is N*q plus this many binomial std deviations,
-          so that a larger batch (and a recompile) happens with probability < 1e-9.
+        tail_stds: the base padded size is N*q plus this many binomial std deviations
+          (plus one), so that a larger batch, which gets a larger padded size and a
+          recompile, is rare: about 1e-9 per step where the normal approximation holds
+          (large N*q), more for small expected batches (4.7e-8 at N*q = 16, 1.1e-6 at
+          N*q = 1, exact binomial tails). A larger batch is never cut.
         """
         if not 0 < rate <= 1:
             raise ValueError(f"rate must be in (0, 1], got {rate}.")
