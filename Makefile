@@ -37,7 +37,7 @@ test: install fmnist
 test-slow: install fmnist
 	$(PY) -m pytest -m slow
 
-# Every privacy-critical mutant in tests/privacy_mutants.py must fail a test (~6 minutes).
+# Every privacy-critical mutant in tests/privacy_mutants.py must fail a test (~15 minutes).
 mutants: install fmnist
 	PYTHONPATH=. $(PY) tests/privacy_mutants.py
 

@@ -7,7 +7,7 @@ with it, restores the file (also on Ctrl-C), and reports KILLED (a test failed, 
 must) or SURVIVED (no test noticed: a hole in the suite). It exits 1 if any survived, or
 if a mutant's text no longer occurs exactly once (the code moved: update the mutant).
 
-Not part of ``make test`` (each mutant re-runs its tests: about 6 minutes for all on 2 cores)::
+Not part of ``make test`` (each mutant re-runs its tests: about 15 minutes for all on 2 cores)::
 
     make mutants    # or: PYTHONPATH=. .venv/bin/python tests/privacy_mutants.py [-k SUBSTRING]
 """
