@@ -169,8 +169,8 @@ def calibrate_noise_multiplier(
 
 _PLD_BRACKET_HALVINGS = 4
 _NoBracket = dp_accounting.mechanism_calibration.NoBracketIntervalFoundError
-# The smallest noise multiplier the RDP calibration looks at.
-_SMALLEST_SIGMA = 1e-4
+# The lower ends the RDP search tries, in turn, until one misses the target.
+_LOWER_ENDS = (0.1, 0.01, 1e-3, 1e-4)
 
 
 def calibrate(
@@ -200,8 +200,15 @@ def calibrate(
         # the PLD search below the cheap RDP answer instead of searching from ~0.
         hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
         if hi < 0.1:
-            # A loose target: PLD would discretize an enormous loss range (minutes, GBs)
-            # for a sigma below RDP's, which already meets the target (PLD <= RDP).
+            # A loose target: searching below RDP's sigma would discretize PLD's enormous
+            # loss range at every try (minutes, GBs). RDP's sigma is kept once PLD
+            # confirms it (one evaluation; PLD's epsilon is at most RDP's in practice).
+            got = epsilon([make_event(hi)], delta, kind, relation)
+            if not got <= target_epsilon:
+                raise PrivacyError(
+                    f"Calibration: RDP's sigma={hi} gives PLD epsilon {got} > target "
+                    f"{target_epsilon}."
+                )
             return hi
         # Usually PLD's sigma is within a factor 2 of RDP's. With a large prior release
         # composed in, it can be far below (RDP composes the prior loosely): halve the
@@ -220,11 +227,12 @@ def calibrate(
         # lower end. A loose target (epsilon in the hundreds, few steps) is met below 0.1:
         # step the lower end down until it misses the target.
         # (Not for PLD, whose cost grows as sigma shrinks: it keeps 0.1.)
-        lo, smallest = 0.1, (_SMALLEST_SIGMA if kind == "rdp" else 0.1)
-        while epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
-            if lo <= smallest:
-                return lo  # Meets the target (not the smallest such sigma; never unsafe).
-            lo *= 0.1
+        lows = _LOWER_ENDS if kind == "rdp" else _LOWER_ENDS[:1]
+        for lo in lows:
+            if epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
+                break
+        else:
+            return lo  # Meets the target (not the smallest such sigma; never unsafe).
         bracket = dp_accounting.LowerEndpointAndGuess(lo, 1.0)
     try:
         sigma = dp_accounting.calibrate_dp_mechanism(
