@@ -100,6 +100,16 @@ class _NoLog:
         pass
 
 
+def _report_dropped(log, dropped: int, first: int, last: int) -> None:
+    """Warns that ``dropped`` examples with a non-finite loss or gradient were left out
+    of steps first..last (never silently: the run learns from fewer examples)."""
+    if dropped and log is not None:
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        log(f"[dpjax] warning: {dropped} example(s) with a non-finite loss or gradient "
+            f"were left out of {steps} (each adds 0; the privacy guarantee holds); check "
+            "the data or lower the learning rate")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
     """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps."""
     run, dataset = setup(config, workdir, log)
@@ -163,12 +173,7 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
             if bar is not None:
                 bar.update(1)
             if done % cfg.train.log_every == 0 or done == end:
-                if dropped and main:  # Never silently: the run learns from fewer examples.
-                    steps = (f"step {done}" if dropped_since == done
-                             else f"steps {dropped_since}-{done}")
-                    log(f"[dpjax] warning: {dropped} example(s) with a non-finite loss or "
-                        f"gradient were left out of {steps} (each adds 0; the privacy "
-                        "guarantee holds); check the data or lower the learning rate")
+                _report_dropped(log if main else None, dropped, dropped_since, done)
                 dropped, dropped_since = 0, done + 1
                 eps = report_lib.epsilon_spent(plan, done, run.releases, ("rdp",))["rdp"]
                 row = {k: float(v) for k, v in m.items()}
@@ -187,6 +192,8 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
                     "run the same command again to resume."
                 )
                 break
+        # A stop between log steps (the time limit) reports its window too.
+        _report_dropped(log if main else None, dropped, dropped_since, int(state.step))
     finally:
         if bar is not None:
             bar.close()

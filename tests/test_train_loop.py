@@ -334,6 +334,13 @@ def test_examples_left_out_for_a_non_finite_loss_are_reported(tmp_path, monkeypa
         assert row["nonfinite_examples"] > 0 and window in message, (row, message)
         count = int(message.split("warning: ")[1].split(" example(s)")[0])
         assert count >= row["nonfinite_examples"], (row, message)  # Its window's sum.
+    # A stop between log steps (the time limit) reports its window as well.
+    msgs.clear()
+    train.train(_config(steps=4, **{"train.log_every": 100,
+                                    "train.max_seconds_per_run": 1e-9}),
+                str(tmp_path / "timed"), log=msgs.append)
+    warned = [m for m in msgs if "non-finite loss or gradient were left out of step 1 " in m]
+    assert len(warned) == 1 and any("stopping at step 1 of 4" in m for m in msgs), msgs
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path, record_tried):
