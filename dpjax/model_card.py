@@ -28,9 +28,9 @@ def _fmt(x: Any) -> str:
     than computed would overstate the guarantee: 7.3293... is '7.33', not '7.329')."""
     if not isinstance(x, float) or not math.isfinite(x) or x == 0.0:
         return str(x)
-    exponent = decimal.Decimal(repr(x)).adjusted()  # The leading digit's power of ten.
-    step = decimal.Decimal(1).scaleb(exponent - 3)
-    up = decimal.Decimal(repr(x)).quantize(step, rounding=decimal.ROUND_CEILING)
+    exact = decimal.Decimal(repr(float(x)))  # float(): a NumPy float's repr names its type.
+    step = decimal.Decimal(1).scaleb(exact.adjusted() - 3)  # 4 significant digits.
+    up = exact.quantize(step, rounding=decimal.ROUND_CEILING)
     return f"{float(up):.4g}"
 
 

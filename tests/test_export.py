@@ -335,3 +335,4 @@ def test_the_card_rounds_epsilon_up():
     assert [model_card._fmt(x) for x in (7.329334702, 7.33, 8.0, 9.99999, 0.0123456)] == [
         "7.33", "7.33", "8", "10", "0.01235"]
     assert model_card._fmt(float("inf")) == "inf" and model_card._fmt(3) == "3"
+    assert model_card._fmt(np.float64(7.329334702)) == "7.33"
