@@ -214,8 +214,8 @@ def record_free_changes(workdir: str, changes: list[FreeChange], steps_ran: bool
     The data location always (eval and sample read the data from there; the digest
     showed it holds the run's data); how the sum is computed only when ``steps_ran``
     (a setting that never ran a step, e.g. a clipping path the method refuses, is not
-    recorded as the run's). An unfinished eval of the same checkpoint then samples
-    again: its resumable samples are keyed on config.json's bytes."""
+    recorded as the run's). An unfinished eval of the same checkpoint goes on: its
+    resumable samples are keyed on the method and its arguments, which stay."""
     todo = [c for c in changes if steps_ran or c.section == "data"]
     if not todo:
         return
