@@ -422,7 +422,9 @@ def _rel_err(a: PyTree, b: PyTree) -> tuple[float, float]:
     return diff / max(total, 1e-30), worst
 
 
-def run_check(model: str, tiny: bool, trainable: PyTree | None = None) -> dict[str, Any]:
+def run_check(
+    model: str, tiny: bool, trainable: PyTree | None = None, case_text: str = CHECK_CASE
+) -> dict[str, Any]:
     """One DP step of 'reference', 'fast' and 'ghost' from the same state and batch, sigma = 0.
 
     Uses SGD with learning rate 1 so that the update equals the clipped mean gradient
@@ -436,11 +438,13 @@ def run_check(model: str, tiny: bool, trainable: PyTree | None = None) -> dict[s
       model: 'dpdm' or 'anchor'.
       tiny: whether to use the tiny UNet.
       trainable: the initial parameters (default: a fresh init).
+      case_text: the case 'BxK/m' (default ``CHECK_CASE``); e.g. '256x1/256' checks the
+        ghost norms' rounding bound at the micro-batch size the benchmark times.
 
     Returns:
       The check's record, with 'passed'.
     """
-    (case,) = parse_cases(CHECK_CASE, 1, 1)
+    (case,) = parse_cases(case_text, 1, 1)
     method = make_method(model, case.k, tiny)
     streams = Streams.from_seed(0)
     if trainable is None:
@@ -554,6 +558,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--check",
         action="store_true",
         help="first check fast == reference on one step; stop if not",
+    )
+    parser.add_argument(
+        "--check-case",
+        default=CHECK_CASE,
+        help=f"the case BxK/m that --check runs (default {CHECK_CASE}: two micro-batches, "
+        "a padding row)",
     )
     parser.add_argument(
         "--flops",
@@ -672,7 +682,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         try:
             trainable = init_params(make_method(args.model, 1, args.tiny), streams)
             params = payload["meta"]["params"] = count_params(trainable)
-            payload["check"] = run_check(args.model, args.tiny, trainable)
+            payload["check"] = run_check(args.model, args.tiny, trainable, args.check_case)
         except Exception as e:  # recorded, then fatal below.
             payload["check"] = {"passed": False, "error": repr(e)[:ERROR_CHARS]}
         _emit({"check": payload["check"]})

@@ -45,6 +45,7 @@ def test_tiny_benchmark_with_check(tmp_path):
     argv = [
         "--tiny",
         "--check",
+        "--check-case=6x1/3",  # Two micro-batches and a padding row, as the default's.
         # One batch, plain, fast and ghost (the check runs the reference too). Micro-batch
         # loops compile slowly on CPU; the logical cases are covered by test_parse_cases.
         "--cases=4x1",
@@ -60,6 +61,7 @@ def test_tiny_benchmark_with_check(tmp_path):
 
     check = written["check"]
     assert check["passed"], check
+    assert (check["case"], check["num_real"]) == ("6x1/3", 5)
     assert check["update_rel_err"] <= 1e-4 and check["params_ok"]
     assert check["ghost"]["passed"] and check["ghost"]["update_rel_err"] <= 1e-4
 

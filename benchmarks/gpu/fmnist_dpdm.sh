@@ -48,5 +48,9 @@ timeout "$EVAL_LIMIT" python3 -m dpjax.main --mode=eval --workdir="$W" 2>&1 | gr
 T2=$(date +%s)
 echo "eval wall seconds: $((T2 - T1))"
 python3 -m dpjax.main --mode=export --workdir="$W" --out="$W/export" 2>&1 | tail -2
-cd "$W" && tar czf "$OUT/$TAG.tgz" --exclude=checkpoints --exclude=xla_cache --exclude=samples --exclude='events*' . \
+# The samples folders' grids come back (eval_report.md shows samples/step_N/samples_grid.png);
+# their 60k samples and Inception features (hundreds of MB) stay.
+cd "$W" && tar czf "$OUT/$TAG.tgz" --exclude=checkpoints --exclude=xla_cache \
+  --exclude='samples/*/*.np[yz]' --exclude='samples/*/*.json' --exclude='samples/*/*.lock' \
+  --exclude='events*' . \
   && ls -la "$OUT"
