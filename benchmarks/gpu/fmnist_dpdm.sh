@@ -7,8 +7,9 @@
 #   .gpu/whl_min/   dp-accounting and ml-collections wheels (the image lacks them)
 #   .gpu/fmnist/    the four Fashion-MNIST IDX files, xz-compressed
 #   .gpu/inception16.npz.xz   the FID Inception weights converted by
-#                   dpjax.eval.inception_weights and rounded to float16 so that data +
-#                   weights fit one 64 MiB transfer
+#                   dpjax.eval.inception_weights and rounded to float16 (39 MB)
+# Data and weights together are over one call's 64 MiB with the tree: a call may carry
+# the weights alone when .cache_gpu/data already holds the data (benchmarks/gpu/PLAN.md).
 # Environment: EPS, BATCH, K, EPOCHS, MB (micro-batch), LR, TAG, TRAIN_LIMIT, EVAL_LIMIT
 # (seconds), EXTRA (more --config overrides). Results go to $OUT/$TAG.tgz (eval.json, reports, grids, metrics, export).
 # Two runs sharing one GPU: export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 for each (by

@@ -7,8 +7,9 @@
 #   .gpu/whl_min/   dp-accounting and ml-collections only
 #   .gpu/fmnist/    Fashion-MNIST IDX files, xz-compressed (26 MB)
 #   .gpu/inception16.npz.xz   the FID Inception weights as converted by
-#                   dpjax.eval.inception_weights, rounded to float16 (39 MB), so that
-#                   data + weights fit one 64 MiB transfer
+#                   dpjax.eval.inception_weights, rounded to float16 (39 MB); with the
+#                   data and the tree that is over one call's 64 MiB: PLAN.md splits
+#                   the carry between calls
 #   .gpu/bench/     a copy of ../shared/bench (the anchor benchmarks)
 # Usage, from the repository root after `make install fmnist`: bash benchmarks/gpu/prepare_carry.sh
 set -euo pipefail
