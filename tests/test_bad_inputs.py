@@ -247,11 +247,11 @@ def test_the_config_choices_are_the_implementations():
     import typing
 
     from dpjax import optim, run_config
-    from dpjax.privacy import accounting, clipping, compute_dtype
+    from dpjax.privacy import accounting, clipping, compute_dtype, microbatch_loop
 
     choices = {run_config.ClippingName: clipping.MICROBATCH_IMPLS,
                run_config.ComputeDtypeName: compute_dtype.COMPUTE_DTYPES,
-               run_config.MicrobatchLoopName: clipping.MICROBATCH_LOOPS,
+               run_config.MicrobatchLoopName: microbatch_loop.MICROBATCH_LOOPS,
                run_config.AccountantName: accounting.ACCOUNTANTS,
                run_config.RelationName: accounting._RELATIONS}  # fmt: skip
     for literal, table in choices.items():

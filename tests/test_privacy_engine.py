@@ -10,7 +10,7 @@ import pytest
 
 from dpjax.methods import toy
 from dpjax.methods.base import DataSpec
-from dpjax.privacy import clipping, noise
+from dpjax.privacy import clipping, microbatch_loop, noise
 from dpjax.privacy.dp_step import example_keys, make_train_step
 from dpjax.privacy.plan import DPPlan
 from dpjax.privacy.sampling import PoissonSampler
@@ -187,8 +187,8 @@ def test_unrolled_micro_batches_equal_the_loop(clip):
     np.testing.assert_array_equal(np.isnan(a.norms), np.isnan(b.norms))
     np.testing.assert_allclose(a.norms[:7], b.norms[:7], rtol=1e-5)
     # On this (CPU) backend the default is the unrolled form; elsewhere the loop.
-    assert clipping.unroll_by_default(4) == (jax.default_backend() == "cpu")
-    assert not clipping.unroll_by_default(clipping.MAX_UNROLLED_MICROBATCHES + 1)
+    assert microbatch_loop.unroll_by_default(4) == (jax.default_backend() == "cpu")
+    assert not microbatch_loop.unroll_by_default(microbatch_loop.MAX_UNROLLED_MICROBATCHES + 1)
 
 
 def test_unclipped_sum_is_the_sum_of_per_example_gradients():

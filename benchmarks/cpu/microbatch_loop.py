@@ -2,8 +2,9 @@
 
 XLA:CPU rewrites convolutions into its fast (Eigen) layout only in the entry
 computation, so backward convolutions inside a ``fori_loop`` body take a slow path;
-``clipped_grad_sum`` therefore unrolls up to ``MAX_UNROLLED_MICROBATCHES`` micro-batches
-on the CPU. This script measures both forms on the f=4 KL autoencoder of
+``clipped_grad_sum`` therefore unrolls up to
+``dpjax.privacy.microbatch_loop.MAX_UNROLLED_MICROBATCHES`` micro-batches on the CPU.
+This script measures both forms on the f=4 KL autoencoder of
 ``experiments/ldm_fmnist.py`` (random weights, random 28x28 images), clipped (a DP step's
 per-example path) and unclipped (public training), and checks that the sums agree.
 

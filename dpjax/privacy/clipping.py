@@ -31,15 +31,8 @@ Guarantees of ``clipped_grad_sum`` (the reference path, vmap of grad):
   whose trip count is the number of micro-batches holding real examples, so a logical
   batch far larger than memory (DPDM: 4096 examples x 32 noise draws) fits, and
   all-padding micro-batches cost nothing.
-* On the CPU backend a batch of at most ``MAX_UNROLLED_MICROBATCHES`` micro-batches is
-  instead unrolled (``unroll``): XLA:CPU rewrites convolutions into its fast (Eigen)
-  layout only in the entry computation, so the backward convolutions inside a loop or
-  cond body run on a slow fallback: 11-17x slower on the f=4 KL autoencoder, 4
-  micro-batches of 16 (``benchmarks/cpu/microbatch_loop.py``). Unrolled, the
-  all-padding micro-batches are computed and masked out (they still contribute 0);
-  the result is the same sum in the same order. Many unrolled copies are slower than
-  the loop (DP-LFlow, 22 micro-batches of 250: 49 s per step unrolled, 34 s looped),
-  hence the small limit.
+* On the CPU backend a few micro-batches are instead unrolled (``unroll``; why and when:
+  ``dpjax.privacy.microbatch_loop``): the same sum in the same order.
 * Routed examples (``routing``, e.g. DP-LFlow's one model per class): when every example
   reads only ONE slice ``r(x)`` of the trainable tree's leading axis, its gradient is zero
   on every other slice, so its norm over the whole tree is the norm over its slice. The
@@ -67,6 +60,7 @@ from dpjax.privacy.compute_dtype import (
     check_compute_dtype,
     in_compute_dtype,
 )
+from dpjax.privacy.microbatch_loop import unroll_by_default
 
 
 def sensitivity(clip_norm: float, relation: str = "add_or_remove_one") -> float:
@@ -341,33 +335,6 @@ MICROBATCH_IMPLS: dict[str, Callable[..., ClipResult]] = {
     "layerwise": _microbatch_layerwise,
     "ghost": _microbatch_ghost,
 }
-
-#: The most micro-batches ``clipped_grad_sum`` unrolls (each copy adds compile time).
-MAX_UNROLLED_MICROBATCHES = 8
-
-
-#: ``dp.microbatch_loop`` settings and the ``unroll`` argument each gives.
-MICROBATCH_LOOPS: dict[str, bool | None] = {"auto": None, "unroll": True, "loop": False}
-
-
-def unroll_setting(microbatch_loop: str) -> bool | None:
-    """The ``unroll`` argument of ``clipped_grad_sum`` for a ``dp.microbatch_loop`` value.
-
-    Raises:
-      ValueError: an unknown value.
-    """
-    if microbatch_loop not in MICROBATCH_LOOPS:
-        raise ValueError(
-            f"dp.microbatch_loop must be one of {list(MICROBATCH_LOOPS)}, got {microbatch_loop!r}."
-        )
-    return MICROBATCH_LOOPS[microbatch_loop]
-
-
-def unroll_by_default(num_microbatches: int) -> bool:
-    """Whether ``clipped_grad_sum(unroll=None)`` unrolls ``num_microbatches``: on the CPU
-    backend up to ``MAX_UNROLLED_MICROBATCHES`` (see the module docstring), else never."""
-    return jax.default_backend() == "cpu" and 1 < num_microbatches <= MAX_UNROLLED_MICROBATCHES
-
 
 def clipped_grad_sum(
     loss_fn: LossFn,

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from dpjax.methods.base import to_model_range
 from dpjax.privacy import clipping, noise
 from dpjax.privacy.compute_dtype import check_compute_dtype
+from dpjax.privacy.microbatch_loop import unroll_setting
 from dpjax.privacy.plan import DPPlan
 from dpjax.randomness import Streams
 from dpjax.state import TrainState, ema_decay
@@ -201,7 +202,7 @@ def make_train_step(
     noise_std = plan.noise_std if plan.enabled else 0.0
     # Before the first step's trace, so that a bad setting fails at build time.
     check_compute_dtype(compute_dtype)
-    unroll = clipping.unroll_setting(microbatch_loop)
+    unroll = unroll_setting(microbatch_loop)
     clipped_sum = _clipped_sum_fn(
         method, clip, microbatch_size, clipping_impl, compute_dtype, unroll
     )
