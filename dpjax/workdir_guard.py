@@ -115,6 +115,17 @@ def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         )
 
 
+def _field_change(
+    stored: dict[str, Any], new: dict[str, Any], key: str, defaults: dict[str, Any]
+) -> tuple[Any, Any] | None:
+    """(stored value, new value) of ``key`` if they differ, else None.
+
+    A field that either side lacks had its default: a field added to dpjax after the run
+    started, left at its default, does not change the run."""
+    was, now = stored.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+    return None if was == now else (was, now)
+
+
 def check_resume_config(
     workdir: str,
     config: ml_collections.ConfigDict,
@@ -154,28 +165,23 @@ def check_resume_config(
             a, b = old.get(section), new.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
                 defaults = _section_defaults(section, new.get("method", ""))
-                keys = sorted(
-                    k
-                    for k in set(a) | set(b)
-                    if a.get(k) != b.get(k)
-                    # A field added to dpjax after the run started, left at its default,
-                    # does not change the run.
-                    and not (k not in a and k in defaults and b[k] == defaults[k])
-                )
-                for k in keys:
+                for k in sorted(set(a) | set(b)):
+                    change = _field_change(a, b, k, defaults)
+                    if change is None:
+                        continue
                     if k in free.get(section, ()):
-                        changed_free.append(FreeChange(section, k, a.get(k), b.get(k)))
+                        changed_free.append(FreeChange(section, k, *change))
                     else:
-                        diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+                        diffs.append(f"{section}.{k}: {change[0]!r} -> {change[1]!r}")
             else:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
     for section, keys in RESUME_LOCKED_FIELDS.items():
         a, b = old.get(section) or {}, new.get(section) or {}
         defaults = _section_defaults(section, "")
-        for k in keys:  # A field the stored config lacks had its default.
-            was, now = a.get(k, defaults.get(k)), b.get(k, defaults.get(k))
-            if was != now:
-                diffs.append(f"{section}.{k}: {was!r} -> {now!r}")
+        for k in keys:
+            change = _field_change(a, b, k, defaults)
+            if change is not None:
+                diffs.append(f"{section}.{k}: {change[0]!r} -> {change[1]!r}")
     if diffs:
         raise ckpt_lib.CheckpointError(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "

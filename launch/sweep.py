@@ -134,6 +134,12 @@ def _check_sets_leave_the_sweep_alone(module: Any, points: list[Point], sets: Se
     experiment arguments give it different values (``eps=1`` and ``eps=10`` set
     ``dp.epsilon``). Setting a key also overrides the keys it makes unused
     (``_OVERRIDES``: ``dp.noise_multiplier`` over ``dp.epsilon``)."""
+    configs = []  # Each point's config, built once; None for a bad point (check_point reports it).
+    for p in points if sets else ():
+        try:
+            configs.append(module.get_config(p.config_arg))
+        except Exception:
+            configs.append(None)
     for s in sets:
         key = s.split("=", 1)[0]
         for varied in (key, *_OVERRIDES.get(key, ())):
@@ -143,9 +149,8 @@ def _check_sets_leave_the_sweep_alone(module: Any, points: list[Point], sets: Se
                 raise SweepError(f"--set {s!r}: the points {flagged[:3]} set {varied} "
                                  "themselves; --set would override what the sweep varies.")
             try:
-                values = {repr(_config_value(module.get_config(p.config_arg), varied))
-                          for p in points}
-            except Exception:  # A missing key or a bad point: check_point reports it.
+                values = {repr(_config_value(c, varied)) for c in configs if c is not None}
+            except KeyError:  # A missing key: check_point reports it.
                 continue
             if len(values) > 1:
                 raise SweepError(

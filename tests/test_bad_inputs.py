@@ -293,7 +293,8 @@ def test_fields_added_to_dpjax_since_a_run_began_do_not_block_its_resume(tmp_pat
     with open(os.path.join(wd, "config.json"), "w") as f:
         json.dump(stored, f)
     workdir_guard.check_resume_config(wd, config)  # Both at their defaults: the same run.
-    with pytest.raises(user_errors(), match=r"dp.compute_dtype: None -> 'bfloat16'"):
+    # The message names the value the run had: the default of a field it lacks.
+    with pytest.raises(user_errors(), match=r"dp.compute_dtype: 'float32' -> 'bfloat16'"):
         workdir_guard.check_resume_config(wd, _config(**{"dp.compute_dtype": "bfloat16"}))
 
 
