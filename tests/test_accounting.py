@@ -119,3 +119,58 @@ def test_a_target_that_earlier_releases_already_spend_is_one_privacy_error():
         with pytest.raises(accounting.PrivacyError, match="no noise multiplier up to 2"):
             accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.04, 100, kind,
                                                   extra_events=prior)
+
+
+def test_a_parameter_that_is_not_a_number_is_refused_not_accounted_as_free():
+    """dp_accounting accounts for a NaN noise multiplier as free (epsilon 0, and a
+    calibration that composed it returned sigma 1e-4); dpjax refuses it everywhere."""
+    nan = float("nan")
+    good = accounting.dpsgd_event(1.0, 0.1, 10)
+    bad_events = [
+        dp_accounting.GaussianDpEvent(nan),
+        dp_accounting.PoissonSampledDpEvent(nan, dp_accounting.GaussianDpEvent(1.0)),
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), -1),
+        dp_accounting.ComposedDpEvent([good, dp_accounting.GaussianDpEvent(-1.0)]),
+    ]
+    for event in bad_events:
+        for kind in ("rdp", "pld"):
+            with pytest.raises(accounting.PrivacyError, match="refusing to account"):
+                accounting.epsilon([good, event], 1e-5, kind)
+    with pytest.raises(accounting.PrivacyError, match="not a number"):
+        accounting.dpsgd_event(nan, 0.1, 10)
+    with pytest.raises(accounting.PrivacyError, match="whole number"):
+        accounting.dpsgd_event(1.0, 0.1, 2.5)
+    with pytest.raises(accounting.PrivacyError, match="refusing to account"):
+        accounting.calibrate_noise_multiplier(
+            3.0, 1e-5, 0.125, 6, extra_events=[dp_accounting.GaussianDpEvent(nan)])
+    for target in (nan, math.inf):
+        with pytest.raises(accounting.PrivacyError, match="Need epsilon > 0"):
+            accounting.calibrate_noise_multiplier(target, 1e-5, 0.125, 6)
+    # A recorded release with a NaN noise multiplier fails the report, it is not NaN
+    # (the report's NaN means "this accountant does not support the relation").
+    plan = DPPlan(noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.1, num_examples=100,
+                  steps=10, delta=1e-5)
+    with pytest.raises(accounting.PrivacyError, match="refusing to account"):
+        report.epsilon_spent(plan, 10, [{"kind": "gaussian", "noise_multiplier": nan}])
+
+
+def test_pld_grid_is_coarsened_below_sigma_01_on_nested_grids_and_stays_an_upper_bound():
+    grid = lambda s: accounting.pld_discretization(accounting.dpsgd_event(s, 0.1, 10))
+    assert grid(0.1) == grid(5.0) == accounting.PLD_INTERVAL
+    for s in (0.099, 0.05, 0.01, 1e-3):  # Powers of two times the fine grid: nested.
+        ratio = grid(s) / accounting.PLD_INTERVAL
+        assert ratio >= 2 and math.log2(ratio).is_integer()
+        assert ratio >= (0.1 / s) ** 2  # At least as coarse as 1/sigma^2 asks.
+
+    # A coarser nested grid never lowers PLD's (pessimistic) epsilon.
+    def pld_eps(interval):
+        acc = accounting.make_accountant("pld", pld_interval=interval)
+        acc.compose(accounting.dpsgd_event(0.5, 0.1, 20))
+        return acc.get_epsilon(1e-5)
+
+    fine, coarse = pld_eps(1e-4), pld_eps(4e-4)
+    assert fine <= coarse <= fine * 1.05
+    # At sigma 1e-3 the fine grid needed terabytes; the coarse one takes seconds and
+    # stays below RDP's bound.
+    tiny = accounting.dpsgd_event(1e-3, 0.1, 10)
+    assert accounting.epsilon([tiny], 1e-5, "pld") <= accounting.epsilon([tiny], 1e-5, "rdp")

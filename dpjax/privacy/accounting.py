@@ -11,6 +11,12 @@ Guarantees:
   accountant and neighbouring relation, is at most the target; it raises otherwise.
 * Every other release (a noised embedding, a private statistic) is an extra event that
   is composed with the DP-SGD event in ``total_epsilon``; nothing private is free.
+* An event with a parameter that is not a number (a NaN noise multiplier or sampling
+  rate, a negative or fractional count) raises ``PrivacyError``: dp_accounting would
+  account for some of them as free (epsilon 0).
+* PLD epsilons are pessimistic (upper bounds) at every discretization. Below sigma 0.1
+  the PLD grid is coarsened (``pld_discretization``) so that its cost stays bounded;
+  the bound is then looser, never lower than the true epsilon.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ class PrivacyError(ValueError):
     """The privacy configuration is impossible or would exceed its budget."""
 
 
+class UnsupportedByAccountantError(PrivacyError):
+    """This accountant cannot account for the mechanism under this relation (another may)."""
+
+
+# dp_accounting's PLD grid (value_discretization_interval), used at sigma >= 0.1.
+PLD_INTERVAL = 1e-4
+_PLD_FINE_SIGMA = 0.1
+
+
 def neighbouring_relation(name: str) -> dp_accounting.NeighboringRelation:
     """The dp_accounting relation for a name in ``_RELATIONS``."""
     if name not in _RELATIONS:
@@ -47,14 +62,17 @@ def neighbouring_relation(name: str) -> dp_accounting.NeighboringRelation:
 
 
 def make_accountant(
-    kind: str, relation: str = "add_or_remove_one"
+    kind: str, relation: str = "add_or_remove_one", pld_interval: float = PLD_INTERVAL
 ) -> dp_accounting.PrivacyAccountant:
-    """A fresh accountant: RDP (dp_accounting's default orders) or PLD (discretization 1e-4)."""
+    """A fresh accountant: RDP (dp_accounting's default orders) or PLD (discretization
+    ``pld_interval``)."""
     rel = neighbouring_relation(relation)
     if kind == "rdp":
         return rdp.RdpAccountant(neighboring_relation=rel)
     if kind == "pld":
-        return pld.PLDAccountant(neighboring_relation=rel)
+        return pld.PLDAccountant(
+            neighboring_relation=rel, value_discretization_interval=pld_interval
+        )
     raise PrivacyError(f"Unknown accountant '{kind}'; use one of {list(ACCOUNTANTS)}.")
 
 
@@ -64,8 +82,11 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
     ``steps == 0`` is the empty mechanism; ``noise_multiplier == inf`` is a step that
     releases nothing about the data.
     """
-    if steps < 0:
-        raise PrivacyError(f"steps must be >= 0, got {steps}.")
+    if not (isinstance(steps, int) or float(steps).is_integer()) or steps < 0:
+        raise PrivacyError(f"steps must be a whole number >= 0, got {steps}.")
+    if math.isnan(noise_multiplier):
+        raise PrivacyError(f"The noise multiplier is {noise_multiplier}: not a number.")
+    steps = int(steps)
     if steps == 0 or math.isinf(noise_multiplier):
         return dp_accounting.NoOpDpEvent()
     if not 0.0 < sampling_rate <= 1.0:
@@ -76,6 +97,60 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
         sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
     )
     return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def check_event(event: dp_accounting.DpEvent) -> None:
+    """Raises ``PrivacyError`` if a parameter of ``event`` (or of an event inside it) is not
+    a valid number: dp_accounting accounts for a NaN noise multiplier as a mechanism that
+    costs nothing, and would report epsilon 0 for it."""
+
+    def bad(what: str) -> PrivacyError:
+        return PrivacyError(f"{what} in the mechanism {event}; refusing to account for it.")
+
+    if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
+        p = event.noise_multiplier
+        if not isinstance(p, (int, float)) or math.isnan(p) or p < 0:
+            raise bad(f"A noise multiplier of {p!r}")
+    elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        q = event.sampling_probability
+        if not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise bad(f"A sampling probability of {q!r}")
+        check_event(event.event)
+    elif isinstance(event, dp_accounting.SelfComposedDpEvent):
+        if not isinstance(event.count, int) or event.count < 0:
+            raise bad(f"A composition count of {event.count!r}")
+        check_event(event.event)
+    elif isinstance(event, dp_accounting.ComposedDpEvent):
+        for e in event.events:
+            check_event(e)
+
+
+def _min_noise_multiplier(event: dp_accounting.DpEvent) -> float:
+    """The smallest positive Gaussian noise multiplier in ``event`` (inf if none)."""
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return event.noise_multiplier if event.noise_multiplier > 0 else math.inf
+    if isinstance(event, (dp_accounting.PoissonSampledDpEvent, dp_accounting.SelfComposedDpEvent)):
+        return _min_noise_multiplier(event.event)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return min((_min_noise_multiplier(e) for e in event.events), default=math.inf)
+    return math.inf
+
+
+def pld_discretization(event: dp_accounting.DpEvent) -> float:
+    """The PLD grid for ``event``: ``PLD_INTERVAL``, coarsened below sigma 0.1.
+
+    A Gaussian's privacy loss spans a range that grows as 1/sigma, and PLD's memory and
+    time with it (10 steps at q=0.1: 0.9 GB and 21 s at sigma 0.1, 1.9 GB and 34 s at 0.06,
+    terabytes at 1e-3). Below sigma 0.1 the interval grows as 1/sigma^2 in powers of 2, so
+    the grids nest: rounding each loss up to a coarser grid that contains the finer one
+    dominates it, so the epsilon only grows, and it stays an upper bound (dp_accounting's
+    pessimistic estimate). Such a sigma spends an epsilon in the hundreds; the coarser
+    grid moves it by a few percent.
+    """
+    sigma = _min_noise_multiplier(event)
+    if sigma >= _PLD_FINE_SIGMA:
+        return PLD_INTERVAL
+    return PLD_INTERVAL * 2.0 ** math.ceil(2.0 * math.log2(_PLD_FINE_SIGMA / sigma))
 
 
 def for_accountant(
@@ -113,19 +188,27 @@ def epsilon(
     kind: str = "rdp",
     relation: str = "add_or_remove_one",
 ) -> float:
-    """Epsilon at ``delta`` of the composition of ``events`` (inf if any is non-private)."""
+    """Epsilon at ``delta`` of the composition of ``events`` (inf if any is non-private).
+
+    Raises:
+      PrivacyError: an event's parameter is not a valid number (``check_event``);
+        ``UnsupportedByAccountantError`` if this accountant cannot account for the events
+        under ``relation``.
+    """
+    for e in events:
+        check_event(e)
     events = [e for e in events if not isinstance(e, dp_accounting.NoOpDpEvent)]
     if not events:
         return 0.0
     if any(isinstance(e, dp_accounting.NonPrivateDpEvent) for e in events):
         return math.inf
-    acc = make_accountant(kind, relation)
     event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(list(events))
     event = for_accountant(event, kind, relation)
+    acc = make_accountant(kind, relation, pld_discretization(event))
     try:
         acc.compose(event)
     except dp_accounting.UnsupportedEventError as e:
-        raise PrivacyError(
+        raise UnsupportedByAccountantError(
             f"The {kind.upper()} accountant cannot account for {event} under the "
             f"'{relation}' relation ({e}). Try accountant='pld'."
         ) from e
@@ -192,7 +275,7 @@ def calibrate(
     Raises:
       PrivacyError: if the target is unreachable or the check fails.
     """
-    if target_epsilon <= 0 or delta <= 0 or delta >= 1:
+    if not (0 < target_epsilon < math.inf and 0 < delta < 1):
         raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
     if kind == "pld" and relation != "replace_one":
         # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
@@ -201,8 +284,9 @@ def calibrate(
         hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
         if hi < 0.1:
             # A loose target: searching below RDP's sigma would discretize PLD's enormous
-            # loss range at every try (minutes, GBs). RDP's sigma is kept once PLD
-            # confirms it (one evaluation; PLD's epsilon is at most RDP's in practice).
+            # loss range at every try (seconds each on the coarsened grid, minutes and
+            # GBs before it). RDP's sigma is kept once PLD confirms it (one evaluation;
+            # PLD's epsilon is at most RDP's in practice).
             got = epsilon([make_event(hi)], delta, kind, relation)
             if not got <= target_epsilon:
                 raise PrivacyError(
@@ -222,21 +306,26 @@ def calibrate(
             if epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
                 return lo  # Meets the target (not the smallest such sigma; never unsafe).
         bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
+        lows = (lo,)
     else:
         # dp_accounting searches upward from [lower, guess]: the answer must lie above the
         # lower end. A loose target (epsilon in the hundreds, few steps) is met below 0.1:
         # step the lower end down until it misses the target.
-        # (Not for PLD, whose cost grows as sigma shrinks: it keeps 0.1.)
-        lows = _LOWER_ENDS if kind == "rdp" else _LOWER_ENDS[:1]
+        # (PLD's cost grows as sigma shrinks: it tries 0.5 first, then 0.1, so that a
+        # usual target is searched where PLD is cheap.)
+        lows = _LOWER_ENDS if kind == "rdp" else (0.5, 0.1)
         for lo in lows:
             if epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
                 break
         else:
             return lo  # Meets the target (not the smallest such sigma; never unsafe).
         bracket = dp_accounting.LowerEndpointAndGuess(lo, 1.0)
+    # The search's PLD grid is that of its lowest sigma: the check below, at a sigma at
+    # least as large, uses the same grid or a finer nested one, whose epsilon is no larger.
+    interval = pld_discretization(for_accountant(make_event(min(lows)), kind, relation))
     try:
         sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(kind, relation),
+            lambda: make_accountant(kind, relation, interval),
             lambda s: for_accountant(make_event(s), kind, relation),
             target_epsilon,
             delta,

@@ -57,7 +57,7 @@ def epsilon_spent(
             out[kind] = accounting.epsilon(
                 [plan.dp_event(steps_done), *extra], plan.delta, kind, plan.neighbouring
             )
-        except accounting.PrivacyError:
+        except accounting.UnsupportedByAccountantError:
             out[kind] = math.nan  # This accountant does not support the relation.
     return out
 
