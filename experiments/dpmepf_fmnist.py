@@ -93,11 +93,11 @@ def sweep() -> list[str]:
 
 
 def for_tfds(
-    arg: str, data: dict, smoke_classes: int, smoke_shape=(32, 32, 3)
+    arg: str, data: dict, smoke_classes: int, smoke_shape=(32, 32, 3), delta: float = 1e-5
 ) -> ml_collections.ConfigDict:
-    """This recipe on a TFDS dataset (``data``: the data-section overrides), with the
-    ImageNet32 feature network and 50k generator steps by default (dpmepf_cifar10.py,
-    dpmepf_celeba32.py)."""
+    """This recipe on a TFDS dataset (``data``: the data-section overrides; ``delta``: the
+    target delta, below 1/N), with the ImageNet32 feature network and 50k generator steps
+    by default (dpmepf_cifar10.py, dpmepf_celeba32.py)."""
     args = common.parse_args(arg, {**ARGS, "steps": 50000, "features": "workdirs/in32"})
     c = get_config(",".join(f"{k}={v!r}" for k, v in args.items()))
     c.unlock()
@@ -106,4 +106,5 @@ def for_tfds(
     else:
         for key, value in data.items():
             c.data[key] = value
+        c.dp.delta = delta
     return common.finalize(c)

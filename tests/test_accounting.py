@@ -174,3 +174,12 @@ def test_pld_grid_is_coarsened_below_sigma_01_on_nested_grids_and_stays_an_upper
     # stays below RDP's bound.
     tiny = accounting.dpsgd_event(1e-3, 0.1, 10)
     assert accounting.epsilon([tiny], 1e-5, "pld") <= accounting.epsilon([tiny], 1e-5, "rdp")
+
+
+def test_a_delta_of_one_over_n_or_more_is_refused():
+    kw = dict(batch_size=10, clip_norm=1.0, steps=3, noise_multiplier=1.0)
+    make_plan(num_examples=100, delta=0.0099, **kw)
+    for delta in (0.01, 0.1, 0.0, float("nan")):
+        with pytest.raises(accounting.PrivacyError, match=r"not in \(0, 1/N\)"):
+            make_plan(num_examples=100, delta=delta, **kw)
+    make_plan(num_examples=100, delta=0.5, enabled=False, **kw)  # No guarantee to state.

@@ -97,6 +97,19 @@ def test_default_configs_build_and_reject_typos(name):
     assert getattr(module.get_config, "arguments_take_effect", False) is True
 
 
+# Training-split sizes of the datasets the experiment files name (TFDS and Debian).
+_TRAIN_SIZES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "celeb_a": 162770}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_private_default_config_has_delta_below_one_over_n(name):
+    """make_plan refuses delta >= 1/N; an experiment must not ship a config it refuses
+    (CelebA's 162,770 images need delta < 6.1e-6)."""
+    c = _load(name).get_config("")
+    if c.dp.enabled and c.data.name in _TRAIN_SIZES:
+        assert c.dp.delta < 1.0 / _TRAIN_SIZES[c.data.name], (name, c.dp.delta)
+
+
 def test_an_argument_a_preset_overrides_is_refused_with_the_override_that_works():
     """``dpdm_fmnist.py:quick,batch=64`` trained at quick's batch 32, and ``quick,cpu`` was
     the cpu run, silently (review of 2026-12-06)."""

@@ -155,7 +155,19 @@ def make_plan(
     Gaussian events as a function of the noise multiplier, sigma is calibrated on them
     (with the prior events), q is 1 and ``steps`` (required) counts post-processing
     steps; ``batch_size`` and ``epochs`` are not used.
+
+    Raises:
+      PrivacyError: among others, when ``enabled`` and delta is not in (0, 1/N): a
+        guarantee with delta >= 1/N holds for a mechanism that publishes one example of
+        the N outright, so it says nothing about any one example.
     """
+    if enabled and num_examples > 0 and not 0.0 < delta < 1.0 / num_examples:
+        raise accounting.PrivacyError(
+            f"dp.delta={delta!r} is not in (0, 1/N) = (0, {1.0 / num_examples:.3g}) for "
+            f"N={num_examples} private examples: an (epsilon, delta) guarantee with delta >= "
+            "1/N allows publishing one example outright. Set dp.delta below 1/N (common "
+            f"practice: at most 1/(10 N) = {0.1 / num_examples:.1g}, or 1e-5 for N <= 100,000)."
+        )
     if release_events is not None:
         return _release_plan(
             num_examples=num_examples,
