@@ -7,6 +7,9 @@
 
 Errors a user can cause (a mistyped config key, a missing dataset, a corrupt image, a
 corrupt checkpoint, a budget overrun) end with one readable line, not a traceback.
+SIGTERM or Ctrl-C during training ends the step in progress, saves its checkpoint and
+privacy report, and exits with 143 or 130 (``dpjax/stop_signals.py``); a second one stops
+at once.
 """
 
 from __future__ import annotations
@@ -371,8 +374,21 @@ def main(argv: list[str]) -> None:
 
     log_setup.quiet()
     _drop_closed_loop_noise()
+    from dpjax.stop_signals import StoppedBySignal
+
     try:
         run(argv)
+    except StoppedBySignal as e:
+        # Exit 128 + the signal's number, as if it had killed us: a scheduler requeues.
+        print(f"dpjax: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        if _DEBUG.value:
+            raise
+        # Outside the train loop's steps, or a second Ctrl-C.
+        print("dpjax: interrupted. Checkpoints already saved are kept; a training run "
+              "resumes from its last one when run again.", file=sys.stderr)
+        sys.exit(130)
     except user_errors() as e:
         if _DEBUG.value:
             raise

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpjax import metrics_log, parallel, sample
+from dpjax import metrics_log, parallel, sample, stop_signals
 from dpjax.advance import dpsgd_advance, public_advance, release_once
 from dpjax.methods.base import Params
 from dpjax.optim import make_optimizer
@@ -111,16 +111,31 @@ def _report_dropped(log, dropped: int, first: int, last: int) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
-    """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps."""
+    """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps.
+
+    Raises:
+      stop_signals.StoppedBySignal: a SIGTERM or SIGINT arrived during the steps of a
+        single-process run; the step it arrived in was finished, then checkpointed and
+        reported (``stop_signals``).
+    """
     run, dataset = setup(config, workdir, log)
     try:
-        return _train_run(run, dataset, log)
+        with stop_signals.catch_stop_signals(jax.process_count() == 1) as stop:
+            state = _train_run(run, dataset, log, stop)
     finally:
         run.close()  # Waits for orbax's threads and frees the workdir, also on failure.
+    if stop.requested:
+        raise stop_signals.StoppedBySignal(stop.signum, int(state.step), run.plan.steps)
+    return state
 
 
-def _train_run(run: Run, dataset: Any, log) -> TrainState:
-    """``train`` after ``setup``: the release (if any), the step loop, report and grid."""
+def _train_run(
+    run: Run, dataset: Any, log, stop: stop_signals.StopRequest | None = None
+) -> TrainState:
+    """``train`` after ``setup``: the release (if any), the step loop, report and grid.
+    A ``stop`` request ends the loop after the step it arrives in, checkpointed; the
+    report is written and the grid left out."""
+    stop = stop or stop_signals.StopRequest()
     workdir = run.workdir
     main = parallel.is_main_process()
     if not main:
@@ -182,9 +197,14 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
                 if bar is not None:
                     bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")
             out_of_time = 0 < cfg.train.max_seconds_per_run < time.time() - t0
-            if done % cfg.train.ckpt_every == 0 or done == end or out_of_time:
+            stopping = stop.requested and done < end
+            if done % cfg.train.ckpt_every == 0 or done == end or out_of_time or stopping:
                 save_checkpoint(run, state)
                 last_saved = done
+            if stopping:
+                log(f"[dpjax] stopping at step {done} of {plan.steps}: "
+                    f"{stop.name} received.")
+                break
             if out_of_time and done < end:
                 log(
                     f"[dpjax] stopping at step {done} of {plan.steps}: "
@@ -209,7 +229,7 @@ def _train_run(run: Run, dataset: Any, log) -> TrainState:
     if main:
         record_free_changes(workdir, run.free_changes, steps_ran=final > start)
         write_privacy_report(run, final)
-    if main and final > start and cfg.train.grid_samples > 0:
+    if main and final > start and cfg.train.grid_samples > 0 and not stop.requested:
         path = sample.write_grid(
             run.method,
             parallel.local_copy(Params(state.ema, state.frozen)),

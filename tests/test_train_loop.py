@@ -590,3 +590,85 @@ def test_wall_time_limit_checkpoints_and_reruns_resume_bit_identically(tmp_path)
     for a, b in zip(jax.tree_util.tree_leaves(ref.as_dict()),
                     jax.tree_util.tree_leaves(state.as_dict()), strict=True):  # fmt: skip
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_finishes_the_step_checkpoints_reports_and_resumes_bit_identically(
+    tmp_path, monkeypatch
+):
+    """A preemption (SIGTERM) during step 5 of 8: the step finishes, its checkpoint and
+    privacy report are written (the default action lost every step since the last
+    checkpoint), and the resumed run ends where an uninterrupted one does."""
+    from dpjax import stop_signals
+
+    over = {"train.ckpt_every": 100, "train.grid_samples": 4}
+    ref = tmp_path / "ref"
+    train.train(_config(steps=8, **over), str(ref), log=lambda *_: None)
+
+    real_advance = train.dpsgd_advance
+
+    def advance_that_is_preempted(run, dataset):
+        advance = real_advance(run, dataset)
+
+        def step(state, t):
+            if t == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 5 is computed.
+            return advance(state, t)
+
+        return step
+
+    monkeypatch.setattr(train, "dpsgd_advance", advance_that_is_preempted)
+    wd = tmp_path / "preempted"
+    lines = []
+    with pytest.raises(stop_signals.StoppedBySignal, match="stopped at step 5 of 8 on SIGTERM"):
+        train.train(_config(steps=8, **over), str(wd), log=lines.append)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Restored.
+    assert any("stopping at step 5 of 8: SIGTERM received" in line for line in lines)
+    assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 5
+    assert "- steps: 5 done of 8 planned" in (wd / "privacy_report.md").read_text()
+    assert not (wd / "samples_grid.png").exists()  # Stopping is not delayed by sampling.
+    assert [r["step"] for r in metrics_log.read(str(wd))] == [1, 2, 3, 4, 5]
+
+    monkeypatch.setattr(train, "dpsgd_advance", real_advance)
+    train.train(_config(steps=8, **over), str(wd), log=lambda *_: None)
+    for a, b in zip(_flat_state(ref), _flat_state(wd), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in metrics_log.read(str(wd))] == list(range(1, 9))
+
+
+def test_stop_signals_a_second_signal_acts_at_once_and_an_ignored_one_stays_ignored():
+    from dpjax import stop_signals
+
+    with stop_signals.catch_stop_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # The second: Python's default, now.
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_signals.catch_stop_signals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.requested  # A job started with SIGINT ignored keeps it ignored.
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with stop_signals.catch_stop_signals(enabled=False) as stop:  # Several processes.
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_command_line_exits_143_after_a_sigterm_with_one_line(tmp_path):
+    args = ["--config.train.ckpt_every=100", "--config.train.log_every=1",
+            "--config.train.progress=False", "--config.train.grid_samples=0"]
+    wd = tmp_path / "run"
+    proc = _cli(wd, *args, config="experiments/toy_fake.py:steps=400", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (wd / "metrics.jsonl").exists() and len(metrics_log.read(str(wd))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 143, out
+    assert "Traceback" not in out
+    step = json.loads((wd / "dp_plan.json").read_text())["steps_done"]
+    assert 2 <= step < 400
+    assert f"dpjax: stopped at step {step} of 400 on SIGTERM" in out
