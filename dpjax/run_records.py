@@ -34,25 +34,32 @@ def _meta(run: Run, steps_done: int) -> dict[str, Any]:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Checkpoint, then the plan file with the epsilon now spent (both atomic)."""
+    """The plan file and privacy report with the epsilon spent at this step, then the
+    checkpoint (each atomic).
+
+    In this order a kill (or a failed save) between the two leaves a report that states
+    the epsilon of a checkpoint not yet written, never one below the latest checkpoint's;
+    the next resume rewrites both for the step it restores (``refresh_records``). The
+    report has the plan's accountant only (PLD at a small sigma takes seconds); the end of
+    the run writes both.
+    """
     steps_done = int(state.step)
     meta = _meta(run, steps_done)
-    run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
     if parallel.is_main_process():
         _write_plan_file(run, meta)
-        # The report follows the checkpoints, so that a run killed later never leaves one
-        # that understates the latest checkpoint's epsilon; with the plan's accountant only
-        # (PLD at a small sigma takes seconds), the end of the run writes both.
         write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
+    run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
 
 
-def refresh_plan_file(run: Run, steps_done: int) -> None:
-    """Rewrites dp_plan.json for the restored checkpoint's step.
+def refresh_records(run: Run, steps_done: int) -> None:
+    """Rewrites dp_plan.json and the privacy report for the restored checkpoint's step.
 
-    A kill between a checkpoint and its plan file leaves the file one checkpoint behind;
-    a resume that has no step left to run would otherwise never bring it up to date.
+    A kill between the records and their checkpoint (or a plan file deleted) leaves them
+    ahead of the latest checkpoint, or missing; a resume brings them back to it.
     """
-    _write_plan_file(run, _meta(run, steps_done))
+    meta = _meta(run, steps_done)
+    _write_plan_file(run, meta)
+    write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
 
 
 def _write_plan_file(run: Run, meta: dict[str, Any]) -> None:

@@ -116,7 +116,14 @@ def resolve_plan(
                     f"reports {prior}; refusing to compose them under a sigma calibrated for "
                     "the old ones. Use a new workdir (or restore the source runs)."
                 )
+        # What the config asks of the guarantee: its sigma, or its target epsilon (with
+        # config.json edited or lost, check_resume_config cannot see a change of these).
+        asked = {} if not dp.enabled else (
+            {"noise_multiplier": dp.noise_multiplier, "target_epsilon": None}
+            if dp.noise_multiplier is not None
+            else {"target_epsilon": dp.epsilon})
         expected = {
+            **asked,
             "num_examples": num_examples,
             "sampling_rate": q,
             "clip_norm": dp.clip_norm,
@@ -128,7 +135,8 @@ def resolve_plan(
         }
         for k, v in expected.items():
             s = getattr(stored, k)
-            same = math.isclose(s, v, rel_tol=1e-12) if isinstance(v, float) else s == v
+            same = (math.isclose(s, v, rel_tol=1e-12) if isinstance(v, float) and s is not None
+                    else s == v)
             if not same:
                 raise PrivacyError(
                     f"{path} was planned with {k}={s!r} but the config gives {v!r}; refusing to "
@@ -141,6 +149,12 @@ def resolve_plan(
                    else f"sigma {stored.noise_multiplier:.4g}")
                 + f"); the config asks for {steps}. Training past the "
                 "budget is refused: start a new run with a new plan instead."
+            )
+        if steps < stored.steps:
+            raise PrivacyError(
+                f"{path} plans {stored.steps} steps but the config asks for {steps}; refusing "
+                "to resume under a different privacy plan (its sigma was set for its own step "
+                "count). Use train.max_steps_per_run to stop early, or a new workdir."
             )
         return stored
     plan = plan_lib.make_plan(
@@ -283,12 +297,16 @@ def _build_run(
                 f"'{cfg.dp.neighbouring}'; their epsilons cannot be composed. Use the same "
                 "dp.neighbouring."
             )
-    # First: a budget overrun or a changed plan says so before anything is written.
-    plan = resolve_plan(cfg, num_examples, workdir, main, method, prior)
+    # First: a budget overrun or a changed plan says so before anything is written. With
+    # a checkpoint, the plan is written only once the checkpoint's own plan matched it
+    # (a missing plan file is rewritten by the resume: run_records.refresh_records).
+    fresh = checkpointer.latest_step() is None
+    plan = resolve_plan(cfg, num_examples, workdir, main and fresh, method, prior)
     digest = None if dataset is None else dataset_digest(dataset)
     if digest is not None:  # Every process gathers rows by the same global indices.
         parallel.check_same_on_every_process(digest, "private dataset (its digest)")
-    free_changes = check_resume_config(workdir, config, main, digest)
+    # Likewise config.json: written now for a new run, after the checkpoint check on resume.
+    free_changes = check_resume_config(workdir, config, main and fresh, digest)
     for change in free_changes:
         log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")
     if main:
@@ -320,8 +338,8 @@ def _build_run(
         stored = plan_lib.DPPlan.from_dict(meta["plan"])
         if not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
             raise ckpt_lib.CheckpointError(
-                f"The latest checkpoint was written under plan {meta['plan']}, not the workdir's "
-                f"dp_plan.json {plan.to_dict()}; refusing to mix them."
+                f"The latest checkpoint was written under plan {meta['plan']}, not under the plan "
+                f"of dp_plan.json and this config {plan.to_dict()}; refusing to mix them."
             )
         stored_prior = [r for r in meta.get("releases", []) if r.get("stage") == "prior"]
         if stored_prior != releases:
@@ -330,6 +348,8 @@ def _build_run(
                 f"now reports {releases}; refusing to mix them. Use a new workdir."
             )
         releases = list(meta.get("releases", []))
+        if main:  # A config.json lost or deleted is written back now that it matched.
+            check_resume_config(workdir, config, True, digest)
         log(f"[dpjax] resumed from step {int(state.step)} ({checkpointer.directory})")
     elif main and os.path.exists(plan_path := os.path.join(workdir, "dp_plan.json")):
         done = plan_lib.load_plan(plan_path)[1].get("steps_done", 0)

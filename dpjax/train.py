@@ -37,7 +37,7 @@ from dpjax.advance import dpsgd_advance, public_advance, release_once
 from dpjax.methods.base import Params
 from dpjax.optim import make_optimizer
 from dpjax.privacy import report as report_lib
-from dpjax.run_records import refresh_plan_file, save_checkpoint, write_privacy_report
+from dpjax.run_records import refresh_records, save_checkpoint, write_privacy_report
 from dpjax.run_setup import (
     BudgetExceededError,
     Run,
@@ -146,6 +146,8 @@ def _train_run(
     end = plan.steps
     if cfg.train.max_steps_per_run > 0:
         end = min(end, start + cfg.train.max_steps_per_run)
+    if main and start > 0:  # The records may be ahead of this checkpoint, or missing.
+        refresh_records(run, start)
     eps_target = plan.target_epsilon
     if not plan.enabled:
         log(f"[dpjax] NON-PRIVATE training for {plan.steps} steps (public data only)")
@@ -224,19 +226,20 @@ def _train_run(
             f"{cfg.train.max_steps_per_run}; run the same command again to resume.")
     if final == start and start > 0:
         log(f"[dpjax] nothing to do: {final} of {plan.steps} planned steps already done.")
-        if main:
-            refresh_plan_file(run, final)
     if main:
         record_free_changes(workdir, run.free_changes, steps_ran=final > start)
         write_privacy_report(run, final)
-    if main and final > start and cfg.train.grid_samples > 0 and not stop.requested:
+    grid_path = os.path.join(workdir, "samples_grid.png")
+    # Also when a kill after the last checkpoint left the finished run without its grid.
+    grid_due = final > start or (final == plan.steps and not os.path.exists(grid_path))
+    if main and grid_due and cfg.train.grid_samples > 0 and not stop.requested:
         path = sample.write_grid(
             run.method,
             parallel.local_copy(Params(state.ema, state.frozen)),
             run.spec,
             jax.random.fold_in(run.streams.sample, final),
             cfg.train.grid_samples,
-            os.path.join(workdir, "samples_grid.png"),
+            grid_path,
         )
         log(f"[dpjax] sample grid (EMA weights, step {final}): {path}")
     return state

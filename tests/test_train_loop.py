@@ -132,8 +132,75 @@ def test_a_run_stopped_by_max_steps_per_run_says_so(tmp_path):
 def test_resume_under_another_privacy_config_is_refused(tmp_path):
     wd = str(tmp_path)
     train.train(_config(steps=3), wd, log=lambda *_: None)
-    with pytest.raises(CheckpointError, match="dp.noise_multiplier"):
+    with pytest.raises(PrivacyError, match="noise_multiplier=1.0 but the config gives 0.5"):
         train.train(_config(steps=3, **{"dp.noise_multiplier": 0.5}), wd, log=lambda *_: None)
+
+
+def test_with_config_json_lost_the_stored_plan_still_refuses_another_sigma_or_step_count(
+        tmp_path):
+    """config.json (where check_resume_config sees a change) deleted: the plan file's
+    check alone must refuse another sigma or fewer steps; a run trained on silently with
+    the stored sigma to the stored 6 steps (crash review, 2026-12-07)."""
+    wd = str(tmp_path)
+    silent = lambda *_: None  # noqa: E731
+    train.train(_config(steps=6, **{"train.max_steps_per_run": 3}), wd, log=silent)
+    os.remove(os.path.join(wd, "config.json"))
+    with pytest.raises(PrivacyError, match="noise_multiplier=1.0 but the config gives 2.0"):
+        train.train(_config(steps=6, **{"dp.noise_multiplier": 2.0}), wd, log=silent)
+    with pytest.raises(PrivacyError, match="plans 6 steps but the config asks for 4"):
+        train.train(_config(steps=4), wd, log=silent)
+    assert not os.path.exists(os.path.join(wd, "config.json"))  # Refused: nothing written.
+    # dp_plan.json lost too: a refused resume must not write the new plan (it was
+    # written before the checkpoint's own plan refused it, and then blocked the right one).
+    os.remove(os.path.join(wd, "dp_plan.json"))
+    with pytest.raises(CheckpointError, match="not under the plan of dp_plan.json and this"):
+        train.train(_config(steps=6, **{"dp.noise_multiplier": 2.0}), wd, log=silent)
+    assert not os.path.exists(os.path.join(wd, "dp_plan.json"))
+    assert not os.path.exists(os.path.join(wd, "config.json"))
+    train.train(_config(steps=6), wd, log=silent)  # The run's own config resumes it.
+    assert json.loads((tmp_path / "dp_plan.json").read_text())["steps_done"] == 6
+
+
+def test_records_are_written_before_their_checkpoint_and_a_resume_brings_them_back(
+        tmp_path, monkeypatch):
+    """A kill between a checkpoint and its records left a privacy report below the
+    latest checkpoint's epsilon; now the records go first (a report ahead of the
+    checkpoints overstates, which is safe) and a resume rewrites them for its step."""
+    wd = tmp_path
+    train.train(_config(steps=6, **{"train.max_steps_per_run": 3}), str(wd), log=lambda *_: None)
+    real_save = ckpt_lib.Checkpointer.save
+
+    def save_after_checking_the_records(self, step, state, meta):
+        report = json.loads((wd / "privacy_report.json").read_text())
+        assert report["steps_done"] == step  # Already written for this checkpoint.
+        if step == 6:
+            raise OSError("killed before the checkpoint was written")
+        real_save(self, step, state, meta)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_after_checking_the_records)
+    with pytest.raises(OSError, match="killed before"):
+        train.train(_config(steps=6), str(wd), log=lambda *_: None)
+    assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 6  # Ahead.
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", real_save)
+    # A resume first brings the records back to its checkpoint (3), then trains on.
+    seen = []
+    monkeypatch.setattr(train, "dpsgd_advance", lambda run, dataset: seen.append(
+        json.loads((wd / "dp_plan.json").read_text())["steps_done"]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.train(_config(steps=6), str(wd), log=lambda *_: None)
+    assert seen == [3]
+    assert "- steps: 3 done of 6 planned" in (wd / "privacy_report.md").read_text()
+
+
+def test_a_finished_run_without_its_grid_draws_it_when_run_again(tmp_path):
+    """A kill after the last checkpoint left no samples_grid.png; the rerun that has
+    nothing to train draws it."""
+    train.train(_config(steps=2), str(tmp_path), log=lambda *_: None)
+    os.remove(tmp_path / "samples_grid.png")
+    lines = []
+    train.train(_config(steps=2), str(tmp_path), log=lines.append)
+    assert any("nothing to do" in line for line in lines)
+    assert (tmp_path / "samples_grid.png").exists()
 
 
 def _npz_data(path, images):
