@@ -12,6 +12,10 @@ Guarantees:
   over a data-parallel mesh), and abstract leaves without a sharding (``eval_shape``
   templates) restore onto this process's first local device, never onto the topology
   that wrote the checkpoint.
+* A restored state whose floating-point values are not all finite is refused: the train
+  loop never saves one (it stops on a non-finite update), so it is a corrupt file (a
+  flipped byte restored silently as NaN and was trained on and exported). Orbax keeps
+  no checksums: corruption that leaves the values finite is not detected.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dpjax.state import TrainState
@@ -74,16 +79,29 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-        """Saves synchronously; returns once the checkpoint is committed."""
-        self._mgr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.as_dict()),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
-        self._mgr.wait_until_finished()
+        """Saves synchronously; returns once the checkpoint is committed.
+
+        Raises:
+          CheckpointError: the directory cannot be written (a full disk, a read-only or
+            unwritable file system); the checkpoints saved before are intact.
+        """
+        try:
+            self._mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state.as_dict()),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
+            self._mgr.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(
+                f"Cannot write checkpoint {step} to {self.directory} ({e.strerror or e}"
+                f"{': ' + str(e.filename) if e.filename else ''}). The checkpoints saved "
+                "before are intact: free space or fix the permissions, then run the same "
+                "command again to resume."
+            ) from e
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
@@ -117,7 +135,15 @@ class Checkpointer:
                 f"written by a different config/model ({type(e).__name__}: {_first_line(e)})."
                 + self._earlier_hint(step)
             ) from e
-        return TrainState.from_dict(out["state"]), dict(out["meta"])
+        state = TrainState.from_dict(out["state"])
+        bad = _non_finite_leaves(out["state"])
+        if bad:
+            raise CheckpointError(
+                f"Checkpoint {step} in {self.directory} holds non-finite values in {bad[:3]} "
+                f"({len(bad)} array(s)); training never saves such a state, so its files are "
+                "corrupt." + self._earlier_hint(step)
+            )
+        return state, dict(out["meta"])
 
     def _earlier_hint(self, step: int) -> str:
         """How to go on from the checkpoint before ``step``, if there is one."""
@@ -129,6 +155,17 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _non_finite_leaves(tree: Any) -> list[str]:
+    """The paths of the floating-point arrays of ``tree`` with a NaN or an infinity."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    floats = [(p, x) for p, x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if not floats:
+        return []
+    finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in floats])
+    return [jax.tree_util.keystr(p) for (p, _), ok in zip(floats, finite, strict=True)
+            if not bool(ok)]
 
 
 def _first_line(error: BaseException) -> str:

@@ -137,9 +137,10 @@ def load_run(workdir: str) -> LoadedRun:
     """
     workdir = os.path.abspath(workdir)
     plan = read_plan(workdir)
-    method, state, spec, cfg = sample.restore_state(workdir)
+    # The state and its metadata in one read: training may rotate checkpoints meanwhile.
+    method, state, spec, cfg, meta = sample.restore_state_and_meta(workdir)
     step = int(state.step)
-    meta = read_checkpoint_meta(workdir, step, plan)
+    check_checkpoint_plan(meta, workdir, step, plan)
     return LoadedRun(workdir, cfg, plan, meta, method, spec, state, step)
 
 
@@ -155,13 +156,21 @@ def read_checkpoint_meta(workdir: str, step: int, plan: plan_lib.DPPlan) -> dict
         meta = checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
+    check_checkpoint_plan(meta, workdir, step, plan)
+    return meta
+
+
+def check_checkpoint_plan(
+    meta: dict[str, Any], workdir: str, step: int, plan: plan_lib.DPPlan
+) -> None:
+    """Raises CheckpointError if checkpoint ``step``'s metadata has another plan than
+    ``plan`` (the workdir's dp_plan.json)."""
     stored = plan_lib.DPPlan.from_dict(meta.get("plan", {})) if meta.get("plan") else None
     if stored is None or not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
         raise ckpt_lib.CheckpointError(
             f"The checkpoint at step {step} in {workdir} was written under another plan "
             f"({meta.get('plan')}) than dp_plan.json ({plan.to_dict()})."
         )
-    return meta
 
 
 def check_private(plan: plan_lib.DPPlan, steps_done: int, releases: list[dict[str, Any]]) -> dict:

@@ -15,6 +15,7 @@ at once.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 
@@ -369,6 +370,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+# A full disk or quota, a read-only or unwritable file system: the user's to fix.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str]) -> None:
     from dpjax import log_setup
 
@@ -393,6 +398,13 @@ def main(argv: list[str]) -> None:
         if _DEBUG.value:
             raise
         print(f"dpjax error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if _DEBUG.value or e.errno not in _STORAGE_ERRNOS:
+            raise
+        print(f"dpjax error: cannot write {e.filename or 'a file'}: {e.strerror}. The "
+              "checkpoints saved before are intact: free space or fix the permissions, then "
+              "run the same command again.", file=sys.stderr)
         sys.exit(2)
 
 

@@ -312,6 +312,14 @@ def restore_state(
     """(method, full TrainState, spec, run config) of a workdir's checkpoint ``step``;
     the method samples with the run's sampler settings updated by ``changes``
     (``sampler_changes``; the checkpoint does not depend on them)."""
+    return restore_state_and_meta(workdir, step, changes)[:4]
+
+
+def restore_state_and_meta(
+    workdir: str, step: int | None = None, changes: dict[str, Any] | None = None
+) -> tuple[Any, TrainState, DataSpec, Any, dict[str, Any]]:
+    """``restore_state`` and the checkpoint's metadata, read together (a training run
+    going on may remove the checkpoint between two reads)."""
     from dpjax.optim import make_optimizer
 
     cfg = with_sampler_changes(load_run_config(workdir), changes or {})
@@ -334,10 +342,10 @@ def restore_state(
     )
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
-        state, _ = checkpointer.restore(template, step)
+        state, meta = checkpointer.restore(template, step)
     finally:
         checkpointer.close()
-    return method, state, spec, cfg
+    return method, state, spec, cfg, meta
 
 
 def load_trained(

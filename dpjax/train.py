@@ -173,6 +173,7 @@ def _train_run(
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
     dropped, dropped_since = 0, start + 1  # Non-finite examples left out since the last log.
+    failed = True
     try:
         for t in range(start, end):
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
@@ -216,10 +217,15 @@ def _train_run(
                 break
         # A stop between log steps (the time limit) reports its window too.
         _report_dropped(log if main else None, dropped, dropped_since, int(state.step))
+        failed = False
     finally:
         if bar is not None:
             bar.close()
-        logger.close()
+        try:
+            logger.close()
+        except OSError:
+            if not failed:  # Else the loop's own error (a full disk, say) is the one to see.
+                raise
     final = int(state.step)
     if start < final < plan.steps and final == end:  # train.max_steps_per_run stopped it.
         log(f"[dpjax] stopping at step {final} of {plan.steps}: train.max_steps_per_run="

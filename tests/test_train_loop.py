@@ -540,6 +540,41 @@ def test_checkpointer_finishes_its_cleanup_before_it_is_used(tmp_path):
     checkpointer.close()
 
 
+def test_a_checkpoint_with_non_finite_values_is_refused_as_corrupt(tmp_path):
+    """A flipped byte restored silently as NaN, was trained on (its examples dropped as
+    non-finite) and exported (crash review, 2026-12-07)."""
+    from dpjax.state import TrainState
+
+    good = TrainState(jnp.asarray(2, jnp.int32), {"w": jnp.ones((3,))}, {"f": jnp.zeros((2,))},
+                      {"mu": jnp.zeros((3,))}, {"w": jnp.ones((3,))})
+    bad = TrainState(jnp.asarray(4, jnp.int32), {"w": jnp.array([1.0, jnp.nan, 1.0])},
+                     {"f": jnp.zeros((2,))}, {"mu": jnp.zeros((3,))}, {"w": jnp.ones((3,))})
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+    checkpointer.save(2, good, {})
+    checkpointer.save(4, bad, {})
+    with pytest.raises(CheckpointError, match=r"Checkpoint 4 .* non-finite values in "
+                                              r"\[\"\['trainable'\]\['w'\]\"\].*move"):
+        checkpointer.restore(good)
+    state, _ = checkpointer.restore(good, 2)  # The earlier one, as the message says.
+    np.testing.assert_array_equal(state.trainable["w"], np.ones(3))
+    checkpointer.close()
+
+
+def test_a_full_disk_is_one_checkpoint_error_not_the_log_closing_error(tmp_path, monkeypatch):
+    """A full disk failed the checkpoint, then the metrics log's close in the loop's
+    ``finally``: the second OSError replaced the first in 110 lines of traceback."""
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", no_space)
+    monkeypatch.setattr(metrics_log.MetricsLog, "close", no_space)
+    with pytest.raises(CheckpointError, match=r"Cannot write checkpoint 3 .*No space left on "
+                                              r"device.*saved before are intact"):
+        train.train(_config(steps=3), str(tmp_path / "w"), log=lambda *_: None)
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     np.savez(
         tmp_path / "d.npz", images=np.zeros((20, 28, 28, 1), np.uint8), labels=np.full((20,), 12)

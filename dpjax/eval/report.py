@@ -131,6 +131,9 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     cfg, fid_batch, changes = check_eval(run_cfg, cfg)
     # Restored once, for every part below.
     trained = sample_lib.load_trained(workdir, changes=changes)
+    # Its guarantee now, not after hours of sampling: a training run still going on may
+    # have rotated the checkpoint away by then (train.keep_checkpoints).
+    privacy = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, trained[4])
     images, labels, step, (spec, run_cfg), sample_batch, sample_dir = _samples(
         workdir, cfg, log, trained, changes)
     splits = {"train": data_lib.load(run_cfg.data)}
@@ -236,7 +239,7 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     if not os.path.exists(grid):
         sample_lib.save_samples_grid(images, labels, sample_dir, spec.num_classes)
     result["samples_grid"] = os.path.relpath(grid, workdir)
-    result["privacy"] = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, step)
+    result["privacy"] = privacy
     _write_json(workdir, result)
     atomic_file.write_text(os.path.join(workdir, "eval_report.md"), report_markdown(result))
     return result
