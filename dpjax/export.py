@@ -338,7 +338,8 @@ def export_run(
         images, labels = sample.generate(
             run.method, params, run.spec, key, num, cfg.sample.batch_size
         )
-        sample.write_samples(images, labels, tmp, png, run.spec.num_classes)
+        sample.write_samples(images, labels, tmp, png,
+                             sample.released_classes(run.method, run.spec))
         files += ["samples.npz", "samples_grid.png"] + (["png"] if png else [])
         report = redact(report_lib.privacy_report(
             run.plan, run.step, cfg.method, releases, run.method.privacy_notes()

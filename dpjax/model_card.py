@@ -181,8 +181,11 @@ def model_card(
         + (f", {frozen:,} frozen public parameters" if frozen else "")
         + ".",
         "- Files: " + ", ".join(f"`{f}`" for f in files) + ".",
-        f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
-        "NHWC images, int32 labels).",
+        (f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
+         "NHWC images, int32 labels)."
+         if getattr(run.method, "samples_follow_labels", True) or not spec.num_classes else
+         f"- `samples.npz`: {num_samples} samples of the EMA model (uint8 NHWC images); "
+         f"`{cfg.method}` does not draw samples by class, so their labels are all 0."),
         "",
         "## Data",
         f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "

@@ -52,6 +52,12 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     return (np.arange(n) % num_classes).astype(np.int32)
 
 
+def released_classes(method: Any, spec: DataSpec) -> int:
+    """The classes that samples are drawn and labelled by: the data's, or 0 (as for
+    unconditional data) for a method whose samples ignore their labels."""
+    return spec.num_classes if getattr(method, "samples_follow_labels", True) else 0
+
+
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     """[-1, 1] floats to uint8 pixels (round to nearest, clipped).
 
@@ -98,6 +104,9 @@ def generate(
     """
     labels = balanced_labels(n, spec.num_classes) if labels is None else np.asarray(labels)
     labels = labels.astype(np.int32)
+    # The labels returned describe the samples: those of a method that ignores them are
+    # all 0, as an unconditional run's (``released_classes``), not a claim of classes.
+    out_labels = labels if released_classes(method, spec) else np.zeros_like(labels)
     batch_size = max(1, min(batch_size, n))
     sample_fn = jax.jit(lambda p, k, y: method.sample(p, k, batch_size, y))
 
@@ -110,7 +119,7 @@ def generate(
     if resume_stem is None:
         images = np.concatenate([compute(s, min(s + batch_size, n))
                                  for s in range(0, n, batch_size)])
-        return images, labels
+        return images, out_labels
     from dpjax.eval import resumable_array  # Eval-side helper; no heavy imports.
 
     key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (
@@ -123,7 +132,7 @@ def generate(
     }
     images = resumable_array.fill_resumably(resume_stem, n, batch_size, full_recipe, compute,
                                             log=log)
-    return images, labels
+    return images, out_labels
 
 
 def grid_image(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Image.Image:
@@ -155,7 +164,7 @@ def write_grid(
 ) -> str:
     """Samples ``n`` images (class-balanced) and writes a labelled grid PNG to ``path``."""
     images, labels = generate(method, params, spec, key, n, batch_size=n)
-    grid_image(images, labels, spec.num_classes).save(path)
+    grid_image(images, labels, released_classes(method, spec)).save(path)
     return path
 
 
@@ -386,4 +395,5 @@ def sample_from_workdir(
     extra = {"sample_batch": np.int64(max(1, min(batch_size, num))), "sample_seed": np.int64(seed)}
     if changes:
         extra["sampler_changes"] = np.array(changes_json(changes))
-    return write_samples(images, labels, out_dir, png, spec.num_classes, extra=extra)
+    return write_samples(images, labels, out_dir, png, released_classes(method, spec),
+                         extra=extra)

@@ -336,3 +336,29 @@ def test_the_card_rounds_epsilon_up():
         "7.33", "7.33", "8", "10", "0.01235"]
     assert model_card._fmt(float("inf")) == "inf" and model_card._fmt(3) == "3"
     assert model_card._fmt(np.float64(7.329334702)) == "7.33"
+
+
+def test_samples_of_a_method_that_ignores_labels_are_not_published_as_classes(
+        tmp_path, monkeypatch):
+    """An unconditional DP-LFlow (or any method with samples_follow_labels False) had its
+    samples exported with balanced class labels, a grid labelled by class, PNG folders per
+    class and a card saying 'class-balanced' (extension review, 2026-12-07)."""
+    from dpjax.methods import toy
+
+    monkeypatch.setattr(toy.Toy, "samples_follow_labels", False)
+    wd = fake_run(tmp_path / "run")
+    out = str(tmp_path / "release")
+    export.export_run(wd, out, num_samples=20, png=True, log=lambda *_: None)
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        assert z["labels"].shape == (20,) and not z["labels"].any()
+    assert os.listdir(os.path.join(out, "png")) == ["0"]
+    card = open(os.path.join(out, "model_card.md")).read()
+    assert "does not draw samples by class, so their labels are all 0" in card
+    assert "class-balanced" not in card
+    path = sample.sample_from_workdir(wd, 12, str(tmp_path / "s"), log=lambda *_: None)
+    with np.load(path) as z:
+        assert not z["labels"].any()
+    monkeypatch.setattr(toy.Toy, "samples_follow_labels", True)  # A conditional method.
+    path = sample.sample_from_workdir(wd, 12, str(tmp_path / "s2"), log=lambda *_: None)
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["labels"], np.arange(12) % 10)

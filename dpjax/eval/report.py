@@ -96,7 +96,7 @@ def _samples(
         )
         log(f"[dpjax] eval: sampled {len(images)} images in {time.time() - t:.0f} s")
         sample_lib.write_samples(images, labels, out_dir, png=False,  # Atomic.
-                                 num_classes=spec.num_classes,
+                                 num_classes=sample_lib.released_classes(method, spec),
                                  extra={**extra, "sample_batch": np.int64(batch)})
         for suffix in (".npy", ".json"):  # samples.npz holds them now.
             with contextlib.suppress(FileNotFoundError):
@@ -237,7 +237,8 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     # redrawn only if a reused folder lost it: one grid per set of samples.
     grid = os.path.join(sample_dir, "samples_grid.png")
     if not os.path.exists(grid):
-        sample_lib.save_samples_grid(images, labels, sample_dir, spec.num_classes)
+        sample_lib.save_samples_grid(images, labels, sample_dir,
+                                     sample_lib.released_classes(trained[0], spec))
     result["samples_grid"] = os.path.relpath(grid, workdir)
     result["privacy"] = privacy
     _write_json(workdir, result)
