@@ -190,7 +190,9 @@ def check_resume_config(
     if data_digest is not None and stored_digest not in (None, data_digest):
         raise ckpt_lib.CheckpointError(
             f"The data that data.* gives now ({new['data'].get('source')} "
-            f"{new['data'].get('name')!r}) differs from the data that the run in {workdir} was "
+            f"{new['data'].get('name')!r}"
+            + (f" at {new['data']['path']}" if new["data"].get("path") else "")
+            + f") differs from the data that the run in {workdir} was "
             "trained on (its images, labels or their order; a new image decoder can change "
             "them too); refusing to resume it on other data. Point data.* at the run's data, "
             "or use a new --workdir (existing checkpoints are untouched)."

@@ -352,7 +352,8 @@ def test_samples_of_a_method_that_ignores_labels_are_not_published_as_classes(
     with np.load(os.path.join(out, "samples.npz")) as z:
         assert z["labels"].shape == (20,) and not z["labels"].any()
     assert os.listdir(os.path.join(out, "png")) == ["0"]
-    card = open(os.path.join(out, "model_card.md")).read()
+    with open(os.path.join(out, "model_card.md")) as f:
+        card = f.read()
     assert "does not draw samples by class, so their labels are all 0" in card
     assert "class-balanced" not in card
     path = sample.sample_from_workdir(wd, 12, str(tmp_path / "s"), log=lambda *_: None)

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -322,7 +323,8 @@ def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
     assert files() == before
     other = images.copy()
     other[5, 0, 0, 0] ^= 1  # One pixel of one example.
-    with pytest.raises(CheckpointError, match="differs from the data that the run"):
+    with pytest.raises(CheckpointError, match=r"c\.npz\) differs from the data that the run "
+                                              f"in {re.escape(wd)} was trained on"):
         train.train(_config(steps=9, **_npz_data(tmp_path / "c.npz", other)), wd,
                     log=lambda *_: None)
     os.remove(tmp_path / "b.npz")  # Other data under the run's own path: refused too.

@@ -42,6 +42,14 @@ from dpjax.privacy.accounting import PrivacyError
 #: not name a private location.
 DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
 
+_SAME_DATA_RULE = (
+    " (Two runs read the same data when data.source, data.name, data.split and "
+    "data.fake_seed agree: paths are not recorded, so two folders or files under one "
+    "data.name count as one dataset. If the two really hold different images, give each "
+    "its own --config.data.name.)"
+)
+
+
 def data_identity(data: Mapping[str, Any]) -> str:
     """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
     return "|".join(f"{k}={data.get(k, '')}" for k in DATA_IDENTITY_FIELDS)
@@ -187,6 +195,7 @@ def _check_chain(
                 f"{chain} was trained WITHOUT DP on this run's private data ({private}); "
                 "its weights would void the guarantee. Start from a run on other, public "
                 "data, or from a run trained with DP-SGD that the method composes."
+                + _SAME_DATA_RULE
             )
         # Only a DIRECT source's own DP training (and the releases its checkpoint records)
         # is composed; a DP run on the private data further up the chain is not.
@@ -194,7 +203,7 @@ def _check_chain(
             raise PrivacyError(
                 f"{chain} was trained with DP on this run's private data ({private}), but "
                 "nothing composes its epsilon into this run's, so the stated epsilon would be "
-                "too small. Use a run on other, public data."
+                "too small. Use a run on other, public data." + _SAME_DATA_RULE
             )
     for nested_what, nested_dir in run.sources:
         _check_chain(top, nested_what, nested_dir, private, depth + 1, (*seen, key))
