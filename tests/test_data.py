@@ -285,6 +285,12 @@ def test_folder_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "dog" / "img1.jpg").write_bytes(b"definitely not an image")
     with pytest.raises(DataError, match="img1.jpg: cannot decode"):
         load(cfg(source="folder", path=str(tmp_path), num_classes=2))
+    # Every unreadable file in one message, not one per run (walkthrough, 2026-12-07).
+    (tmp_path / "cat" / "img0.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"folder: 2 of 6 files in .* cannot be read: .*"
+                                        r"img0\.png: cannot decode.*img1\.jpg: cannot decode"
+                                        r".*Remove or repair them"):
+        load(cfg(source="folder", path=str(tmp_path), num_classes=2))
 
 
 def test_folder_grey_and_colour_mix_becomes_rgb(tmp_path):

@@ -143,10 +143,15 @@ def load_folder(config: DataConfig) -> SourceData:
         labels = None if labels is None else labels[: config.limit]
     crop, size, channels = config.center_crop, config.image_size, config.channels
 
-    def decode(path: str) -> tuple[np.ndarray, str]:
-        return read_image(path, channels, crop, size)
+    def decode(path: str) -> tuple[np.ndarray | None, str]:
+        try:
+            return read_image(path, channels, crop, size)
+        except DataError as e:  # Collected: one message names every bad file.
+            return None, str(e)
 
     images: np.ndarray | None = None
+    bad: list[str] = []
+    first_file = ""
     first_size = ""
     workers = min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -156,12 +161,15 @@ def load_folder(config: DataConfig) -> SourceData:
             for item in list(pool.map(decode, files[start : start + _CHUNK]))
         )
         for i, (image, original) in enumerate(decoded):
+            if image is None:
+                bad.append(original)
+                continue
             if images is None:
                 images = np.empty((len(files), *image.shape), np.uint8)
-                first_size = original
+                first_size, first_file = original, files[i]
             if image.shape[:2] != images.shape[1:3]:
                 raise DataError(
-                    f"folder: images of different sizes in {root}: {files[0]} is "
+                    f"folder: images of different sizes in {root}: {first_file} is "
                     f"{first_size} (HxW) but {files[i]} is {original}. Set data.image_size "
                     "(and data.center_crop) to bring them to one size."
                 )
@@ -172,6 +180,13 @@ def load_folder(config: DataConfig) -> SourceData:
                 else:
                     image = np.repeat(image, 3, axis=-1)
             images[i] = image
+    if bad:
+        raise DataError(
+            f"folder: {len(bad)} of {len(files)} files in {root} cannot be read: "
+            + " | ".join(bad[:5]) + (" | ..." if len(bad) > 5 else "")
+            + ". Remove or repair them (dpjax never skips one silently: the data, and N in "
+            "the privacy guarantee, would change)."
+        )
     assert images is not None  # list_files never returns an empty list.
     return SourceData(
         images=images,
