@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import decimal
 import json
-import math
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
 from dpjax.methods.base import count_params
+from dpjax.privacy import report as report_lib
 
 if TYPE_CHECKING:
     from dpjax.export import LoadedRun
 
 
-def _fmt(x: Any) -> str:
-    """An epsilon for the card: 4 significant digits, rounded UP (a bound stated lower
-    than computed would overstate the guarantee: 7.3293... is '7.33', not '7.329')."""
-    if not isinstance(x, float) or not math.isfinite(x) or x == 0.0:
-        return str(x)
-    exact = decimal.Decimal(repr(float(x)))  # float(): a NumPy float's repr names its type.
-    step = decimal.Decimal(1).scaleb(exact.adjusted() - 3)  # 4 significant digits.
-    up = exact.quantize(step, rounding=decimal.ROUND_CEILING)
-    return f"{float(up):.4g}"
+_fmt = report_lib.format_epsilon  # Epsilons rounded UP to 4 significant digits.
 
 
 def _audit_line(workdir: str) -> list[str]:

@@ -17,6 +17,7 @@ import pytest
 from dpjax import checkpoint as ckpt_lib
 from dpjax import metrics_log, sample, train, workdir_guard
 from dpjax.checkpoint import CheckpointError
+from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
 from dpjax.typed_config import ConfigError
 from experiments import toy_fake
@@ -280,6 +281,10 @@ def test_the_privacy_report_follows_the_checkpoints_of_a_killed_run(tmp_path, mo
     with open(os.path.join(wd, "privacy_report.md")) as f:
         md = f.read()
     assert "epsilon (PLD): not computed at this checkpoint" in md
+    # The stated guarantee, rounded up, and the unit of privacy (walkthrough, 2026-12-07).
+    assert (f"- guarantee: ({report_lib.format_epsilon(rep['epsilon']['rdp'])}, 1e-05)-DP "
+            "after 9 steps (RDP accountant)" in md
+            and "for one training example (an image with its label) added or removed" in md)
     train.train(_config(steps=12, **{"train.grid_samples": 0}), wd, log=lambda *_: None)
     with open(os.path.join(wd, "privacy_report.json")) as f:
         rep = json.load(f)

@@ -7,6 +7,7 @@ and the budget always compose the same list.
 
 from __future__ import annotations
 
+import decimal
 import math
 from typing import Any
 
@@ -14,6 +15,26 @@ import dp_accounting
 
 from dpjax.privacy import accounting
 from dpjax.privacy.plan import DPPlan
+
+
+def format_epsilon(x: Any) -> str:
+    """An epsilon for a reader: 4 significant digits, rounded UP (a bound stated lower
+    than computed would overstate the guarantee: 7.3293... is '7.33', not '7.329');
+    anything but a finite non-zero float as ``str``."""
+    if not isinstance(x, float) or not math.isfinite(x) or x == 0.0:
+        return str(x)
+    exact = decimal.Decimal(repr(float(x)))  # float(): a NumPy float's repr names its type.
+    step = decimal.Decimal(1).scaleb(exact.adjusted() - 3)  # 4 significant digits.
+    up = exact.quantize(step, rounding=decimal.ROUND_CEILING)
+    return f"{float(up):.4g}"
+
+
+# What one example is, and what a neighbouring dataset does to it, per relation.
+_UNIT = {
+    "add_or_remove_one": "one training example (an image with its label) added or removed",
+    "replace_one": "one training example (an image with its label) replaced by another",
+    "replace_special": "one training example replaced by a special (null) example",
+}
 
 
 def release_event(release: dict[str, Any]) -> dp_accounting.DpEvent:
@@ -117,12 +138,20 @@ def _private_line(report: dict[str, Any]) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The report as a short markdown document."""
+    """The report as a short markdown document (epsilons rounded up to 4 digits; the
+    JSON report has them exact)."""
     eps = report["epsilon"]
+    stated = eps.get(report["calibrated_with"])
     lines = [
         f"# Privacy report ({report['method']})",
         "",
         f"- private: {_private_line(report)}",
+        *([f"- guarantee: ({format_epsilon(float(stated))}, {report['delta']!r})-DP "
+           + ("of the one release" if report.get("plan_mechanism") == "release"
+              else f"after {report['steps_done']} steps")
+           + f" ({report['calibrated_with'].upper()} accountant), for "
+           f"{_UNIT.get(report['neighbouring_relation'], 'one example')}"]
+          if report["private"] and stated is not None else []),
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
         f"- clip norm C: {report['clip_norm']}",
@@ -140,7 +169,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             ]
         ),
         f"- delta: {report['delta']!r}",  # Not rounded (:g could round it down).
-        *(f"- epsilon ({k.upper()}): {eps[k]}" if k in eps else
+        *(f"- epsilon ({k.upper()}): {format_epsilon(eps[k])}" if k in eps else
           f"- epsilon ({k.upper()}): not computed at this checkpoint (the end of the run "
           "computes it)" for k in ("rdp", "pld")),
         (
