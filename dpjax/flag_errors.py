@@ -22,6 +22,10 @@ def message(error: BaseException, argv: list[str]) -> str:
             and not any(a.startswith("--config=") or a == "--config" for a in argv)):
         return ("--config.KEY=VALUE overrides need --config=FILE (the experiment they "
                 "override; for a trained run, its own experiment file).")
+    if "before a value for --config was specified" in str(error):
+        flag = str(error).split("Found ", 1)[-1].split(" in argv", 1)[0]
+        return (f"{flag} comes before --config=FILE: give --config first, then the "
+                "--config.KEY=VALUE overrides of it.")
     for line in reversed(lines):  # ml_collections quotes an experiment's traceback.
         if "ConfigError: " in line:
             return line.split("ConfigError: ", 1)[1]

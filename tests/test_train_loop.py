@@ -476,6 +476,9 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path, monk
         (("--mode=export",), None, "--out is required for --mode=export."),
         (("--mode=sample", "--config.sample.num=3"), None,
          "--config.KEY=VALUE overrides need --config=FILE"),
+        # Given before --config (absl: 'Found ... in argv before a value for --config').
+        (("--config.train.progress=false", "--config=experiments/toy_fake.py:steps=12"), None,
+         "--config.train.progress=false comes before --config=FILE: give --config first"),
         (("--mode=sample",), "experiments/dpdm_fmnist.py:smoke",
          "its method is 'dpdm', the run's is 'toy'"),
         (("--mode=export", f"--out={tmp_path}/o"), "experiments/toy_fake.py:steps=12",

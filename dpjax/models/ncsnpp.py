@@ -113,7 +113,9 @@ class UNetConfig:
         if unknown:
             raise ValueError(
                 f"attn_resolutions {sorted(unknown)} are not among the UNet's resolutions "
-                f"{list(self.resolutions)}."
+                f"{list(self.resolutions)} (the image side, halved per level); e.g. "
+                f"--config.method_args.attn_resolutions='({self.resolutions[-1]},)', or '()' "
+                "for none."
             )
 
     @property
