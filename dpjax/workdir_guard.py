@@ -16,6 +16,7 @@ What it guarantees (``run_setup.setup`` calls it before any step runs):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -98,7 +99,9 @@ def lock_workdir(workdir: str) -> Any:
 
 
 def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
-    """Creates ``workdir`` and fails early, clearly, if it is unwritable or the disk is full."""
+    """Creates ``workdir`` and fails early, clearly, if it is unwritable or the disk is
+    full (then a folder it created is removed again)."""
+    created = not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe.{jax.process_index()}")
@@ -109,6 +112,9 @@ def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         raise WorkdirError(f"Workdir {workdir} is not writable: {e.strerror or e}.") from e
     free = shutil.disk_usage(workdir).free
     if free < min_free_bytes:
+        if created:  # A refused new run leaves no empty folder behind.
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
         raise WorkdirError(
             f"Only {free / 2**20:.1f} MiB free under {workdir}; need at least "
             f"{min_free_bytes / 2**20:.0f} MiB for checkpoints. Free space or pick another workdir."

@@ -47,3 +47,15 @@ def test_a_held_lock_and_other_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", bad_descriptor)
     with pytest.raises(workdir_guard.WorkdirError, match="Cannot lock .*Bad file descriptor"):
         workdir_guard.lock_workdir(str(tmp_path))
+
+
+def test_a_workdir_refused_for_lack_of_space_is_not_left_behind(tmp_path):
+    """The free-space refusal created the workdir and left it empty (crash review)."""
+    wd = tmp_path / "new"
+    with pytest.raises(workdir_guard.WorkdirError, match="MiB free under"):
+        workdir_guard.check_workdir(str(wd), min_free_bytes=2**62)
+    assert not wd.exists()
+    wd.mkdir()  # A folder that was there before stays.
+    with pytest.raises(workdir_guard.WorkdirError, match="MiB free under"):
+        workdir_guard.check_workdir(str(wd), min_free_bytes=2**62)
+    assert wd.exists()
