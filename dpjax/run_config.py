@@ -14,7 +14,7 @@ import numpy as np
 
 from dpjax import typed_config
 from dpjax.data.config import DataConfig
-from dpjax.methods import METHODS, get_method_module
+from dpjax.methods import METHODS, get_method_module, is_import_path
 
 # The choices of the string fields below, so that a typo fails when the config is read,
 # before a workdir is written (tests/test_bad_inputs.py checks they match the
@@ -190,13 +190,18 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
             f"method: expected one method name (a string), got {d['method']!r}. "
             f"Known methods: {sorted(METHODS)}."
         )
-    if d["method"] not in METHODS:  # Checked first: the import's own errors are bugs.
+    if d["method"] not in METHODS and not is_import_path(d["method"]):
+        # Checked first: a registered module's import errors are bugs.
         known = sorted(METHODS)
         raise typed_config.ConfigError(
             f"Unknown method {d['method']!r}.{typed_config.suggest(str(d['method']), known)}"
-            f" Known methods: {known}."
+            f" Known methods: {known}, or the import path of a method module "
+            "(e.g. 'my_lab.dp_vae')."
         )
-    module = get_method_module(d["method"])
+    try:
+        module = get_method_module(d["method"])
+    except ValueError as e:  # An import path that does not import, or lacks the contract.
+        raise typed_config.ConfigError(str(e)) from e
     return RunConfig(
         seed=seed,
         method=d["method"],

@@ -363,3 +363,39 @@ def test_samples_of_a_method_that_ignores_labels_are_not_published_as_classes(
     path = sample.sample_from_workdir(wd, 12, str(tmp_path / "s2"), log=lambda *_: None)
     with np.load(path) as z:
         np.testing.assert_array_equal(z["labels"], np.arange(12) % 10)
+
+
+def test_a_method_outside_dpjax_by_import_path_trains_samples_and_exports(
+        tmp_path, monkeypatch):
+    """A new method needs no change to dpjax: config.method may be a module's import
+    path; every mode imports it again from config.json (extension review, 2026-12-07:
+    a method registered at run time trained, but sample/eval/export said 'Unknown')."""
+    pkg = tmp_path / "my_lab"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "scaled_toy.py").write_text(
+        '"""The toy method under another name, with its own sample scale."""\n'
+        "from dpjax.methods import toy\n"
+        "Config = toy.Config\n\n\n"
+        "class ScaledToy(toy.Toy):\n"
+        "    def sample(self, params, key, n, labels):\n"
+        "        return 0.5 * super().sample(params, key, n, labels)\n\n\n"
+        "def make(config, spec):\n"
+        "    return ScaledToy(config, spec)\n")
+    (pkg / "broken.py").write_text("Config = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wd = str(tmp_path / "run")
+    train.train(toy_config(3, method="my_lab.scaled_toy"), wd, log=lambda *_: None)
+    with open(os.path.join(wd, "config.json")) as f:
+        assert json.load(f)["method"] == "my_lab.scaled_toy"
+    method, _, _, _ = sample.restore_state(wd)
+    assert type(method).__name__ == "ScaledToy"
+    names = export.export_run(wd, str(tmp_path / "out"), num_samples=4, log=lambda *_: None)
+    assert "model_card.md" in names
+    from dpjax.typed_config import ConfigError
+
+    for name, needle in (("my_lab.broken", r"lacks \['make'\]"),
+                         ("my_lab.nowhere", "cannot be imported"),
+                         ("toyy", "Unknown method 'toyy'")):
+        with pytest.raises(ConfigError, match=needle):
+            train.train(toy_config(3, method=name), str(tmp_path / name), log=lambda *_: None)
