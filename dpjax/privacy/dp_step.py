@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpjax.methods.base import to_model_range
-from dpjax.privacy import clipping, noise
+from dpjax.privacy import clipping, private_gradient
 from dpjax.privacy.compute_dtype import check_compute_dtype
 from dpjax.privacy.microbatch_loop import unroll_setting
 from dpjax.privacy.plan import DPPlan
@@ -230,14 +230,12 @@ def make_train_step(
             )
         # From here on every value is replicated: ONE noise draw per logical step.
         if plan.enabled:
-            noisy = noise.add_gaussian_noise(
-                res.grad_sum, jax.random.fold_in(streams.noise, t), noise_std
+            grads = private_gradient.noised_mean(
+                res.grad_sum, jax.random.fold_in(streams.noise, t), plan
             )
-            denom = plan.expected_batch_size
         else:
-            noisy = res.grad_sum
             denom = jnp.maximum(res.num_valid, 1).astype(jnp.float32)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, noisy)
+            grads = jax.tree_util.tree_map(lambda g: g / denom, res.grad_sum)
 
         (pub_loss, pub_aux), pub_grads = public_loss_and_grad(
             method, state.trainable, state.frozen, jax.random.fold_in(streams.extra, t)
