@@ -183,3 +183,16 @@ def test_a_delta_of_one_over_n_or_more_is_refused():
         with pytest.raises(accounting.PrivacyError, match=r"not in \(0, 1/N\)"):
             make_plan(num_examples=100, delta=delta, **kw)
     make_plan(num_examples=100, delta=0.5, enabled=False, **kw)  # No guarantee to state.
+
+
+def test_rdp_accounts_for_full_batch_dpsgd_under_replace_one():
+    """Poisson sampling at q=1 takes every example: RDP under replace-one (which rejects
+    Poisson sampling) accounts for it as the unsampled Gaussian of sensitivity 2C."""
+    got = accounting.epsilon([accounting.dpsgd_event(4.0, 1.0, 50)], 1e-5, "rdp", "replace_one")
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), 50))
+    assert got == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    pld = accounting.epsilon([accounting.dpsgd_event(4.0, 1.0, 50)], 1e-5, "pld", "replace_one")
+    assert pld <= got * 1.01  # PLD applies the same sensitivity itself.
+    with pytest.raises(accounting.UnsupportedByAccountantError, match="Try accountant='pld'"):
+        accounting.epsilon([accounting.dpsgd_event(4.0, 0.5, 50)], 1e-5, "rdp", "replace_one")

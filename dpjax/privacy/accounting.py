@@ -164,13 +164,18 @@ def for_accountant(
     dp_accounting's PLD accountant applies this itself. Its RDP accountant ignores the
     relation for an unsampled ``GaussianDpEvent`` (it would account for sensitivity C
     under replace-one and understate epsilon), so for RDP under replace-one each such
-    event's noise multiplier is halved here. Sampled events are left alone: the RDP
-    accountant rejects Poisson sampling under replace-one on its own.
+    event's noise multiplier is halved here. Poisson sampling at rate 1 takes every
+    example, so it is rewritten as its inner event (exactly the same mechanism); other
+    sampled events are left alone: the RDP accountant rejects Poisson sampling under
+    replace-one on its own.
     """
     if kind != "rdp" or relation != "replace_one":
         return event
     if isinstance(event, dp_accounting.GaussianDpEvent):
         return dp_accounting.GaussianDpEvent(event.noise_multiplier / 2.0)
+    if (isinstance(event, dp_accounting.PoissonSampledDpEvent)
+            and event.sampling_probability == 1.0):
+        return for_accountant(event.event, kind, relation)
     if isinstance(event, dp_accounting.ComposedDpEvent):
         return dp_accounting.ComposedDpEvent(
             [for_accountant(e, kind, relation) for e in event.events]
