@@ -95,12 +95,15 @@ class Checkpointer:
                 force=True,
             )
             self._mgr.wait_until_finished()
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            if not _is_storage_error(e):
+                raise
+            what = (f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+                    if isinstance(e, OSError) else _first_line(e))
             raise CheckpointError(
-                f"Cannot write checkpoint {step} to {self.directory} ({e.strerror or e}"
-                f"{': ' + str(e.filename) if e.filename else ''}). The checkpoints saved "
-                "before are intact: free space or fix the permissions, then run the same "
-                "command again to resume."
+                f"Cannot write checkpoint {step} to {self.directory} ({what}). The "
+                "checkpoints saved before are intact: free space or fix the permissions, "
+                "then run the same command again to resume."
             ) from e
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -155,6 +158,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _is_storage_error(error: BaseException) -> bool:
+    """Whether a save failed for lack of space or permission: an OSError, or TensorStore's
+    ValueError for one ('RESOURCE_EXHAUSTED: Error writing ... [os_error_code=28]')."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "os_error_code="))
 
 
 def _non_finite_leaves(tree: Any) -> list[str]:

@@ -402,9 +402,9 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         if _DEBUG.value or e.errno not in _STORAGE_ERRNOS:
             raise
-        print(f"dpjax error: cannot write {e.filename or 'a file'}: {e.strerror}. The "
-              "checkpoints saved before are intact: free space or fix the permissions, then "
-              "run the same command again.", file=sys.stderr)
+        print(f"dpjax error: {e.filename or 'a file'}: {e.strerror}. Checkpoints saved "
+              "before are intact: free space or fix the permissions, then run the same "
+              "command again.", file=sys.stderr)
         sys.exit(2)
 
 

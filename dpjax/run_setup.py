@@ -153,8 +153,8 @@ def resolve_plan(
         if steps < stored.steps:
             raise PrivacyError(
                 f"{path} plans {stored.steps} steps but the config asks for {steps}; refusing "
-                "to resume under a different privacy plan (its sigma was set for its own step "
-                "count). Use train.max_steps_per_run to stop early, or a new workdir."
+                "to resume under a different privacy plan (a plan is fixed when its run "
+                "starts). Use train.max_steps_per_run to stop early, or a new workdir."
             )
         return stored
     plan = plan_lib.make_plan(
@@ -306,7 +306,8 @@ def _build_run(
     if digest is not None:  # Every process gathers rows by the same global indices.
         parallel.check_same_on_every_process(digest, "private dataset (its digest)")
     # Likewise config.json: written now for a new run, after the checkpoint check on resume.
-    free_changes = check_resume_config(workdir, config, main and fresh, digest)
+    free_changes = check_resume_config(workdir, config, main and fresh, digest,
+                                       resuming=not fresh)
     for change in free_changes:
         log(f"[dpjax] resuming with {change} (how or where, not what: allowed)")
     if main:

@@ -31,8 +31,7 @@ class StoppedBySignal(Exception):  # noqa: N818 - not an error: a requested stop
             f"stopped at step {step} of {steps} on {name}; the checkpoint and the privacy "
             "report of that step are saved: run the same command again to resume."
             if step < steps
-            else f"all {steps} steps done and reported; {name} arrived at the end (the "
-            "sample grid was left out)."
+            else f"all {steps} steps done and reported; {name} arrived at the end."
         )
 
 

@@ -176,6 +176,12 @@ def _train_run(
     failed = True
     try:
         for t in range(start, end):
+            if stop.requested:  # It arrived during the last save or log: no more steps.
+                if last_saved != t:
+                    save_checkpoint(run, state)
+                    last_saved = t
+                log(f"[dpjax] stopping at step {t} of {plan.steps}: {stop.name} received.")
+                break
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
             state, m, loss_name = advance(state, t)

@@ -121,6 +121,23 @@ def check_workdir(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         )
 
 
+def _check_same_data(
+    workdir: str, new: dict[str, Any], stored_digest: str | None, data_digest: str | None
+) -> None:
+    """Raises CheckpointError if the data just loaded is not the data the run began on."""
+    if data_digest is None or stored_digest in (None, data_digest):
+        return
+    raise ckpt_lib.CheckpointError(
+        f"The data that data.* gives now ({new['data'].get('source')} "
+        f"{new['data'].get('name')!r}"
+        + (f" at {new['data']['path']}" if new["data"].get("path") else "")
+        + f") differs from the data that the run in {workdir} was "
+        "trained on (its images, labels or their order; a new image decoder can change "
+        "them too); refusing to resume it on other data. Point data.* at the run's data, "
+        "or use a new --workdir (existing checkpoints are untouched)."
+    )
+
+
 def _field_change(
     stored: dict[str, Any], new: dict[str, Any], key: str, defaults: dict[str, Any]
 ) -> tuple[Any, Any] | None:
@@ -137,6 +154,7 @@ def check_resume_config(
     config: ml_collections.ConfigDict,
     write: bool = True,
     data_digest: str | None = None,
+    resuming: bool = True,
 ) -> list[FreeChange]:
     """On resume, the sections that define the run must equal the stored ones.
 
@@ -149,13 +167,17 @@ def check_resume_config(
     ``write``, a new run's digest and then its config are written (the digest first: a
     kill between the two leaves a new run, not one that looks older than digests).
     Nothing else is written: the changed free fields are returned, and
-    ``record_free_changes`` writes them once the run has used them.
+    ``record_free_changes`` writes them once the run has used them. ``resuming``: the
+    workdir has a checkpoint; then, with config.json lost, the data is still checked
+    against the recorded digest.
     """
     path = os.path.join(workdir, "config.json")
     new = json.loads(run_config.config_to_json(config))
     stored_digest = _read_data_digest(workdir)
     digest_path = os.path.join(workdir, DATA_DIGEST_FILE)
     if not os.path.exists(path):
+        if resuming:  # config.json lost: the digest still tells the checkpoint's data.
+            _check_same_data(workdir, new, stored_digest, data_digest)
         if write:
             if data_digest is not None:
                 atomic_file.write_json(digest_path, {"digest": data_digest})
@@ -193,16 +215,7 @@ def check_resume_config(
             f"Workdir {workdir} holds a run with a different config; refusing to resume it "
             f"with: {'; '.join(diffs)}. Use a new --workdir (existing checkpoints are untouched)."
         )
-    if data_digest is not None and stored_digest not in (None, data_digest):
-        raise ckpt_lib.CheckpointError(
-            f"The data that data.* gives now ({new['data'].get('source')} "
-            f"{new['data'].get('name')!r}"
-            + (f" at {new['data']['path']}" if new["data"].get("path") else "")
-            + f") differs from the data that the run in {workdir} was "
-            "trained on (its images, labels or their order; a new image decoder can change "
-            "them too); refusing to resume it on other data. Point data.* at the run's data, "
-            "or use a new --workdir (existing checkpoints are untouched)."
-        )
+    _check_same_data(workdir, new, stored_digest, data_digest)
     if write and data_digest is not None and stored_digest is None:
         # A run from before digests: its data fields were locked, so this is its data.
         atomic_file.write_json(digest_path, {"digest": data_digest})

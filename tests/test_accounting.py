@@ -152,9 +152,20 @@ def test_a_parameter_that_is_not_a_number_is_refused_not_accounted_as_free():
                   steps=10, delta=1e-5)
     with pytest.raises(accounting.PrivacyError, match="refusing to account"):
         report.epsilon_spent(plan, 10, [{"kind": "gaussian", "noise_multiplier": nan}])
+    with pytest.raises(accounting.PrivacyError, match="fractional step count"):
+        report.release_event({"kind": "dpsgd", "noise_multiplier": 1.0, "sampling_rate": 0.1,
+                              "steps": 2.5})
+    # NumPy numbers are numbers (a method's own release_events may give them); -inf
+    # noise is no noise, not no release.
+    import numpy as np
+
+    ok = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(np.float32(1.0)), 10)
+    assert accounting.epsilon([ok], 1e-5) == pytest.approx(
+        accounting.epsilon([accounting.dpsgd_event(1.0, 1.0, 10)], 1e-5))
+    assert accounting.epsilon([accounting.dpsgd_event(-math.inf, 0.1, 10)], 1e-5) == math.inf
 
 
-def test_pld_grid_is_coarsened_below_sigma_01_on_nested_grids_and_stays_an_upper_bound():
+def test_pld_grid_is_coarsened_below_sigma_01_on_nested_grids_never_below_the_fine_one():
     grid = lambda s: accounting.pld_discretization(accounting.dpsgd_event(s, 0.1, 10))
     assert grid(0.1) == grid(5.0) == accounting.PLD_INTERVAL
     for s in (0.099, 0.05, 0.01, 1e-3):  # Powers of two times the fine grid: nested.
@@ -196,3 +207,13 @@ def test_rdp_accounts_for_full_batch_dpsgd_under_replace_one():
     assert pld <= got * 1.01  # PLD applies the same sensitivity itself.
     with pytest.raises(accounting.UnsupportedByAccountantError, match="Try accountant='pld'"):
         accounting.epsilon([accounting.dpsgd_event(4.0, 0.5, 50)], 1e-5, "rdp", "replace_one")
+
+
+def test_a_plan_its_accountant_cannot_account_for_is_refused():
+    """RDP under replace-one refuses Poisson sampling: a given sigma made a plan whose
+    every report said epsilon nan ("guarantee: (nan, 1e-05)-DP")."""
+    kw = dict(num_examples=1000, batch_size=100, delta=1e-5, clip_norm=1.0, steps=10,
+              noise_multiplier=1.0, neighbouring="replace_one")
+    with pytest.raises(accounting.PrivacyError, match="use dp.accountant='pld'"):
+        make_plan(accountant="rdp", **kw)
+    assert make_plan(accountant="pld", **kw).epsilon() < math.inf

@@ -154,6 +154,12 @@ def test_with_config_json_lost_the_stored_plan_still_refuses_another_sigma_or_st
     assert not os.path.exists(os.path.join(wd, "config.json"))  # Refused: nothing written.
     # dp_plan.json lost too: a refused resume must not write the new plan (it was
     # written before the checkpoint's own plan refused it, and then blocked the right one).
+    # Other data of the same size with config.json lost: the digest still refuses it (the
+    # resume trained on, and overwrote the digest).
+    rng = np.random.default_rng(5)
+    with pytest.raises(CheckpointError, match="differs from the data that the run"):
+        train.train(_config(steps=6, **_npz_data(tmp_path / "other.npz", rng.integers(
+            0, 255, (128, 28, 28, 1), dtype=np.uint8))), wd, log=silent)
     os.remove(os.path.join(wd, "dp_plan.json"))
     with pytest.raises(CheckpointError, match="not under the plan of dp_plan.json and this"):
         train.train(_config(steps=6, **{"dp.noise_multiplier": 2.0}), wd, log=silent)
@@ -570,19 +576,32 @@ def test_a_checkpoint_with_non_finite_values_is_refused_as_corrupt(tmp_path):
     checkpointer.close()
 
 
-def test_a_full_disk_is_one_checkpoint_error_not_the_log_closing_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device", "/w/checkpoints/3.orbax-checkpoint-tmp"),
+    # What TensorStore raised on a full tmpfs (diff review, 2026-12-07).
+    ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.mu/0" in OCDBT database at '
+               'local file "/w/checkpoints/3.orbax-checkpoint-tmp/": No space left on '
+               "device [os_error_code=28]"),
+])
+def test_a_full_disk_is_one_checkpoint_error_not_the_log_closing_error(
+        tmp_path, monkeypatch, error):
     """A full disk failed the checkpoint, then the metrics log's close in the loop's
     ``finally``: the second OSError replaced the first in 110 lines of traceback."""
-    import errno
 
     def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+        raise error
+
+    def log_file_error(*args, **kwargs):  # Writing a log file: an OSError.
+        raise OSError(28, "No space left on device", "/w/metrics.jsonl")
 
     monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", no_space)
-    monkeypatch.setattr(metrics_log.MetricsLog, "close", no_space)
+    monkeypatch.setattr(metrics_log.MetricsLog, "close", log_file_error)
     with pytest.raises(CheckpointError, match=r"Cannot write checkpoint 3 .*No space left on "
                                               r"device.*saved before are intact"):
         train.train(_config(steps=3), str(tmp_path / "w"), log=lambda *_: None)
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # Not a storage error: not disguised as one.
+        train.train(_config(steps=3), str(tmp_path / "w2"), log=lambda *_: None)
 
 
 def test_bad_data_is_a_clear_error(tmp_path):

@@ -36,7 +36,7 @@ from dpjax.eval.config import (  # noqa: F401 (public here too: report.EvalConfi
     fid_batch_size,
     sample_batch_size,
 )
-from dpjax.methods.base import to_model_range
+from dpjax.methods.base import Params, to_model_range
 from dpjax.randomness import Streams
 
 
@@ -130,10 +130,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     # Checked here, before the checkpoint and hours of sampling.
     cfg, fid_batch, changes = check_eval(run_cfg, cfg)
     # Restored once, for every part below.
-    trained = sample_lib.load_trained(workdir, changes=changes)
-    # Its guarantee now, not after hours of sampling: a training run still going on may
-    # have rotated the checkpoint away by then (train.keep_checkpoints).
-    privacy = privacy_at_checkpoint(workdir, trained[0], run_cfg.method, trained[4])
+    # The weights and their checkpoint's metadata in one read, and the guarantee from it
+    # now: a training run still going on may rotate the checkpoint away meanwhile.
+    method, state, spec, restored_cfg, meta = sample_lib.restore_state_and_meta(
+        workdir, changes=changes)
+    trained = (method, Params(state.ema, state.frozen), spec, restored_cfg, int(state.step))
+    privacy = privacy_at_checkpoint(workdir, method, run_cfg.method, int(state.step), meta)
     images, labels, step, (spec, run_cfg), sample_batch, sample_dir = _samples(
         workdir, cfg, log, trained, changes)
     splits = {"train": data_lib.load(run_cfg.data)}
@@ -246,16 +248,20 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     return result
 
 
-def privacy_at_checkpoint(workdir: str, method: Any, method_name: str, step: int) -> dict:
+def privacy_at_checkpoint(
+    workdir: str, method: Any, method_name: str, step: int, meta: dict | None = None
+) -> dict:
     """The guarantee of the checkpoint at ``step``, from the plan and that checkpoint's
-    own metadata (its releases), not from ``privacy_report.json``: that file describes
-    the last training invocation that finished, and a killed one leaves it behind at an
-    earlier step, which would understate the epsilon of the evaluated weights."""
+    own metadata (its releases; ``meta`` if already read with its state), not from
+    ``privacy_report.json``, which may lag or lead the checkpoint evaluated."""
     from dpjax import export as export_lib
     from dpjax.privacy import report as report_lib
 
     plan = export_lib.read_plan(workdir)
-    meta = export_lib.read_checkpoint_meta(workdir, step, plan)
+    if meta is None:
+        meta = export_lib.read_checkpoint_meta(workdir, step, plan)
+    else:
+        export_lib.check_checkpoint_plan(meta, workdir, step, plan)
     releases = list(meta.get("releases", []))
     return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
 

@@ -5,6 +5,7 @@
 outside dpjax that follows the same contract (``my_lab.dp_vae``): a new method needs no
 change to dpjax. The path is stored in the run's config.json, so every mode (sample,
 eval, export, resume) imports it again; it must be importable (e.g. on PYTHONPATH).
+Importing runs the module's code: open only workdirs you trust (as with a pickle).
 
 A module may also expose ``make_restored(config, spec) -> Method``: the method of a run
 whose checkpoint is about to be restored into it (sampling, eval, export, or a run
@@ -46,7 +47,7 @@ def get_method_module(name: str) -> ModuleType:
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
+        if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
             raise  # The module itself failed to import one of its own imports: a bug.
         raise ValueError(
             f"Method module '{name}' cannot be imported ({e}); put its package on "

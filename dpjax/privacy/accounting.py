@@ -16,12 +16,14 @@ Guarantees:
   account for some of them as free (epsilon 0).
 * PLD epsilons are pessimistic (upper bounds) at every discretization. Below sigma 0.1
   the PLD grid is coarsened (``pld_discretization``) so that its cost stays bounded;
-  the bound is then looser, never lower than the true epsilon.
+  the bound is then looser, still above the true epsilon.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -82,12 +84,12 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
     ``steps == 0`` is the empty mechanism; ``noise_multiplier == inf`` is a step that
     releases nothing about the data.
     """
-    if not (isinstance(steps, int) or float(steps).is_integer()) or steps < 0:
+    if not float(steps).is_integer() or steps < 0:
         raise PrivacyError(f"steps must be a whole number >= 0, got {steps}.")
     if math.isnan(noise_multiplier):
         raise PrivacyError(f"The noise multiplier is {noise_multiplier}: not a number.")
     steps = int(steps)
-    if steps == 0 or math.isinf(noise_multiplier):
+    if steps == 0 or noise_multiplier == math.inf:  # -inf is <= 0: non-private below.
         return dp_accounting.NoOpDpEvent()
     if not 0.0 < sampling_rate <= 1.0:
         raise PrivacyError(f"sampling rate q must be in (0, 1], got {sampling_rate}.")
@@ -108,16 +110,20 @@ def check_event(event: dp_accounting.DpEvent) -> None:
         return PrivacyError(f"{what} in the mechanism {event}; refusing to account for it.")
 
     if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
-        p = event.noise_multiplier
-        if not isinstance(p, (int, float)) or math.isnan(p) or p < 0:
+        p = event.noise_multiplier  # NumPy scalars are numbers.Real too.
+        if not isinstance(p, numbers.Real) or math.isnan(p) or p < 0:
             raise bad(f"A noise multiplier of {p!r}")
     elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
         q = event.sampling_probability
-        if not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        if not isinstance(q, numbers.Real) or not 0.0 <= q <= 1.0:
             raise bad(f"A sampling probability of {q!r}")
         check_event(event.event)
     elif isinstance(event, dp_accounting.SelfComposedDpEvent):
-        if not isinstance(event.count, int) or event.count < 0:
+        try:
+            count = operator.index(event.count)  # Any integer type; not 2.5, not NaN.
+        except TypeError:
+            count = -1
+        if count < 0:
             raise bad(f"A composition count of {event.count!r}")
         check_event(event.event)
     elif isinstance(event, dp_accounting.ComposedDpEvent):
@@ -141,16 +147,20 @@ def pld_discretization(event: dp_accounting.DpEvent) -> float:
 
     A Gaussian's privacy loss spans a range that grows as 1/sigma, and PLD's memory and
     time with it (10 steps at q=0.1: 0.9 GB and 21 s at sigma 0.1, 1.9 GB and 34 s at 0.06,
-    terabytes at 1e-3). Below sigma 0.1 the interval grows as 1/sigma^2 in powers of 2, so
-    the grids nest: rounding each loss up to a coarser grid that contains the finer one
-    dominates it, so the epsilon only grows, and it stays an upper bound (dp_accounting's
-    pessimistic estimate). Such a sigma spends an epsilon in the hundreds; the coarser
-    grid moves it by a few percent.
+    terabytes at 1e-3). Below sigma 0.1 the interval grows as 1/sigma^2 in powers of 2.
+    The epsilon stays an upper bound at any interval: dp_accounting's pessimistic
+    connect-the-dots discretization keeps the exact privacy curve at the grid's points
+    and interpolates between them, which bounds a convex curve from above at any grid,
+    and composition and tail truncation keep that. A coarser grid gives a looser bound
+    (the nested grids' epsilons grow with the interval, except in the last digits where
+    exp(-loss) underflows, losses above ~745). Such a sigma spends an epsilon in the
+    hundreds; the coarser grid moves it by a few percent.
     """
     sigma = _min_noise_multiplier(event)
     if sigma >= _PLD_FINE_SIGMA:
         return PLD_INTERVAL
-    return PLD_INTERVAL * 2.0 ** math.ceil(2.0 * math.log2(_PLD_FINE_SIGMA / sigma))
+    # Capped: below sigma ~1e-150 the exponent would overflow (epsilon is astronomic).
+    return PLD_INTERVAL * 2.0 ** min(60, math.ceil(2.0 * math.log2(_PLD_FINE_SIGMA / sigma)))
 
 
 def for_accountant(
@@ -350,9 +360,14 @@ def calibrate(
             f"{' with ' + what if what else ''} ({e})."
         ) from e
     sigma = float(sigma)
-    got = epsilon([make_event(sigma)], delta, kind, relation)
-    if not got <= target_epsilon:
-        raise PrivacyError(
-            f"Calibration returned sigma={sigma} with epsilon {got} > target {target_epsilon}."
-        )
-    return sigma
+    # The search met the target on its grid; ``epsilon`` may use a finer one for this
+    # sigma, whose epsilon can differ in the last digits (``pld_discretization``): a
+    # few steps of tol up settle that, and the result always meets the target there.
+    for _ in range(4):
+        got = epsilon([make_event(sigma)], delta, kind, relation)
+        if got <= target_epsilon:
+            return sigma
+        sigma += tol
+    raise PrivacyError(
+        f"Calibration returned sigma={sigma} with epsilon {got} > target {target_epsilon}."
+    )

@@ -192,6 +192,12 @@ def make_plan(
             "lower the batch size (q = B/N must be <= 1)."
         )
     q = batch_size / num_examples
+    if enabled and accountant == "rdp" and neighbouring == "replace_one" and q < 1.0:
+        # Else a given sigma made a plan whose every report said epsilon nan.
+        raise accounting.PrivacyError(
+            "The RDP accountant cannot account for Poisson-sampled DP-SGD under the "
+            "'replace_one' relation (dp_accounting refuses it); use dp.accountant='pld'."
+        )
     if steps <= 0:
         if epochs <= 0:
             raise accounting.PrivacyError("Give either steps > 0 or epochs > 0.")

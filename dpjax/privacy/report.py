@@ -54,6 +54,8 @@ def release_event(release: dict[str, Any]) -> dp_accounting.DpEvent:
     if kind == "gaussian":
         return dp_accounting.GaussianDpEvent(float(release["noise_multiplier"]))
     if kind == "dpsgd":
+        if not float(release["steps"]).is_integer():
+            raise accounting.PrivacyError(f"A fractional step count in the release {release}.")
         return accounting.dpsgd_event(
             float(release["noise_multiplier"]),
             float(release["sampling_rate"]),
@@ -151,7 +153,8 @@ def report_markdown(report: dict[str, Any]) -> str:
               else f"after {report['steps_done']} steps")
            + f" ({report['calibrated_with'].upper()} accountant), for "
            f"{_UNIT.get(report['neighbouring_relation'], 'one example')}"]
-          if report["private"] and stated is not None else []),
+          if report["private"] and stated is not None and math.isfinite(float(stated))
+          else []),
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
         f"- clip norm C: {report['clip_norm']}",
