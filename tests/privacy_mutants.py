@@ -97,6 +97,18 @@ MUTANTS = (
            ("tests/test_accounting.py", "tests/test_dpsad.py")),
     Mutant("T = epochs / (2q)", "dpjax/privacy/plan.py",
            "steps = int(epochs / q)", "steps = int(epochs / q / 2)", ("tests/test_accounting.py",)),
+    Mutant("a NaN noise multiplier accounted as free", "dpjax/privacy/accounting.py",
+           "    for e in events:\n        check_event(e)\n", "", ("tests/test_accounting.py",)),
+    Mutant("delta of 1/N or more accepted", "dpjax/privacy/plan.py",
+           "not 0.0 < delta < 1.0 / num_examples", "not 0.0 < delta < 1.0",
+           ("tests/test_accounting.py",)),
+    Mutant("the plan file and report after the checkpoint", "dpjax/run_records.py",
+           "        write_privacy_report(run, steps_done, (run.plan.accountant,), "
+           "meta[\"epsilon_spent\"])\n    run.checkpointer.save(steps_done, state, meta)",
+           "        pass\n    run.checkpointer.save(steps_done, state, meta)\n"
+           "    if parallel.is_main_process():\n"
+           "        write_privacy_report(run, steps_done, (run.plan.accountant,), "
+           "meta[\"epsilon_spent\"])", ("tests/test_train_loop.py",)),
     Mutant("a resume may change sigma", "dpjax/privacy/plan.py",
            'if k != "steps"', 'if k not in ("steps", "noise_multiplier")',
            ("tests/test_accounting.py",)),
