@@ -22,6 +22,15 @@ def message(error: BaseException, argv: list[str]) -> str:
             and not any(a.startswith("--config=") or a == "--config" for a in argv)):
         return ("--config.KEY=VALUE overrides need --config=FILE (the experiment they "
                 "override; for a trained run, its own experiment file).")
+    none_field = re.match(r"Type <class 'NoneType'> of field config\.(\S+) is not supported "
+                          "for overriding", str(error))
+    if none_field:
+        key = none_field.group(1)
+        hint = (" (it gives dp.noise_multiplier instead; for a target epsilon, start from "
+                "an experiment argument that sets one, e.g. ':quick,eps=3' for ':smoke')"
+                if key == "dp.epsilon" else "")
+        return (f"--config.{key} cannot be set: this experiment leaves {key} unset (None), "
+                f"and a command-line override needs a value of a known type{hint}.")
     if "before a value for --config was specified" in str(error):
         flag = str(error).split("Found ", 1)[-1].split(" in argv", 1)[0]
         return (f"{flag} comes before --config=FILE: give --config first, then the "

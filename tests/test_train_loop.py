@@ -482,6 +482,9 @@ def test_command_line_mistakes_around_a_trained_run_give_one_line(tmp_path, monk
         (("--mode=export",), None, "--out is required for --mode=export."),
         (("--mode=sample", "--config.sample.num=3"), None,
          "--config.KEY=VALUE overrides need --config=FILE"),
+        # A key the experiment leaves None (ml_collections: 'Type NoneType ... overriding').
+        (("--config.dp.epsilon=3",), "experiments/toy_fake.py:steps=12",
+         "--config.dp.epsilon cannot be set: this experiment leaves dp.epsilon unset"),
         # Given before --config (absl: 'Found ... in argv before a value for --config').
         (("--config.train.progress=false", "--config=experiments/toy_fake.py:steps=12"), None,
          "--config.train.progress=false comes before --config=FILE: give --config first"),
