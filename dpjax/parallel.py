@@ -130,6 +130,16 @@ def check_same_on_every_process(value: str, what: str) -> None:
         )
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is True on any process of the job (``flag`` itself in one
+    process). A collective: every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 def is_main_process() -> bool:
     """True on process 0, the only one that writes logs, plan files and reports."""
     return jax.process_index() == 0

@@ -57,8 +57,8 @@ def catch_stop_signals(enabled: bool = True) -> Iterator[StopRequest]:
 
     Handlers are installed only when ``enabled``, in the main thread (Python's rule),
     and for a signal that is not ignored (a job started with SIGINT ignored keeps it
-    ignored). A caller with several processes leaves it disabled: a stop there must be
-    agreed by all of them before the collective checkpoint save.
+    ignored). With several processes the caller must agree on the stop before the
+    collective checkpoint save (``parallel.any_process`` at the same step on all).
     """
     request = StopRequest()
     if not enabled or threading.current_thread() is not threading.main_thread():

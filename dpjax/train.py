@@ -24,6 +24,7 @@ process trains while only process 0 writes logs, plan files, reports and samples
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -114,13 +115,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainSt
     """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps.
 
     Raises:
-      stop_signals.StoppedBySignal: a SIGTERM or SIGINT arrived during the steps of a
-        single-process run; the step it arrived in was finished, then checkpointed and
-        reported (``stop_signals``).
+      stop_signals.StoppedBySignal: a SIGTERM or SIGINT arrived during the steps (on any
+        process of a multi-host run: they agree after each step); the step it arrived in
+        was finished, then checkpointed and reported (``stop_signals``).
     """
     run, dataset = setup(config, workdir, log)
     try:
-        with stop_signals.catch_stop_signals(jax.process_count() == 1) as stop:
+        with stop_signals.catch_stop_signals() as stop:
             state = _train_run(run, dataset, log, stop)
     finally:
         run.close()  # Waits for orbax's threads and frees the workdir, also on failure.
@@ -176,11 +177,14 @@ def _train_run(
     failed = True
     try:
         for t in range(start, end):
-            if stop.requested:  # It arrived during the last save or log: no more steps.
+            # Every process asks at the same point (a collective), so all stop together.
+            if parallel.any_process(stop.requested):  # During the last save or log.
                 if last_saved != t:
                     save_checkpoint(run, state)
                     last_saved = t
-                log(f"[dpjax] stopping at step {t} of {plan.steps}: {stop.name} received.")
+                log(f"[dpjax] stopping at step {t} of {plan.steps}: "
+                    f"{stop.name or 'a stop signal on another process'} received.")
+                stop.signum = stop.signum or signal.SIGTERM
                 break
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
@@ -206,13 +210,14 @@ def _train_run(
                 if bar is not None:
                     bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")
             out_of_time = 0 < cfg.train.max_seconds_per_run < time.time() - t0
-            stopping = stop.requested and done < end
+            stopping = parallel.any_process(stop.requested) and done < end
             if done % cfg.train.ckpt_every == 0 or done == end or out_of_time or stopping:
                 save_checkpoint(run, state)
                 last_saved = done
             if stopping:
                 log(f"[dpjax] stopping at step {done} of {plan.steps}: "
-                    f"{stop.name} received.")
+                    f"{stop.name or 'a stop signal on another process'} received.")
+                stop.signum = stop.signum or signal.SIGTERM  # Every process exits alike.
                 break
             if out_of_time and done < end:
                 log(

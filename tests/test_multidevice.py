@@ -5,6 +5,7 @@ so that a CPU shows 4.
 """
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -318,3 +319,41 @@ def test_two_processes_train_like_one_device(tmp_path):
     for x, y in zip(_state_leaves(a), _state_leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in metrics_log.read(str(tmp_path / "mp"))] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_sigterm_on_one_process_stops_every_process_at_one_checkpointed_step(tmp_path):
+    """A preemption that reaches one host first: the processes agree after each step
+    (``parallel.any_process``), so all stop after the same step and save it together
+    (stopping alone would leave the others waiting in the collective save)."""
+    import signal
+    import time
+
+    from dpjax import metrics_log
+
+    flags = ["--config=experiments/toy_fake.py:steps=400", "--config.train.progress=False",
+             "--config.train.ckpt_every=1000", "--config.train.grid_samples=0",
+             "--config.train.log_every=1", "--config.train.num_devices=0"]  # fmt: skip
+    base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    port = _free_port()
+    wd = tmp_path / "mp"
+    procs = []
+    for i in range(2):
+        env = dict(base, DPJAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")  # fmt: skip
+        cmd = [sys.executable, "-m", "dpjax.main", f"--workdir={wd}", *flags]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    deadline = time.time() + 400
+    while time.time() < deadline and procs[0].poll() is None:
+        if (wd / "metrics.jsonl").exists() and len(metrics_log.read(str(wd))) >= 3:
+            break
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # The second host only.
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outs
+    step = json.loads((wd / "dp_plan.json").read_text())["steps_done"]
+    assert 3 <= step < 400
+    assert f"stopped at step {step} of 400" in outs[0] and f"stopped at step {step}" in outs[1]
+    assert os.listdir(wd / "checkpoints") == [str(step)]
