@@ -209,7 +209,9 @@ def _train_run(
                 logger.write(done, row)
                 if bar is not None:
                     bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")
-            out_of_time = 0 < cfg.train.max_seconds_per_run < time.time() - t0
+            # Agreed by every process (each has its own clock), as the stop below.
+            out_of_time = cfg.train.max_seconds_per_run > 0 and parallel.any_process(
+                cfg.train.max_seconds_per_run < time.time() - t0)
             stopping = parallel.any_process(stop.requested) and done < end
             if done % cfg.train.ckpt_every == 0 or done == end or out_of_time or stopping:
                 save_checkpoint(run, state)
