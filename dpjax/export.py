@@ -144,22 +144,6 @@ def load_run(workdir: str) -> LoadedRun:
     return LoadedRun(workdir, cfg, plan, meta, method, spec, state, step)
 
 
-def read_checkpoint_meta(workdir: str, step: int, plan: plan_lib.DPPlan) -> dict[str, Any]:
-    """The metadata (plan, releases) of the checkpoint at ``step`` of ``workdir``.
-
-    Raises:
-      CheckpointError: the checkpoint is missing or corrupt, or was written under another
-        plan than ``plan`` (the workdir's ``dp_plan.json``).
-    """
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:
-        meta = checkpointer.restore_meta(step)
-    finally:
-        checkpointer.close()
-    check_checkpoint_plan(meta, workdir, step, plan)
-    return meta
-
-
 def check_checkpoint_plan(
     meta: dict[str, Any], workdir: str, step: int, plan: plan_lib.DPPlan
 ) -> None:

@@ -249,19 +249,16 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
 
 
 def privacy_at_checkpoint(
-    workdir: str, method: Any, method_name: str, step: int, meta: dict | None = None
+    workdir: str, method: Any, method_name: str, step: int, meta: dict
 ) -> dict:
     """The guarantee of the checkpoint at ``step``, from the plan and that checkpoint's
-    own metadata (its releases; ``meta`` if already read with its state), not from
+    own metadata ``meta`` (its releases; read with its state), not from
     ``privacy_report.json``, which may lag or lead the checkpoint evaluated."""
     from dpjax import export as export_lib
     from dpjax.privacy import report as report_lib
 
     plan = export_lib.read_plan(workdir)
-    if meta is None:
-        meta = export_lib.read_checkpoint_meta(workdir, step, plan)
-    else:
-        export_lib.check_checkpoint_plan(meta, workdir, step, plan)
+    export_lib.check_checkpoint_plan(meta, workdir, step, plan)
     releases = list(meta.get("releases", []))
     return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
 
