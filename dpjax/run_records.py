@@ -46,8 +46,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     steps_done = int(state.step)
     meta = _meta(run, steps_done)
     if parallel.is_main_process():
-        _write_plan_file(run, meta)
-        write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
+        _write_records(run, steps_done, meta)
     run.checkpointer.save(steps_done, state, meta)  # Every process: orbax coordinates hosts.
 
 
@@ -57,7 +56,11 @@ def refresh_records(run: Run, steps_done: int) -> None:
     A kill between the records and their checkpoint (or a plan file deleted) leaves them
     ahead of the latest checkpoint, or missing; a resume brings them back to it.
     """
-    meta = _meta(run, steps_done)
+    _write_records(run, steps_done, _meta(run, steps_done))
+
+
+def _write_records(run: Run, steps_done: int, meta: dict[str, Any]) -> None:
+    """dp_plan.json and the privacy report (the plan's accountant) at ``steps_done``."""
     _write_plan_file(run, meta)
     write_privacy_report(run, steps_done, (run.plan.accountant,), meta["epsilon_spent"])
 

@@ -103,12 +103,11 @@ MUTANTS = (
            "not 0.0 < delta < 1.0 / num_examples", "not 0.0 < delta < 1.0",
            ("tests/test_accounting.py",)),
     Mutant("the plan file and report after the checkpoint", "dpjax/run_records.py",
-           "        write_privacy_report(run, steps_done, (run.plan.accountant,), "
-           "meta[\"epsilon_spent\"])\n    run.checkpointer.save(steps_done, state, meta)",
+           "        _write_records(run, steps_done, meta)\n"
+           "    run.checkpointer.save(steps_done, state, meta)",
            "        pass\n    run.checkpointer.save(steps_done, state, meta)\n"
-           "    if parallel.is_main_process():\n"
-           "        write_privacy_report(run, steps_done, (run.plan.accountant,), "
-           "meta[\"epsilon_spent\"])", ("tests/test_train_loop.py",)),
+           "    if parallel.is_main_process():\n        _write_records(run, steps_done, meta)",
+           ("tests/test_train_loop.py",)),
     Mutant("a resume may change sigma", "dpjax/privacy/plan.py",
            'if k != "steps"', 'if k not in ("steps", "noise_multiplier")',
            ("tests/test_accounting.py",)),
