@@ -111,6 +111,20 @@ def _report_dropped(log, dropped: int, first: int, last: int) -> None:
             "the data or lower the learning rate")
 
 
+def _stop_here(
+    run: Run, state: TrainState, last_saved: int, stop: stop_signals.StopRequest, log
+) -> None:
+    """Ends the loop at ``state``'s step on a stop request of any process: checkpoints
+    it (unless that step is ``last_saved``) and marks the request on every process, so
+    that all exit alike."""
+    step = int(state.step)
+    if last_saved != step:
+        save_checkpoint(run, state)
+    log(f"[dpjax] stopping at step {step} of {run.plan.steps}: "
+        f"{stop.name or 'a stop signal on another process'} received.")
+    stop.signum = stop.signum or signal.SIGTERM
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> TrainState:
     """Trains (or resumes) the run of ``config`` in ``workdir`` up to its planned steps.
 
@@ -178,13 +192,8 @@ def _train_run(
     try:
         for t in range(start, end):
             # Every process asks at the same point (a collective), so all stop together.
-            if parallel.any_process(stop.requested):  # During the last save or log.
-                if last_saved != t:
-                    save_checkpoint(run, state)
-                    last_saved = t
-                log(f"[dpjax] stopping at step {t} of {plan.steps}: "
-                    f"{stop.name or 'a stop signal on another process'} received.")
-                stop.signum = stop.signum or signal.SIGTERM
+            if parallel.any_process(stop.requested):  # Arrived since the last check.
+                _stop_here(run, state, last_saved, stop, log)
                 break
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
@@ -212,14 +221,12 @@ def _train_run(
             # Agreed by every process (each has its own clock), as the stop below.
             out_of_time = cfg.train.max_seconds_per_run > 0 and parallel.any_process(
                 cfg.train.max_seconds_per_run < time.time() - t0)
-            stopping = parallel.any_process(stop.requested) and done < end
-            if done % cfg.train.ckpt_every == 0 or done == end or out_of_time or stopping:
+            if done % cfg.train.ckpt_every == 0 or done == end or out_of_time:
                 save_checkpoint(run, state)
                 last_saved = done
-            if stopping:
-                log(f"[dpjax] stopping at step {done} of {plan.steps}: "
-                    f"{stop.name or 'a stop signal on another process'} received.")
-                stop.signum = stop.signum or signal.SIGTERM  # Every process exits alike.
+            # After the save: a signal that arrived during it or the log stops here too.
+            if done < end and parallel.any_process(stop.requested):
+                _stop_here(run, state, last_saved, stop, log)
                 break
             if out_of_time and done < end:
                 log(
