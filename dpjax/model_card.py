@@ -15,6 +15,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from dpjax import sample
 from dpjax.methods.base import count_params
 from dpjax.privacy import report as report_lib
 
@@ -174,7 +175,7 @@ def model_card(
         "- Files: " + ", ".join(f"`{f}`" for f in files) + ".",
         (f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
          "NHWC images, int32 labels)."
-         if getattr(run.method, "samples_follow_labels", True) or not spec.num_classes else
+         if sample.released_classes(run.method, spec) or not spec.num_classes else
          f"- `samples.npz`: {num_samples} samples of the EMA model (uint8 NHWC images); "
          f"`{cfg.method}` does not draw samples by class, so their labels are all 0."),
         "",
