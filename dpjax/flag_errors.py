@@ -78,8 +78,7 @@ def unknown_key_message(flag: str, argv: list[str]) -> str | None:
     'clip_norm'? Keys of dp: ...', from the experiment's config without the overrides
     (the experiment file runs again: this is the error path only); None where that
     cannot be built (the caller's plainer message then stands)."""
-    import importlib.util
-
+    from dpjax import experiment_file
     from dpjax.typed_config import suggest
 
     path = flag[len("--config."):].split("=", 1)[0].split(".")
@@ -88,9 +87,7 @@ def unknown_key_message(flag: str, argv: list[str]) -> str | None:
         return None
     file, _, arg = spec_arg.partition(":")
     try:
-        spec = importlib.util.spec_from_file_location("_dpjax_experiment", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = experiment_file.load(file, "_dpjax_experiment")
         section = module.get_config(arg) if arg else module.get_config()
         for depth, key in enumerate(path):
             if not hasattr(section, "keys"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -87,10 +86,9 @@ def load_experiment(path: str) -> Any:
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     name = "_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dpjax import experiment_file  # Only here: the launcher's own imports stay light.
+
+    return experiment_file.load(path, name)
 
 
 def check_point(module: Any, point: Point) -> None:
