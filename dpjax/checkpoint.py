@@ -20,7 +20,9 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from typing import Any
 
 import jax
@@ -96,7 +98,7 @@ class Checkpointer:
             )
             self._mgr.wait_until_finished()
         except (OSError, ValueError) as e:
-            if not _is_storage_error(e):
+            if not is_storage_error(e):
                 raise
             what = (f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
                     if isinstance(e, OSError) else _first_line(e))
@@ -160,13 +162,24 @@ class Checkpointer:
         self._mgr.close()
 
 
-def _is_storage_error(error: BaseException) -> bool:
-    """Whether a save failed for lack of space or permission: an OSError, or TensorStore's
-    ValueError for one ('RESOURCE_EXHAUSTED: Error writing ... [os_error_code=28]')."""
+# A full disk or quota, a read-only or unwritable file system: the user's to fix, and
+# what the one-line messages of save() and of main's handler say to fix.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether an error is a lack of space or of permission to write: an OSError with one
+    of STORAGE_ERRNOS, or TensorStore's ValueError for one ('RESOURCE_EXHAUSTED: Error
+    writing ... [os_error_code=28]'). Anything else (a removed directory, a bug) is not,
+    so it is never disguised as "free space or fix the permissions"."""
     if isinstance(error, OSError):
-        return True
+        return error.errno in STORAGE_ERRNOS
     text = str(error)
-    return any(s in text for s in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "os_error_code="))
+    code = re.search(r"os_error_code=(\d+)", text)
+    if code:
+        return int(code.group(1)) in STORAGE_ERRNOS
+    return "RESOURCE_EXHAUSTED" in text or "PERMISSION_DENIED" in text
 
 
 def _non_finite_leaves(tree: Any) -> list[str]:

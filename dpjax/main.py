@@ -15,7 +15,6 @@ at once.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import sys
 
@@ -370,10 +369,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-# A full disk or quota, a read-only or unwritable file system: the user's to fix.
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def main(argv: list[str]) -> None:
     from dpjax import log_setup
 
@@ -400,7 +395,9 @@ def main(argv: list[str]) -> None:
         print(f"dpjax error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if _DEBUG.value or e.errno not in _STORAGE_ERRNOS:
+        from dpjax.checkpoint import is_storage_error
+
+        if _DEBUG.value or not is_storage_error(e):
             raise
         print(f"dpjax error: {e.filename or 'a file'}: {e.strerror}. Checkpoints saved "
               "before are intact: free space or fix the permissions, then run the same "

@@ -607,6 +607,46 @@ def test_a_full_disk_is_one_checkpoint_error_not_the_log_closing_error(
         train.train(_config(steps=3), str(tmp_path / "w2"), log=lambda *_: None)
 
 
+@pytest.mark.parametrize("error, storage", [
+    (OSError(28, "No space left on device"), True),
+    (OSError(30, "Read-only file system"), True),
+    (OSError(13, "Permission denied"), True),
+    (ValueError("RESOURCE_EXHAUSTED: Error writing ... [os_error_code=28]"), True),
+    (ValueError("PERMISSION_DENIED: Error opening ..."), True),
+    # A directory removed under a running job, a bug: not "free space or fix the
+    # permissions" (checkpoint save and main's handler used two different rules before).
+    (OSError(2, "No such file or directory"), False),
+    (ValueError("NOT_FOUND: Error opening ... [os_error_code=2]"), False),
+    (ValueError("Shapes do not match"), False),
+])
+def test_which_errors_are_storage_errors(error, storage):
+    assert ckpt_lib.is_storage_error(error) is storage
+
+
+@pytest.mark.parametrize("errno_", [28, 30])
+def test_main_reports_a_storage_error_in_one_line_and_not_another_oserror(
+        monkeypatch, capsys, errno_):
+    """A full or read-only disk outside a checkpoint save (a log, a sample file) is one
+    line and exit 2; another OSError (a bug, a removed directory) keeps its traceback."""
+    from types import SimpleNamespace
+
+    from dpjax import main as cli_main
+
+    def fail(argv):
+        raise OSError(errno_, os.strerror(errno_), "/w/metrics.jsonl")
+
+    monkeypatch.setattr(cli_main, "run", fail)
+    monkeypatch.setattr(cli_main, "_DEBUG", SimpleNamespace(value=False))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.main(["dpjax"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/w/metrics.jsonl" in err and "intact" in err
+    monkeypatch.setattr(cli_main, "run", lambda argv: os.close(-1))  # EBADF: a bug.
+    with pytest.raises(OSError):
+        cli_main.main(["dpjax"])
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     np.savez(
         tmp_path / "d.npz", images=np.zeros((20, 28, 28, 1), np.uint8), labels=np.full((20,), 12)
