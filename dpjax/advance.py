@@ -25,7 +25,6 @@ from dpjax.privacy.accounting import PrivacyError
 from dpjax.privacy.dp_step import make_train_step
 from dpjax.privacy.sampling import PoissonSampler
 from dpjax.public_step import make_public_step
-from dpjax.randomness import DATA_STREAM
 from dpjax.run_records import save_checkpoint
 from dpjax.run_setup import Run, release_done
 from dpjax.state import TrainState
@@ -37,9 +36,9 @@ def dpsgd_advance(run: Run, dataset: Any):
     sampler = PoissonSampler(
         plan.num_examples,
         plan.sampling_rate,
-        seed=cfg.seed * 1_000_003 + DATA_STREAM,
+        seed=run.sampler_seed,
         # Padded sizes split into equal per-device parts of whole micro-batches; the
-        # batch itself depends on (seed, step) only.
+        # batch itself depends on (the sampler's seed, step) only.
         multiple=cfg.dp.microbatch_size * parallel.num_shards(mesh),
     )
     step_fn = make_train_step(

@@ -42,12 +42,15 @@ def is_leftover(filename: str, target: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "w",
+                 permissions: int = 0o666) -> Iterator[IO[Any]]:
     """Yields a file to write; it replaces ``path`` only when the block exits cleanly.
 
     Args:
       path: the target; its folder must exist.
       mode: 'w' (text) or 'wb' (bytes).
+      permissions: the new file's mode before the umask (0o600 for a secret: the file
+        never exists with wider permissions, not even as the temporary).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -55,7 +58,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, _temporary_name(name))
     # os.open with 0o666 applies the umask, as a plain open() of the target would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -68,19 +71,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replaces ``path`` with ``text``, atomically."""
-    with atomic_write(path) as f:
+def write_text(path: str | os.PathLike, text: str, permissions: int = 0o666) -> None:
+    """Replaces ``path`` with ``text``, atomically (``permissions``: see atomic_write)."""
+    with atomic_write(path, permissions=permissions) as f:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, permissions: int = 0o666,
+               **dump_kwargs: Any) -> None:
     """Replaces ``path`` with ``json.dump(obj, **dump_kwargs)``, atomically.
 
     The object is serialized before the file is opened, so an object that JSON cannot
     encode raises without touching anything.
     """
-    write_text(path, json.dumps(obj, **dump_kwargs))
+    write_text(path, json.dumps(obj, **dump_kwargs), permissions)
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any],

@@ -5,7 +5,8 @@
 * ``ema_params.npz``: the EMA weights of the trainable parameters of the latest
   checkpoint (the DP model; keys are the parameter paths),
 * ``frozen_params.npz``: only when the method has frozen parameters (public pieces it
-  closed over, e.g. a public autoencoder; never trained on the private data) that it
+  closed over, e.g. a public autoencoder, never trained on the private data; or what the
+  guarantee covers, e.g. DP-MEPF's noised release and its DP feature network) that it
   lets an export publish: a method may narrow them with ``exported_frozen(frozen)``
   (DP-SAD publishes none: its teacher is not the released model),
 * ``model_config.json``: method name, method settings and the public data spec, enough
@@ -20,14 +21,16 @@ Guarantees:
   a teacher, anything trained on data without DP), whose epsilon is not finite (no
   noise, or a release without noise), or whose own audit (``audit.json`` without an
   injected fault) flagged its DP step is refused with ``NotPrivateError`` and nothing
-  is written. The plan is read from both ``dp_plan.json`` and the checkpoint, which
-  must agree.
+  is written; so is a run whose noise and batches derive from ``config.seed``
+  (``dp.secret_noise=False``, or a checkpoint from before the secret): whoever knows
+  the seed could recompute the noise (``privacy.noise_secret``). The plan is read
+  from both ``dp_plan.json`` and the checkpoint, which must agree.
 * Nothing is copied from the workdir: every file is written anew from the EMA weights,
   the plan and the public data spec. The training metrics (``metrics.jsonl``,
   TensorBoard: losses on private rows, a non-private release), the optimizer state,
-  the non-EMA weights, the config (it names private data paths), the data digest and
-  the private data are never read into the output; the local workdirs that ``*_from``
-  settings name are redacted from the method settings and the report
+  the non-EMA weights, the config (it names private data paths), the data digest, the
+  noise secret and the private data are never read into the output; the local
+  workdirs that ``*_from`` settings name are redacted from the method settings and the report
   (``model_card.redact_source_paths``). An ``audit.json`` is quoted only if it was made
   under this run's plan (else the export is refused).
 * Everything written is post-processing of the DP model (EMA weights) plus public facts
@@ -54,9 +57,11 @@ from dpjax import checkpoint as ckpt_lib
 from dpjax import model_card as card_lib
 from dpjax import sample
 from dpjax.methods.base import DataSpec, Params, count_params
+from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
+from dpjax.privacy.noise_secret import NOISE_SOURCE_KEY
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
 
@@ -258,6 +263,21 @@ def check_audit(workdir: str, plan: Any = None) -> None:
         )
 
 
+def check_secret_noise(meta: dict[str, Any]) -> None:
+    """Raises NotPrivateError unless the checkpoint's noise and batches came from the
+    run's secret (``privacy.noise_secret``): derived from config.seed, anyone who knows
+    or guesses the seed recomputes them, and the guarantee is void."""
+    source = noise_secret.recorded_source(meta)
+    if source != noise_secret.SECRET:
+        raise NotPrivateError(
+            "This run's noise and batches derive from config.seed ("
+            + ("dp.secret_noise=False" if NOISE_SOURCE_KEY in meta else
+               "a checkpoint from before dpjax drew them from a secret")
+            + "): anyone who knows or guesses the seed can recompute the noise and remove "
+            "it, so the run has no guarantee to publish; refusing to export it. Train it "
+            "again with dp.secret_noise=True (the default).")
+
+
 def export_run(
     workdir: str,
     out: str,
@@ -280,6 +300,7 @@ def export_run(
     run = load_run(workdir)
     releases = list(run.meta.get("releases", []))
     check_private(run.plan, run.step, releases)
+    check_secret_noise(run.meta)
     check_audit(workdir, run.plan)
     if run.step < run.plan.steps:
         log(f"[dpjax] note: exporting step {run.step} of {run.plan.steps} planned; the model "
@@ -325,9 +346,10 @@ def export_run(
         sample.write_samples(images, labels, tmp, png,
                              sample.released_classes(run.method, run.spec))
         files += ["samples.npz", "samples_grid.png"] + (["png"] if png else [])
-        report = redact(report_lib.privacy_report(
-            run.plan, run.step, cfg.method, releases, run.method.privacy_notes()
-        ))
+        report = report_lib.without_dataset_size(redact(report_lib.privacy_report(
+            run.plan, run.step, cfg.method, releases, run.method.privacy_notes(),
+            noise_source=noise_secret.recorded_source(run.meta),
+        )))
         with open(os.path.join(tmp, "privacy_report.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "privacy_report.md"), "w") as f:

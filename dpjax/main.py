@@ -309,7 +309,11 @@ def run(argv: list[str]) -> None:
 
         if not out:
             raise UsageError("--out is required for --mode=export.")
-        command = "python -m dpjax.main " + " ".join(sys.argv[1:])
+        # Rebuilt from the flags export uses, not copied from argv: any other flag
+        # (--compilation_cache=/home/.../hospital_scans) could name a private location.
+        command = (f"python -m dpjax.main --mode=export --workdir={workdir} --out={out}"
+                   + (f" --num={_NUM.value}" if _NUM.value is not None else "")
+                   + (" --png" if _PNG.value else ""))
         export.export_run(workdir, out, _NUM.value, _PNG.value, command=command)
     elif _MODE.value == "eval":
         from dpjax import sample

@@ -170,7 +170,9 @@ def model_card(
            "(post-processing)."),
         *_stopped_line(plan, run.step),
         f"- Parameters: {count_params(run.state.ema):,} trained with DP"
-        + (f", {frozen:,} frozen public parameters" if frozen else "")
+        + (f", {frozen:,} frozen (public pieces"
+           + (", and the DP release the model was trained on" if plan.mechanism == "release"
+              else "") + ")" if frozen else "")
         + ".",
         "- Files: " + ", ".join(f"`{f}`" for f in files) + ".",
         (f"- `samples.npz`: {num_samples} class-balanced samples of the EMA model (uint8 "
@@ -181,8 +183,10 @@ def model_card(
         "",
         "## Data",
         f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "
-        f"{classes}; N = {plan.num_examples} private training examples (N is treated as "
-        "public, as it sets the sampling rate).",
+        f"{classes}; "
+        + (f"N = {plan.num_examples} private training examples (N is treated as public, as "
+           "it sets the sampling rate)." if plan.mechanism != "release" else
+           "N is not stated: the one release noises its counts, so it protects N too."),
         "- The private data, its location and any statistic of it other than through the "
         "DP mechanism are not part of this release.",
         "",
@@ -205,10 +209,13 @@ def model_card(
         "## Limitations",
         "- The guarantee is per example: a person contributing many images is protected "
         "only at a correspondingly weaker level (group privacy).",
-        "- Hyperparameter, step-count and checkpoint selection are outside epsilon: if "
-        "they were tuned on the private data, that selection is an unaccounted release.",
-        "- The guarantee assumes ideal Gaussian noise; JAX's PRNG is not cryptographically "
-        "secure and floating-point effects are not accounted for.",
+        "- Hyperparameter, step-count, checkpoint and sampler selection are outside "
+        "epsilon: if they were tuned on the private data (e.g. by FID against its "
+        "statistics), that selection is an unaccounted release.",
+        "- The noise was drawn from a secret that the export does not contain; the "
+        "guarantee assumes ideal Gaussian noise: JAX's PRNG is not a vetted "
+        "cryptographically secure generator and floating-point effects are not accounted "
+        "for.",
         "- Samples can still resemble training images in coarse ways allowed by epsilon; "
         "sample quality and class fidelity are limited, especially at small epsilon. Do "
         "not use the samples for decisions about individuals.",

@@ -1,10 +1,15 @@
-"""The run's random streams, all derived from ``config.seed``.
+"""The run's random streams, derived from ``config.seed``, but for the DP noise.
 
 One root key is split once into independent streams; a step's key is
 ``fold_in(stream, step)`` and an example's key is ``fold_in(step_key, dataset_index)``,
 so nothing random needs to be checkpointed and a resumed run draws the same numbers.
 The data sampler (host-side NumPy, ``privacy.sampling.PoissonSampler``) draws step t's
-batch from ``SeedSequence([seed * 1_000_003 + DATA_STREAM, t])``.
+batch from ``SeedSequence([sampler_seed, t])``.
+
+A private run replaces the ``noise`` stream and the sampler's seed with values drawn from
+a secret kept in the workdir (``privacy.noise_secret``): from ``config.seed`` alone,
+which is public, anyone could recompute the noise. ``from_seed`` and ``sampler_seed``
+give the seed-derived ones (``dp.secret_noise=False``, the canary audit, sampling).
 
 JAX's PRNG (threefry) is not a cryptographically secure generator; DP guarantees assume
 ideal Gaussian noise (see the README's privacy notes).
@@ -35,6 +40,11 @@ class Streams:
     def from_seed(cls, seed: int) -> Streams:
         keys = jax.random.split(jax.random.key(seed), 5)
         return cls(*keys)
+
+
+def sampler_seed(seed: int) -> int:
+    """The Poisson sampler's seed derived from ``config.seed`` (not a secret one)."""
+    return seed * 1_000_003 + DATA_STREAM
 
 
 jax.tree_util.register_dataclass(

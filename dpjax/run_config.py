@@ -53,6 +53,11 @@ class DPConfig:
     # 8 micro-batches, where XLA:CPU runs convolutions in loop bodies slowly); the same
     # sum either way (privacy/clipping.py).
     microbatch_loop: MicrobatchLoopName = "auto"
+    # The noise and the Poisson batches from a secret drawn when the run starts, kept in
+    # the workdir (privacy/noise_secret.py). False: from config.seed, reproducible across
+    # workdirs but recomputable by anyone who knows or guesses the seed: for research
+    # and tests, never for a release (export refuses such a run).
+    secret_noise: bool = True
 
     def __post_init__(self) -> None:
         _at_least(self, "dp", {"batch_size": 1, "steps": 0, "microbatch_size": 0})
@@ -183,8 +188,10 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         if k not in d:
             raise typed_config.ConfigError(f"The config has no '{k}' section.")
     seed = typed_config.as_int(d["seed"], "seed")
-    if seed < 0:  # The data sampler's np.random.SeedSequence takes no negative entropy.
-        raise typed_config.ConfigError(f"seed must be >= 0, got {seed}.")
+    # SeedSequence takes no negative entropy; jax.random.key keeps 32 bits, so seed 2**32
+    # would alias seed 0 (the same init and, with dp.secret_noise=False, the same noise).
+    if not 0 <= seed < 2**32:
+        raise typed_config.ConfigError(f"seed must be in [0, 2**32), got {seed}.")
     if not isinstance(d["method"], str):
         raise typed_config.ConfigError(
             f"method: expected one method name (a string), got {d['method']!r}. "
@@ -202,7 +209,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         module = get_method_module(d["method"])
     except ValueError as e:  # An import path that does not import, or lacks the contract.
         raise typed_config.ConfigError(str(e)) from e
-    return RunConfig(
+    cfg = RunConfig(
         seed=seed,
         method=d["method"],
         method_args=typed_config.from_configdict(
@@ -215,6 +222,33 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         sample=typed_config.from_configdict(SampleConfig, d.get("sample", {}), "sample"),
         eval=d.get("eval") or {},
     )
+    check_shape_is_configured(cfg)
+    return cfg
+
+
+def check_shape_is_configured(cfg: RunConfig) -> None:
+    """Raises ConfigError for a private folder dataset whose image size or channels would
+    be measured on its files.
+
+    The image shape fixes the model's architecture, and the export publishes both. Read
+    from a folder (``data.image_size=0``, ``data.channels=0``) it is a function of the
+    private files outside the DP mechanism: one colour image among grey ones made every
+    image RGB (release-boundary review, 2026-12-07), so adding one example changed a
+    published fact with certainty. Other sources have one shape per dataset (an npz
+    array, a TFDS feature), not one per file.
+    """
+    data = cfg.data
+    if not cfg.dp.enabled or data.source != "folder":
+        return
+    missing = [k for k in ("image_size", "channels") if not getattr(data, k)]
+    if missing:
+        raise typed_config.ConfigError(
+            f"A private folder dataset needs {' and '.join('data.' + k for k in missing)} "
+            "set (image_size > 0; channels 1 or 3): measured on the private files, the "
+            "image shape (which fixes the model and is published with it) would depend on "
+            "them outside the DP guarantee. E.g. --config.data.image_size=32 "
+            "--config.data.channels=3."
+        )
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from dpjax import atomic_file, parallel
+from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.run_setup import Run
@@ -30,6 +31,7 @@ def _meta(run: Run, steps_done: int) -> dict[str, Any]:
         "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
         "releases": run.releases,
         "method": run.config.method,
+        noise_secret.NOISE_SOURCE_KEY: run.noise_source,
     }
 
 
@@ -84,7 +86,7 @@ def write_privacy_report(
     as ``_meta`` has them)."""
     rep = report_lib.privacy_report(
         run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes(),
-        kinds, epsilon,
+        kinds, epsilon, run.noise_source,
     )
     # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
     atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)

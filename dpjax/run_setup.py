@@ -32,11 +32,11 @@ from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
 from dpjax.privacy import microbatch as microbatch_lib
+from dpjax.privacy import noise_secret, provenance
 from dpjax.privacy import plan as plan_lib
-from dpjax.privacy import provenance
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
-from dpjax.randomness import Streams
+from dpjax.randomness import Streams, sampler_seed
 from dpjax.state import TrainState
 from dpjax.typed_config import ConfigError
 from dpjax.workdir_guard import (
@@ -70,6 +70,10 @@ class Run:
     # Free fields this resume changed; written to config.json after it worked.
     free_changes: list[FreeChange] = dataclasses.field(default_factory=list)
     lock: Any = None  # The workdir lock's open file (process 0), closed by ``close``.
+    # The Poisson sampler's seed, and where it and ``streams.noise`` come from
+    # (noise_secret.SECRET, SEED, or NONE without DP); recorded in every checkpoint.
+    sampler_seed: int = 0
+    noise_source: str = noise_secret.NONE
 
     def close(self) -> None:
         """Ends orbax's threads and releases the workdir lock (``train`` calls it)."""
@@ -334,6 +338,7 @@ def _build_run(
         # entry (dpjax/compile_cache.py) instead of two.
         state = jax.device_put(state, jax.local_devices()[0])
     releases = list(prior)
+    meta = None
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         stored = plan_lib.DPPlan.from_dict(meta["plan"])
@@ -356,13 +361,45 @@ def _build_run(
         done = plan_lib.load_plan(plan_path)[1].get("steps_done", 0)
         if done:  # The checkpoints were deleted or moved away.
             log(f"[dpjax] {plan_path} records {done} steps done, but {checkpointer.directory} "
-                "holds no checkpoint: starting again from step 0. The steps replay the same "
-                "batches and noise (these depend only on the seed and the step).")
+                "holds no checkpoint: starting again from step 0"
+                + (" with a new noise secret" if cfg.dp.enabled and cfg.dp.secret_noise
+                   else "; the steps replay the same batches and noise (dp.secret_noise="
+                   "False: they depend only on the seed and the step)") + ".")
+    streams, seed_of_batches, noise_source = noise_randomness(cfg, workdir, streams, meta, log)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
-              free_changes)
+              free_changes, sampler_seed=seed_of_batches, noise_source=noise_source)
     return run, dataset
+
+
+def noise_randomness(
+    cfg: run_config.RunConfig,
+    workdir: str,
+    streams: Streams,
+    meta: dict[str, Any] | None,
+    log=print,
+) -> tuple[Streams, int, str]:
+    """The streams with the run's noise key, the Poisson sampler's seed, and their source.
+
+    A new private run (``meta`` None) takes a new secret unless ``dp.secret_noise`` is
+    False; a resumed one (``meta``: its restored checkpoint's) goes on with the source it
+    began with (a checkpoint without a record predates the secret: 'seed'), so that it
+    replays an uninterrupted run and its records say what its noise was.
+    """
+    if not cfg.dp.enabled:
+        return streams, sampler_seed(cfg.seed), noise_secret.NONE
+    if meta is None:
+        source = noise_secret.SECRET if cfg.dp.secret_noise else noise_secret.SEED
+    else:
+        source = noise_secret.recorded_source(meta)
+    if source != noise_secret.SECRET:
+        if cfg.dp.secret_noise:
+            log("[dpjax] this run began with noise and batches derived from config.seed "
+                "(before dp.secret_noise existed) and goes on so: export refuses it")
+        return streams, sampler_seed(cfg.seed), noise_secret.SEED
+    noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None, log=log)
+    return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, source
 
 
 def check_eval_section(cfg: run_config.RunConfig) -> None:

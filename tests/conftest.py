@@ -59,6 +59,18 @@ def _quiet_logs():
 
 
 @pytest.fixture
+def same_noise_secret(monkeypatch):
+    """Every run this test starts in-process draws the same noise secret, so that runs in
+    two workdirs (resumed and uninterrupted, 4 and 1 devices) can be compared bit for bit
+    on the default secret path (``dpjax/privacy/noise_secret.py``). A run in a subprocess
+    draws its own: such tests use ``--config.dp.secret_noise=False``."""
+    from dpjax.privacy import noise_secret
+
+    monkeypatch.setattr(noise_secret, "_draw",
+                        lambda: {"noise": 12345, "batches": 678, "created": "test"})
+
+
+@pytest.fixture
 def record_tried(request):
     """Returns ``record(kind, what)``: notes one fault or bad input a test tried.
 

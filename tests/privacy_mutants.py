@@ -170,6 +170,20 @@ MUTANTS = (
     Mutant("DP-SAD teacher chain not checked", "dpjax/methods/dpsad_teacher.py",
            "    provenance.check_sources_against([source], config.private_data)", "    pass",
            ("tests/test_dpsad.py", "-k", "without_dp")),
+    Mutant("DP noise from the public seed", "dpjax/run_setup.py",
+           "return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, "
+           "source", "return streams, batches, source",
+           ("tests/test_noise_secret.py", "-k", "follows")),
+    Mutant("Poisson batches from the public seed", "dpjax/run_setup.py",
+           "noise_secret.noise_key(noise)), batches, source",
+           "noise_secret.noise_key(noise)), sampler_seed(cfg.seed), source",
+           ("tests/test_noise_secret.py", "-k", "follows")),
+    Mutant("a resume draws a new noise secret", "dpjax/privacy/noise_secret.py",
+           "if resuming and os.path.exists(path):", "if False:",
+           ("tests/test_noise_secret.py", "-k", "resume")),
+    Mutant("export of a run with seed-derived noise", "dpjax/export.py",
+           "    check_secret_noise(run.meta)\n", "",
+           ("tests/test_noise_secret.py", "-k", "export_refuses")),
 )  # fmt: skip
 
 

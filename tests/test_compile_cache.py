@@ -36,18 +36,19 @@ def test_fresh_run_and_resumes_share_one_cached_step_and_survive_a_corrupt_entry
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     cfg = "experiments/toy_fake.py:steps=6"
     wd = str(tmp_path / "cached")
-    first = _cli(wd, "--config.train.max_steps_per_run=3", config=cfg)
+    same = "--config.dp.secret_noise=False"  # Two processes would draw two secrets.
+    first = _cli(wd, "--config.train.max_steps_per_run=3", same, config=cfg)
     assert first.returncode == 0, first.stdout + first.stderr
     entries = _step_entries(wd)
     assert len(entries) == 1, (os.listdir(wd), first.stdout, first.stderr[-3000:])
     with open(entries[0], "r+b") as f:  # A kill while JAX wrote the entry.
         f.truncate(os.path.getsize(entries[0]) // 2)
-    resumed = _cli(wd, config=cfg)
+    resumed = _cli(wd, same, config=cfg)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _step_entries(wd) == entries
 
     plain = str(tmp_path / "uncached")
-    done = _cli(plain, "--compilation_cache=off", config=cfg)
+    done = _cli(plain, "--compilation_cache=off", same, config=cfg)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not os.path.exists(os.path.join(plain, "xla_cache"))
     for a, b in zip(_flat_state(wd), _flat_state(plain), strict=True):

@@ -216,7 +216,7 @@ def _smoke(**over):
     return with_overrides(dpmepf_fmnist.get_config("smoke"), {"dp.steps": 3, **over})
 
 
-def test_private_data_is_not_read_after_the_release(tmp_path, monkeypatch):
+def test_private_data_is_not_read_after_the_release(tmp_path, monkeypatch, same_noise_secret):
     """A run whose data disappears after the release resumes and ends bit-identical."""
     ref = train.train(_smoke(), str(tmp_path / "ref"), log=lambda *_: None)
     wd = str(tmp_path / "run")

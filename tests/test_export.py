@@ -83,6 +83,8 @@ def fake_run(directory, steps: int = 3, releases=(), **over) -> str:
         "epsilon_spent": {},
         "releases": list(releases),
         "method": cfg.method,
+        # As training records it (privacy/noise_secret.py); export refuses 'seed' runs.
+        "noise_source": "secret" if cfg.dp.secret_noise else "seed",
     }
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
     checkpointer.save(steps, state, meta)
@@ -399,3 +401,16 @@ def test_a_method_outside_dpjax_by_import_path_trains_samples_and_exports(
                          ("toyy", "Unknown method 'toyy'")):
         with pytest.raises(ConfigError, match=needle):
             train.train(toy_config(3, method=name), str(tmp_path / name), log=lambda *_: None)
+
+
+def test_the_card_of_a_command_line_export_names_only_the_export_flags(tmp_path):
+    """The card quoted the whole command line: another flag (a cache directory named
+    after the private data) went into the release (release-boundary review, 2026-12-07)."""
+    wd = fake_run(tmp_path / "run")
+    out = cli("--mode=export", f"--workdir={wd}", f"--out={tmp_path / 'o'}", "--num=4",
+              f"--compilation_cache={tmp_path / 'hospital_scans_cache'}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    card = (tmp_path / "o" / "model_card.md").read_text()
+    assert "hospital_scans" not in card and str(tmp_path) not in card
+    assert ("Exported with: `python -m dpjax.main --mode=export --workdir=<the run's workdir> "
+            "--out=<this export> --num=4`") in card

@@ -54,7 +54,7 @@ def test_probe_measures_memory_that_grows_with_the_model():
         )  # fmt: skip
 
 
-def test_training_with_auto_microbatch_matches_a_fixed_size(tmp_path):
+def test_training_with_auto_microbatch_matches_a_fixed_size(tmp_path, same_noise_secret):
     """Size 0 trains; the micro-batch size never changes the result beyond rounding."""
 
     def run(workdir, mb):

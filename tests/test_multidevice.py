@@ -237,7 +237,7 @@ def _state_leaves(state):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.as_dict())]
 
 
-def test_checkpoints_restore_across_device_counts(tmp_path):
+def test_checkpoints_restore_across_device_counts(tmp_path, same_noise_secret):
     """4 -> 1 and 1 -> 4 devices mid-run end where a 1-device run ends (float tolerance)."""
     quiet = lambda *_: None  # noqa: E731
     over = {"train.ckpt_every": 2, "train.grid_samples": 0, "train.log_every": 2}

@@ -65,6 +65,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, record_tried):
         "--config.train.log_every=1",
         "--config.train.progress=False",
         "--config.train.grid_samples=0",
+        # Two processes draw two secrets; tests/test_noise_secret.py resumes a secret.
+        "--config.dp.secret_noise=False",
     ]
     ref = tmp_path / "ref"
     out = _cli(ref, *args)
@@ -297,7 +299,8 @@ def test_the_privacy_report_follows_the_checkpoints_of_a_killed_run(tmp_path, mo
     assert rep["steps_done"] == 12 and set(rep["epsilon"]) == {"rdp", "pld"}
 
 
-def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(tmp_path):
+def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
+        tmp_path, same_noise_secret):
     """A resume on another machine: a smaller micro-batch, another loop, the data moved.
     It trains what the uninterrupted run trains (up to float rounding) and records the
     new settings once they ran; a setting that fails, other data under the new path or
@@ -690,7 +693,8 @@ def test_sampling_from_checkpoint_writes_files_and_never_reads_data(tmp_path, mo
 def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
     """SIGKILL 5 times (twice while a checkpoint is being written), then finish."""
     args = ["--config.train.ckpt_every=2", "--config.train.log_every=1",
-            "--config.train.progress=False", "--config.train.grid_samples=0"]
+            "--config.train.progress=False", "--config.train.grid_samples=0",
+            "--config.dp.secret_noise=False"]  # Comparable across processes.
     config = "experiments/toy_fake.py:steps=16"
     ref = tmp_path / "ref"
     assert _cli(ref, *args, config=config).returncode == 0
@@ -746,7 +750,8 @@ def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
     assert json.loads((wd / "dp_plan.json").read_text())["steps_done"] == 16
 
 
-def test_wall_time_limit_checkpoints_and_reruns_resume_bit_identically(tmp_path):
+def test_wall_time_limit_checkpoints_and_reruns_resume_bit_identically(
+        tmp_path, same_noise_secret):
     """train.max_seconds_per_run stops with a checkpoint; reruns end where one run ends."""
     ref = train.train(_config(steps=4), str(tmp_path / "ref"), log=lambda *_: None)
     wd = str(tmp_path / "limited")
@@ -767,7 +772,7 @@ def test_wall_time_limit_checkpoints_and_reruns_resume_bit_identically(tmp_path)
 
 
 def test_sigterm_finishes_the_step_checkpoints_reports_and_resumes_bit_identically(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, same_noise_secret
 ):
     """A preemption (SIGTERM) during step 5 of 8: the step finishes, its checkpoint and
     privacy report are written (the default action lost every step since the last

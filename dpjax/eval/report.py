@@ -255,12 +255,14 @@ def privacy_at_checkpoint(
     own metadata ``meta`` (its releases; read with its state), not from
     ``privacy_report.json``, which may lag or lead the checkpoint evaluated."""
     from dpjax import export as export_lib
+    from dpjax.privacy import noise_secret
     from dpjax.privacy import report as report_lib
 
     plan = export_lib.read_plan(workdir)
     export_lib.check_checkpoint_plan(meta, workdir, step, plan)
     releases = list(meta.get("releases", []))
-    return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes())
+    return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes(),
+                                     noise_source=noise_secret.recorded_source(meta))
 
 
 def bits_per_dim_report(

@@ -40,8 +40,8 @@ How dpjax makes the stated epsilon a real (epsilon, delta) guarantee, by constru
     into the calibration (``dp.epsilon`` is the TOTAL of teacher and student), the
     budget and every privacy report and export.
   - 'public': the teacher was trained on OTHER, public data. It is refused when its
-    data section names the same data as ``private_data`` (source, name, split, fake
-    seed), and when ``private_data`` is not given. Data that overlap under
+    data section names the same data as ``private_data`` (``provenance.same_data``:
+    the same data.name), and when ``private_data`` is not given. Data that overlap under
     different names (e.g. MNIST from two sources) cannot be detected: the declaration
     is the user's.
   A teacher trained WITHOUT DP on the private data is refused: it is not offered. So

@@ -175,7 +175,13 @@ class LDM(dpdm.DPDM):
     def privacy_notes(self) -> list[str]:
         """Where the public pieces come from (written into the privacy report)."""
         c = self.config
-        ae = self.public.ae_workdir or "an untrained autoencoder (smoke test)"
+        if c.autoencoder_from or not self.public.ae_workdir:
+            ae = c.autoencoder_from or "an untrained autoencoder (smoke test)"
+        else:
+            # Inherited through init_from: named by that setting, which the export
+            # redacts, not by its own path, which no setting of this run holds (the
+            # release-boundary review found it in an exported report).
+            ae = f"the autoencoder of the public model in {c.init_from}"
         if c.scale_factor:
             scale = f"the configured constant {c.scale_factor:g}"
         elif c.init_from:

@@ -79,7 +79,7 @@ from dpjax.privacy.audit_stats import (  # noqa: F401 - the statistics, re-expor
 from dpjax.privacy.dp_step import make_train_step
 from dpjax.privacy.plan import DPPlan
 from dpjax.privacy.sampling import PoissonSampler
-from dpjax.randomness import DATA_STREAM, Streams
+from dpjax.randomness import Streams, sampler_seed
 from dpjax.state import TrainState
 
 PyTree = Any
@@ -375,7 +375,7 @@ def run_audit(
     sampler = PoissonSampler(
         len(rows_labels),
         plan.sampling_rate,
-        seed=seed * 1_000_003 + DATA_STREAM,
+        seed=sampler_seed(seed),
         multiple=microbatch_size,
     )
     streams = Streams.from_seed(seed)

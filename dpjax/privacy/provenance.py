@@ -19,9 +19,15 @@ It also refuses a composed source with this run's seed: composition assumes the 
 runs' randomness independent (``check_independent_randomness``).
 
 What "the private data" is: two data sections denote the same data when their
-``data_identity`` agrees (source, name, split, fake_seed). The check errs on the side of
-refusing (two different datasets with one name count as the same); it cannot see that
-two different names hold the same images, which stays the user's responsibility.
+``data_identity`` strings name the same dataset (``same_data``): the same ``data.name``,
+whatever the source that reads it and whichever split (a private collection's test
+images are private too, and Fashion-MNIST read from an npz copy is Fashion-MNIST); for
+the 'fake' source, the same name and fake_seed. The check errs on the side of refusing
+(two different datasets with one name count as the same); it cannot see that two
+different names hold the same images, which stays the user's responsibility. (It
+compared source, name, split and fake_seed before: the release-boundary review of
+2026-12-07 passed a non-DP run on the private data off as public by reading it through
+another source, or by changing the unused fake_seed of a real dataset.)
 """
 
 from __future__ import annotations
@@ -43,16 +49,32 @@ from dpjax.privacy.accounting import PrivacyError
 DATA_IDENTITY_FIELDS = ("source", "name", "split", "fake_seed")
 
 _SAME_DATA_RULE = (
-    " (Two runs read the same data when data.source, data.name, data.split and "
-    "data.fake_seed agree: paths are not recorded, so two folders or files under one "
-    "data.name count as one dataset. If the two really hold different images, give each "
-    "its own --config.data.name.)"
+    " (Two runs read the same data when their data.name agrees, whatever data.source "
+    "and data.split (and, for fake data, data.fake_seed): paths are not recorded, so two "
+    "folders or files under one data.name count as one dataset. If the two really hold "
+    "different images, give each its own --config.data.name.)"
 )
 
 
 def data_identity(data: Mapping[str, Any]) -> str:
     """'source=...|name=...|split=...|fake_seed=...' of a data section (a dict)."""
     return "|".join(f"{k}={data.get(k, '')}" for k in DATA_IDENTITY_FIELDS)
+
+
+def same_data(a: str, b: str) -> bool:
+    """Whether two ``data_identity`` strings name the same dataset (see the module doc):
+    the same name, and for 'fake' data on either side, both fake with one fake_seed."""
+    fa, fb = _identity_fields(a), _identity_fields(b)
+    if fa.get("name") != fb.get("name"):
+        return False
+    fake_a, fake_b = fa.get("source") == "fake", fb.get("source") == "fake"
+    if fake_a or fake_b:
+        return fake_a and fake_b and fa.get("fake_seed") == fb.get("fake_seed")
+    return True
+
+
+def _identity_fields(identity: str) -> dict[str, str]:
+    return dict(part.partition("=")[::2] for part in identity.split("|"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +211,7 @@ def _check_chain(
         return
     run = read_source_run(what, workdir)
     chain = f"{top.what}={top.workdir!r}" + ("" if depth == 0 else f" (through {what}={workdir!r})")
-    if data_identity(run.data) == private:
+    if same_data(data_identity(run.data), private):
         if not run.dp_enabled:
             raise PrivacyError(
                 f"{chain} was trained WITHOUT DP on this run's private data ({private}); "

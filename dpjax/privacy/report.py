@@ -93,12 +93,15 @@ def privacy_report(
     notes: list[str] = (),
     kinds: tuple[str, ...] = ("rdp", "pld"),
     epsilon: dict[str, Any] | None = None,
+    noise_source: str | None = None,
 ) -> dict[str, Any]:
     """A JSON-serializable report of the guarantee of a run (``notes``: the method's own
     sentences on how its guarantee is obtained, e.g. parallel composition). ``kinds``:
     the accountants to compute (the others are absent from ``epsilon``); ``epsilon``:
     their values (infinite ones as strings) when the caller computed them already for
-    exactly this plan, step count and releases (a checkpoint's metadata)."""
+    exactly this plan, step count and releases (a checkpoint's metadata).
+    ``noise_source``: where the noise and batches came from (``noise_secret``'s 'secret',
+    'seed' or 'none'; None: not known, as for a checkpoint from before the secret)."""
     if epsilon is not None:
         eps = {k: float(epsilon[k]) for k in kinds}  # float('inf') reads its string.
     else:
@@ -124,9 +127,21 @@ def privacy_report(
         "calibrated_with": plan.accountant,
         "neighbouring_relation": plan.neighbouring,
         "epsilon": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "noise_source": noise_source,
         "releases": list(releases),
         "notes": list(notes),
     }
+
+
+def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` for publication when its plan is one release (DP-MEPF): N and the
+    "expected batch" (N itself at q = 1) left out. Such a release noises its counts, so N
+    is protected by the guarantee, unlike DP-SGD's, where N sets the public sampling
+    rate; published exactly, it would be a fact about the data outside epsilon (the
+    release-boundary review of 2026-12-07). Other reports are returned unchanged."""
+    if report.get("plan_mechanism") != "release":
+        return report
+    return {**report, "num_examples": None, "expected_batch_size": None}
 
 
 def _private_line(report: dict[str, Any]) -> str:
@@ -136,7 +151,22 @@ def _private_line(report: dict[str, Any]) -> str:
         return "no (dp.enabled=False: no clipping, no noise, no guarantee)"
     if not (report["noise_multiplier"] or 0.0) > 0:
         return "no (sigma 0: clipped but not noised, epsilon infinite; export refuses it)"
+    if report.get("noise_source") == "seed":
+        return ("not for release: the noise and the batches derive from config.seed "
+                "(dp.secret_noise=False), and anyone who knows or guesses the seed can "
+                "recompute them; export refuses it")
     return "yes"
+
+
+def _noise_line(report: dict[str, Any]) -> list[str]:
+    source = report.get("noise_source")
+    if not report["private"] or source is None:
+        return []
+    if source == "secret":
+        return ["- noise and batches: from a 128-bit secret drawn from the OS when the run "
+                "began (the workdir's noise_secret.json; never exported)"]
+    return ["- noise and batches: from config.seed (dp.secret_noise=False): reproducible, "
+            "and so recomputable by whoever knows the seed"]
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -157,10 +187,13 @@ def report_markdown(report: dict[str, Any]) -> str:
           else []),
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
+        *_noise_line(report),
         f"- clip norm C: {report['clip_norm']}",
         *(
             [
-                f"- private data read once, all N={report['num_examples']} examples",
+                "- private data read once, all "
+                + (f"N={report['num_examples']} examples" if report["num_examples"] is not None
+                   else "examples (N is not part of this release: the release protects it)"),
                 f"- post-processing steps (no private data): {report['steps_done']} done of "
                 f"{report['steps_planned']} planned",
             ]

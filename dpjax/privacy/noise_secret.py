@@ -1,0 +1,133 @@
+"""The secret behind a run's DP noise and Poisson batches.
+
+DP-SGD's guarantee holds against an adversary who knows everything but the noise and
+which examples the batches held. Derived from ``config.seed`` (public: it is in
+``config.json``, in sweep files, 0 by default, and a guess of it can be checked against
+the exported samples), both could be recomputed: the randomness review of 2026-12-07
+recovered DP-MEPF's noiseless per-class sums from an export in under a second, and
+decided membership by replaying DP-SGD on the two neighbouring datasets. So by default
+(``dp.secret_noise=True``) they come from a secret drawn from the operating system's
+CSPRNG when a run starts:
+
+* ``WORKDIR/noise_secret.json`` (owner read/write only) holds two independent 128-bit
+  values, one for the noise key and one for the sampler; the run's other randomness
+  (initialization, the loss's draws, samples) still derives from ``config.seed``.
+* A resume reads the file, so it draws the same noise and batches as an uninterrupted
+  run. A run that starts from step 0 draws a new secret, so two runs never share noise
+  (runs of one sweep with one seed, a run restarted in its workdir with another plan).
+* Nothing else reads it: export, sampling and eval never open it, and it appears in no
+  log, report or checkpoint.
+
+With ``dp.secret_noise=False`` the noise and batches derive from ``config.seed`` as
+before: reproducible across workdirs (tests, seed studies), reported as such, and export
+refuses the run. The checkpoint's metadata records which (``NOISE_SOURCE_KEY``):
+checkpoints written before this module existed have no record and count as 'seed'.
+
+The Gaussian draws themselves still come from JAX's threefry generator, keyed by the
+secret: a generator designed after a block cipher, but not a vetted CSPRNG, and floating-
+point Gaussian sampling has known weaknesses (Mironov, CCS 2012) that no DP-SGD library
+in wide use defends against (README, "Privacy notes").
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpjax import atomic_file, parallel
+
+SECRET_FILE = "noise_secret.json"
+SECRET_BITS = 128
+NOISE_SOURCE_KEY = "noise_source"  # In checkpoint metadata and dp_plan.json.
+SECRET, SEED, NONE = "secret", "seed", "none"  # The values it takes.
+
+
+class NoiseSecretError(atomic_file.CorruptFileError):
+    """The secret file parses but does not hold a secret (a user error: one line)."""
+
+
+def _draw() -> dict[str, Any]:
+    return {
+        "noise": secrets.randbits(SECRET_BITS),
+        "batches": secrets.randbits(SECRET_BITS),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _read(path: str) -> dict[str, Any]:
+    stored = atomic_file.read_json(path, ("noise", "batches"))
+    values = (stored["noise"], stored["batches"])
+    if not all(isinstance(v, int) and 0 <= v < 2**SECRET_BITS for v in values):
+        raise NoiseSecretError(
+            f"{path} does not hold two {SECRET_BITS}-bit integers 'noise' and 'batches': it "
+            "was changed outside dpjax. Restore it, or delete it to go on with a new secret "
+            "(the remaining steps then draw fresh noise and batches).")
+    return stored
+
+
+def load_or_create(workdir: str, resuming: bool, log=print) -> tuple[int, int]:
+    """The run's (noise secret, batch secret), the same on every process.
+
+    Process 0 reads ``WORKDIR/noise_secret.json`` when ``resuming`` (a checkpoint is
+    restored) and draws a new one otherwise, or when a resumed run's file is missing
+    (then it says so: the remaining steps draw fresh noise and batches, which keeps the
+    guarantee, as each step's randomness is independent of the past, but the run no
+    longer equals an uninterrupted one). The file is written atomically with mode 0600
+    before the first step. Other processes receive the values by a broadcast: a
+    collective, which every process must reach at the same point.
+
+    Raises:
+      CorruptFileError: the file exists but does not parse (NoiseSecretError: it parses
+        but does not hold two secrets).
+    """
+    words = np.zeros((2, SECRET_BITS // 32), np.uint32)
+    if parallel.is_main_process():
+        path = os.path.join(workdir, SECRET_FILE)
+        if resuming and os.path.exists(path):
+            stored = _read(path)
+        else:
+            if resuming:
+                log(f"[dpjax] {path} is missing: the remaining steps draw their noise and "
+                    "batches from a new secret (the guarantee holds; the run no longer "
+                    "replays an uninterrupted one)")
+            stored = _draw()
+            atomic_file.write_json(path, stored, permissions=0o600)
+        words = np.array([_to_words(stored["noise"]), _to_words(stored["batches"])], np.uint32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+    return _from_words(words[0]), _from_words(words[1])
+
+
+def recorded_source(meta: dict[str, Any]) -> str:
+    """Where a checkpoint's noise came from, by its metadata: 'secret', 'seed' or 'none';
+    a checkpoint without the record predates the secret, so its noise is 'seed'."""
+    return meta.get(NOISE_SOURCE_KEY, SEED)
+
+
+def noise_key(secret: int) -> jax.Array:
+    """A JAX key that depends on all ``SECRET_BITS`` bits of ``secret``.
+
+    ``jax.random.key`` keeps 32 bits of an integer seed; the other words are folded in.
+    (threefry's key state is 64 bits, so distinct secrets can share a key, with
+    probability 2^-64 per pair.)"""
+    words = _to_words(secret)
+    key = jax.random.key(int(words[0]))
+    for word in words[1:]:
+        key = jax.random.fold_in(key, int(word))
+    return key
+
+
+def _to_words(value: int) -> np.ndarray:
+    return np.array([(value >> (32 * i)) & 0xFFFFFFFF for i in range(SECRET_BITS // 32)],
+                    np.uint32)
+
+
+def _from_words(words: np.ndarray) -> int:
+    return sum(int(w) << (32 * i) for i, w in enumerate(words))
