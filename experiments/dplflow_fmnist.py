@@ -23,8 +23,11 @@ Commands::
     python -m dpjax.main --config=experiments/dplflow_fmnist.py:eps=10,per_class --workdir=runs/pc10
     python -m dpjax.main --mode=eval --workdir=runs/lflow10   # FID, accuracy, memorization
 
-Paper (FMNIST, per-class models, test-set FID after a sharpness filter): see
-``../shared/reference/anchors_results.md``; dpjax's rows are in benchmarks/results.md.
+Expected: epsilon <= 10 at delta = 1e-5 for eps=10 (sigma 1.0594 by RDP; PLD 9.09), <= 1
+for eps=1 (sigma 3.6179; PLD 0.907). Published: DP-LFlow's FMNIST tables (per-class models,
+test-set FID after a sharpness filter) were not retrieved
+(``../shared/reference/anchors_results.md``, section 5); dpjax's rows are in
+benchmarks/results.md.
 Measured on a 2-core CPU (10k samples; FID of 1k samples against 1k test images; bits/dim
 of 300 test images): per-class at epsilon 10 / 1: CNN 50.6 / 41.5%, FID 216.5 / 280.4,
 5.00 / 5.52 bits/dim; conditional: CNN 19.4 / 10.4%, FID 134.6 / 203.3, bits/dim 5.15 at

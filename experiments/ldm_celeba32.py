@@ -28,8 +28,10 @@ one of ``ldm_cifar10.py:stage=ae``)::
         --workdir=runs/dplora_celeba32
 
 Needs ``pip install 'dpjax[tfds]'`` and prepared TFDS 'imagenet_resized/32x32' and
-'celeb_a' (manual download). Expected: epsilon <= 1 at delta=1e-6. FID and time: not
-measured yet.
+'celeb_a' (manual download). Expected: epsilon <= 1 at delta=1e-6. Published: the DP-LDM
+paper's CelebA-32 table was not retrieved (../shared/reference/anchors_results.md, section
+2); DPImageBench's re-run of DP-LDM on CelebA gives FID 40.4 (same file). Ours: FID and
+time not measured yet.
 """
 
 import ml_collections

@@ -30,8 +30,9 @@ Commands (the first two are NON-private, on public data only)::
 
 Needs ``pip install 'dpjax[tfds]'`` and prepared TFDS 'imagenet_resized/32x32' and
 'cifar10' (or ``--config.data.tfds_download=True`` with internet). Expected: epsilon
-<= 10 at delta=1e-5. Paper FID (DP-LDM, epsilon=10): see anchors_results.md; ours not
-measured yet (no GPU in the session that wrote this file), nor the time.
+<= 10 at delta=1e-5. Published: the DP-LDM paper's CIFAR-10 table was not retrieved
+(../shared/reference/anchors_results.md, section 2); DPImageBench's re-run of DP-LDM on
+CIFAR-10 gives FID 47.4 (same file). Ours: not measured yet (no GPU), nor the time.
 """
 
 import ml_collections

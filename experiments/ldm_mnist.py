@@ -30,7 +30,9 @@ Commands (the first two are NON-private, on public data only)::
         --workdir=runs/dplora_mnist
 
 Needs ``pip install 'dpjax[tfds]'`` and prepared TFDS 'emnist/letters' and 'mnist'.
-Expected: epsilon <= 10 at delta=1e-5. FID and time: not measured yet.
+Expected: epsilon <= 10 at delta=1e-5. Published: the DP-LDM paper's MNIST table was not
+retrieved (../shared/reference/anchors_results.md, section 2); DPImageBench's re-run of
+DP-LDM on MNIST gives FID 99.1 (same file). Ours: FID and time not measured yet.
 """
 
 import ml_collections

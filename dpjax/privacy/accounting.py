@@ -10,7 +10,7 @@ Guarantees:
 * ``calibrate_noise_multiplier`` returns a sigma whose epsilon, under the chosen
   accountant and neighbouring relation, is at most the target; it raises otherwise.
 * Every other release (a noised embedding, a private statistic) is an extra event that
-  is composed with the DP-SGD event in ``total_epsilon``; nothing private is free.
+  is composed with the DP-SGD event in ``epsilon(events, ...)``; nothing private is free.
 * An event with a parameter that is not a number (a NaN noise multiplier or sampling
   rate, a negative or fractional count) raises ``PrivacyError``: dp_accounting would
   account for some of them as free (epsilon 0).
@@ -146,8 +146,9 @@ def pld_discretization(event: dp_accounting.DpEvent) -> float:
     """The PLD grid for ``event``: ``PLD_INTERVAL``, coarsened below sigma 0.1.
 
     A Gaussian's privacy loss spans a range that grows as 1/sigma, and PLD's memory and
-    time with it (10 steps at q=0.1: 0.9 GB and 21 s at sigma 0.1, 1.9 GB and 34 s at 0.06,
-    terabytes at 1e-3). Below sigma 0.1 the interval grows as 1/sigma^2 in powers of 2.
+    time with it (10 steps at q=0.1: 590 MB and 12.4 s at sigma 0.1, 1,418 MB and 30.2 s at
+    0.06, terabytes at 1e-3; ``benchmarks/cpu_pld_grid_cost.json``). Below sigma 0.1 the
+    interval grows as 1/sigma^2 in powers of 2.
     The epsilon stays an upper bound at any interval: dp_accounting's pessimistic
     connect-the-dots discretization keeps the exact privacy curve at the grid's points
     and interpolates between them, which bounds a convex curve from above at any grid,
