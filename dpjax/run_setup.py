@@ -255,6 +255,9 @@ def _build_run(
     """``setup`` after the workdir checks: plan, method, state, restore (see ``setup``)."""
     main = parallel.is_main_process()
     plan_path = os.path.join(workdir, "dp_plan.json")
+    # No run has started here (a noise secret placed in it is used: noise_secret.py).
+    new_workdir = checkpointer.latest_step() is None and not any(
+        os.path.exists(os.path.join(workdir, name)) for name in ("config.json", "dp_plan.json"))
     after_release = (
         checkpointer.latest_step() is not None
         and os.path.exists(plan_path)
@@ -365,7 +368,8 @@ def _build_run(
                 + (" with a new noise secret" if cfg.dp.enabled and cfg.dp.secret_noise
                    else "; the steps replay the same batches and noise (dp.secret_noise="
                    "False: they depend only on the seed and the step)") + ".")
-    streams, seed_of_batches, noise_source = noise_randomness(cfg, workdir, streams, meta, log)
+    streams, seed_of_batches, noise_source = noise_randomness(
+        cfg, workdir, streams, meta, new_workdir, log)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
@@ -378,12 +382,14 @@ def noise_randomness(
     workdir: str,
     streams: Streams,
     meta: dict[str, Any] | None,
+    new_workdir: bool = False,
     log=print,
 ) -> tuple[Streams, int, str]:
     """The streams with the run's noise key, the Poisson sampler's seed, and their source.
 
     A new private run (``meta`` None) takes a new secret unless ``dp.secret_noise`` is
-    False; a resumed one (``meta``: its restored checkpoint's) goes on with the source it
+    False (or the one placed in its ``new_workdir``, in which no run had started); a
+    resumed one (``meta``: its restored checkpoint's) goes on with the source it
     began with (a checkpoint without a record predates the secret: 'seed'), so that it
     replays an uninterrupted run and its records say what its noise was.
     """
@@ -398,7 +404,8 @@ def noise_randomness(
             log("[dpjax] this run began with noise and batches derived from config.seed "
                 "(before dp.secret_noise existed) and goes on so: export refuses it")
         return streams, sampler_seed(cfg.seed), noise_secret.SEED
-    noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None, log=log)
+    noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None,
+                                                 new_workdir=new_workdir, log=log)
     return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, source
 
 

@@ -2,10 +2,12 @@
 
 import glob
 import os
+import shutil
 
 import numpy as np
 
 from dpjax import compile_cache
+from dpjax.privacy import noise_secret
 from tests.test_train_loop import _cli, _flat_state
 
 
@@ -36,19 +38,20 @@ def test_fresh_run_and_resumes_share_one_cached_step_and_survive_a_corrupt_entry
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     cfg = "experiments/toy_fake.py:steps=6"
     wd = str(tmp_path / "cached")
-    same = "--config.dp.secret_noise=False"  # Two processes would draw two secrets.
-    first = _cli(wd, "--config.train.max_steps_per_run=3", same, config=cfg)
+    first = _cli(wd, "--config.train.max_steps_per_run=3", config=cfg)
     assert first.returncode == 0, first.stdout + first.stderr
     entries = _step_entries(wd)
     assert len(entries) == 1, (os.listdir(wd), first.stdout, first.stderr[-3000:])
     with open(entries[0], "r+b") as f:  # A kill while JAX wrote the entry.
         f.truncate(os.path.getsize(entries[0]) // 2)
-    resumed = _cli(wd, same, config=cfg)
+    resumed = _cli(wd, config=cfg)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _step_entries(wd) == entries
 
     plain = str(tmp_path / "uncached")
-    done = _cli(plain, "--compilation_cache=off", same, config=cfg)
+    os.makedirs(plain)  # The same noise secret: a replay of the cached run.
+    shutil.copy(os.path.join(wd, noise_secret.SECRET_FILE), plain)
+    done = _cli(plain, "--compilation_cache=off", config=cfg)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not os.path.exists(os.path.join(plain, "xla_cache"))
     for a, b in zip(_flat_state(wd), _flat_state(plain), strict=True):

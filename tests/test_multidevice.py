@@ -305,6 +305,10 @@ def test_two_processes_train_like_one_device(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert "data parallel over 4 devices (2 process(es))" in outs[0]
     env = dict(base, XLA_FLAGS="")
+    # The one-device run replays the two-process run's noise secret (placed in its new
+    # workdir), so the default secret path is compared, not the seed-derived one.
+    (tmp_path / "one").mkdir()
+    shutil.copy(tmp_path / "mp" / "noise_secret.json", tmp_path / "one")
     ref = subprocess.run(
         [sys.executable, "-m", "dpjax.main", f"--workdir={tmp_path / 'one'}", *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

@@ -9,6 +9,7 @@ exported samples). These tests fail on that code.
 import json
 import os
 import pathlib
+import shutil
 import stat
 
 import jax
@@ -95,6 +96,29 @@ def test_the_noise_follows_its_secret_and_the_batches_theirs(tmp_path, monkeypat
     np.testing.assert_array_equal(run("again", 1, 7), base)
     assert not np.allclose(run("other_noise", 2, 7), base)  # Not the seed's noise.
     assert not np.allclose(run("other_batches", 1, 8), base)  # Not the seed's batches.
+
+
+def test_a_secret_placed_in_a_new_workdir_replays_its_run_and_nowhere_else(tmp_path):
+    first = str(tmp_path / "first")
+    train.train(toy_config(3), first, **QUIET)
+    secret = pathlib.Path(first, noise_secret.SECRET_FILE).read_bytes()
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / noise_secret.SECRET_FILE).write_bytes(secret)
+    lines = []
+    train.train(toy_config(3), str(replay), log=lines.append)
+    assert any("uses the noise secret placed in" in x for x in lines), lines
+    np.testing.assert_array_equal(_ema(replay), _ema(first))
+    # Where a run has started (its config.json is there, its checkpoints are not), a
+    # start from step 0 draws a new secret: a plan changed meanwhile never meets old noise.
+    started = tmp_path / "started"
+    train.train(toy_config(3, **{"train.max_steps_per_run": 1, "train.ckpt_every": 5}),
+                str(started), **QUIET)
+    shutil.rmtree(started / "checkpoints")
+    (started / noise_secret.SECRET_FILE).write_bytes(secret)
+    train.train(toy_config(3), str(started), **QUIET)
+    assert (started / noise_secret.SECRET_FILE).read_bytes() != secret
+    assert not np.allclose(_ema(started), _ema(first))
 
 
 def test_a_damaged_secret_file_is_one_clear_error(tmp_path):

@@ -14,7 +14,11 @@ CSPRNG when a run starts:
   (initialization, the loss's draws, samples) still derives from ``config.seed``.
 * A resume reads the file, so it draws the same noise and batches as an uninterrupted
   run. A run that starts from step 0 draws a new secret, so two runs never share noise
-  (runs of one sweep with one seed, a run restarted in its workdir with another plan).
+  (runs of one sweep with one seed, a run restarted in its workdir with another plan),
+  except where the file was put into a workdir in which no run has started yet (no
+  config.json, no dp_plan.json, no checkpoint): that run uses it, to replay the run it
+  was copied from bit for bit (on another machine, or in the tests). Copying one secret
+  to two different runs would correlate their noise: the user's to avoid.
 * Nothing else reads it: export, sampling and eval never open it, and it appears in no
   log, report or checkpoint.
 
@@ -70,11 +74,13 @@ def _read(path: str) -> dict[str, Any]:
     return stored
 
 
-def load_or_create(workdir: str, resuming: bool, log=print) -> tuple[int, int]:
+def load_or_create(workdir: str, resuming: bool, new_workdir: bool = False,
+                   log=print) -> tuple[int, int]:
     """The run's (noise secret, batch secret), the same on every process.
 
     Process 0 reads ``WORKDIR/noise_secret.json`` when ``resuming`` (a checkpoint is
-    restored) and draws a new one otherwise, or when a resumed run's file is missing
+    restored) or when the file was placed in a ``new_workdir`` (one in which no run had
+    started) and draws a new one otherwise, or when a resumed run's file is missing
     (then it says so: the remaining steps draw fresh noise and batches, which keeps the
     guarantee, as each step's randomness is independent of the past, but the run no
     longer equals an uninterrupted one). The file is written atomically with mode 0600
@@ -88,8 +94,12 @@ def load_or_create(workdir: str, resuming: bool, log=print) -> tuple[int, int]:
     words = np.zeros((2, SECRET_BITS // 32), np.uint32)
     if parallel.is_main_process():
         path = os.path.join(workdir, SECRET_FILE)
-        if resuming and os.path.exists(path):
+        if (resuming or new_workdir) and os.path.exists(path):
             stored = _read(path)
+            if not resuming:
+                log(f"[dpjax] this new run uses the noise secret placed in {path}: it "
+                    "replays the run that secret comes from (never give one secret to two "
+                    "different runs: their noise would be the same)")
         else:
             if resuming:
                 log(f"[dpjax] {path} is missing: the remaining steps draw their noise and "
