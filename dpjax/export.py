@@ -55,7 +55,7 @@ import numpy as np
 
 from dpjax import checkpoint as ckpt_lib
 from dpjax import model_card as card_lib
-from dpjax import sample
+from dpjax import run_config, sample
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
@@ -64,6 +64,7 @@ from dpjax.privacy.accounting import PrivacyError
 from dpjax.privacy.noise_secret import NOISE_SOURCE_KEY
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
+from dpjax.typed_config import ConfigError
 
 #: Files an export may contain ('png' is a folder, only with png=True).
 ALLOWED = (
@@ -301,6 +302,10 @@ def export_run(
     releases = list(run.meta.get("releases", []))
     check_private(run.plan, run.step, releases)
     check_secret_noise(run.meta)
+    try:
+        run_config.check_shape_is_configured(run.config)
+    except ConfigError as e:  # A run from before the check: its shape is a leak.
+        raise NotPrivateError(f"{e} This run measured it; refusing to export it.") from None
     check_audit(workdir, run.plan)
     if run.step < run.plan.steps:
         log(f"[dpjax] note: exporting step {run.step} of {run.plan.steps} planned; the model "

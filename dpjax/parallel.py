@@ -8,14 +8,15 @@ those pieces.
 Guarantees:
 * ``deal_batch`` only rearranges the rows of a padded batch: the same dataset indices,
   each exactly once, the same number of real rows. So the Poisson batch, and the
-  sampler's dependence on (seed, step) alone, are those of a one-device run.
+  sampler's dependence on (its seed, step) alone, are those of a one-device run.
 * Within every device's slice the real rows come first (the clipped sum's early stop
   relies on it), and real rows are dealt round-robin so that the devices' loads differ
   by at most one example.
 * ``replicate`` and ``shard_batch`` give global ``jax.Array``s that are correct in a
   multi-process (multi-host) run: every process provides the data of its addressable
   devices only, from the same host values (every process computes the same batch from
-  (seed, step), and holds the same dataset and initial state).
+  (the sampler's seed, step), with the noise secret that process 0 broadcast, and holds
+  the same dataset and initial state).
 * ``initialize_distributed`` calls ``jax.distributed.initialize()`` at most once, and only
   when asked to (``DPJAX_DISTRIBUTED=1``) or when the environment is unambiguously a
   multi-process launch (``JAX_COORDINATOR_ADDRESS`` set, or an ``srun`` step of several

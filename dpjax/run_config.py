@@ -222,13 +222,13 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         sample=typed_config.from_configdict(SampleConfig, d.get("sample", {}), "sample"),
         eval=d.get("eval") or {},
     )
-    check_shape_is_configured(cfg)
     return cfg
 
 
 def check_shape_is_configured(cfg: RunConfig) -> None:
     """Raises ConfigError for a private folder dataset whose image size or channels would
-    be measured on its files.
+    be measured on its files (checked when a run starts, and by export for a run that
+    began before the check; a stored config is still readable for sampling and eval).
 
     The image shape fixes the model's architecture, and the export publishes both. Read
     from a folder (``data.image_size=0``, ``data.channels=0``) it is a function of the

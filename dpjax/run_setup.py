@@ -208,6 +208,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
     check_eval_section(cfg)  # Its typos fail now, not at --mode=eval after the training.
+    if not os.path.exists(os.path.join(workdir, "config.json")):  # A new run.
+        run_config.check_shape_is_configured(cfg)
     if cfg.dp.microbatch_size == 0 and jax.process_count() > 1:
         # Each host would measure its own memory; the padded batch shape must agree.
         raise ConfigError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
@@ -255,9 +257,7 @@ def _build_run(
     """``setup`` after the workdir checks: plan, method, state, restore (see ``setup``)."""
     main = parallel.is_main_process()
     plan_path = os.path.join(workdir, "dp_plan.json")
-    # No run has started here (a noise secret placed in it is used: noise_secret.py).
-    new_workdir = checkpointer.latest_step() is None and not any(
-        os.path.exists(os.path.join(workdir, name)) for name in ("config.json", "dp_plan.json"))
+    reuse = _secret_reuse(workdir, checkpointer)  # Before this run writes anything.
     after_release = (
         checkpointer.latest_step() is not None
         and os.path.exists(plan_path)
@@ -276,7 +276,8 @@ def _build_run(
     with _settings_errors_as_config_errors():  # A setting that fits no model built.
         method = get_method_module(cfg.method).make(cfg.method_args, spec)
     if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
-        provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed)
+        provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed,
+                                 cfg.dp.secret_noise)
     if not method.uses_dp_sgd and mesh is not None:
         if cfg.train.num_devices != 0 or jax.process_count() > 1:
             raise ConfigError(
@@ -364,12 +365,11 @@ def _build_run(
         done = plan_lib.load_plan(plan_path)[1].get("steps_done", 0)
         if done:  # The checkpoints were deleted or moved away.
             log(f"[dpjax] {plan_path} records {done} steps done, but {checkpointer.directory} "
-                "holds no checkpoint: starting again from step 0"
-                + (" with a new noise secret" if cfg.dp.enabled and cfg.dp.secret_noise
-                   else "; the steps replay the same batches and noise (dp.secret_noise="
-                   "False: they depend only on the seed and the step)") + ".")
+                "holds no checkpoint: starting again from step 0. The steps replay the same "
+                "batches and noise (they depend only on the step and the run's noise "
+                "secret, or its seed with dp.secret_noise=False).")
     streams, seed_of_batches, noise_source = noise_randomness(
-        cfg, workdir, streams, meta, new_workdir, log)
+        cfg, workdir, streams, meta, reuse, log)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
@@ -377,19 +377,39 @@ def _build_run(
     return run, dataset
 
 
+def _secret_reuse(workdir: str, checkpointer: ckpt_lib.Checkpointer) -> str:
+    """Why a run from step 0 may use the noise secret already in ``workdir``, or ''.
+
+    Read before the run writes anything: a config.json means a run began here, and as
+    setup refuses another config or other data where one is, this run replays it
+    (``noise_secret.REUSE_RESTART``); a workdir holding nothing but the secret (and what
+    setup itself made: the lock, an empty checkpoints folder, the compilation cache) had
+    it placed there (``REUSE_PLACED``). Anything else (a workdir whose config.json and
+    plan were deleted, with a previous run's logs left) gets a new secret.
+    """
+    if checkpointer.latest_step() is not None:
+        return ""  # A resume: it reads the secret anyway.
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        return noise_secret.REUSE_RESTART
+    made_by_setup = {LOCK_FILE, "checkpoints", "xla_cache", noise_secret.SECRET_FILE}
+    if set(os.listdir(workdir)) <= made_by_setup:
+        return noise_secret.REUSE_PLACED
+    return ""
+
+
 def noise_randomness(
     cfg: run_config.RunConfig,
     workdir: str,
     streams: Streams,
     meta: dict[str, Any] | None,
-    new_workdir: bool = False,
+    reuse: str = "",
     log=print,
 ) -> tuple[Streams, int, str]:
     """The streams with the run's noise key, the Poisson sampler's seed, and their source.
 
     A new private run (``meta`` None) takes a new secret unless ``dp.secret_noise`` is
-    False (or the one placed in its ``new_workdir``, in which no run had started); a
-    resumed one (``meta``: its restored checkpoint's) goes on with the source it
+    False, or keeps the one in its workdir where ``reuse`` (``_secret_reuse``) says why;
+    a resumed one (``meta``: its restored checkpoint's) goes on with the source it
     began with (a checkpoint without a record predates the secret: 'seed'), so that it
     replays an uninterrupted run and its records say what its noise was.
     """
@@ -401,11 +421,11 @@ def noise_randomness(
         source = noise_secret.recorded_source(meta)
     if source != noise_secret.SECRET:
         if cfg.dp.secret_noise:
-            log("[dpjax] this run began with noise and batches derived from config.seed "
-                "(before dp.secret_noise existed) and goes on so: export refuses it")
+            log("[dpjax] this run's checkpoint records noise and batches derived from "
+                "config.seed, and it goes on so: export refuses it")
         return streams, sampler_seed(cfg.seed), noise_secret.SEED
     noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None,
-                                                 new_workdir=new_workdir, log=log)
+                                                 reuse=reuse, log=log)
     return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, source
 
 

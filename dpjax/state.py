@@ -1,5 +1,7 @@
-"""The training state pytree. It stores no PRNG key: every key is derived from
-``config.seed`` and the step number, so a restored state replays the same randomness."""
+"""The training state pytree. It stores no PRNG key: every key is derived from the step
+number and ``config.seed``, or, for the DP noise and batches, the run's noise secret
+(``privacy/noise_secret.py``, kept in the workdir), so a restored state replays the same
+randomness."""
 
 from __future__ import annotations
 

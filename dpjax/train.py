@@ -11,10 +11,10 @@ Every method trains through ``train``. The privacy contract it enforces:
 * the epsilon spent is recomputed from the steps done and written with every checkpoint.
 Fault tolerance: checkpoints are atomic; a run killed at any point resumes from the
 last checkpoint and ends bit-identical to an uninterrupted run (batches and keys depend
-only on (seed, step)) on the same backend and device count with the same micro-batch
-size (``dp.microbatch_size=0`` re-chooses it from the free memory at every start, and a
-free field changed on resume may change it: then equal up to float rounding); a
-non-finite update stops the run before it is checkpointed.
+only on the step, the seed and the workdir's noise secret) on the same backend and
+device count with the same micro-batch size (``dp.microbatch_size=0`` re-chooses it
+from the free memory at every start, and a free field changed on resume may change it:
+then equal up to float rounding); a non-finite update stops the run before it is checkpointed.
 Scale-out: with ``train.num_devices`` != 1 the step runs data-parallel over a mesh
 (``parallel.py``; the same Poisson batch, clipping, single noise draw and accounting as
 on one device), a run resumes on any device count, and in a multi-host run every

@@ -46,9 +46,10 @@ the teacher alone is 8.0 and the student alone would be 9.66; composed they are 
 
 The student run refuses a ``teacher_privacy=public`` teacher whose data section names the
 private data, and a DP teacher whose ``init_from`` read the private data without DP
-(``provenance.check_sources_against``), or whose seed is the student's (the student
-stage uses seed 1, the teacher stage 0: one seed would draw the same batches and noise
-in both runs, and composing their epsilons assumes independent ones).
+(``provenance.check_sources_against``), or whose noise derives from its seed
+(``dp.secret_noise=False``: nothing to compose; a research student with
+``dp.secret_noise=False`` too may compose it, but not with the teacher's seed; the student
+stage uses seed 1, the teacher stage 0).
 
 Expected at the paper's size: epsilon <= 10 in total (teacher 8, composed; the privacy
 report lists the teacher's training as a prior release). FID and accuracy: not measured

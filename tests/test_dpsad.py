@@ -28,6 +28,7 @@ from dpjax import export, run_config, sample, train
 from dpjax.methods import base, dpsad, get_method_module
 from dpjax.models import discriminator, ncsnpp
 from dpjax.privacy import clipping
+from dpjax.privacy import plan as plan_lib
 from dpjax.state import TrainState
 from experiments import dpdm_fmnist, dpsad_fmnist
 from tests.config_overrides import with_overrides
@@ -54,7 +55,15 @@ def write_run_files(directory: str, **over):
     plan_path = os.path.join(directory, "dp_plan.json")
     if os.path.exists(plan_path):
         os.remove(plan_path)
-    return cfg, train.resolve_plan(cfg, cfg.data.fake_num_examples, directory)
+    plan = train.resolve_plan(cfg, cfg.data.fake_num_examples, directory)
+    # What training records (privacy/noise_secret.py): a composed teacher must have drawn
+    # its noise from a secret.
+    plan_lib.save_plan(plan_path, plan, {"steps_done": 0, "noise_source": _noise_source(cfg)})
+    return cfg, plan
+
+
+def _noise_source(cfg) -> str:
+    return "none" if not cfg.dp.enabled else "secret" if cfg.dp.secret_noise else "seed"
 
 
 def fake_teacher(directory, releases=(), **over) -> str:
@@ -78,7 +87,7 @@ def fake_teacher(directory, releases=(), **over) -> str:
     step = jnp.asarray(TEACHER_STEP, jnp.int32)
     state = TrainState(step, trainable, frozen, opt_state, trainable)
     meta = {"plan": plan.to_dict(), "steps_done": TEACHER_STEP, "releases": list(releases),
-            "method": "dpdm"}  # fmt: skip
+            "method": "dpdm", "noise_source": _noise_source(cfg)}  # fmt: skip
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
     checkpointer.save(TEACHER_STEP, state, meta)
     checkpointer.close()
@@ -443,19 +452,31 @@ def test_the_loop_composes_the_dp_teacher_into_the_total_and_exports_no_teacher(
     check_export(wd, str(tmp_path / "release"), run.state.frozen["teacher"])
 
 
-def test_a_dp_teacher_with_the_students_seed_is_refused_before_anything_is_written(
+def test_a_dp_teacher_with_seed_derived_noise_is_refused_before_anything_is_written(
         teachers, tmp_path):
-    """One seed draws the same batches and noise in teacher and student: their composed
-    epsilon would be too small. The stages' default seeds differ (0 and 1)."""
+    """A teacher whose noise derives from its seed has no guarantee to compose (diff
+    review, 2026-12-07: such a student was exported). A research student
+    (dp.secret_noise=False) may compose it, but not with the teacher's seed: one seed
+    draws the same batches and noise in both. The stages' default seeds differ (0 and 1)."""
     from dpjax.privacy.accounting import PrivacyError
 
-    config = dpsad_fmnist.get_config(f"smoke,teacher={teachers['dp']}")
+    seeded = variant(teachers["dp"], tmp_path / "seeded_teacher", **{
+        "dp.noise_multiplier": TEACHER_SIGMA, "dp.secret_noise": False})  # fmt: skip
+    config = dpsad_fmnist.get_config(f"smoke,teacher={seeded}")
     teacher_seed = dpsad_fmnist.get_config("stage=teacher,smoke").seed
     assert config.seed != teacher_seed
     wd = str(tmp_path / "student")
+    with pytest.raises(PrivacyError, match="drew its noise and batches from its config.seed"):
+        train.setup(config, wd, log=lambda *_: None)
+    research = with_overrides(config, {"dp.secret_noise": False, "seed": teacher_seed})
     with pytest.raises(PrivacyError, match=f"seed={teacher_seed}.*Give this run another seed"):
-        train.setup(with_overrides(config, {"seed": teacher_seed}), wd, log=lambda *_: None)
+        train.setup(research, wd, log=lambda *_: None)
     assert not os.path.exists(os.path.join(wd, "dp_plan.json"))
+    # A teacher with secret noise composes whatever the seeds.
+    ok = train.setup(with_overrides(dpsad_fmnist.get_config(f"smoke,teacher={teachers['dp']}"),
+                                    {"seed": teacher_seed}), str(tmp_path / "ok"),
+                     log=lambda *_: None)[0]
+    ok.close()
 
 
 @pytest.mark.slow

@@ -98,27 +98,40 @@ def test_the_noise_follows_its_secret_and_the_batches_theirs(tmp_path, monkeypat
     assert not np.allclose(run("other_batches", 1, 8), base)  # Not the seed's batches.
 
 
-def test_a_secret_placed_in_a_new_workdir_replays_its_run_and_nowhere_else(tmp_path):
+def test_a_secret_is_reused_only_to_replay_one_run(tmp_path):
     first = str(tmp_path / "first")
     train.train(toy_config(3), first, **QUIET)
     secret = pathlib.Path(first, noise_secret.SECRET_FILE).read_bytes()
+    # Placed (by a copy with the umask's 0644) in a workdir where no run has started: it
+    # replays the run it came from, and is narrowed to 0600.
     replay = tmp_path / "replay"
     replay.mkdir()
     (replay / noise_secret.SECRET_FILE).write_bytes(secret)
+    os.chmod(replay / noise_secret.SECRET_FILE, 0o644)
     lines = []
     train.train(toy_config(3), str(replay), log=lines.append)
-    assert any("uses the noise secret placed in" in x for x in lines), lines
+    assert any("was placed in a workdir where no run had started" in x for x in lines), lines
     np.testing.assert_array_equal(_ema(replay), _ema(first))
-    # Where a run has started (its config.json is there, its checkpoints are not), a
-    # start from step 0 draws a new secret: a plan changed meanwhile never meets old noise.
-    started = tmp_path / "started"
-    train.train(toy_config(3, **{"train.max_steps_per_run": 1, "train.ckpt_every": 5}),
-                str(started), **QUIET)
-    shutil.rmtree(started / "checkpoints")
-    (started / noise_secret.SECRET_FILE).write_bytes(secret)
-    train.train(toy_config(3), str(started), **QUIET)
-    assert (started / noise_secret.SECRET_FILE).read_bytes() != secret
-    assert not np.allclose(_ema(started), _ema(first))
+    assert stat.S_IMODE(os.stat(replay / noise_secret.SECRET_FILE).st_mode) == 0o600
+    # A run started again from step 0 in its own workdir (checkpoints deleted): setup
+    # allows only the same config and data there, so it replays its first attempt.
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    shutil.rmtree(again / "checkpoints")
+    lines = []
+    train.train(toy_config(3), str(again), log=lines.append)
+    assert any("starts again from step 0 with the config and data" in x for x in lines), lines
+    assert (again / noise_secret.SECRET_FILE).read_bytes() == secret
+    np.testing.assert_array_equal(_ema(again), _ema(first))
+    # A workdir that held another run (its config.json and plan deleted, its logs left):
+    # a placed secret is not used, so another config never meets that run's noise (diff
+    # review, 2026-12-07).
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    for name in ("checkpoints", "config.json", "dp_plan.json"):
+        shutil.rmtree(other / name) if name == "checkpoints" else os.remove(other / name)
+    train.train(toy_config(3, **{"optim.learning_rate": 1e-3}), str(other), **QUIET)
+    assert (other / noise_secret.SECRET_FILE).read_bytes() != secret
 
 
 def test_a_damaged_secret_file_is_one_clear_error(tmp_path):

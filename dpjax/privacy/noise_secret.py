@@ -14,11 +14,14 @@ CSPRNG when a run starts:
   (initialization, the loss's draws, samples) still derives from ``config.seed``.
 * A resume reads the file, so it draws the same noise and batches as an uninterrupted
   run. A run that starts from step 0 draws a new secret, so two runs never share noise
-  (runs of one sweep with one seed, a run restarted in its workdir with another plan),
-  except where the file was put into a workdir in which no run has started yet (no
-  config.json, no dp_plan.json, no checkpoint): that run uses it, to replay the run it
-  was copied from bit for bit (on another machine, or in the tests). Copying one secret
-  to two different runs would correlate their noise: the user's to avoid.
+  (runs of one sweep with one seed, a workdir reused for another run), with two
+  exceptions that replay one mechanism rather than make a second: a run that starts
+  again from step 0 in its own workdir (its checkpoints deleted, or killed before the
+  first) keeps the secret there, since setup refuses any other config or data in a
+  workdir that holds a config.json, so the replay computes the same outputs again; and
+  a secret copied into a workdir that holds nothing else is used, to replay the run it
+  came from bit for bit (on another machine, or in the tests). Copying one secret to two
+  different runs would correlate their noise: the user's to avoid.
 * Nothing else reads it: export, sampling and eval never open it, and it appears in no
   log, report or checkpoint.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
+import stat
 from typing import Any
 
 import jax
@@ -74,45 +78,69 @@ def _read(path: str) -> dict[str, Any]:
     return stored
 
 
-def load_or_create(workdir: str, resuming: bool, new_workdir: bool = False,
+def load_or_create(workdir: str, resuming: bool, reuse: str = "",
                    log=print) -> tuple[int, int]:
     """The run's (noise secret, batch secret), the same on every process.
 
     Process 0 reads ``WORKDIR/noise_secret.json`` when ``resuming`` (a checkpoint is
-    restored) or when the file was placed in a ``new_workdir`` (one in which no run had
-    started) and draws a new one otherwise, or when a resumed run's file is missing
-    (then it says so: the remaining steps draw fresh noise and batches, which keeps the
-    guarantee, as each step's randomness is independent of the past, but the run no
-    longer equals an uninterrupted one). The file is written atomically with mode 0600
-    before the first step. Other processes receive the values by a broadcast: a
-    collective, which every process must reach at the same point.
+    restored) or when ``reuse`` says why a run from step 0 may use the one there (it is
+    logged: ``REUSE_RESTART`` or ``REUSE_PLACED``), and draws a new one otherwise, or
+    when the file is missing (a resumed run says so: the remaining steps draw fresh
+    noise and batches, which keeps the guarantee, as each step's randomness is
+    independent of the past, but the run no longer equals an uninterrupted one). A new
+    file is written atomically with mode 0600 before the first step; a file read with
+    wider permissions is narrowed to 0600. Other processes receive the values by a
+    broadcast: a collective, which every process reaches at the same point, also when
+    process 0 fails (then every process raises).
 
     Raises:
       CorruptFileError: the file exists but does not parse (NoiseSecretError: it parses
-        but does not hold two secrets).
+        but does not hold two secrets, or process 0 failed on another process).
+      OSError: process 0 cannot read, write or narrow the file.
     """
-    words = np.zeros((2, SECRET_BITS // 32), np.uint32)
+    words = np.zeros((3, SECRET_BITS // 32), np.uint32)  # noise, batches, status
+    error = None
     if parallel.is_main_process():
-        path = os.path.join(workdir, SECRET_FILE)
-        if (resuming or new_workdir) and os.path.exists(path):
-            stored = _read(path)
-            if not resuming:
-                log(f"[dpjax] this new run uses the noise secret placed in {path}: it "
-                    "replays the run that secret comes from (never give one secret to two "
-                    "different runs: their noise would be the same)")
-        else:
-            if resuming:
-                log(f"[dpjax] {path} is missing: the remaining steps draw their noise and "
-                    "batches from a new secret (the guarantee holds; the run no longer "
-                    "replays an uninterrupted one)")
-            stored = _draw()
-            atomic_file.write_json(path, stored, permissions=0o600)
-        words = np.array([_to_words(stored["noise"]), _to_words(stored["batches"])], np.uint32)
+        try:
+            words[:2] = _load_or_draw(os.path.join(workdir, SECRET_FILE), resuming, reuse, log)
+        except (OSError, atomic_file.CorruptFileError) as e:
+            error, words[2, 0] = e, 1
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+    if error is not None:
+        raise error
+    if words[2, 0]:
+        raise NoiseSecretError(
+            f"Process 0 could not read or write {os.path.join(workdir, SECRET_FILE)} (its "
+            "log says why); every process stops with it.")
     return _from_words(words[0]), _from_words(words[1])
+
+
+REUSE_RESTART = ("this run starts again from step 0 with the config and data it began "
+                 "with, so it replays the noise and batches of its earlier attempt (free: "
+                 "the same computation again)")
+REUSE_PLACED = ("the secret was placed in a workdir where no run had started: this run "
+                "replays the run it comes from (never give one secret to two different "
+                "runs: their noise would be the same)")
+
+
+def _load_or_draw(path: str, resuming: bool, reuse: str, log) -> np.ndarray:
+    if (resuming or reuse) and os.path.exists(path):
+        stored = _read(path)
+        if not resuming:
+            log(f"[dpjax] noise secret from {path}: {reuse}")
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)  # A copy made with the umask's 0644.
+    else:
+        if resuming:
+            log(f"[dpjax] {path} is missing: the remaining steps draw their noise and "
+                "batches from a new secret (the guarantee holds; the run no longer "
+                "replays an uninterrupted one)")
+        stored = _draw()
+        atomic_file.write_json(path, stored, permissions=0o600)
+    return np.array([_to_words(stored["noise"]), _to_words(stored["batches"])], np.uint32)
 
 
 def recorded_source(meta: dict[str, Any]) -> str:

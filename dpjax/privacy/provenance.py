@@ -15,8 +15,10 @@ in the chain of sources (a public UNet fine-tuned from a non-private run of the 
 data carries that run's weights). A source trained WITH DP on the private data whose
 epsilon the method does not compose makes the stated epsilon too small. ``check_sources``
 refuses both, before the run builds its state, with one message that names the source.
-It also refuses a composed source with this run's seed: composition assumes the two
-runs' randomness independent (``check_independent_randomness``).
+Composition also assumes the two runs' randomness independent and unknown
+(``check_composed_randomness``): a composed source must have drawn its noise from its
+own secret (``noise_secret``); only a research run (``dp.secret_noise=False``, which
+export refuses) may compose a seed-derived one, and then not one with its own seed.
 
 What "the private data" is: two data sections denote the same data when their
 ``data_identity`` strings name the same dataset (``same_data``): the same ``data.name``,
@@ -102,7 +104,10 @@ class SourceRun:
     dp_enabled: bool
     data: dict[str, Any]
     sources: tuple[tuple[str, str], ...]  # (config key, workdir) of ITS sources
-    seed: int | None = None  # config.seed: ITS batches and noise derive from it
+    seed: int | None = None  # config.seed
+    # Where ITS noise and batches came from (noise_secret): 'secret', 'seed' (also a run
+    # from before the record), or 'none' without DP.
+    noise_source: str = "seed"
 
 
 def read_source_run(what: str, workdir: str) -> SourceRun:
@@ -122,7 +127,7 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
             ) from e
 
     config = read("config.json", _read_json)
-    plan, _ = read("dp_plan.json", plan_lib.load_plan)
+    plan, extra = read("dp_plan.json", plan_lib.load_plan)
     method_args = config.get("method_args") or {}
     nested = tuple(
         (key, value)
@@ -135,6 +140,7 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
         data=dict(config.get("data") or {}),
         sources=nested,
         seed=config.get("seed"),
+        noise_source=str(extra.get("noise_source", "seed")) if plan.enabled else "none",
     )
 
 
@@ -144,52 +150,71 @@ def _read_json(path: str) -> Any:
 
 
 def check_sources(
-    sources: Sequence[Source], private_data: Mapping[str, Any], seed: int | None = None
+    sources: Sequence[Source],
+    private_data: Mapping[str, Any],
+    seed: int | None = None,
+    secret_noise: bool = True,
 ) -> None:
     """Refuses sources that void or understate this run's guarantee (see module doc).
 
     Args:
       sources: the runs the method loads (``Method.source_runs``).
       private_data: this run's data section (a dict), the data its guarantee covers.
-      seed: this run's ``config.seed``; None skips the check of composed sources' seeds.
+      seed: this run's ``config.seed``; None skips the comparison of seeds.
+      secret_noise: this run's ``dp.secret_noise``.
 
     Raises:
       PrivacyError: a source (or a source of a source) was trained without DP on the
         private data; or a direct source was trained with DP on it but the method does
         not compose it; or a source of a source was trained with DP on it (only direct
-        sources are composed); or a composed source has this run's seed
-        (``check_independent_randomness``); or a source cannot be read.
+        sources are composed); or a composed source's randomness is not independent and
+        secret (``check_composed_randomness``); or a source cannot be read.
     """
     check_sources_against(sources, data_identity(private_data))
-    if seed is not None:
-        check_independent_randomness(sources, seed)
+    check_composed_randomness(sources, seed, secret_noise)
 
 
-def check_independent_randomness(sources: Sequence[Source], seed: int) -> None:
-    """Refuses a composed source whose seed is this run's.
+def check_composed_randomness(
+    sources: Sequence[Source], seed: int | None, secret_noise: bool = True
+) -> None:
+    """Refuses a composed source whose noise the accountant cannot treat as independent
+    and unknown.
 
     Composition (adding the two runs' privacy losses, as the accountant does for
-    ``prior_releases``) assumes the two mechanisms draw independent randomness. A dpjax
-    run's Poisson batches and Gaussian noise are functions of (seed, step) alone, so two
-    runs with one seed on the same data draw the SAME batches at every step they share,
-    and noise vectors that share their leading coordinates: noise that an observer of
-    both runs' steps could partly cancel. Their true epsilon is then above the composed
-    one. Different seeds give independent streams.
+    ``prior_releases``) assumes that each mechanism's noise is secret and independent of
+    the other's. A source whose noise derives from its config.seed (``dp.secret_noise=
+    False``, or a run from before the noise secret) has no guarantee to compose: whoever
+    knows or guesses its seed removes its noise (the diff review of 2026-12-07 exported a
+    DP-SAD student over such a teacher). A research run (``secret_noise`` False) may
+    compose one, as long as the seeds differ: one seed draws the same Poisson batches and
+    noise in both runs, and the true epsilon is then above the composed one.
 
     Raises:
-      PrivacyError: a composed source was trained with ``seed``, or has no seed on record.
+      PrivacyError: as above, or a seed-derived source without a seed on record.
     """
     for source in sources:
         if not source.composed:
             continue
         run = read_source_run(source.what, source.workdir)
-        if run.seed is None or int(run.seed) == int(seed):
+        if run.noise_source == "secret":
+            continue
+        if secret_noise:
+            raise PrivacyError(
+                f"{source.what}={source.workdir!r} drew its noise and batches from its "
+                "config.seed (dp.secret_noise=False, or a run from before dpjax drew them "
+                "from a secret): whoever knows or guesses the seed can remove its noise, so "
+                "it has no guarantee to compose into this run's epsilon. Train it again "
+                "with dp.secret_noise=True (the default), or run this one with "
+                "dp.secret_noise=False too (research only: export refuses it)."
+            )
+        if seed is not None and (run.seed is None or int(run.seed) == int(seed)):
             raise PrivacyError(
                 f"{source.what}={source.workdir!r} was trained with seed={run.seed}, and this "
                 f"run's seed is {seed}. Its DP training is composed into this run's epsilon, "
                 "which assumes independent randomness, but one seed draws the same Poisson "
-                "batches and the same Gaussian noise in both runs, and the stated epsilon "
-                "would be too small. Give this run another seed (--config.seed=...)."
+                "batches and the same Gaussian noise in both runs (dp.secret_noise=False), "
+                "and the stated epsilon would be too small. Give this run another seed "
+                "(--config.seed=...)."
             )
 
 
