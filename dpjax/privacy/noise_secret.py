@@ -70,7 +70,7 @@ def _draw() -> dict[str, Any]:
 def _read(path: str) -> dict[str, Any]:
     stored = atomic_file.read_json(path, ("noise", "batches"))
     values = (stored["noise"], stored["batches"])
-    if not all(isinstance(v, int) and 0 <= v < 2**SECRET_BITS for v in values):
+    if not all(type(v) is int and 0 <= v < 2**SECRET_BITS for v in values):  # Not bool.
         raise NoiseSecretError(
             f"{path} does not hold two {SECRET_BITS}-bit integers 'noise' and 'batches': it "
             "was changed outside dpjax. Restore it, or delete it to go on with a new secret "
