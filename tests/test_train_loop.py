@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,19 +60,26 @@ def _flat_state(workdir):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state.as_dict())]
 
 
+def _place_secret(ref, workdir):
+    """Gives ``workdir`` (new) the noise secret of the finished run ``ref``, so that the
+    run there replays it (noise_secret.py): a kill before the first checkpoint restarts
+    from step 0 with the same secret, a later one resumes with it."""
+    workdir.mkdir()
+    shutil.copy(ref / "noise_secret.json", workdir)
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, record_tried):
     args = [
         "--config.train.ckpt_every=3",
         "--config.train.log_every=1",
         "--config.train.progress=False",
         "--config.train.grid_samples=0",
-        # Two processes draw two secrets; tests/test_noise_secret.py resumes a secret.
-        "--config.dp.secret_noise=False",
     ]
     ref = tmp_path / "ref"
     out = _cli(ref, *args)
     assert out.returncode == 0, out.stdout + out.stderr
     killed = tmp_path / "killed"
+    _place_secret(ref, killed)
     kill_at = random.Random(time.time()).randint(2, 10)
     proc = _cli(killed, *args, wait=False)
     log = killed / "metrics.jsonl"
@@ -693,12 +701,12 @@ def test_sampling_from_checkpoint_writes_files_and_never_reads_data(tmp_path, mo
 def test_five_kills_including_during_checkpoint_writes(tmp_path, record_tried):
     """SIGKILL 5 times (twice while a checkpoint is being written), then finish."""
     args = ["--config.train.ckpt_every=2", "--config.train.log_every=1",
-            "--config.train.progress=False", "--config.train.grid_samples=0",
-            "--config.dp.secret_noise=False"]  # Comparable across processes.
+            "--config.train.progress=False", "--config.train.grid_samples=0"]
     config = "experiments/toy_fake.py:steps=16"
     ref = tmp_path / "ref"
     assert _cli(ref, *args, config=config).returncode == 0
     wd = tmp_path / "faulty"
+    _place_secret(ref, wd)
     rng = random.Random(1234)
     steps_done_seen, kills_during_write = [], 0
     for attempt in range(5):
