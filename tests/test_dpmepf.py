@@ -347,3 +347,26 @@ def test_every_device_means_one_for_a_release_method(tmp_path):
     assert any("trains on its release on one device" in m for m in logs), logs
     with pytest.raises(ConfigError, match="set train.num_devices=1"):
         train.train(_smoke(**{"train.num_devices": 2}), str(tmp_path / "b"), log=lambda *_: None)
+
+
+def test_an_export_does_not_state_n_which_the_release_protects(tmp_path):
+    """The release noises its counts, so N is covered by the guarantee; the export's
+    report and card stated it exactly (release-boundary review, 2026-12-07). The
+    workdir's own report keeps it."""
+    from dpjax import export
+
+    wd = str(tmp_path / "run")
+    train.train(_smoke(**{"data.fake_num_examples": 777}), wd, log=lambda *_: None)
+    with open(os.path.join(wd, "privacy_report.json")) as f:
+        assert json.load(f)["num_examples"] == 777
+    out = str(tmp_path / "release")
+    export.export_run(wd, out, num_samples=4, log=lambda *_: None)
+    with open(os.path.join(out, "privacy_report.json")) as f:
+        report = json.load(f)
+    assert report["num_examples"] is None and report["expected_batch_size"] is None
+    for name in ("privacy_report.json", "privacy_report.md", "model_card.md",
+                 "model_config.json"):
+        with open(os.path.join(out, name)) as f:
+            assert "777" not in f.read(), name
+    with open(os.path.join(out, "model_card.md")) as f:
+        assert "N is not stated: the one release noises its counts" in f.read()
