@@ -61,7 +61,6 @@ from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
-from dpjax.privacy.noise_secret import NOISE_SOURCE_KEY
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
 from dpjax.typed_config import ConfigError
@@ -272,7 +271,7 @@ def check_secret_noise(meta: dict[str, Any]) -> None:
     if source != noise_secret.SECRET:
         raise NotPrivateError(
             "This run's noise and batches derive from config.seed ("
-            + ("dp.secret_noise=False" if NOISE_SOURCE_KEY in meta else
+            + ("dp.secret_noise=False" if noise_secret.NOISE_SOURCE_KEY in meta else
                "a checkpoint from before dpjax drew them from a secret")
             + "): anyone who knows or guesses the seed can recompute the noise and remove "
             "it, so the run has no guarantee to publish; refusing to export it. Train it "

@@ -209,7 +209,7 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         module = get_method_module(d["method"])
     except ValueError as e:  # An import path that does not import, or lacks the contract.
         raise typed_config.ConfigError(str(e)) from e
-    cfg = RunConfig(
+    return RunConfig(
         seed=seed,
         method=d["method"],
         method_args=typed_config.from_configdict(
@@ -222,7 +222,6 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
         sample=typed_config.from_configdict(SampleConfig, d.get("sample", {}), "sample"),
         eval=d.get("eval") or {},
     )
-    return cfg
 
 
 def check_shape_is_configured(cfg: RunConfig) -> None:

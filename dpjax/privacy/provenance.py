@@ -40,6 +40,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy.accounting import PrivacyError
 
@@ -107,7 +108,7 @@ class SourceRun:
     seed: int | None = None  # config.seed
     # Where ITS noise and batches came from (noise_secret): 'secret', 'seed' (also a run
     # from before the record), or 'none' without DP.
-    noise_source: str = "seed"
+    noise_source: str = noise_secret.SEED
 
 
 def read_source_run(what: str, workdir: str) -> SourceRun:
@@ -140,7 +141,8 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
         data=dict(config.get("data") or {}),
         sources=nested,
         seed=config.get("seed"),
-        noise_source=str(extra.get("noise_source", "seed")) if plan.enabled else "none",
+        noise_source=(noise_secret.recorded_source(extra) if plan.enabled
+                      else noise_secret.NONE),
     )
 
 
@@ -196,7 +198,7 @@ def check_composed_randomness(
         if not source.composed:
             continue
         run = read_source_run(source.what, source.workdir)
-        if run.noise_source == "secret":
+        if run.noise_source == noise_secret.SECRET:
             continue
         if secret_noise:
             raise PrivacyError(
