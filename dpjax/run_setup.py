@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
-from dpjax import parallel, run_config, sample
+from dpjax import parallel, run_config, run_noise, sample
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
@@ -36,7 +36,7 @@ from dpjax.privacy import noise_secret, provenance
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.privacy.accounting import PrivacyError
-from dpjax.randomness import Streams, sampler_seed
+from dpjax.randomness import Streams
 from dpjax.state import TrainState
 from dpjax.typed_config import ConfigError
 from dpjax.workdir_guard import (
@@ -257,7 +257,7 @@ def _build_run(
     """``setup`` after the workdir checks: plan, method, state, restore (see ``setup``)."""
     main = parallel.is_main_process()
     plan_path = os.path.join(workdir, "dp_plan.json")
-    reuse = _secret_reuse(workdir, checkpointer)  # Before this run writes anything.
+    reuse = run_noise.secret_reuse(workdir, checkpointer)  # Before anything is written.
     after_release = (
         checkpointer.latest_step() is not None
         and os.path.exists(plan_path)
@@ -368,65 +368,13 @@ def _build_run(
                 "holds no checkpoint: starting again from step 0. The steps replay the same "
                 "batches and noise (they depend only on the step and the run's noise "
                 "secret, or its seed with dp.secret_noise=False).")
-    streams, seed_of_batches, noise_source = noise_randomness(
+    streams, seed_of_batches, noise_source = run_noise.noise_randomness(
         cfg, workdir, streams, meta, reuse, log)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
               free_changes, sampler_seed=seed_of_batches, noise_source=noise_source)
     return run, dataset
-
-
-def _secret_reuse(workdir: str, checkpointer: ckpt_lib.Checkpointer) -> str:
-    """Why a run from step 0 may use the noise secret already in ``workdir``, or ''.
-
-    Read before the run writes anything: a config.json means a run began here, and as
-    setup refuses another config or other data where one is, this run replays it
-    (``noise_secret.REUSE_RESTART``); a workdir holding nothing but the secret (and what
-    setup itself made: the lock, an empty checkpoints folder, the compilation cache) had
-    it placed there (``REUSE_PLACED``). Anything else (a workdir whose config.json and
-    plan were deleted, with a previous run's logs left) gets a new secret.
-    """
-    if checkpointer.latest_step() is not None:
-        return ""  # A resume: it reads the secret anyway.
-    if os.path.exists(os.path.join(workdir, "config.json")):
-        return noise_secret.REUSE_RESTART
-    made_by_setup = {LOCK_FILE, "checkpoints", "xla_cache", noise_secret.SECRET_FILE}
-    if set(os.listdir(workdir)) <= made_by_setup:
-        return noise_secret.REUSE_PLACED
-    return ""
-
-
-def noise_randomness(
-    cfg: run_config.RunConfig,
-    workdir: str,
-    streams: Streams,
-    meta: dict[str, Any] | None,
-    reuse: str = "",
-    log=print,
-) -> tuple[Streams, int, str]:
-    """The streams with the run's noise key, the Poisson sampler's seed, and their source.
-
-    A new private run (``meta`` None) takes a new secret unless ``dp.secret_noise`` is
-    False, or keeps the one in its workdir where ``reuse`` (``_secret_reuse``) says why;
-    a resumed one (``meta``: its restored checkpoint's) goes on with the source it
-    began with (a checkpoint without a record predates the secret: 'seed'), so that it
-    replays an uninterrupted run and its records say what its noise was.
-    """
-    if not cfg.dp.enabled:
-        return streams, sampler_seed(cfg.seed), noise_secret.NONE
-    if meta is None:
-        source = noise_secret.SECRET if cfg.dp.secret_noise else noise_secret.SEED
-    else:
-        source = noise_secret.recorded_source(meta)
-    if source != noise_secret.SECRET:
-        if cfg.dp.secret_noise:
-            log("[dpjax] this run's checkpoint records noise and batches derived from "
-                "config.seed, and it goes on so: export refuses it")
-        return streams, sampler_seed(cfg.seed), noise_secret.SEED
-    noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None,
-                                                 reuse=reuse, log=log)
-    return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, source
 
 
 def check_eval_section(cfg: run_config.RunConfig) -> None:

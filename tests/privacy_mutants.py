@@ -175,11 +175,11 @@ MUTANTS = (
     Mutant("DP-SAD teacher chain not checked", "dpjax/methods/dpsad_teacher.py",
            "    provenance.check_sources_against([source], config.private_data)", "    pass",
            ("tests/test_dpsad.py", "-k", "without_dp")),
-    Mutant("DP noise from the public seed", "dpjax/run_setup.py",
+    Mutant("DP noise from the public seed", "dpjax/run_noise.py",
            "return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, "
            "source", "return streams, batches, source",
            ("tests/test_noise_secret.py", "-k", "follows")),
-    Mutant("Poisson batches from the public seed", "dpjax/run_setup.py",
+    Mutant("Poisson batches from the public seed", "dpjax/run_noise.py",
            "noise_secret.noise_key(noise)), batches, source",
            "noise_secret.noise_key(noise)), sampler_seed(cfg.seed), source",
            ("tests/test_noise_secret.py", "-k", "follows")),
