@@ -217,3 +217,26 @@ def test_a_plan_its_accountant_cannot_account_for_is_refused():
     with pytest.raises(accounting.PrivacyError, match="use dp.accountant='pld'"):
         make_plan(accountant="rdp", **kw)
     assert make_plan(accountant="pld", **kw).epsilon() < math.inf
+
+
+def test_pld_bracket_whose_upper_end_meets_the_target_only_on_its_own_grid(monkeypatch):
+    """PLD searches [RDP's sigma / 2, RDP's sigma] on the grid of the lower end, which is
+    coarser below sigma 0.1. Where the upper end meets the target on its own grid but not
+    on that coarser one, Brent finds no sign change: this was a false "Cannot reach".
+    Real grids differ there by about 1e-5 relative (rare to hit); an exaggerated grid
+    below 0.1 (interval 8) makes it certain: epsilon(RDP's sigma 0.137) is 56.9 on the
+    fine grid and 63.1 on the coarse one, against a target of 60."""
+    fine = accounting.pld_discretization
+    # (1e-3 at sigma >= 0.1 rather than 1e-4: ten times cheaper, the same logic.)
+    monkeypatch.setattr(
+        accounting, "pld_discretization",
+        lambda event: 8.0 if fine(event) > accounting.PLD_INTERVAL else 1e-3,
+    )
+    make_event = lambda s: accounting.dpsgd_event(s, 1.0, 1)  # noqa: E731
+    eps = lambda s: accounting.epsilon([make_event(s)], 1e-5, "pld")  # noqa: E731
+    rdp = accounting.calibrate(make_event, 60.0, 1e-5, "rdp")
+    assert 0.1 <= rdp < 0.2 and eps(rdp) < 60.0  # The bracket's upper end meets it...
+    coarse = accounting.make_accountant("pld", pld_interval=8.0)
+    assert coarse.compose(make_event(rdp)).get_epsilon(1e-5) > 60.0  # ...on its own grid only.
+    sigma = accounting.calibrate(make_event, 60.0, 1e-5, "pld", tol=1e-3)
+    assert sigma < rdp and eps(sigma) <= 60.0 < eps(sigma - 1e-3)

@@ -272,6 +272,44 @@ _NoBracket = dp_accounting.mechanism_calibration.NoBracketIntervalFoundError
 _LOWER_ENDS = (0.1, 0.01, 1e-3, 1e-4)
 
 
+def _bisect_on_own_grids(
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    lo: float,
+    hi: float,
+    target_epsilon: float,
+    delta: float,
+    relation: str,
+    tol: float,
+    what: str,
+) -> float:
+    """PLD's smallest sigma in [lo, hi] up to ``tol``, each epsilon on its own grid.
+
+    Bisection keeps ``hi`` a sigma whose epsilon (``epsilon``, on its own grid) meets the
+    target, so the result is safe even where epsilon is not monotone across the grids'
+    boundaries. About log2((hi - lo) / tol) PLD evaluations; a rare fallback.
+
+    Raises:
+      PrivacyError: if ``hi`` itself misses the target.
+    """
+
+    def eps(sigma: float) -> float:
+        return epsilon([make_event(sigma)], delta, "pld", relation)
+
+    got = eps(hi)
+    if not got <= target_epsilon:
+        raise PrivacyError(
+            f"Calibration{' with ' + what if what else ''}: sigma={hi} gives PLD epsilon "
+            f"{got} > target {target_epsilon}."
+        )
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def calibrate(
     make_event: Callable[[float], dp_accounting.DpEvent],
     target_epsilon: float,
@@ -356,6 +394,13 @@ def calibrate(
             f"({kind}); the releases composed before this run spend about that much or more."
         ) from e
     except (ValueError, RuntimeError) as e:
+        if kind == "pld" and isinstance(bracket, dp_accounting.ExplicitBracketInterval):
+            # Brent found no sign change on the search's grid (lo's, coarser below sigma
+            # 0.1): the upper end met the target on its own finer grid only, within the
+            # coarsening (a few 1e-5 relative). Search on each sigma's own grid instead.
+            return _bisect_on_own_grids(
+                make_event, lo, hi, target_epsilon, delta, relation, tol, what
+            )
         raise PrivacyError(
             f"Cannot reach epsilon={target_epsilon} at delta={delta}"
             f"{' with ' + what if what else ''} ({e})."
