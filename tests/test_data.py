@@ -348,16 +348,40 @@ def test_npz_uint8_and_placeholder(tmp_path):
 def test_npz_nhw_and_float_rules(tmp_path):
     base = np.array([0, 64, 128, 255], np.uint8).reshape(1, 2, 2)
     cases = {
-        "nhw": base,
-        "unit": base / 255.0,
-        "sym": base.astype(np.float32) / 127.5 - 1.0,
-        "int64": base.astype(np.int64),
+        "nhw": (base, ""),
+        "unit": (base / 255.0, "0,1"),
+        "sym": (base.astype(np.float32) / 127.5 - 1.0, "-1,1"),
+        "int64": (base.astype(np.int64), ""),
     }
-    for key, images in cases.items():
+    for key, (images, float_range) in cases.items():
         np.savez(tmp_path / f"{key}.npz", images=images)
-        ds = load(cfg(source="npz", path=str(tmp_path / f"{key}.npz"), num_classes=0))
+        ds = load(cfg(source="npz", path=str(tmp_path / f"{key}.npz"), num_classes=0,
+                      float_range=float_range))
         assert ds.images.shape == (1, 2, 2, 1), key
         np.testing.assert_array_equal(ds.images[0, ..., 0], base[0], err_msg=key)
+
+
+def test_npz_float_pixels_do_not_depend_on_other_images(tmp_path):
+    """The float rule was chosen on the whole array ([0, 1] unless some value was
+    negative): adding one image with a pixel at -0.01 moved every other image's pixels
+    from 255 x to 127.5 (x + 1), a change of all N rows from one added example (taint
+    review). Now the range is declared, and each pixel depends on its own value only."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.8, (8, 4, 4, 1)).astype(np.float32)
+    added = np.concatenate([images, np.full((1, 4, 4, 1), -0.01, np.float32)])
+    np.savez(tmp_path / "d.npz", images=images)
+    np.savez(tmp_path / "d_plus.npz", images=added)
+    read = lambda name, r: load(cfg(source="npz", path=str(tmp_path / name), num_classes=0,
+                                    float_range=r)).images  # noqa: E731
+    np.testing.assert_array_equal(read("d_plus.npz", "-1,1")[:8], read("d.npz", "-1,1"))
+    assert abs(float(read("d.npz", "-1,1").mean()) - 127.5 * 1.5) < 5  # [-1, 1] as declared.
+    with pytest.raises(DataError, match=r"image 8 has values outside data.float_range \[0,1\]"):
+        read("d_plus.npz", "0,1")
+    with pytest.raises(DataError, match="set data.float_range"):
+        read("d.npz", "")
+    np.savez(tmp_path / "nan.npz", images=np.where(images > 0.5, np.nan, images))
+    with pytest.raises(DataError, match="NaN"):
+        read("nan.npz", "0,1")
 
 
 @pytest.mark.parametrize(
@@ -367,8 +391,7 @@ def test_npz_nhw_and_float_rules(tmp_path):
         ({"images": np.zeros((2, 3, 8, 8), np.uint8)}, "channels-first"),
         ({"images": np.zeros((2, 8), np.uint8)}, r"must have shape \(N, H, W, C\)"),
         ({"images": np.zeros((0, 4, 4, 1), np.uint8)}, "empty"),
-        ({"images": np.full((2, 4, 4), 1.5)}, r"must lie in \[0, 1\] or \[-1, 1\].*1.5"),
-        ({"images": np.full((2, 4, 4), np.nan)}, "NaN"),
+        ({"images": np.full((2, 4, 4), 1.5)}, "set data.float_range"),
         ({"images": np.full((2, 4, 4), 300, np.int32)}, r"must lie in \[0, 255\]"),
         ({"images": np.zeros((2, 4, 4), np.complex64)}, "has dtype complex64"),
         ({"images": np.zeros((2, 4, 4), bool)}, "has dtype bool"),

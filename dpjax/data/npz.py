@@ -3,11 +3,12 @@
 'images' may be:
   * uint8 (N, H, W, C) with C in {1, 3}, or (N, H, W) (one channel is added);
   * another integer type whose values all lie in [0, 255] (converted losslessly);
-  * floating point, converted to uint8 by one rule decided on the whole array:
-    if every value lies in [0, 1] the data is read as [0, 1] -> round(255 x);
-    otherwise, if every value lies in [-1, 1], as [-1, 1] -> round(127.5 (x + 1));
-    anything else (or a NaN/inf) is an error. An array with no negative value is thus
-    always read as [0, 1]; store uint8 to avoid any doubt.
+  * floating point, only with ``data.float_range`` set: '0,1' reads [0, 1] ->
+    round(255 x), '-1,1' reads [-1, 1] -> round(127.5 (x + 1)); a value outside the
+    declared range (or a NaN/inf) is an error. The range is never guessed from the
+    values: a rule chosen on the whole array (as this reader did before 2026-12-07)
+    let one image with a negative pixel rescale every other image, so adding one
+    example changed all N rows outside the DP guarantee (taint review).
 Channels-first arrays (N, C, H, W) are rejected with a message saying so, rather than
 guessed. 'labels', when present, must be integers of shape (N,). The file is opened
 with ``allow_pickle=False``: it cannot run code.
@@ -25,8 +26,11 @@ from dpjax.data.config import DataConfig
 from dpjax.data.dataset import DataError, SourceData
 
 
-def to_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
+def to_uint8_images(images: np.ndarray, where: str, float_range: str = "") -> np.ndarray:
     """Converts an 'images' array to uint8 (N, H, W, C) by the rule in the module doc.
+
+    Each output pixel depends on its own input value and the declared ``float_range``
+    only, never on other images.
 
     Raises:
       DataError: naming ``where``, for a shape or dtype that the rule does not cover.
@@ -57,22 +61,26 @@ def to_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
             )
         return images.astype(np.uint8)
     if np.issubdtype(images.dtype, np.floating):
+        if not float_range:
+            raise DataError(
+                f"{where}: 'images' are {images.dtype}: set data.float_range to '0,1' or "
+                "'-1,1' (the range is not guessed from the values), or store uint8."
+            )
         if not np.isfinite(images).all():
             raise DataError(f"{where}: 'images' contains NaN or infinite values.")
-        lo, hi = float(images.min()), float(images.max())
-        if lo >= 0.0 and hi <= 1.0:
-            scaled = images.astype(np.float64) * 255.0
-        elif lo >= -1.0 and hi <= 1.0:
-            scaled = (images.astype(np.float64) + 1.0) * 127.5
-        else:
+        low = -1.0 if float_range == "-1,1" else 0.0
+        outside = (images < low) | (images > 1.0)
+        if outside.any():
+            i = int(np.argmax(outside.reshape(len(images), -1).any(axis=1)))
             raise DataError(
-                f"{where}: float 'images' must lie in [0, 1] or [-1, 1], found "
-                f"[{lo:g}, {hi:g}]. Store uint8 in [0, 255] instead."
+                f"{where}: image {i} has values outside data.float_range [{float_range}] "
+                f"(e.g. {float(images[i][outside[i]][0]):g})."
             )
+        scaled = (images.astype(np.float64) - low) * (255.0 / (1.0 - low))
         return np.rint(scaled).astype(np.uint8)
     raise DataError(
         f"{where}: 'images' has dtype {images.dtype}; expected uint8, an integer type in "
-        "[0, 255], or float in [0, 1] or [-1, 1]."
+        "[0, 255], or float with data.float_range set."
     )
 
 
@@ -134,7 +142,7 @@ def load_npz(config: DataConfig) -> SourceData:
             labels = f["labels"] if "labels" in keys else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise DataError(f"{path}: cannot read its arrays ({type(e).__name__}: {e}).") from e
-    images = to_uint8_images(images, path)
+    images = to_uint8_images(images, path, config.float_range)
     if labels is not None:
         labels = check_labels(labels, len(images), path)
     if config.limit:
