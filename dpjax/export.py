@@ -302,9 +302,9 @@ def export_run(
     check_private(run.plan, run.step, releases)
     check_secret_noise(run.meta)
     try:
-        run_config.check_shape_is_configured(run.config)
-    except ConfigError as e:  # A run from before the check: its shape is a leak.
-        raise NotPrivateError(f"{e} This run measured it; refusing to export it.") from None
+        run_config.check_private_data_spec(run.config)
+    except ConfigError as e:  # A run from before the check: its guarantee does not hold.
+        raise NotPrivateError(f"{e} This run began so; refusing to export it.") from None
     check_audit(workdir, run.plan)
     if run.step < run.plan.steps:
         log(f"[dpjax] note: exporting step {run.step} of {run.plan.steps} planned; the model "

@@ -224,20 +224,35 @@ def from_configdict(config: ml_collections.ConfigDict) -> RunConfig:
     )
 
 
-def check_shape_is_configured(cfg: RunConfig) -> None:
-    """Raises ConfigError for a private folder dataset whose image size or channels would
-    be measured on its files (checked when a run starts, and by export for a run that
-    began before the check; a stored config is still readable for sampling and eval).
+def check_private_data_spec(cfg: RunConfig) -> None:
+    """Raises ConfigError where a private (DP) run's data section would let the private
+    files decide something outside the DP mechanism (checked when a run starts, and by
+    export for a run that began before a check; a stored config is still readable for
+    sampling and eval).
 
-    The image shape fixes the model's architecture, and the export publishes both. Read
-    from a folder (``data.image_size=0``, ``data.channels=0``) it is a function of the
-    private files outside the DP mechanism: one colour image among grey ones made every
-    image RGB (release-boundary review, 2026-12-07), so adding one example changed a
-    published fact with certainty. Other sources have one shape per dataset (an npz
-    array, a TFDS feature), not one per file.
+    * A folder dataset needs ``data.image_size`` and ``data.channels``. The image shape
+      fixes the model's architecture, and the export publishes both. Read from a folder
+      (0) it is a function of the private files: one colour image among grey ones made
+      every image RGB (release-boundary review, 2026-12-07), so adding one example
+      changed a published fact with certainty. Other sources have one shape per
+      dataset (an npz array, a TFDS feature), not one per file.
+    * ``data.limit`` is refused: it keeps the first rows in the source's order, so a file
+      added to the source can push another out (the trained set then differs by one
+      added and one removed example), and a source with fewer rows grows. The stated
+      add-or-remove-one guarantee per contributor would not hold (taint review,
+      2026-12-07). Make the subset a dataset of its own (a folder, an npz file) instead.
     """
     data = cfg.data
-    if not cfg.dp.enabled or data.source != "folder":
+    if not cfg.dp.enabled:
+        return
+    if data.limit:
+        raise typed_config.ConfigError(
+            f"data.limit={data.limit} is refused for a private run: it keeps the source's "
+            "first rows, so adding one file could push another out and the guarantee per "
+            "person would be that of replacing one, not of adding or removing one. Train "
+            "on a folder or npz file that holds exactly the subset instead."
+        )
+    if data.source != "folder":
         return
     missing = [k for k in ("image_size", "channels") if not getattr(data, k)]
     if missing:

@@ -209,7 +209,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     cfg = run_config.from_configdict(config)
     check_eval_section(cfg)  # Its typos fail now, not at --mode=eval after the training.
     if not os.path.exists(os.path.join(workdir, "config.json")):  # A new run.
-        run_config.check_shape_is_configured(cfg)
+        run_config.check_private_data_spec(cfg)
     if cfg.dp.microbatch_size == 0 and jax.process_count() > 1:
         # Each host would measure its own memory; the padded batch shape must agree.
         raise ConfigError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")

@@ -66,7 +66,12 @@ TRAIN_CASES = {
         "out of range"),
     "float images outside [-1, 1]": (lambda t: {"data.source": "npz", "data.path": _npz(
         t, "float", images=np.full((20, 28, 28, 1), 7.0, np.float32),
-        labels=np.zeros(20, np.int64))}, "images"),
+        labels=np.zeros(20, np.int64)), "data.float_range": "-1,1"},
+        "image 0 has values outside data.float_range [-1,1] (e.g. 7)"),
+    "float images without data.float_range": (lambda t: {"data.source": "npz", "data.path": _npz(
+        t, "float", images=np.full((20, 28, 28, 1), 0.5, np.float32),
+        labels=np.zeros(20, np.int64))}, "set data.float_range to '0,1' or '-1,1'"),
+    "data.limit on private data": (lambda t: {"data.limit": 100}, "data.limit=100 is refused"),
     "wrong image rank": (lambda t: {"data.source": "npz", "data.path": _npz(
         t, "rank", images=np.zeros((20, 28), np.uint8), labels=np.zeros(20, np.int64))},
         "shape"),
@@ -96,6 +101,7 @@ def test_train_bad_input(case, tmp_path, record_tried):
 # and the corrected command was then refused as a changed config).
 BAD_VALUES = {
     "optim.name": ("adma", "not one of ['adam', 'adamw', 'sgd']"),
+    "data.float_range": ("0-1", "data.float_range must be one of ['', '0,1', '-1,1']"),
     "dp.clipping": ("ghots", "not one of ['vmap', 'layerwise', 'ghost']"),
     "dp.compute_dtype": ("bfloat15", "not one of"),
     "dp.microbatch_loop": ("unrol", "not one of"),

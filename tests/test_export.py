@@ -182,6 +182,20 @@ def test_non_private_runs_are_refused_and_nothing_is_written(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
 
 
+def test_a_run_that_began_with_a_data_spec_now_refused_is_not_exported(tmp_path):
+    """A private run from before a check of run_config.check_private_data_spec (it
+    trained on a source's first rows, or measured a folder's image shape): its stated
+    guarantee does not hold per contributor, so export refuses it, writing nothing."""
+    out = tmp_path / "release"
+    limited = fake_run(tmp_path / "limited", **{"data.limit": 100})
+    with pytest.raises(export.NotPrivateError, match="data.limit=100 is refused.*This run began"):
+        export.export_run(limited, str(out), num_samples=2, log=lambda *_: None)
+    measured = fake_run(tmp_path / "folder", **{"data.source": "folder", "data.path": "/x"})
+    with pytest.raises(export.NotPrivateError, match="needs data.image_size and data.channels"):
+        export.export_run(measured, str(out), num_samples=2, log=lambda *_: None)
+    assert not out.exists()
+
+
 def test_the_privacy_report_says_when_a_run_is_not_private(tmp_path):
     """'private: True' with epsilon inf (sigma 0), and 'sigma calibrated' for a sigma the
     config gave, misled (review of 2026-12-06)."""
