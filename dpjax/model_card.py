@@ -140,6 +140,21 @@ def _stopped_line(plan: Any, step: int) -> list[str]:
     ]
 
 
+def _dataset_size_line(plan: Any, report: dict[str, Any]) -> str:
+    """What the card says of N. A DP-SGD plan publishes it (it sets q). A one-release
+    plan (DP-MEPF) noises its counts, but a composed DP-SGD stage (a DP feature network)
+    lists its own q = batch / its N in the report: on the same data, that is this N
+    (taint review, 2026-12-07: the card claimed N was protected beside that record)."""
+    if plan.mechanism != "release":
+        return (f"N = {plan.num_examples} private training examples (N is treated as "
+                "public, as it sets the sampling rate).")
+    if any(r.get("kind") == "dpsgd" for r in report.get("releases", [])):
+        return ("N is not stated, but it is not protected either: the composed DP-SGD "
+                "stage in the privacy report lists its sampling rate, batch / N of the "
+                "data it trained on (these data, if it trained on them).")
+    return "N is not stated: the one release noises its counts, so it protects N too."
+
+
 def model_card(
     run: LoadedRun,
     report: dict[str, Any],
@@ -184,9 +199,7 @@ def model_card(
         "## Data",
         f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "
         f"{classes}; "
-        + (f"N = {plan.num_examples} private training examples (N is treated as public, as "
-           "it sets the sampling rate)." if plan.mechanism != "release" else
-           "N is not stated: the one release noises its counts, so it protects N too."),
+        + _dataset_size_line(plan, report),
         "- The private data, its location and any statistic of it other than through the "
         "DP mechanism are not part of this release.",
         "",

@@ -194,6 +194,12 @@ def test_a_delta_of_one_over_n_or_more_is_refused():
         with pytest.raises(accounting.PrivacyError, match=r"not in \(0, 1/N\)"):
             make_plan(num_examples=100, delta=delta, **kw)
     make_plan(num_examples=100, delta=0.5, enabled=False, **kw)  # No guarantee to state.
+    # The advice: 1/(10 N) for DP-SGD (N is public there); a power of ten for a one-release
+    # plan, which protects N and publishes delta (following the advice must not publish N).
+    with pytest.raises(accounting.PrivacyError, match=r"e\.g\. 0\.0003,"):
+        make_plan(num_examples=333, delta=0.01, **kw)
+    with pytest.raises(accounting.PrivacyError, match=r"e\.g\. 0\.0001,"):
+        make_plan(num_examples=333, delta=0.01, release_events=lambda s: [], **kw)
 
 
 def test_rdp_accounts_for_full_batch_dpsgd_under_replace_one():

@@ -370,3 +370,18 @@ def test_an_export_does_not_state_n_which_the_release_protects(tmp_path):
             assert "777" not in f.read(), name
     with open(os.path.join(out, "model_card.md")) as f:
         assert "N is not stated: the one release noises its counts" in f.read()
+
+
+def test_the_card_does_not_claim_n_protected_beside_a_composed_dp_sgd_stage():
+    """A DP feature network composed into the release lists its sampling rate (batch / N
+    of its data) in the exported report; on the same data that gives N, and the card
+    said "it protects N too" beside it (taint review, 2026-12-07)."""
+    from dpjax import model_card
+
+    plan = plan_lib.DPPlan(num_examples=1000, sampling_rate=1.0, noise_multiplier=5.0,
+                           clip_norm=1.0, steps=3, delta=1e-5, mechanism="release")
+    alone = model_card._dataset_size_line(plan, {"releases": [{"kind": "gaussian"}]})
+    assert "it protects N too" in alone and "1000" not in alone
+    composed = {"releases": [{"kind": "dpsgd", "sampling_rate": 0.05}, {"kind": "gaussian"}]}
+    line = model_card._dataset_size_line(plan, composed)
+    assert "not protected" in line and "protects N" not in line and "1000" not in line

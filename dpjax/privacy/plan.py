@@ -162,11 +162,16 @@ def make_plan(
         the N outright, so it says nothing about any one example.
     """
     if enabled and num_examples > 0 and not 0.0 < delta < 1.0 / num_examples:
+        # A one-release plan protects N (its counts are noised) and publishes delta: the
+        # advice is then a power of ten, so that following it does not publish N.
+        advice = 0.1 / num_examples
+        if release_events is not None:
+            advice = 10.0 ** math.floor(math.log10(advice))
         raise accounting.PrivacyError(
             f"dp.delta={delta!r} is not in (0, 1/N) = (0, {1.0 / num_examples:.3g}) for "
             f"N={num_examples} private examples: an (epsilon, delta) guarantee with delta >= "
             "1/N allows publishing one example outright. Set dp.delta below 1/N (common "
-            f"practice: at most 1/(10 N) = {0.1 / num_examples:.1g}, or 1e-5 for N <= 100,000)."
+            f"practice: at most 1/(10 N), e.g. {advice:.1g}, or 1e-5 for N <= 100,000)."
         )
     if release_events is not None:
         return _release_plan(

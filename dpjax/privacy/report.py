@@ -138,7 +138,9 @@ def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
     "expected batch" (N itself at q = 1) left out. Such a release noises its counts, so N
     is protected by the guarantee, unlike DP-SGD's, where N sets the public sampling
     rate; published exactly, it would be a fact about the data outside epsilon (the
-    release-boundary review of 2026-12-07). Other reports are returned unchanged."""
+    release-boundary review of 2026-12-07). Other reports are returned unchanged. A
+    composed DP-SGD record among the releases still states its own sampling rate, which
+    gives its N; the model card says so (``model_card._dataset_size_line``)."""
     if report.get("plan_mechanism") != "release":
         return report
     return {**report, "num_examples": None, "expected_batch_size": None}
