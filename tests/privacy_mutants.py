@@ -190,6 +190,13 @@ MUTANTS = (
     Mutant("export of a run with seed-derived noise", "dpjax/export.py",
            "    check_secret_noise(run.meta)\n", "",
            ("tests/test_noise_secret.py", "-k", "export_refuses")),
+    Mutant("npz float range guessed from every image", "dpjax/data/npz.py",
+           "        low = -1.0 if float_range == \"-1,1\" else 0.0",
+           "        low = -1.0 if images.min() < 0 else 0.0",
+           ("tests/test_data.py", "-k", "other_images")),
+    Mutant("data.limit accepted for a private run", "dpjax/run_config.py",
+           "    if data.limit:\n", "    if False:\n",
+           ("tests/test_export.py", "-k", "began_with")),
 )  # fmt: skip
 
 
