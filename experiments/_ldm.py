@@ -39,7 +39,15 @@ diffusion instead of DDPM and no LPIPS/GAN loss in the autoencoder:
   rather than re-initialised;
 * the originals' learning-rate warm-up (LambdaLinearScheduler from 1e-6 over 10k
   Lightning steps, i.e. physical batches) is not set: give
-  ``--config.optim.warmup_steps=N`` (logical steps; the pair files give N).
+  ``--config.optim.warmup_steps=N`` (logical steps; the pair files give N);
+* sigma is calibrated with RDP (``dp.accountant``); the originals use Opacus' PRV
+  accountant, whose sigma is 4-5% smaller at the same epsilon (CIFAR-10: 0.897 by RDP,
+  0.857 by PLD): ``--config.dp.accountant=pld`` matches them.
+
+Every stage, the public ones included, runs micro-batches of the stage's 'microbatch'
+entry, else 16: enough for a small accelerator, slow on a large one. The argument
+``microbatch=`` sets it (e.g. the batch itself for one micro-batch per step where it
+fits; 0 chooses from the memory for the DP stages).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Command::
     python -m dpjax.main --config=experiments/dpdm_celeba32.py:eps=10 --workdir=runs/celeba32
 
 Needs ``pip install 'dpjax[tfds]'`` and a prepared TFDS 'celeb_a' (manual download).
-Expected: epsilon <= 10 / 1 at delta=1e-6 (RDP sigma about 1.30 / 8.8 for the paper's
-q=1/80); paper FID 21.1 (epsilon=10), 71.8 (epsilon=1). Time on one GPU: not yet
+Expected: epsilon <= 10 / 1 at delta=1e-6 (RDP sigma 1.306 / 8.845 at q = 2048/162770,
+about the paper's 1/80); paper FID 21.1 (epsilon=10), 71.8 (epsilon=1). Time on one GPU: not yet
 measured.
 """
 

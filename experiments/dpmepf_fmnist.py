@@ -29,7 +29,9 @@ Commands::
 Expected: epsilon = eps at delta 1e-5 for the one release (the generator steps are
 post-processing). Published (DP-MEPF arXiv v1 as DPDM's table quotes it; Fashion-MNIST,
 mean embedding phi1, LogReg / MLP accuracy on the real test set): eps=0.2: 71.7 / 69.0%;
-eps=1: 76.2 / 75.0%; eps=10: 75.5 / 75.5% (../shared/reference/anchors_results.md).
+eps=1: 76.2 / 75.0%; eps=10: 75.5 / 75.5% (../shared/reference/anchors_results.md),
+under replace-one: compare like with like with ``relation=replace_one`` (the default,
+add-or-remove, lets the same epsilon use half the paper's sigma).
 dpjax's rows and their commands and times are in benchmarks/results.md.
 """
 

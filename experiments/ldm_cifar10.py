@@ -5,8 +5,13 @@ DP-LDM (Lyu et al., TMLR 2024) and DP-LoRA (Tsai et al., ICCV 2025) CIFAR-10 rec
 ch_mult (1, 2)) and a class-conditional LDM on ImageNet32 (1000 classes; UNet width
 128, ch_mult (1, 2, 2, 4), attention at 16, 8 and 4, 8 cross-attention heads, context
 512), then DP fine-tuning on CIFAR-10 with the ImageNet class embedder (labels 0-9 use
-its first rows): epsilon=10, delta=1e-5, C=1e-6 (tiny C + Adam = normalized DP-SGD),
-batch 2000, 30 epochs, lr 2e-3 (DP-LDM's 1e-6 x batch). DP-LoRA: rank 8 on the
+its first rows): epsilon=10, delta=1e-5, C=1e-6, batch 2000, 30 epochs, lr 2e-3
+(DP-LDM's 1e-6 x batch). The tiny C is the original's; it is not quite "normalized
+DP-SGD" there or here: the noisy mean's scale per coordinate, sigma C / B = 4.5e-10, is
+below Adam's eps (1e-8, torch's and optax's default), so the steps are about 20x
+smaller than a scale-free Adam step would be. The original's optimizer is AdamW
+(torch's weight decay 0.01): ``--config.optim.name=adamw
+--config.optim.weight_decay=0.01`` for that; this file uses Adam. DP-LoRA: rank 8 on the
 attention projections, class embedder trained, K=8, batch 80, 20 epochs, lr 1e-6,
 C=1e-3. Departures: EDM diffusion instead of DDPM; all attention blocks are trained
 (DP-LDM trains the SpatialTransformers from block 9 on); no LPIPS/GAN loss in the AE;

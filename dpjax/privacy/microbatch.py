@@ -7,9 +7,11 @@ fastest, because per-kernel overheads are paid once per micro-batch.
 
 ``auto_microbatch_size`` compiles the per-micro-batch work once at a small probe size,
 reads the compiled executable's temporary memory, and extrapolates linearly. Treating the
-probe's whole temporary memory as per-example cost over-estimates the memory of larger
-sizes (the fixed part is counted m/probe times), so the chosen size errs on the side of
-fitting.
+probe's whole temporary memory as per-example cost over-estimates the fixed part (counted
+m/probe times), but the per-example part can itself grow with m (XLA schedules a larger
+micro-batch differently; a review of 2026-12-07 saw it grow for the DPDM UNet at K = 32
+on the CPU), so the extrapolation is not a bound: the budget's fraction of the free
+memory (0.7) is the margin.
 """
 
 from __future__ import annotations
