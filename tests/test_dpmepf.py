@@ -370,6 +370,9 @@ def test_an_export_does_not_state_n_which_the_release_protects(tmp_path):
             assert "777" not in f.read(), name
     with open(os.path.join(out, "model_card.md")) as f:
         assert "N is not stated: the one release noises its counts" in f.read()
+    with open(os.path.join(out, "privacy_report.md")) as f:  # One release: no batches.
+        md = f.read()
+    assert "- noise: from a 128-bit secret" in md and "batches" not in md
 
 
 def test_the_card_does_not_claim_n_protected_beside_a_composed_dp_sgd_stage():

@@ -164,10 +164,12 @@ def _noise_line(report: dict[str, Any]) -> list[str]:
     source = report.get("noise_source")
     if not report["private"] or source is None:
         return []
+    # A one-release plan (DP-MEPF) reads every example once: noise, no batches.
+    what = "noise" if report.get("plan_mechanism") == "release" else "noise and batches"
     if source == "secret":
-        return ["- noise and batches: from a 128-bit secret drawn from the OS when the run "
+        return [f"- {what}: from a 128-bit secret drawn from the OS when the run "
                 "began (the workdir's noise_secret.json; never exported)"]
-    return ["- noise and batches: from config.seed (dp.secret_noise=False): reproducible, "
+    return [f"- {what}: from config.seed (dp.secret_noise=False): reproducible, "
             "and so recomputable by whoever knows the seed"]
 
 
