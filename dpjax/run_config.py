@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Literal
 
 import ml_collections
@@ -65,8 +66,10 @@ class DPConfig:
             raise typed_config.ConfigError(f"dp.clip_norm must be > 0, got {self.clip_norm}.")
         if not 0.0 < self.delta < 1.0:
             raise typed_config.ConfigError(f"dp.delta must be in (0, 1), got {self.delta}.")
-        if not self.epochs >= 0.0:
-            raise typed_config.ConfigError(f"dp.epochs must be >= 0, got {self.epochs}.")
+        if not 0.0 <= self.epochs < math.inf:
+            raise typed_config.ConfigError(
+                f"dp.epochs must be >= 0 and finite, got {self.epochs}."
+            )
         if self.epsilon is not None and not self.epsilon > 0.0:
             raise typed_config.ConfigError(f"dp.epsilon must be > 0 (or None), got {self.epsilon}.")
         # Sigma 0 is allowed: a run without noise, reported as epsilon inf (export refuses it).

@@ -3,6 +3,7 @@
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 
 from dpjax.privacy import accounting, report
@@ -115,8 +116,10 @@ def test_a_target_that_earlier_releases_already_spend_is_one_privacy_error():
     of reach for any sigma: a PrivacyError that says so, not dp_accounting's
     NoBracketIntervalFoundError (not a ValueError: it escaped the handler)."""
     prior = [dp_accounting.GaussianDpEvent(0.5)]
-    for kind in ("rdp", "pld"):
-        with pytest.raises(accounting.PrivacyError, match="no noise multiplier up to 2"):
+    # (PLD says what the prior alone spends under PLD: 9.997.)
+    needles = {"rdp": "no noise multiplier up to 2", "pld": r"spend 9\.99\d* \(pld\)"}
+    for kind, needle in needles.items():
+        with pytest.raises(accounting.PrivacyError, match=needle):
             accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.04, 100, kind,
                                                   extra_events=prior)
 
@@ -246,3 +249,62 @@ def test_pld_bracket_whose_upper_end_meets_the_target_only_on_its_own_grid(monke
     assert coarse.compose(make_event(rdp)).get_epsilon(1e-5) > 60.0  # ...on its own grid only.
     sigma = accounting.calibrate(make_event, 60.0, 1e-5, "pld", tol=1e-3)
     assert sigma < rdp and eps(sigma) <= 60.0 < eps(sigma - 1e-3)
+
+
+def test_pld_reaches_a_target_between_the_priors_pld_and_rdp_epsilons():
+    """PLD calibration took its upper end from RDP's calibration, and RDP's refusal was
+    returned as is: a prior release spending 1.99 under PLD but 2.17 under RDP made a
+    total of 2.1 "unreachable (rdp)" for a PLD run (accounting fuzz, 2026-12-07)."""
+    prior = dp_accounting.GaussianDpEvent(2.0)
+    make_event = lambda s: dp_accounting.ComposedDpEvent(  # noqa: E731
+        [dp_accounting.GaussianDpEvent(s), prior])
+    eps = lambda s: accounting.epsilon([make_event(s)], 1e-5, "pld")  # noqa: E731
+    assert accounting.epsilon([prior], 1e-5, "pld") < 2.1 < accounting.epsilon([prior], 1e-5)
+    with pytest.raises(accounting.PrivacyError, match=r"\(rdp\)"):
+        accounting.calibrate(make_event, 2.1, 1e-5, "rdp")
+    sigma = accounting.calibrate(make_event, 2.1, 1e-5, "pld", tol=1e-3)
+    assert eps(sigma) <= 2.1 < eps(sigma - 1e-3)
+    # What the prior alone spends under PLD is still refused, in PLD's terms.
+    with pytest.raises(accounting.PrivacyError, match=r"spend 1\.99\d* \(pld\) alone"):
+        accounting.calibrate(make_event, 1.9, 1e-5, "pld")
+
+
+def test_inputs_at_the_edge_of_the_accountants_are_one_privacy_error():
+    """Found by fuzzing the accountant (2026-12-07): a NaN delta gave epsilon 0 (RDP) or
+    NaN (PLD); dp_accounting's zCDP and sampling-without-replacement events took a NaN
+    parameter as free; sigma 1e-8 under PLD (a run's final report) raised
+    OverflowError, a Laplace scale 0 ZeroDivisionError, a NumPy count TypeError."""
+    nan, good = float("nan"), accounting.dpsgd_event(1.0, 0.01, 10)
+    refused = {
+        "nan delta": lambda: accounting.epsilon([good], nan, "pld"),
+        "negative delta": lambda: accounting.epsilon([good], -1e-5),
+        "plan with a nan delta": lambda: DPPlan(60000, 0.01, 1.0, 1.0, 10, nan).epsilon(),
+        "zCDP": lambda: accounting.epsilon([dp_accounting.ZCDpEvent(nan)], 1e-5),
+        "without replacement": lambda: accounting.epsilon(
+            [dp_accounting.SampledWithoutReplacementDpEvent(
+                100, 10, dp_accounting.GaussianDpEvent(nan))], 1e-5, "rdp", "replace_one"),
+        "sigma 1e-8 under PLD": lambda: accounting.epsilon(
+            [accounting.dpsgd_event(1e-8, 1.0, 1)], 1e-5, "pld"),
+        "Laplace scale 0": lambda: accounting.epsilon([dp_accounting.LaplaceDpEvent(0)], 1e-5),
+        "infinite epochs": lambda: make_plan(num_examples=100, batch_size=10, delta=1e-3,
+                                             clip_norm=1.0, epochs=math.inf,
+                                             noise_multiplier=1.0),
+    }
+    for name, call in refused.items():
+        with pytest.raises(accounting.PrivacyError):
+            call()
+            pytest.fail(name)
+    # A Gaussian of infinite noise releases nothing; a NumPy count is a count.
+    assert accounting.epsilon([dp_accounting.GaussianDpEvent(math.inf)], 1e-5, "pld") == 0.0
+    three = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), np.int64(3))
+    assert accounting.epsilon([three], 1e-5, "pld") == pytest.approx(
+        accounting.epsilon([dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(1.0), 3)], 1e-5, "pld"))
+
+
+def test_a_one_release_plan_has_no_epsilon_of_its_own():
+    """Its steps are post-processing; plan.epsilon() returned 0 for a DP-MEPF plan whose
+    release spends the whole target (accounting fuzz, 2026-12-07)."""
+    plan = DPPlan(1000, 1.0, 1.0, 1.0, 3, 1e-5, mechanism="release")
+    with pytest.raises(accounting.PrivacyError, match="its release's"):
+        plan.epsilon()

@@ -108,6 +108,7 @@ BAD_VALUES = {
     "dp.accountant": ("prv", "not one of ['rdp', 'pld']"),
     "dp.microbatch_size": (-1, "dp.microbatch_size must be >= 0"),
     "dp.delta": (0.0, "dp.delta must be in (0, 1)"),
+    "dp.epochs": (float("inf"), "dp.epochs must be >= 0 and finite"),
     "dp.clip_norm": (0.0, "dp.clip_norm must be > 0"),
     "train.log_every": (0, "train.log_every must be >= 1"),
     "train.ckpt_every": (0, "train.ckpt_every must be >= 1"),

@@ -101,14 +101,30 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+# The event types dpjax builds; ``check_event`` refuses the others (dp_accounting's
+# zCDP or sampling-without-replacement events took a NaN parameter as free).
+_KNOWN_EVENTS = (
+    dp_accounting.GaussianDpEvent,
+    dp_accounting.LaplaceDpEvent,
+    dp_accounting.PoissonSampledDpEvent,
+    dp_accounting.SelfComposedDpEvent,
+    dp_accounting.ComposedDpEvent,
+    dp_accounting.NoOpDpEvent,
+    dp_accounting.NonPrivateDpEvent,
+)
+
+
 def check_event(event: dp_accounting.DpEvent) -> None:
     """Raises ``PrivacyError`` if a parameter of ``event`` (or of an event inside it) is not
     a valid number: dp_accounting accounts for a NaN noise multiplier as a mechanism that
-    costs nothing, and would report epsilon 0 for it."""
+    costs nothing, and would report epsilon 0 for it. Event types that dpjax does not
+    build (``_KNOWN_EVENTS``) are refused rather than checked."""
 
     def bad(what: str) -> PrivacyError:
         return PrivacyError(f"{what} in the mechanism {event}; refusing to account for it.")
 
+    if not isinstance(event, _KNOWN_EVENTS):
+        raise bad(f"An event of type {type(event).__name__} (not one dpjax builds)")
     if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
         p = event.noise_multiplier  # NumPy scalars are numbers.Real too.
         if not isinstance(p, numbers.Real) or math.isnan(p) or p < 0:
@@ -129,6 +145,24 @@ def check_event(event: dp_accounting.DpEvent) -> None:
     elif isinstance(event, dp_accounting.ComposedDpEvent):
         for e in event.events:
             check_event(e)
+
+
+def _without_infinite_noise(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """``event`` with each Gaussian or Laplace mechanism of infinite noise (it releases
+    nothing) as a NoOp: dp_accounting's PLD fails on one (NaN arithmetic)."""
+    if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
+        return dp_accounting.NoOpDpEvent() if event.noise_multiplier == math.inf else event
+    if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        return dp_accounting.PoissonSampledDpEvent(
+            event.sampling_probability, _without_infinite_noise(event.event)
+        )
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return dp_accounting.SelfComposedDpEvent(
+            _without_infinite_noise(event.event), int(event.count)
+        )
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return dp_accounting.ComposedDpEvent([_without_infinite_noise(e) for e in event.events])
+    return event
 
 
 def _min_noise_multiplier(event: dp_accounting.DpEvent) -> float:
@@ -211,8 +245,11 @@ def epsilon(
         ``UnsupportedByAccountantError`` if this accountant cannot account for the events
         under ``relation``.
     """
+    if not (isinstance(delta, numbers.Real) and 0.0 < delta < 1.0):
+        raise PrivacyError(f"delta must be in (0, 1), got {delta!r}.")
     for e in events:
         check_event(e)
+    events = [_without_infinite_noise(e) for e in events]
     events = [e for e in events if not isinstance(e, dp_accounting.NoOpDpEvent)]
     if not events:
         return 0.0
@@ -223,12 +260,20 @@ def epsilon(
     acc = make_accountant(kind, relation, pld_discretization(event))
     try:
         acc.compose(event)
+        return float(acc.get_epsilon(delta))
     except dp_accounting.UnsupportedEventError as e:
         raise UnsupportedByAccountantError(
             f"The {kind.upper()} accountant cannot account for {event} under the "
             f"'{relation}' relation ({e}). Try accountant='pld'."
         ) from e
-    return float(acc.get_epsilon(delta))
+    except (ValueError, ArithmeticError, MemoryError, TypeError) as e:
+        # Parameters at the edge of the accountant's arithmetic (sigma 1e-8 or 1e300 under
+        # PLD, a Laplace scale of 0 under RDP, a PLD too large for memory): one readable
+        # error, not a traceback at a run's final report (accounting fuzz, 2026-12-07).
+        raise PrivacyError(
+            f"The {kind.upper()} accountant failed on {event} at delta={delta} "
+            f"({type(e).__name__}: {e})."
+        ) from e
 
 
 def calibrate_noise_multiplier(
@@ -331,11 +376,28 @@ def calibrate(
     """
     if not (0 < target_epsilon < math.inf and 0 < delta < 1):
         raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
+    hi = None
     if kind == "pld" and relation != "replace_one":
         # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
         # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
         # the PLD search below the cheap RDP answer instead of searching from ~0.
-        hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
+        try:
+            hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
+        except UnsupportedByAccountantError:
+            raise
+        except PrivacyError as e:
+            # RDP composes a prior release more loosely than PLD: a target between the
+            # prior's PLD and RDP epsilons is reachable by PLD only (accounting fuzz,
+            # 2026-12-07). Refuse only what the prior alone spends under PLD.
+            floor = epsilon([make_event(math.inf)], delta, kind, relation)
+            if not floor < target_epsilon:
+                raise PrivacyError(
+                    f"Cannot reach epsilon={target_epsilon} at delta={delta}"
+                    f"{' with ' + what if what else ''}: the releases composed before this "
+                    f"run spend {floor} (pld) alone."
+                ) from e
+            hi = None
+    if hi is not None:
         if hi < 0.1:
             # A loose target: searching below RDP's sigma would discretize PLD's enormous
             # loss range at every try (seconds each on the coarsened grid, minutes and

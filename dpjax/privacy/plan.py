@@ -70,6 +70,8 @@ class DPPlan:
             raise accounting.PrivacyError(f"sigma must be >= 0, got {self.noise_multiplier}.")
         if self.steps < 0:
             raise accounting.PrivacyError(f"steps must be >= 0, got {self.steps}.")
+        if self.enabled and not 0.0 < self.delta < 1.0:  # Also NaN (a hand-edited plan).
+            raise accounting.PrivacyError(f"delta must be in (0, 1), got {self.delta!r}.")
 
     @property
     def expected_batch_size(self) -> float:
@@ -96,9 +98,19 @@ class DPPlan:
 
         Only the plan's mechanism: a run's total, with its prior releases, is
         ``privacy.report``'s.
+
+        Raises:
+          PrivacyError: for a one-release plan (DP-MEPF), whose steps are
+            post-processing: its epsilon is that of its recorded release
+            (``privacy.report.epsilon_spent``), and 0 here would read as free.
         """
         if not self.enabled:
             return math.inf
+        if self.mechanism == "release":
+            raise accounting.PrivacyError(
+                "A one-release plan's epsilon is its release's: use "
+                "privacy.report.epsilon_spent with the run's releases."
+            )
         return accounting.epsilon(
             [self.dp_event(steps)],
             self.delta,
@@ -204,8 +216,10 @@ def make_plan(
             "'replace_one' relation (dp_accounting refuses it); use dp.accountant='pld'."
         )
     if steps <= 0:
-        if epochs <= 0:
-            raise accounting.PrivacyError("Give either steps > 0 or epochs > 0.")
+        if not 0 < epochs < math.inf:
+            raise accounting.PrivacyError(
+                f"Give either steps > 0 or a finite epochs > 0 (got epochs={epochs!r})."
+            )
         steps = int(epochs / q)  # As Opacus/DPDM: T = int(epochs / q).
     if not enabled:
         return DPPlan(
