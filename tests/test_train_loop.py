@@ -129,6 +129,18 @@ def test_budget_is_never_exceeded(tmp_path):
     assert json.loads(plan_path.read_text()) == complete
 
 
+def test_a_replace_one_run_logs_its_epsilon_with_the_accountant_that_can(tmp_path):
+    """RDP cannot account for Poisson sampling under replace-one: the log's epsilon_rdp
+    was NaN on every line of such a (PLD) run; it now logs epsilon_pld (fuzz review)."""
+    wd = str(tmp_path)
+    train.train(_config(steps=2, **{"dp.neighbouring": "replace_one", "dp.accountant": "pld"}),
+                wd, log=lambda *_: None)
+    rows = metrics_log.read(wd)
+    assert rows and all("epsilon_rdp" not in r for r in rows)
+    eps = [r["epsilon_pld"] for r in rows]
+    assert all(0 < e < float("inf") for e in eps) and eps == sorted(eps)
+
+
 def test_a_run_stopped_by_max_steps_per_run_says_so(tmp_path):
     msgs = []
     train.train(_config(steps=4, **{"train.max_steps_per_run": 3}), str(tmp_path),
