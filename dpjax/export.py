@@ -304,7 +304,8 @@ def export_run(
     try:
         run_config.check_private_data_spec(run.config)
     except ConfigError as e:  # A run from before the check: its guarantee does not hold.
-        raise NotPrivateError(f"{e} This run began so; refusing to export it.") from None
+        raise NotPrivateError(
+            f"{e} This run began with that setting; refusing to export it.") from None
     check_audit(workdir, run.plan)
     if run.step < run.plan.steps:
         log(f"[dpjax] note: exporting step {run.step} of {run.plan.steps} planned; the model "

@@ -188,9 +188,11 @@ def _train_run(
     logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
     # RDP is cheap enough to log every few steps, but cannot account for Poisson sampling
     # under replace-one (NaN on every line before): the plan's own accountant then.
+    # PLD costs about a second a value: at most one every 30 s, and the last step's.
     progress_kind = "rdp"
     if math.isnan(report_lib.epsilon_spent(plan, 1, run.releases, ("rdp",))["rdp"]):
-        progress_kind = plan.accountant
+        progress_kind = "pld"
+    eps, eps_at = math.nan, -math.inf
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
     dropped, dropped_since = 0, start + 1  # Non-finite examples left out since the last log.
@@ -218,11 +220,13 @@ def _train_run(
             if done % cfg.train.log_every == 0 or done == end:
                 _report_dropped(log if main else None, dropped, dropped_since, done)
                 dropped, dropped_since = 0, done + 1
-                eps = report_lib.epsilon_spent(
-                    plan, done, run.releases, (progress_kind,))[progress_kind]
                 row = {k: float(v) for k, v in m.items()}
-                row.update({f"epsilon_{progress_kind}": eps,
-                            "steps_per_s": (done - start) / (time.time() - t0)})
+                if progress_kind == "rdp" or done == end or time.time() - eps_at >= 30:
+                    eps = report_lib.epsilon_spent(
+                        plan, done, run.releases, (progress_kind,))[progress_kind]
+                    eps_at = time.time()
+                    row[f"epsilon_{progress_kind}"] = eps
+                row["steps_per_s"] = (done - start) / (time.time() - t0)
                 logger.write(done, row)
                 if bar is not None:
                     bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")

@@ -43,7 +43,9 @@ RESUME_LOCKED_SECTIONS = ("seed", "method", "method_args", "data", "dp", "optim"
 # (a moved dataset, another cluster's mounts), accepted when the data's digest agrees.
 RESUME_FREE_FIELDS = {
     "dp": ("microbatch_size", "microbatch_loop", "clipping"),
-    "data": ("path", "tfds_data_dir", "tfds_download"),
+    # float_range: a run begun before it existed declares its npz float range once;
+    # accepted only where the digest shows the images read the same.
+    "data": ("path", "tfds_data_dir", "tfds_download", "float_range"),
 }
 # Fields of the free sections that define the released weights all the same: the
 # exported EMA and the model card's rate. A resume under another rate would average

@@ -308,3 +308,14 @@ def test_a_one_release_plan_has_no_epsilon_of_its_own():
     plan = DPPlan(1000, 1.0, 1.0, 1.0, 3, 1e-5, mechanism="release")
     with pytest.raises(accounting.PrivacyError, match="its release's"):
         plan.epsilon()
+
+
+def test_a_sampled_mechanism_of_infinite_noise_is_nothing():
+    """Poisson sampling of a Gaussian of infinite noise releases nothing; mapping only the
+    inner Gaussian to NoOp made both accountants refuse the sampled event (diff review)."""
+    nothing = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(math.inf))
+    prior = dp_accounting.GaussianDpEvent(2.0)
+    for kind in ("rdp", "pld"):
+        assert accounting.epsilon([nothing], 1e-5, kind) == 0.0
+        both = dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(nothing, 5), prior])
+        assert accounting.epsilon([both], 1e-5, kind) == accounting.epsilon([prior], 1e-5, kind)

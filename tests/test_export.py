@@ -188,7 +188,8 @@ def test_a_run_that_began_with_a_data_spec_now_refused_is_not_exported(tmp_path)
     guarantee does not hold per contributor, so export refuses it, writing nothing."""
     out = tmp_path / "release"
     limited = fake_run(tmp_path / "limited", **{"data.limit": 100})
-    with pytest.raises(export.NotPrivateError, match="data.limit=100 is refused.*This run began"):
+    with pytest.raises(export.NotPrivateError,
+                       match="data.limit=100 is refused.*This run began with that"):
         export.export_run(limited, str(out), num_samples=2, log=lambda *_: None)
     measured = fake_run(tmp_path / "folder", **{"data.source": "folder", "data.path": "/x"})
     with pytest.raises(export.NotPrivateError, match="needs data.image_size and data.channels"):

@@ -144,3 +144,15 @@ def test_identity_ignores_how_data_is_prepared_but_not_which_data():
                                 provenance.data_identity(fake))
     assert not provenance.same_data(provenance.data_identity({**fake, "source": "npz"}),
                                     provenance.data_identity(fake))
+
+
+def test_a_composed_dp_source_trained_on_a_sources_first_rows_is_refused(tmp_path):
+    """Its epsilon is not add-or-remove (data.limit: one added file can push another out),
+    so composing it would understate this run's (diff review, 2026-12-07)."""
+    limited = _run(tmp_path, "limited", {**PUBLIC, "limit": 500}, dp=True)
+    with pytest.raises(PrivacyError, match=r"first 500 rows of its data \(data.limit\)"):
+        provenance.check_sources([provenance.Source("teacher_from", limited, True)], PRIVATE)
+    # Not composed (a public source run with DP on other data), or without a limit: fine.
+    provenance.check_sources([provenance.Source("init_from", limited)], PRIVATE)
+    whole = _run(tmp_path, "whole", PUBLIC, dp=True)
+    provenance.check_sources([provenance.Source("teacher_from", whole, True)], PRIVATE)

@@ -64,7 +64,9 @@ def to_uint8_images(images: np.ndarray, where: str, float_range: str = "") -> np
         if not float_range:
             raise DataError(
                 f"{where}: 'images' are {images.dtype}: set data.float_range to '0,1' or "
-                "'-1,1' (the range is not guessed from the values), or store uint8."
+                "'-1,1' (the range is not guessed from the values), or store uint8. A run "
+                "begun before this setting: run its training command again with "
+                "--config.data.float_range=...; it is accepted if the images read the same."
             )
         if not np.isfinite(images).all():
             raise DataError(f"{where}: 'images' contains NaN or infinite values.")

@@ -101,8 +101,9 @@ def dpsgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-# The event types dpjax builds; ``check_event`` refuses the others (dp_accounting's
-# zCDP or sampling-without-replacement events took a NaN parameter as free).
+# The event types dpjax builds or accepts in a recorded release; ``check_event`` refuses
+# the others (dp_accounting's zCDP or sampling-without-replacement events took a NaN
+# parameter as free).
 _KNOWN_EVENTS = (
     dp_accounting.GaussianDpEvent,
     dp_accounting.LaplaceDpEvent,
@@ -150,18 +151,21 @@ def check_event(event: dp_accounting.DpEvent) -> None:
 def _without_infinite_noise(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
     """``event`` with each Gaussian or Laplace mechanism of infinite noise (it releases
     nothing) as a NoOp: dp_accounting's PLD fails on one (NaN arithmetic)."""
+    noop = dp_accounting.NoOpDpEvent
     if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
-        return dp_accounting.NoOpDpEvent() if event.noise_multiplier == math.inf else event
+        return noop() if event.noise_multiplier == math.inf else event
     if isinstance(event, dp_accounting.PoissonSampledDpEvent):
-        return dp_accounting.PoissonSampledDpEvent(
-            event.sampling_probability, _without_infinite_noise(event.event)
-        )
+        inner = _without_infinite_noise(event.event)  # Sampling nothing is nothing.
+        return inner if isinstance(inner, noop) else dp_accounting.PoissonSampledDpEvent(
+            event.sampling_probability, inner)
     if isinstance(event, dp_accounting.SelfComposedDpEvent):
-        return dp_accounting.SelfComposedDpEvent(
-            _without_infinite_noise(event.event), int(event.count)
-        )
+        inner = _without_infinite_noise(event.event)
+        return inner if isinstance(inner, noop) else dp_accounting.SelfComposedDpEvent(
+            inner, int(event.count))  # (int: a NumPy count failed under PLD.)
     if isinstance(event, dp_accounting.ComposedDpEvent):
-        return dp_accounting.ComposedDpEvent([_without_infinite_noise(e) for e in event.events])
+        parts = [_without_infinite_noise(e) for e in event.events]
+        parts = [e for e in parts if not isinstance(e, noop)]
+        return dp_accounting.ComposedDpEvent(parts) if parts else noop()
     return event
 
 
@@ -240,10 +244,13 @@ def epsilon(
 ) -> float:
     """Epsilon at ``delta`` of the composition of ``events`` (inf if any is non-private).
 
+    A Gaussian or Laplace mechanism of infinite noise counts as releasing nothing.
+
     Raises:
-      PrivacyError: an event's parameter is not a valid number (``check_event``);
-        ``UnsupportedByAccountantError`` if this accountant cannot account for the events
-        under ``relation``.
+      PrivacyError: delta is not in (0, 1); an event's parameter is not a valid number,
+        or its type is not one dpjax builds (``check_event``); dp_accounting fails on
+        the parameters (e.g. sigma 1e-8 under PLD); ``UnsupportedByAccountantError`` if
+        this accountant cannot account for the events under ``relation``.
     """
     if not (isinstance(delta, numbers.Real) and 0.0 < delta < 1.0):
         raise PrivacyError(f"delta must be in (0, 1), got {delta!r}.")
@@ -262,11 +269,12 @@ def epsilon(
         acc.compose(event)
         return float(acc.get_epsilon(delta))
     except dp_accounting.UnsupportedEventError as e:
+        hint = " Try accountant='pld'." if kind != "pld" else ""
         raise UnsupportedByAccountantError(
             f"The {kind.upper()} accountant cannot account for {event} under the "
-            f"'{relation}' relation ({e}). Try accountant='pld'."
+            f"'{relation}' relation ({e}).{hint}"
         ) from e
-    except (ValueError, ArithmeticError, MemoryError, TypeError) as e:
+    except (ValueError, ArithmeticError, MemoryError) as e:
         # Parameters at the edge of the accountant's arithmetic (sigma 1e-8 or 1e300 under
         # PLD, a Laplace scale of 0 under RDP, a PLD too large for memory): one readable
         # error, not a traceback at a run's final report (accounting fuzz, 2026-12-07).
@@ -369,7 +377,10 @@ def calibrate(
     ``make_event`` must describe a mechanism whose epsilon decreases as sigma grows (any
     composition of Gaussian mechanisms whose noise multipliers scale with sigma). Uses
     dp_accounting's Brent search (``calibrate_dp_mechanism``), then checks the result:
-    the returned sigma is never one whose epsilon exceeds the target.
+    the returned sigma is never one whose epsilon exceeds the target. PLD brackets its
+    search below RDP's sigma; where RDP refuses (a prior release that RDP composes more
+    loosely), PLD searches on its own, and where Brent finds no sign change on the
+    bracket's coarser grid, it bisects on each sigma's own grid.
 
     Raises:
       PrivacyError: if the target is unreachable or the check fails.

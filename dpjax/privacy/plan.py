@@ -176,9 +176,11 @@ def make_plan(
     if enabled and num_examples > 0 and not 0.0 < delta < 1.0 / num_examples:
         # A one-release plan protects N (its counts are noised) and publishes delta: the
         # advice is then a power of ten, so that following it does not publish N.
-        advice = 0.1 / num_examples
+        # (Rounded down to one digit, so that the example is at most 1/(10 N).)
+        power = 10.0 ** math.floor(math.log10(0.1 / num_examples))
+        advice = power * math.floor(0.1 / num_examples / power)
         if release_events is not None:
-            advice = 10.0 ** math.floor(math.log10(advice))
+            advice = power
         raise accounting.PrivacyError(
             f"dp.delta={delta!r} is not in (0, 1/N) = (0, {1.0 / num_examples:.3g}) for "
             f"N={num_examples} private examples: an (epsilon, delta) guarantee with delta >= "

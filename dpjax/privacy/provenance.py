@@ -170,10 +170,36 @@ def check_sources(
         private data; or a direct source was trained with DP on it but the method does
         not compose it; or a source of a source was trained with DP on it (only direct
         sources are composed); or a composed source's randomness is not independent and
-        secret (``check_composed_randomness``); or a source cannot be read.
+        secret (``check_composed_randomness``); or a composed source trained on a
+        source's first rows (``check_composed_subsets``); or a source cannot be read.
     """
     check_sources_against(sources, data_identity(private_data))
     check_composed_randomness(sources, seed, secret_noise)
+    check_composed_subsets(sources)
+
+
+def check_composed_subsets(sources: Sequence[Source]) -> None:
+    """Refuses a composed DP source trained on the first ``data.limit`` rows of its data.
+
+    Adding one file to that data could push another out of the first rows, so the
+    source's epsilon is not the add-or-remove one this run composes
+    (``run_config.check_private_data_spec``, which refuses such a run of its own).
+
+    Raises:
+      PrivacyError: as above, or a source cannot be read.
+    """
+    for source in sources:
+        if not source.composed:
+            continue
+        run = read_source_run(source.what, source.workdir)
+        limit = int(run.data.get("limit") or 0)
+        if run.dp_enabled and limit:
+            raise PrivacyError(
+                f"{source.what}={source.workdir!r} was trained with DP on the first {limit} "
+                "rows of its data (data.limit): adding one file there could push another "
+                "out, so its epsilon is not the add-or-remove one composed here. Train it on "
+                "a dataset that holds exactly those rows."
+            )
 
 
 def check_composed_randomness(
