@@ -187,7 +187,7 @@ def _train_run(
         advance = dpsgd_advance(run, dataset)
     logger = metrics_log.MetricsLog(workdir, resume_step=start) if main else _NoLog()
     # RDP is cheap enough to log every few steps, but cannot account for Poisson sampling
-    # under replace-one (NaN on every line before): the plan's own accountant then.
+    # under replace-one (NaN on every line before): PLD then.
     # PLD costs about a second a value: at most one every 30 s, and the last step's.
     progress_kind = "rdp"
     if math.isnan(report_lib.epsilon_spent(plan, 1, run.releases, ("rdp",))["rdp"]):
