@@ -141,7 +141,7 @@ MUTANTS = (
            "cfg.seed,\n                                 cfg.dp.secret_noise)",
            "cfg.seed,\n                                 False)",
            ("tests/test_dpsad.py", "-k", "seed")),
-    Mutant("PLD calibration bracket never widened", "dpjax/privacy/accounting.py",
+    Mutant("PLD calibration bracket never widened", "dpjax/privacy/calibration.py",
            "        for _ in range(_PLD_BRACKET_HALVINGS):", "        for _ in range(0):",
            ("tests/test_accounting.py", "-k", "large_prior")),
     Mutant("DP-MEPF composes the plan file's lagging step count", "dpjax/methods/dpmepf.py",

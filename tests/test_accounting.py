@@ -6,7 +6,7 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from dpjax.privacy import accounting, report
+from dpjax.privacy import accounting, calibration, report
 from dpjax.privacy.plan import DPPlan, make_plan
 
 
@@ -18,7 +18,7 @@ def test_golden_epsilons():
 
 @pytest.mark.parametrize("kind,expected", [("rdp", 2.487), ("pld", 2.355)])
 def test_calibration_matches_dpdm_table_and_stays_within_target(kind, expected):
-    sigma = accounting.calibrate_noise_multiplier(10.0, 1e-5, 1 / 15, 4500, kind)
+    sigma = calibration.calibrate_noise_multiplier(10.0, 1e-5, 1 / 15, 4500, kind)
     assert round(sigma, 3) == expected
     eps = accounting.epsilon([accounting.dpsgd_event(sigma, 1 / 15, 4500)], 1e-5, kind)
     assert eps <= 10.0
@@ -86,11 +86,11 @@ def test_pld_calibration_with_a_large_prior_release():
     composes the prior far more tightly, so the student's sigma is below half of RDP's
     (the old bracket [RDP/2, RDP] did not contain it and calibration failed)."""
     q, teacher_steps, student_steps = 4096 / 60000, 4394, 439
-    teacher_sigma = accounting.calibrate_noise_multiplier(9.8, 1e-5, q, teacher_steps, "rdp")
+    teacher_sigma = calibration.calibrate_noise_multiplier(9.8, 1e-5, q, teacher_steps, "rdp")
     prior = [accounting.dpsgd_event(teacher_sigma, q, teacher_steps)]
-    rdp = accounting.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "rdp",
+    rdp = calibration.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "rdp",
                                                 extra_events=prior)
-    pld = accounting.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "pld",
+    pld = calibration.calibrate_noise_multiplier(10, 1e-5, q, student_steps, "pld",
                                                 extra_events=prior)
     eps = lambda s: accounting.epsilon([accounting.dpsgd_event(s, q, student_steps), *prior],
                                        1e-5, "pld")
@@ -104,11 +104,11 @@ def test_a_loose_target_met_below_sigma_one_tenth_is_calibrated():
     uncaught NoBracketIntervalFoundError instead of returning it."""
     q, steps = 0.001, 10
     eps = lambda s, kind: accounting.epsilon([accounting.dpsgd_event(s, q, steps)], 1e-5, kind)
-    rdp = accounting.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "rdp")
+    rdp = calibration.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "rdp")
     assert rdp < 0.1 and eps(rdp, "rdp") <= 200.0 < eps(rdp - 2e-4, "rdp")
     # PLD keeps RDP's answer there (PLD's epsilon <= RDP's; searching below it took
     # 220 s of PLD discretization).
-    assert accounting.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "pld") == rdp
+    assert calibration.calibrate_noise_multiplier(200.0, 1e-5, q, steps, "pld") == rdp
 
 
 def test_a_target_that_earlier_releases_already_spend_is_one_privacy_error():
@@ -120,7 +120,7 @@ def test_a_target_that_earlier_releases_already_spend_is_one_privacy_error():
     needles = {"rdp": "no noise multiplier up to 2", "pld": r"spend 9\.99\d* \(pld\)"}
     for kind, needle in needles.items():
         with pytest.raises(accounting.PrivacyError, match=needle):
-            accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.04, 100, kind,
+            calibration.calibrate_noise_multiplier(1.0, 1e-5, 0.04, 100, kind,
                                                   extra_events=prior)
 
 
@@ -144,11 +144,11 @@ def test_a_parameter_that_is_not_a_number_is_refused_not_accounted_as_free():
     with pytest.raises(accounting.PrivacyError, match="whole number"):
         accounting.dpsgd_event(1.0, 0.1, 2.5)
     with pytest.raises(accounting.PrivacyError, match="refusing to account"):
-        accounting.calibrate_noise_multiplier(
+        calibration.calibrate_noise_multiplier(
             3.0, 1e-5, 0.125, 6, extra_events=[dp_accounting.GaussianDpEvent(nan)])
     for target in (nan, math.inf):
         with pytest.raises(accounting.PrivacyError, match="Need epsilon > 0"):
-            accounting.calibrate_noise_multiplier(target, 1e-5, 0.125, 6)
+            calibration.calibrate_noise_multiplier(target, 1e-5, 0.125, 6)
     # A recorded release with a NaN noise multiplier fails the report, it is not NaN
     # (the report's NaN means "this accountant does not support the relation").
     plan = DPPlan(noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.1, num_examples=100,
@@ -243,11 +243,11 @@ def test_pld_bracket_whose_upper_end_meets_the_target_only_on_its_own_grid(monke
     )
     make_event = lambda s: accounting.dpsgd_event(s, 1.0, 1)  # noqa: E731
     eps = lambda s: accounting.epsilon([make_event(s)], 1e-5, "pld")  # noqa: E731
-    rdp = accounting.calibrate(make_event, 60.0, 1e-5, "rdp")
+    rdp = calibration.calibrate(make_event, 60.0, 1e-5, "rdp")
     assert 0.1 <= rdp < 0.2 and eps(rdp) < 60.0  # The bracket's upper end meets it...
     coarse = accounting.make_accountant("pld", pld_interval=8.0)
     assert coarse.compose(make_event(rdp)).get_epsilon(1e-5) > 60.0  # ...on its own grid only.
-    sigma = accounting.calibrate(make_event, 60.0, 1e-5, "pld", tol=1e-3)
+    sigma = calibration.calibrate(make_event, 60.0, 1e-5, "pld", tol=1e-3)
     assert sigma < rdp and eps(sigma) <= 60.0 < eps(sigma - 1e-3)
 
 
@@ -261,12 +261,12 @@ def test_pld_reaches_a_target_between_the_priors_pld_and_rdp_epsilons():
     eps = lambda s: accounting.epsilon([make_event(s)], 1e-5, "pld")  # noqa: E731
     assert accounting.epsilon([prior], 1e-5, "pld") < 2.1 < accounting.epsilon([prior], 1e-5)
     with pytest.raises(accounting.PrivacyError, match=r"\(rdp\)"):
-        accounting.calibrate(make_event, 2.1, 1e-5, "rdp")
-    sigma = accounting.calibrate(make_event, 2.1, 1e-5, "pld", tol=1e-3)
+        calibration.calibrate(make_event, 2.1, 1e-5, "rdp")
+    sigma = calibration.calibrate(make_event, 2.1, 1e-5, "pld", tol=1e-3)
     assert eps(sigma) <= 2.1 < eps(sigma - 1e-3)
     # What the prior alone spends under PLD is still refused, in PLD's terms.
     with pytest.raises(accounting.PrivacyError, match=r"spend 1\.99\d* \(pld\) alone"):
-        accounting.calibrate(make_event, 1.9, 1e-5, "pld")
+        calibration.calibrate(make_event, 1.9, 1e-5, "pld")
 
 
 def test_inputs_at_the_edge_of_the_accountants_are_one_privacy_error():

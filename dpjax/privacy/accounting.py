@@ -1,4 +1,5 @@
-"""Privacy accounting: dp_accounting events, epsilon, and calibration of sigma.
+"""Privacy accounting: dp_accounting events and epsilon (calibration of sigma:
+``calibration.py``).
 
 dp_accounting does the mathematics; this module builds the events that describe what
 dpjax actually does, and nothing else in dpjax computes an epsilon.
@@ -7,8 +8,6 @@ Guarantees:
 * ``dpsgd_event`` describes T steps of the Poisson-subsampled Gaussian mechanism with
   sampling rate q and noise multiplier sigma (noise std sigma*C on a sum of per-example
   gradients each clipped to norm C), which is exactly what ``dp_step`` runs.
-* ``calibrate_noise_multiplier`` returns a sigma whose epsilon, under the chosen
-  accountant and neighbouring relation, is at most the target; it raises otherwise.
 * Every other release (a noised embedding, a private statistic) is an extra event that
   is composed with the DP-SGD event in ``epsilon(events, ...)``; nothing private is free.
 * An event with a parameter that is not a number (a NaN noise multiplier or sampling
@@ -24,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import dp_accounting
@@ -282,211 +281,3 @@ def epsilon(
             f"The {kind.upper()} accountant failed on {event} at delta={delta} "
             f"({type(e).__name__}: {e})."
         ) from e
-
-
-def calibrate_noise_multiplier(
-    target_epsilon: float,
-    delta: float,
-    sampling_rate: float,
-    steps: int,
-    kind: str = "rdp",
-    relation: str = "add_or_remove_one",
-    extra_events: Sequence[dp_accounting.DpEvent] = (),
-    tol: float = 1e-4,
-) -> float:
-    """The smallest sigma (up to ``tol``) whose total epsilon is at most the target.
-
-    The mechanism is T DP-SGD steps (``dpsgd_event``) composed with ``extra_events``
-    (releases that happened before, e.g. a DP teacher's training); see ``calibrate``.
-
-    Raises:
-      PrivacyError: if the target is unreachable or the check fails.
-    """
-
-    def make_event(sigma: float) -> dp_accounting.DpEvent:
-        return dp_accounting.ComposedDpEvent(
-            [dpsgd_event(sigma, sampling_rate, steps), *extra_events]
-        )
-
-    return calibrate(
-        make_event,
-        target_epsilon,
-        delta,
-        kind,
-        relation,
-        tol,
-        what=f"q={sampling_rate}, T={steps}",
-    )
-
-
-_PLD_BRACKET_HALVINGS = 4
-_NoBracket = dp_accounting.mechanism_calibration.NoBracketIntervalFoundError
-# The lower ends the RDP search tries, in turn, until one misses the target.
-_LOWER_ENDS = (0.1, 0.01, 1e-3, 1e-4)
-
-
-def _bisect_on_own_grids(
-    make_event: Callable[[float], dp_accounting.DpEvent],
-    lo: float,
-    hi: float,
-    target_epsilon: float,
-    delta: float,
-    relation: str,
-    tol: float,
-    what: str,
-) -> float:
-    """PLD's smallest sigma in [lo, hi] up to ``tol``, each epsilon on its own grid.
-
-    Bisection keeps ``hi`` a sigma whose epsilon (``epsilon``, on its own grid) meets the
-    target, so the result is safe even where epsilon is not monotone across the grids'
-    boundaries. About log2((hi - lo) / tol) PLD evaluations; a rare fallback.
-
-    Raises:
-      PrivacyError: if ``hi`` itself misses the target.
-    """
-
-    def eps(sigma: float) -> float:
-        return epsilon([make_event(sigma)], delta, "pld", relation)
-
-    got = eps(hi)
-    if not got <= target_epsilon:
-        raise PrivacyError(
-            f"Calibration{' with ' + what if what else ''}: sigma={hi} gives PLD epsilon "
-            f"{got} > target {target_epsilon}."
-        )
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if eps(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def calibrate(
-    make_event: Callable[[float], dp_accounting.DpEvent],
-    target_epsilon: float,
-    delta: float,
-    kind: str = "rdp",
-    relation: str = "add_or_remove_one",
-    tol: float = 1e-4,
-    what: str = "",
-) -> float:
-    """The smallest sigma (up to ``tol``) with epsilon(make_event(sigma)) <= target.
-
-    ``make_event`` must describe a mechanism whose epsilon decreases as sigma grows (any
-    composition of Gaussian mechanisms whose noise multipliers scale with sigma). Uses
-    dp_accounting's Brent search (``calibrate_dp_mechanism``), then checks the result:
-    the returned sigma is never one whose epsilon exceeds the target. PLD brackets its
-    search below RDP's sigma; where RDP refuses (a prior release that RDP composes more
-    loosely), PLD searches on its own, and where Brent finds no sign change on the
-    bracket's coarser grid, it bisects on each sigma's own grid.
-
-    Raises:
-      PrivacyError: if the target is unreachable or the check fails.
-    """
-    if not (0 < target_epsilon < math.inf and 0 < delta < 1):
-        raise PrivacyError(f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
-    hi = None
-    if kind == "pld" and relation != "replace_one":
-        # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
-        # sigma makes PLD discretize an enormous loss range (tens of GB), so bracket
-        # the PLD search below the cheap RDP answer instead of searching from ~0.
-        try:
-            hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
-        except UnsupportedByAccountantError:
-            raise
-        except PrivacyError as e:
-            # RDP composes a prior release more loosely than PLD: a target between the
-            # prior's PLD and RDP epsilons is reachable by PLD only (accounting fuzz,
-            # 2026-12-07). Refuse only what the prior alone spends under PLD.
-            floor = epsilon([make_event(math.inf)], delta, kind, relation)
-            if not floor < target_epsilon:
-                raise PrivacyError(
-                    f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-                    f"{' with ' + what if what else ''}: the releases composed before this "
-                    f"run spend {floor} (pld) alone."
-                ) from e
-            hi = None
-    if hi is not None:
-        if hi < 0.1:
-            # A loose target: searching below RDP's sigma would discretize PLD's enormous
-            # loss range at every try (seconds each on the coarsened grid, minutes and
-            # GBs before it). RDP's sigma is kept once PLD confirms it (one evaluation;
-            # PLD's epsilon is at most RDP's in practice).
-            got = epsilon([make_event(hi)], delta, kind, relation)
-            if not got <= target_epsilon:
-                raise PrivacyError(
-                    f"Calibration: RDP's sigma={hi} gives PLD epsilon {got} > target "
-                    f"{target_epsilon}."
-                )
-            return hi
-        # Usually PLD's sigma is within a factor 2 of RDP's. With a large prior release
-        # composed in, it can be far below (RDP composes the prior loosely): halve the
-        # lower end until it is below the answer, a few times at most.
-        lo = 0.5 * hi
-        for _ in range(_PLD_BRACKET_HALVINGS):
-            if epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
-                break
-            hi, lo = lo, 0.5 * lo  # lo already meets the target: the answer is below it.
-        else:
-            if epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
-                return lo  # Meets the target (not the smallest such sigma; never unsafe).
-        bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
-        lows = (lo,)
-    else:
-        # dp_accounting searches upward from [lower, guess]: the answer must lie above the
-        # lower end. A loose target (epsilon in the hundreds, few steps) is met below 0.1:
-        # step the lower end down until it misses the target.
-        # (PLD's cost grows as sigma shrinks: it tries 0.5 first, then 0.1, so that a
-        # usual target is searched where PLD is cheap.)
-        lows = _LOWER_ENDS if kind == "rdp" else (0.5, 0.1)
-        for lo in lows:
-            if epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
-                break
-        else:
-            return lo  # Meets the target (not the smallest such sigma; never unsafe).
-        bracket = dp_accounting.LowerEndpointAndGuess(lo, 1.0)
-    # The search's PLD grid is that of its lowest sigma: the check below, at a sigma at
-    # least as large, uses the same grid or a finer nested one, whose epsilon is no larger.
-    interval = pld_discretization(for_accountant(make_event(min(lows)), kind, relation))
-    try:
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant(kind, relation, interval),
-            lambda s: for_accountant(make_event(s), kind, relation),
-            target_epsilon,
-            delta,
-            bracket_interval=bracket,
-            tol=tol,
-        )
-    except _NoBracket as e:
-        # Composed with earlier releases, epsilon tends to theirs as sigma grows.
-        raise PrivacyError(
-            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-            f"{' with ' + what if what else ''}: no noise multiplier up to 2^30 reaches it "
-            f"({kind}); the releases composed before this run spend about that much or more."
-        ) from e
-    except (ValueError, RuntimeError) as e:
-        if kind == "pld" and isinstance(bracket, dp_accounting.ExplicitBracketInterval):
-            # Brent found no sign change on the search's grid (lo's, coarser below sigma
-            # 0.1): the upper end met the target on its own finer grid only, within the
-            # coarsening (a few 1e-5 relative). Search on each sigma's own grid instead.
-            return _bisect_on_own_grids(
-                make_event, lo, hi, target_epsilon, delta, relation, tol, what
-            )
-        raise PrivacyError(
-            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-            f"{' with ' + what if what else ''} ({e})."
-        ) from e
-    sigma = float(sigma)
-    # The search met the target on its grid; ``epsilon`` may use a finer one for this
-    # sigma, whose epsilon can differ in the last digits (``pld_discretization``): a
-    # few steps of tol up settle that, and the result always meets the target there.
-    for _ in range(4):
-        got = epsilon([make_event(sigma)], delta, kind, relation)
-        if got <= target_epsilon:
-            return sigma
-        sigma += tol
-    raise PrivacyError(
-        f"Calibration returned sigma={sigma} with epsilon {got} > target {target_epsilon}."
-    )

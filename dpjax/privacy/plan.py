@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpjax import atomic_file
-from dpjax.privacy import accounting
+from dpjax.privacy import accounting, calibration
 
 MECHANISMS = ("dpsgd", "release")
 
@@ -239,7 +239,7 @@ def make_plan(
     if (epsilon is None) == (noise_multiplier is None):
         raise accounting.PrivacyError("Give exactly one of dp.epsilon and dp.noise_multiplier.")
     if epsilon is not None:
-        noise_multiplier = accounting.calibrate_noise_multiplier(
+        noise_multiplier = calibration.calibrate_noise_multiplier(
             epsilon, delta, q, steps, accountant, neighbouring, extra_events=prior_events
         )
     return DPPlan(
@@ -280,7 +280,7 @@ def _release_plan(
         if (epsilon is None) == (noise_multiplier is None):
             raise accounting.PrivacyError("Give exactly one of dp.epsilon and dp.noise_multiplier.")
         if epsilon is not None:
-            noise_multiplier = accounting.calibrate(
+            noise_multiplier = calibration.calibrate(
                 lambda s: accounting.dp_accounting.ComposedDpEvent(
                     [*release_events(s), *prior_events]
                 ),
