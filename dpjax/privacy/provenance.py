@@ -171,42 +171,42 @@ def check_sources(
         not compose it; or a source of a source was trained with DP on it (only direct
         sources are composed); or a composed source's randomness is not independent and
         secret (``check_composed_randomness``); or a composed source trained on a
-        source's first rows (``check_composed_subsets``); or a source cannot be read.
+        source's first rows (``check_composed_subset``); or a source cannot be read.
     """
     check_sources_against(sources, data_identity(private_data))
-    check_composed_randomness(sources, seed, secret_noise)
-    check_composed_subsets(sources)
+    for source in sources:
+        if source.composed:  # Read once for both checks.
+            run = read_source_run(source.what, source.workdir)
+            check_composed_randomness(source, run, seed, secret_noise)
+            check_composed_subset(source, run)
 
 
-def check_composed_subsets(sources: Sequence[Source]) -> None:
-    """Refuses a composed DP source trained on the first ``data.limit`` rows of its data.
+def check_composed_subset(source: Source, run: SourceRun) -> None:
+    """Refuses a composed DP source (``run``, read from ``source``) trained on the first
+    ``data.limit`` rows of its data.
 
     Adding one file to that data could push another out of the first rows, so the
     source's epsilon is not the add-or-remove one this run composes
     (``run_config.check_private_data_spec``, which refuses such a run of its own).
 
     Raises:
-      PrivacyError: as above, or a source cannot be read.
+      PrivacyError: as above.
     """
-    for source in sources:
-        if not source.composed:
-            continue
-        run = read_source_run(source.what, source.workdir)
-        limit = int(run.data.get("limit") or 0)
-        if run.dp_enabled and limit:
-            raise PrivacyError(
-                f"{source.what}={source.workdir!r} was trained with DP on the first {limit} "
-                "rows of its data (data.limit): adding one file there could push another "
-                "out, so its epsilon is not the add-or-remove one composed here. Train it on "
-                "a dataset that holds exactly those rows."
-            )
+    limit = int(run.data.get("limit") or 0)
+    if run.dp_enabled and limit:
+        raise PrivacyError(
+            f"{source.what}={source.workdir!r} was trained with DP on the first {limit} "
+            "rows of its data (data.limit): adding one file there could push another "
+            "out, so its epsilon is not the add-or-remove one composed here. Train it on "
+            "a dataset that holds exactly those rows."
+        )
 
 
 def check_composed_randomness(
-    sources: Sequence[Source], seed: int | None, secret_noise: bool = True
+    source: Source, run: SourceRun, seed: int | None, secret_noise: bool = True
 ) -> None:
-    """Refuses a composed source whose noise the accountant cannot treat as independent
-    and unknown.
+    """Refuses a composed source (``run``, read from ``source``) whose noise the
+    accountant cannot treat as independent and unknown.
 
     Composition (adding the two runs' privacy losses, as the accountant does for
     ``prior_releases``) assumes that each mechanism's noise is secret and independent of
@@ -220,30 +220,26 @@ def check_composed_randomness(
     Raises:
       PrivacyError: as above, or a seed-derived source without a seed on record.
     """
-    for source in sources:
-        if not source.composed:
-            continue
-        run = read_source_run(source.what, source.workdir)
-        if run.noise_source == noise_secret.SECRET:
-            continue
-        if secret_noise:
-            raise PrivacyError(
-                f"{source.what}={source.workdir!r} drew its noise and batches from its "
-                "config.seed (dp.secret_noise=False, or a run from before dpjax drew them "
-                "from a secret): whoever knows or guesses the seed can remove its noise, so "
-                "it has no guarantee to compose into this run's epsilon. Train it again "
-                "with dp.secret_noise=True (the default), or run this one with "
-                "dp.secret_noise=False too (research only: export refuses it)."
-            )
-        if seed is not None and (run.seed is None or int(run.seed) == int(seed)):
-            raise PrivacyError(
-                f"{source.what}={source.workdir!r} was trained with seed={run.seed}, and this "
-                f"run's seed is {seed}. Its DP training is composed into this run's epsilon, "
-                "which assumes independent randomness, but one seed draws the same Poisson "
-                "batches and the same Gaussian noise in both runs (dp.secret_noise=False), "
-                "and the stated epsilon would be too small. Give this run another seed "
-                "(--config.seed=...)."
-            )
+    if run.noise_source == noise_secret.SECRET:
+        return
+    if secret_noise:
+        raise PrivacyError(
+            f"{source.what}={source.workdir!r} drew its noise and batches from its "
+            "config.seed (dp.secret_noise=False, or a run from before dpjax drew them "
+            "from a secret): whoever knows or guesses the seed can remove its noise, so "
+            "it has no guarantee to compose into this run's epsilon. Train it again "
+            "with dp.secret_noise=True (the default), or run this one with "
+            "dp.secret_noise=False too (research only: export refuses it)."
+        )
+    if seed is not None and (run.seed is None or int(run.seed) == int(seed)):
+        raise PrivacyError(
+            f"{source.what}={source.workdir!r} was trained with seed={run.seed}, and this "
+            f"run's seed is {seed}. Its DP training is composed into this run's epsilon, "
+            "which assumes independent randomness, but one seed draws the same Poisson "
+            "batches and the same Gaussian noise in both runs (dp.secret_noise=False), "
+            "and the stated epsilon would be too small. Give this run another seed "
+            "(--config.seed=...)."
+        )
 
 
 def check_sources_against(sources: Sequence[Source], private: str) -> None:
