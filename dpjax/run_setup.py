@@ -208,14 +208,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
     check_eval_section(cfg)  # Its typos fail now, not at --mode=eval after the training.
-    if not os.path.exists(os.path.join(workdir, "config.json")):  # A new run.
+    try:
         run_config.check_private_data_spec(cfg)
-    else:  # A run begun before a check goes on (its workdir is its own), but is told.
-        try:
-            run_config.check_private_data_spec(cfg)
-        except ConfigError as e:
-            log(f"[dpjax] warning: {e} This run began with that setting: export will "
-                "refuse it.")
+    except ConfigError as e:
+        if not os.path.exists(os.path.join(workdir, "config.json")):  # A new run.
+            raise
+        # A run begun before a check goes on (its workdir is its own), but is told.
+        log(f"[dpjax] warning: {e} This run began with that setting: export will refuse it.")
     if cfg.dp.microbatch_size == 0 and jax.process_count() > 1:
         # Each host would measure its own memory; the padded batch shape must agree.
         raise ConfigError("dp.microbatch_size=0 (auto) is for one host; set it explicitly.")
