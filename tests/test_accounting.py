@@ -190,6 +190,34 @@ def test_pld_grid_is_coarsened_below_sigma_01_on_nested_grids_never_below_the_fi
     assert accounting.epsilon([tiny], 1e-5, "pld") <= accounting.epsilon([tiny], 1e-5, "rdp")
 
 
+def test_pld_grid_follows_the_effective_sigma_and_stays_an_upper_bound():
+    """The grid looked at the raw sigma: replace-one (sensitivity 2C) at sigma 0.1 and 100
+    unsampled releases at sigma 0.3 (one Gaussian at 0.03) took the fine grid, 0.8 GB and
+    11 s, 2.8 GB and 20 s per epsilon (accounting fuzz F4). The coarse grid's epsilon is
+    checked against the Gaussian mechanism's exact one (Balle & Wang 2018, Thm. 8)."""
+    from scipy import optimize, special
+
+    gauss, grid = dp_accounting.GaussianDpEvent, accounting.pld_discretization
+    fine = accounting.PLD_INTERVAL
+    hundred = dp_accounting.SelfComposedDpEvent(gauss(0.3), 100)
+    assert grid(gauss(0.15)) == fine < grid(gauss(0.15), "replace_one") == grid(gauss(0.075))
+    assert grid(gauss(0.3)) == fine < grid(hundred) == grid(gauss(0.03))
+    assert grid(dp_accounting.ComposedDpEvent([gauss(0.3)] * 100)) == grid(gauss(0.03))
+    assert grid(accounting.dpsgd_event(0.3, 0.1, 100)) == fine  # Sampled: unchanged.
+
+    def exact(sigma, delta=1e-5):  # Sensitivity 1.
+        def gap(eps):
+            a, b = 1 / (2 * sigma), eps * sigma
+            return (math.exp(special.log_ndtr(a - b))
+                    - math.exp(eps + special.log_ndtr(-a - b)) - delta)
+        return optimize.brentq(gap, 0.0, 5000.0, xtol=1e-12)
+
+    for events, relation, sigma in (([hundred], "add_or_remove_one", 0.03),
+                                    ([gauss(0.15)], "replace_one", 0.075)):
+        got = accounting.epsilon(events, 1e-5, "pld", relation)
+        assert exact(sigma) <= got <= exact(sigma) * 1.01
+
+
 def test_a_delta_of_one_over_n_or_more_is_refused():
     kw = dict(batch_size=10, clip_norm=1.0, steps=3, noise_multiplier=1.0)
     make_plan(num_examples=100, delta=0.0099, **kw)
@@ -239,7 +267,8 @@ def test_pld_bracket_whose_upper_end_meets_the_target_only_on_its_own_grid(monke
     # (1e-3 at sigma >= 0.1 rather than 1e-4: ten times cheaper, the same logic.)
     monkeypatch.setattr(
         accounting, "pld_discretization",
-        lambda event: 8.0 if fine(event) > accounting.PLD_INTERVAL else 1e-3,
+        lambda event, relation="add_or_remove_one": (
+            8.0 if fine(event, relation) > accounting.PLD_INTERVAL else 1e-3),
     )
     make_event = lambda s: accounting.dpsgd_event(s, 1.0, 1)  # noqa: E731
     eps = lambda s: accounting.epsilon([make_event(s)], 1e-5, "pld")  # noqa: E731

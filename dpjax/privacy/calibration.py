@@ -185,7 +185,7 @@ def calibrate(
     # The search's PLD grid is that of its lowest sigma: the check below, at a sigma at
     # least as large, uses the same grid or a finer nested one, whose epsilon is no larger.
     interval = accounting.pld_discretization(
-        accounting.for_accountant(make_event(min(lows)), kind, relation))
+        accounting.for_accountant(make_event(min(lows)), kind, relation), relation)
     try:
         sigma = dp_accounting.calibrate_dp_mechanism(
             lambda: accounting.make_accountant(kind, relation, interval),
