@@ -202,12 +202,13 @@ def run_audit_mode(
         )
     microbatch_size = cfg.dp.microbatch_size
     if microbatch_size == 0:  # Chosen for the memory of the path the audit runs ('vmap').
-        from dpjax import run_setup
         from dpjax.methods.base import Params
+        from dpjax.privacy import microbatch as microbatch_lib
 
         vmap_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, clipping="vmap"))
-        microbatch_size = run_setup.with_auto_microbatch(
-            vmap_cfg, method, Params(trainable, frozen), spec, plan, None, log
+        microbatch_size = microbatch_lib.with_auto_size(
+            vmap_cfg, method, Params(trainable, frozen), spec.image_shape,
+            plan.expected_batch_size, log,
         ).dp.microbatch_size
     log(
         f"[dpjax] auditing {cfg.method} ({source}; {data} data): {audit_config.num_canaries} "

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
 from dpjax import parallel, run_config, run_noise, sample
+from dpjax.eval import config as eval_config_lib
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.optim import make_optimizer
@@ -207,7 +208,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     if not main:
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
     cfg = run_config.from_configdict(config)
-    check_eval_section(cfg)  # Its typos fail now, not at --mode=eval after the training.
+    # The eval section's typos, types and ranges fail now, not at --mode=eval after the
+    # whole training (whether its data, weights or caches exist is the eval's to check).
+    eval_config_lib.check_eval(cfg)
     try:
         run_config.check_private_data_spec(cfg)
     except ConfigError as e:
@@ -376,23 +379,11 @@ def _build_run(
     streams, seed_of_batches, noise_source = run_noise.noise_randomness(
         cfg, workdir, streams, meta, reuse, log)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
-        cfg = with_auto_microbatch(cfg, method, params, spec, plan, mesh, log)
+        per_device = plan.expected_batch_size / parallel.num_shards(mesh)
+        cfg = microbatch_lib.with_auto_size(cfg, method, params, spec.image_shape, per_device, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
               free_changes, sampler_seed=seed_of_batches, noise_source=noise_source)
     return run, dataset
-
-
-def check_eval_section(cfg: run_config.RunConfig) -> None:
-    """Raises ConfigError for an ``eval`` section with an unknown key, a value of the wrong
-    type or out of range (``EvalConfig``'s checks), a bad batch size, or sampler changes
-    the method refuses.
-
-    Checked when training starts: these would otherwise surface only at ``--mode=eval``,
-    after the whole training. (Whether the data, weights or caches an eval reads exist is
-    checked by the eval itself.)"""
-    from dpjax.eval import config as eval_config_lib  # Light: no data or eval models.
-
-    eval_config_lib.check_eval(cfg)
 
 
 @contextlib.contextmanager
@@ -408,27 +399,3 @@ def _settings_errors_as_config_errors():
         if type(e) is not ValueError:
             raise
         raise ConfigError(f"method_args: {e}") from e
-
-
-def with_auto_microbatch(cfg, method, params: Params, spec: DataSpec, plan, mesh, log):
-    """``cfg`` with ``dp.microbatch_size`` chosen from the memory (``microbatch.py``) for
-    its ``dp.clipping`` path (training, and the audit of a run that chose it so).
-
-    Capped at a quarter of the expected per-device batch, so that the last, partly
-    padded micro-batch of a Poisson batch costs at most about 1/8 of a step on average.
-    """
-    per_device = plan.expected_batch_size / parallel.num_shards(mesh)
-    choice = microbatch_lib.auto_microbatch_size(
-        method,
-        params.trainable,
-        params.frozen,
-        spec.image_shape,
-        cfg.dp.clipping,
-        max_size=max(1, int(per_device // 4)),
-        compute_dtype=cfg.dp.compute_dtype,
-    )
-    log(
-        f"[dpjax] micro-batch size {choice.size} (auto: {choice.bytes_per_example / 2**20:.1f} "
-        f"MiB per example measured at {choice.probe}, budget {choice.budget_bytes / 2**30:.1f} GiB)"
-    )
-    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, microbatch_size=choice.size))

@@ -120,3 +120,30 @@ def auto_microbatch_size(
     )
     size = largest_fitting_size(per_example, budget, max(1, int(max_size)))
     return MicrobatchChoice(size, per_example, budget, probe)
+
+
+def with_auto_size(
+    cfg: Any, method: Any, params: Any, image_shape: tuple[int, ...],
+    per_device_batch: float, log: Any = print,
+) -> Any:
+    """``cfg`` (a ``RunConfig``) with ``dp.microbatch_size`` set by ``auto_microbatch_size``
+    for its ``dp.clipping`` path and compute dtype (``params``: a ``Params`` pair).
+
+    Capped at a quarter of ``per_device_batch`` (the expected batch per device), so that
+    the last, partly padded micro-batch of a Poisson batch costs at most about 1/8 of a
+    step on average.
+    """
+    choice = auto_microbatch_size(
+        method,
+        params.trainable,
+        params.frozen,
+        image_shape,
+        cfg.dp.clipping,
+        max_size=max(1, int(per_device_batch // 4)),
+        compute_dtype=cfg.dp.compute_dtype,
+    )
+    log(
+        f"[dpjax] micro-batch size {choice.size} (auto: {choice.bytes_per_example / 2**20:.1f} "
+        f"MiB per example measured at {choice.probe}, budget {choice.budget_bytes / 2**30:.1f} GiB)"
+    )
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, microbatch_size=choice.size))
