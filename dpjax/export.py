@@ -53,9 +53,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from dpjax import atomic_file, run_config, sample
 from dpjax import checkpoint as ckpt_lib
 from dpjax import model_card as card_lib
-from dpjax import run_config, sample
+from dpjax.data import npz
+from dpjax.data.dataset import DataError
 from dpjax.methods.base import DataSpec, Params, count_params
 from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
@@ -303,7 +305,10 @@ def export_run(
     check_secret_noise(run.meta)
     try:
         run_config.check_private_data_spec(run.config)
-    except ConfigError as e:  # A run from before the check: its guarantee does not hold.
+        npz.check_float_range_from_start(  # (The typed config cannot tell '' from missing.)
+            atomic_file.read_json(os.path.join(workdir, "config.json")).get("data") or {},
+            run.plan.enabled)
+    except (ConfigError, DataError) as e:  # A run from before the check: no guarantee.
         raise NotPrivateError(
             f"{e} This run began with that setting; refusing to export it.") from None
     check_audit(workdir, run.plan)

@@ -31,6 +31,7 @@ import ml_collections
 from dpjax import atomic_file, file_lock, parallel, run_config
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
+from dpjax.data import npz
 from dpjax.eval import resumable_array
 from dpjax.methods import get_method_module
 
@@ -43,8 +44,9 @@ RESUME_LOCKED_SECTIONS = ("seed", "method", "method_args", "data", "dp", "optim"
 # (a moved dataset, another cluster's mounts), accepted when the data's digest agrees.
 RESUME_FREE_FIELDS = {
     "dp": ("microbatch_size", "microbatch_loop", "clipping"),
-    # float_range: a run begun before it existed declares its npz float range once;
-    # accepted only where the digest shows the images read the same.
+    # float_range: a run without DP begun before it existed declares its npz float range
+    # once, accepted only where the digest shows the images read the same (a private one
+    # is refused: npz.check_float_range_from_start).
     "data": ("path", "tfds_data_dir", "tfds_download", "float_range"),
 }
 # Fields of the free sections that define the released weights all the same: the
@@ -186,6 +188,10 @@ def check_resume_config(
             atomic_file.write_text(path, run_config.config_to_json(config))
         return []
     old = atomic_file.read_json(path)
+    if resuming:  # Steps ran under the stored data section: were they the DP mechanism?
+        npz.check_float_range_from_start(
+            old.get("data") or {}, bool((old.get("dp") or {}).get("enabled", True)),
+            path=(new.get("data") or {}).get("path") or None)
     free = {s: set(keys) for s, keys in RESUME_FREE_FIELDS.items()}
     if stored_digest is None or data_digest is None:
         free["data"] = set()  # Nothing shows that another location holds the same data.

@@ -198,6 +198,9 @@ MUTANTS = (
     Mutant("data.limit accepted for a private run", "dpjax/run_config.py",
            "    if data.limit:\n", "    if False:\n",
            ("tests/test_export.py", "-k", "began_with")),
+    Mutant("a private run that read float npz before float_range goes on", "dpjax/data/npz.py",
+           "    if floats:\n", "    if False:\n",
+           ("tests/test_train_loop.py", "-k", "from_before_float_range")),
 )  # fmt: skip
 
 

@@ -384,6 +384,27 @@ def test_npz_float_pixels_do_not_depend_on_other_images(tmp_path):
         read("nan.npz", "0,1")
 
 
+def test_a_private_run_that_read_float_npz_before_float_range_is_not_private(tmp_path):
+    """Declaring the range on resume let a private run whose first steps scaled its float
+    images by the whole-array rule go on (and be exported) under the stated guarantee;
+    those steps were not the DP mechanism. The check reads only the array's header."""
+    from dpjax.data.npz import check_float_range_from_start, images_are_float
+
+    floats, ints = tmp_path / "f_train.npz", tmp_path / "i.npz"
+    np.savez(floats, images=np.full((2, 4, 4), 0.5, np.float32))
+    np.savez_compressed(ints, images=np.zeros((2, 4, 4), np.uint8))
+    assert images_are_float(str(floats)) and not images_are_float(str(ints))
+    old = {"source": "npz", "path": str(tmp_path / "f_{split}.npz")}  # No float_range key.
+    with pytest.raises(DataError, match="neither resumed nor exported nor composed"):
+        check_float_range_from_start(old, dp_enabled=True)
+    with pytest.raises(DataError, match="cannot be checked now"):
+        check_float_range_from_start(old, dp_enabled=True, path=str(tmp_path / "gone.npz"))
+    check_float_range_from_start(old, dp_enabled=False)  # Without DP: nothing to keep.
+    check_float_range_from_start({**old, "float_range": ""}, dp_enabled=True)  # Since.
+    check_float_range_from_start({**old, "path": str(ints)}, dp_enabled=True)  # Integers.
+    check_float_range_from_start({"path": str(floats)}, dp_enabled=True)  # 'idx' default.
+
+
 @pytest.mark.parametrize(
     "arrays, msg",
     [

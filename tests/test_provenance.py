@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from dpjax.privacy import plan as plan_lib
@@ -156,3 +157,15 @@ def test_a_composed_dp_source_trained_on_a_sources_first_rows_is_refused(tmp_pat
     provenance.check_sources([provenance.Source("init_from", limited)], PRIVATE)
     whole = _run(tmp_path, "whole", PUBLIC, dp=True)
     provenance.check_sources([provenance.Source("teacher_from", whole, True)], PRIVATE)
+
+
+def test_a_composed_dp_source_that_read_float_npz_before_float_range_is_refused(tmp_path):
+    """Its steps scaled the images by a rule chosen on the whole array: its epsilon is not
+    that of the mechanism that ran, so it cannot be composed."""
+    np.savez(tmp_path / "pub.npz", images=np.full((4, 8, 8, 1), 0.5, np.float32))
+    npz_data = {"source": "npz", "name": "pub", "path": str(tmp_path / "pub.npz")}
+    old = _run(tmp_path, "old", npz_data, dp=True)  # No float_range key: from before.
+    with pytest.raises(PrivacyError, match=r"teacher_from=.*began before data.float_range"):
+        provenance.check_sources([provenance.Source("teacher_from", old, True)], PRIVATE)
+    since = _run(tmp_path, "since", {**npz_data, "float_range": "0,1"}, dp=True)
+    provenance.check_sources([provenance.Source("teacher_from", since, True)], PRIVATE)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dpjax import checkpoint as ckpt_lib
-from dpjax import metrics_log, sample, train, workdir_guard
+from dpjax import export, metrics_log, sample, train, workdir_guard
 from dpjax.checkpoint import CheckpointError
 from dpjax.data import DataError
 from dpjax.privacy import report as report_lib
@@ -382,31 +382,42 @@ def test_resume_may_change_how_the_sum_is_computed_and_where_the_same_data_lies(
     assert os.path.exists(os.path.join(ref, workdir_guard.DATA_DIGEST_FILE))
 
 
-def test_a_float_npz_run_from_before_float_range_declares_it_once_and_goes_on(tmp_path):
-    """Float npz images need data.float_range now; a run begun before the setting (its
-    config.json has none) resumes with it, accepted because the data digest shows the
-    declared range reads the same images, and recorded for eval and sample (diff review,
-    2026-12-07). A range that reads other pixels is refused as other data."""
+def test_a_float_npz_run_from_before_float_range(tmp_path):
+    """Float npz images need data.float_range now. A run without DP begun before the
+    setting (its config.json has none) resumes with it, accepted because the data digest
+    shows the declared range reads the same images, and recorded for eval and sample
+    (diff review, 2026-12-07); a range that reads other pixels is refused as other data.
+    A private one is refused on resume and at export: its steps scaled the images by the
+    whole-array rule, outside the guarantee, whatever it declares now."""
     images = np.random.default_rng(0).uniform(0.0, 1.0, (64, 28, 28, 1)).astype(np.float32)
     data = _npz_data(tmp_path / "f.npz", images)
-    wd = str(tmp_path / "wd")
-    unit = {**data, "data.float_range": "0,1", "train.max_steps_per_run": 3}
-    train.train(_config(steps=6, **unit), wd, log=lambda *_: None)
-    config_path = os.path.join(wd, "config.json")
-    with open(config_path) as f:
-        stored = json.load(f)
-    del stored["data"]["float_range"]  # As a run from before the setting stored it.
-    with open(config_path, "w") as f:
-        json.dump(stored, f)
-    with pytest.raises(DataError, match="run its training command again with"):
-        train.train(_config(steps=6, **data), wd, log=lambda *_: None)
-    with pytest.raises(CheckpointError, match="differs from the data"):
-        train.train(_config(steps=6, **data, **{"data.float_range": "-1,1"}), wd,
-                    log=lambda *_: None)
-    state = train.train(_config(steps=6, **unit), wd, log=lambda *_: None)
-    assert int(state.step) == 6
-    with open(config_path) as f:
-        assert json.load(f)["data"]["float_range"] == "0,1"
+    for dp in (True, False):
+        wd = str(tmp_path / f"wd_dp_{dp}")
+        over = {**data, "dp.enabled": dp}
+        unit = {**over, "data.float_range": "0,1", "train.max_steps_per_run": 3}
+        train.train(_config(steps=6, **unit), wd, log=lambda *_: None)
+        config_path = os.path.join(wd, "config.json")
+        with open(config_path) as f:
+            stored = json.load(f)
+        del stored["data"]["float_range"]  # As a run from before the setting stored it.
+        with open(config_path, "w") as f:
+            json.dump(stored, f)
+        with pytest.raises(DataError, match="A run without DP begun before this setting"):
+            train.train(_config(steps=6, **over), wd, log=lambda *_: None)
+        if dp:
+            with pytest.raises(DataError, match="neither resumed nor exported"):
+                train.train(_config(steps=6, **unit), wd, log=lambda *_: None)
+            with pytest.raises(export.NotPrivateError, match="neither resumed nor exported"):
+                export.export_run(wd, str(tmp_path / "out"), log=lambda *_: None)
+            assert not os.path.exists(tmp_path / "out")
+            continue
+        with pytest.raises(CheckpointError, match="differs from the data"):
+            train.train(_config(steps=6, **over, **{"data.float_range": "-1,1"}), wd,
+                        log=lambda *_: None)
+        state = train.train(_config(steps=6, **unit), wd, log=lambda *_: None)
+        assert int(state.step) == 6
+        with open(config_path) as f:
+            assert json.load(f)["data"]["float_range"] == "0,1"
 
 
 def test_a_second_training_process_in_a_workdir_is_refused(tmp_path):

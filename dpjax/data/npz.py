@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +67,10 @@ def to_uint8_images(images: np.ndarray, where: str, float_range: str = "") -> np
             raise DataError(
                 f"{where}: 'images' are {images.dtype}: set data.float_range to '0,1' or "
                 "'-1,1' (the range is not guessed from the values), or store uint8. A run "
-                "begun before this setting: run its training command again with "
-                "--config.data.float_range=...; it is accepted if the images read the same."
+                "without DP begun before this setting resumes with "
+                "--config.data.float_range=... (accepted if the images read the same); a "
+                "private one must be trained again (its steps scaled the images by a rule "
+                "chosen on the whole array, outside the DP guarantee)."
             )
         if not np.isfinite(images).all():
             raise DataError(f"{where}: 'images' contains NaN or infinite values.")
@@ -108,6 +112,61 @@ def check_labels(labels: np.ndarray, num_images: int, where: str) -> np.ndarray:
         i = int(np.argmax((labels < 0) | (labels > np.iinfo(np.int32).max)))
         raise DataError(f"{where}: label {int(labels[i])} at index {i} is out of range.")
     return labels.astype(np.int32)
+
+
+def images_are_float(path: str) -> bool:
+    """Whether the npz file at ``path`` holds floating-point 'images', read from the
+    array's header only (no pixel is read).
+
+    Raises:
+      DataError: naming the file, when it is missing, not an npz archive, or has no
+        readable 'images' array header.
+    """
+    try:
+        with zipfile.ZipFile(path) as z, z.open("images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            _, _, dtype = read_header(f)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: cannot read the header of its 'images' ({e}).") from e
+    return bool(np.issubdtype(dtype, np.floating))
+
+
+def check_float_range_from_start(
+    data: Mapping[str, Any], dp_enabled: bool, path: str | None = None
+) -> None:
+    """Raises DataError for a private run whose stored data section (``data``, from its
+    ``config.json``) predates ``data.float_range`` (the key is missing) on an npz file
+    of float images (``path``: where the file is now, default the stored path).
+
+    Such a run scaled every image by a rule chosen on the whole array (255 x if all values
+    lay in [0, 1], else 127.5 (x + 1)): one added image with one pixel at -0.01 changed
+    every other image (taint review, 2026-12-07). Its steps were not the stated DP
+    mechanism, and declaring the range afterwards does not change the steps done, so it
+    can be neither resumed nor exported nor composed as private. Integer images were read
+    the same then and now: such a run passes, and so does a run without DP.
+    """
+    if not dp_enabled or "float_range" in data or data.get("source", "idx") != "npz":
+        return
+    where = DataConfig(path=path or str(data.get("path") or ""),
+                       split=str(data.get("split") or "train")).resolved_path()
+    try:
+        floats = images_are_float(where)
+    except DataError as e:
+        raise DataError(
+            f"This private run began before data.float_range existed, on npz data whose "
+            f"images cannot be checked now ({e}). Had they been floats, the run would have "
+            "scaled them by a rule chosen on the whole array, outside the DP guarantee; "
+            "put the file back at its path so that it can be checked.") from None
+    if floats:
+        raise DataError(
+            f"This private run began before data.float_range existed and read float images "
+            f"from {where}: it scaled them by a rule chosen on the whole array (255 x if "
+            "all values lay in [0, 1], else 127.5 (x + 1)), so one added image could "
+            "rescale every other and its steps are outside the stated DP guarantee. It can "
+            "be neither resumed nor exported nor composed as private: train it again in a "
+            "new --workdir with --config.data.float_range='0,1' or '-1,1'.")
 
 
 def load_npz(config: DataConfig) -> SourceData:

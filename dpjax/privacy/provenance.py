@@ -40,6 +40,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dpjax.data import npz
+from dpjax.data.dataset import DataError
 from dpjax.privacy import noise_secret
 from dpjax.privacy import plan as plan_lib
 from dpjax.privacy.accounting import PrivacyError
@@ -183,7 +185,8 @@ def check_sources(
 
 def check_composed_subset(source: Source, run: SourceRun) -> None:
     """Refuses a composed DP source (``run``, read from ``source``) trained on the first
-    ``data.limit`` rows of its data.
+    ``data.limit`` rows of its data, or on float npz images before ``data.float_range``
+    (``npz.check_float_range_from_start``).
 
     Adding one file to that data could push another out of the first rows, so the
     source's epsilon is not the add-or-remove one this run composes
@@ -192,6 +195,10 @@ def check_composed_subset(source: Source, run: SourceRun) -> None:
     Raises:
       PrivacyError: as above.
     """
+    try:  # Its steps scaled float images by a rule chosen on the whole array?
+        npz.check_float_range_from_start(run.data, run.dp_enabled)
+    except DataError as e:
+        raise PrivacyError(f"{source.what}={source.workdir!r}: {e}") from None
     limit = int(run.data.get("limit") or 0)
     if run.dp_enabled and limit:
         raise PrivacyError(
