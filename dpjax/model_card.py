@@ -1,7 +1,8 @@
 """The model card of an export, and the redaction of local paths from what is published.
 
 ``export.export_run`` writes the card; what it may say is what the export may publish:
-public facts (method, data spec, N, the DP plan), the privacy report's epsilon, an
+public facts (method, data spec, the DP plan, and N unless a one-release plan protects
+it), the privacy report's epsilon, an
 audit made on public stand-in data, and the export command. ``redact_source_paths``
 removes the trainer's local workdirs (``*_from`` settings) from published JSON and text.
 """

@@ -9,7 +9,9 @@ per-example loss::
 
     plan = make_plan(num_examples=N, batch_size=256, delta=1e-5, clip_norm=1.0,
                      epochs=10, epsilon=3.0)            # sigma calibrated, T = 10 / q
-    sampler = PoissonSampler(N, plan.sampling_rate, seed=0, multiple=64)
+    sampler_seed, noise_seed = (secrets.randbits(128) for _ in range(2))  # secret
+    sampler = PoissonSampler(N, plan.sampling_rate, seed=sampler_seed, multiple=64)
+    noise_key = noise_secret.noise_key(noise_seed)
     for t in range(plan.steps):
         b = sampler.batch(t)
         rows = np.maximum(b.indices, 0)                  # padding (-1): masked out
@@ -26,7 +28,10 @@ Guarantee: if ``examples`` are a Poisson batch of rate ``plan.sampling_rate``
 ``noise_key`` is used for nothing else, one call is one step of the mechanism that
 ``plan.dp_event`` accounts for: each example's gradient is clipped to ``plan.clip_norm``
 over all of ``trainable`` (padding and non-finite rows contribute 0), and the Gaussian
-noise has standard deviation ``plan.noise_multiplier * plan.clip_norm``.
+noise has standard deviation ``plan.noise_multiplier * plan.clip_norm``. The guarantee
+also needs the noise key and the sampler's seed secret (the example draws them from the
+OS's CSPRNG, as a dpjax run does: ``noise_secret``): from a public or guessable seed,
+anyone can recompute the noise and the batches and remove them.
 """
 
 from __future__ import annotations
