@@ -2,9 +2,9 @@
 
 ``export.export_run`` writes the card; what it may say is what the export may publish:
 public facts (method, data spec, the DP plan, and N unless a one-release plan protects
-it), the privacy report's epsilon, an
-audit made on public stand-in data, and the export command. ``redact_source_paths``
-removes the trainer's local workdirs (``*_from`` settings) from published JSON and text.
+it), the privacy report's epsilon, an audit made on public stand-in data, and the export
+command. ``redact_source_paths`` removes the trainer's local workdirs (``*_from``
+settings) from published JSON and text.
 """
 
 from __future__ import annotations
