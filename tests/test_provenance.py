@@ -159,6 +159,19 @@ def test_a_composed_dp_source_trained_on_a_sources_first_rows_is_refused(tmp_pat
     provenance.check_sources([provenance.Source("teacher_from", whole, True)], PRIVATE)
 
 
+def test_a_dp_source_without_a_checkpoint_says_so(tmp_path):
+    """A new run's dp_plan.json has no noise record until its first checkpoint: it read
+    as a run with seed-derived noise, a misleading refusal (design review, 2026-12-07)."""
+    wd = _run(tmp_path, "new", PUBLIC, dp=True, noise=None)
+    path = os.path.join(wd, "dp_plan.json")
+    with open(path) as f:
+        payload = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**payload, "steps_done": 0}, f)
+    with pytest.raises(PrivacyError, match="has written no checkpoint yet"):
+        provenance.check_sources([provenance.Source("teacher_from", wd, True)], PRIVATE)
+
+
 def test_a_composed_dp_source_that_read_float_npz_before_float_range_is_refused(tmp_path):
     """Its steps scaled the images by a rule chosen on the whole array: its epsilon is not
     that of the mechanism that ran, so it cannot be composed."""

@@ -117,7 +117,8 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     """Reads ``workdir``'s config.json and dp_plan.json.
 
     Raises:
-      PrivacyError: the workdir holds no dpjax run, so its data cannot be checked.
+      PrivacyError: the workdir holds no dpjax run, so its data cannot be checked, or a
+        private run that has written no checkpoint yet.
     """
 
     def read(name: str, load: Any) -> Any:
@@ -131,6 +132,13 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
 
     config = read("config.json", _read_json)
     plan, extra = read("dp_plan.json", plan_lib.load_plan)
+    if (plan.enabled and noise_secret.NOISE_SOURCE_KEY not in extra
+            and extra.get("steps_done") == 0):
+        # A new run writes its plan before its first checkpoint records where its noise
+        # came from: without this, it read as a run with seed-derived noise.
+        raise PrivacyError(
+            f"{what}={workdir!r} has written no checkpoint yet (its dp_plan.json records "
+            "no step done): point it at a run that has trained.")
     method_args = config.get("method_args") or {}
     nested = tuple(
         (key, value)
