@@ -112,6 +112,20 @@ def _report_dropped(log, dropped: int, first: int, last: int) -> None:
             "the data or lower the learning rate")
 
 
+def _non_finite_message(run: Run, t: int, m: dict[str, Any], loss_name: str,
+                        last_saved: int) -> str:
+    """What a non-finite update at step ``t`` means and what to do about it."""
+    saved = (f"the last checkpoint is step {last_saved}"
+             if run.checkpointer.latest_step() is not None else "no checkpoint was written")
+    return (
+        f"Non-finite update at step {t} (update norm {m['update_norm']}, loss "
+        f"{m[loss_name]}, {int(m.get('nonfinite_examples', 0))} non-finite examples left "
+        f"out); nothing after it was checkpointed ({saved}). A resume replays the same "
+        "batches and noise, so it would fail again: start a new --workdir with a lower "
+        "optim.learning_rate, or check the model and the data."
+    )
+
+
 def _stop_here(
     run: Run, state: TrainState, last_saved: int, stop: stop_signals.StopRequest, log
 ) -> None:
@@ -196,6 +210,7 @@ def _train_run(
     bar = _progress(plan.steps, start, cfg.train.progress and main)
     t0, last_saved = time.time(), start
     dropped, dropped_since = 0, start + 1  # Non-finite examples left out since the last log.
+    warned_loss = False
     failed = True
     try:
         for t in range(start, end):
@@ -206,13 +221,21 @@ def _train_run(
             if t >= plan.steps:  # The budget; unreachable unless the plan is tampered with.
                 raise BudgetExceededError(f"Step {t} would exceed the plan's {plan.steps} steps.")
             state, m, loss_name = advance(state, t)
-            if not (np.isfinite(m["update_norm"]) and np.isfinite(m[loss_name])):
-                raise NonFiniteError(
-                    f"Non-finite loss/update at step {t} (loss {m[loss_name]}, update norm "
-                    f"{m['update_norm']}, {int(m.get('nonfinite_examples', 0))} non-finite "
-                    f"examples). Nothing was checkpointed after step {last_saved}; lower the "
-                    "learning rate or check the data."
-                )
+            # Stop on what DP released (the noisy update) and on public values only: the
+            # loss of a private run's rows is not private, and stopping on it (a sum that
+            # overflows while every clipped gradient is finite) would make whether the
+            # run goes on a function of the private data (non-finite review, 2026-12-07).
+            private_loss = plan.enabled and loss_name.endswith("_nonprivate")
+            rows = m.get("batch_size", 1) > 0  # (Without rows the loss is NaN: no loss.)
+            if not np.isfinite(m["update_norm"]) or not (
+                    private_loss or np.isfinite(m[loss_name]) or not rows):
+                raise NonFiniteError(_non_finite_message(run, t, m, loss_name, last_saved))
+            if private_loss and rows and not np.isfinite(m[loss_name]) and not warned_loss:
+                warned_loss = True
+                log(f"[dpjax] warning: the private loss at step {t} is {m[loss_name]} (a "
+                    "non-private diagnostic); training goes on, since stopping on it would "
+                    "depend on the private data. The update stays finite (each example's "
+                    "gradient is clipped or left out).")
             done = t + 1
             dropped += int(m.get("nonfinite_examples", 0))
             if bar is not None:

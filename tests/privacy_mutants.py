@@ -201,6 +201,10 @@ MUTANTS = (
     Mutant("a private run that read float npz before float_range goes on", "dpjax/data/npz.py",
            "    if floats:\n", "    if False:\n",
            ("tests/test_train_loop.py", "-k", "from_before_float_range")),
+    Mutant("the loop stops on the private loss", "dpjax/train.py",
+           "private_loss = plan.enabled and loss_name.endswith(\"_nonprivate\")",
+           "private_loss = False",
+           ("tests/test_train_loop.py", "-k", "overflows")),
 )  # fmt: skip
 
 

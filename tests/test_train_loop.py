@@ -486,6 +486,32 @@ def test_examples_left_out_for_a_non_finite_loss_are_reported(tmp_path, monkeypa
     assert len(warned) == 1 and any("stopping at step 1 of 4" in m for m in msgs), msgs
 
 
+def test_a_private_loss_that_overflows_does_not_stop_the_run(tmp_path, monkeypatch):
+    """Every example's loss (2e38) and gradient are finite, but their float32 sum is not.
+    The loop stopped on it: whether a private run went on depended on the private data
+    (non-finite review, 2026-12-07). It stops on the noisy update only; a run without DP
+    still stops on its loss, and the error says that a resume would replay the step."""
+    from dpjax.methods import toy
+
+    finite_loss = toy.Toy.loss_per_example
+
+    def huge(self, trainable, frozen, example, key):
+        loss, aux = finite_loss(self, trainable, frozen, example, key)
+        return loss + 2e38, aux
+
+    monkeypatch.setattr(toy.Toy, "loss_per_example", huge)
+    msgs = []
+    state = train.train(_config(steps=3), str(tmp_path / "dp"), log=msgs.append)
+    assert int(state.step) == 3
+    rows = metrics_log.read(str(tmp_path / "dp"))
+    assert all(np.isinf(float(r["private_loss_nonprivate"])) for r in rows if r["batch_size"] > 0)
+    assert all(np.isfinite(float(r["update_norm"])) for r in rows)
+    assert sum("the private loss at step" in m for m in msgs) == 1, msgs
+    with pytest.raises(train.NonFiniteError, match="no checkpoint was written.*new --workdir"):
+        train.train(_config(steps=3, **{"dp.enabled": False}), str(tmp_path / "public"),
+                    log=lambda *_: None)
+
+
 def test_unwritable_workdir_fails_before_training(tmp_path, record_tried):
     record_tried("faults", "unwritable workdir")
     blocker = tmp_path / "file"

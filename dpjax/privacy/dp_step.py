@@ -264,8 +264,11 @@ def make_train_step(
             "noise_std_on_mean": jnp.asarray(noise_std / plan.expected_batch_size),
             "update_norm": optax.global_norm(updates),
             "public_loss": pub_loss,
-            "private_loss_nonprivate": res.loss_sum / valid,
-            **{f"private_{k}_nonprivate": v / valid for k, v in res.aux_sum.items()},
+            # NaN, not 0, when no row counted (an empty batch, or every row non-finite):
+            # a mean of nothing is no loss of 0.
+            "private_loss_nonprivate": jnp.where(res.num_valid > 0, res.loss_sum / valid, jnp.nan),
+            **{f"private_{k}_nonprivate": jnp.where(res.num_valid > 0, v / valid, jnp.nan)
+               for k, v in res.aux_sum.items()},
             **{f"public_{k}": v for k, v in pub_aux.items()},
         }
         new = TrainState(t + 1, trainable, state.frozen, opt_state, ema)
