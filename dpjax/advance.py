@@ -120,6 +120,10 @@ def release_once(run: Run, state: TrainState, dataset: Any, log) -> TrainState:
                 f"The release's records {release.records} do not match the planned Gaussian "
                 f"mechanisms (noise multipliers {planned}); nothing was saved."
             )
+    if not all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(release.values)):
+        # Post-processing of the noisy values: refusing costs no privacy, and a NaN release
+        # must not become the checkpoint every later step starts from.
+        raise PrivacyError("The release holds non-finite values; nothing was saved.")
     placeholder = jax.tree_util.tree_structure(state.frozen["release"])
     got = jax.tree_util.tree_structure(release.values)
     if got != placeholder:

@@ -205,6 +205,9 @@ MUTANTS = (
            "private_loss = plan.enabled and loss_name.endswith(\"_nonprivate\")",
            "private_loss = False",
            ("tests/test_train_loop.py", "-k", "overflows")),
+    Mutant("DP-MEPF: a non-finite feature row spreads to every class", "dpjax/methods/dpmepf.py",
+           "row = jnp.where(keep[:, None], row, 0.0)", "row = row * keep[:, None]",
+           ("tests/test_dpmepf.py", "-k", "non_finite_features")),
 )  # fmt: skip
 
 

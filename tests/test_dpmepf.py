@@ -60,6 +60,29 @@ def test_release_sensitivity_is_the_stated_one(second_moment):
     assert float(jnp.sum(full[:, -1]) / method.config.count_weight) == pytest.approx(13, rel=1e-5)
 
 
+def test_an_example_with_non_finite_features_adds_nothing(monkeypatch):
+    """A feature network that overflows on one image made its row NaN (Inf / Inf), and the
+    one-hot product spread it to every class (0 x NaN): one example decided whether the
+    whole release was finite (non-finite review, 2026-12-07). It now adds 0, as a row
+    that DP-SGD leaves out; in the first chunk it also fed the padding rows."""
+    method = _method()
+    feats = method.init(jax.random.key(0), SPEC).frozen["features"]
+    images, labels = _data(13)
+    images = images.at[0].set(255)  # The one bright image, index 0 (padding reads it).
+    rows = method.rows
+
+    def overflowing(features, x):
+        r = rows(features, x)
+        return jnp.where((x.mean(axis=(1, 2, 3)) > 0.99)[:, None], jnp.inf, r)
+
+    monkeypatch.setattr(method, "rows", overflowing)
+    sums = jax.jit(method.exact_sums)
+    with_it = np.asarray(sums(feats, images, labels))
+    without = np.asarray(sums(feats, images[1:], labels[1:]))
+    assert np.isfinite(with_it).all()
+    np.testing.assert_allclose(with_it, without, rtol=1e-6, atol=1e-6)
+
+
 def test_each_example_lands_in_its_own_class_and_targets_are_the_class_means():
     """exact_sums (chunked, padded) equals the sum of the per-example u_i, and without
     noise the targets are each class's mean embedding and its size: a sum in the wrong
@@ -388,3 +411,24 @@ def test_the_card_does_not_claim_n_protected_beside_a_composed_dp_sgd_stage():
     composed = {"releases": [{"kind": "dpsgd", "sampling_rate": 0.05}, {"kind": "gaussian"}]}
     line = model_card._dataset_size_line(plan, composed)
     assert "not protected" in line and "protects N" not in line and "1000" not in line
+
+
+def test_a_non_finite_release_is_not_saved(tmp_path, monkeypatch):
+    """The release is the checkpoint every later step starts from: a NaN in it (a bug in a
+    method's release) stops the run before it is saved; refusing post-processed noisy
+    values costs no privacy."""
+    original = dpmepf.DPMEPF.private_release
+
+    def nan_release(self, params, images, labels, key, plan):
+        release = original(self, params, images, labels, key, plan)
+        values = jax.tree_util.tree_map(lambda v: v.at[0, 0].set(jnp.nan), release.values)
+        return base.Release(values, release.records)
+
+    monkeypatch.setattr(dpmepf.DPMEPF, "private_release", nan_release)
+    with pytest.raises(accounting.PrivacyError, match="non-finite values; nothing was saved"):
+        train.train(_smoke(), str(tmp_path), log=lambda *_: None)
+    from dpjax import checkpoint as ckpt_lib
+
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    assert checkpointer.latest_step() is None
+    checkpointer.close()

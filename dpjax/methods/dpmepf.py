@@ -239,7 +239,11 @@ class DPMEPF(base.Method):
         """sum_i u_i over the dataset (no noise), in chunks; (classes, embed_dim + 1).
 
         Guarantee: adding or removing one example changes the result by exactly that
-        example's u_i, of norm <= 1 (the unit bound; the release multiplies by C).
+        example's u_i, of norm <= 1 (the unit bound; the release multiplies by C). A row
+        with a non-finite value (a feature network that overflows on some image) counts
+        as 0, as in DP-SGD: its NaN would otherwise spread to every class's block
+        (0 x NaN), so one example would decide whether the whole release is finite
+        (non-finite review, 2026-12-07).
         """
         n = images.shape[0]
         chunk = min(self.config.release_batch, n)
@@ -250,8 +254,9 @@ class DPMEPF(base.Method):
             safe = jnp.maximum(rows, 0)
             x = base.to_model_range(images[safe])
             row = self.rows(features, x)
+            keep = (rows >= 0) & jnp.all(jnp.isfinite(row), axis=-1)  # Padding adds 0.
+            row = jnp.where(keep[:, None], row, 0.0)  # (where, not a product: 0 x NaN.)
             onehot = jax.nn.one_hot(self._labels(labels[safe].astype(jnp.int32)), self.classes)
-            onehot = onehot * (rows >= 0).astype(row.dtype)[:, None]  # Padding adds 0.
             # sum_i onehot_i (x) row_i, without materializing the (N, K, E) contributions.
             return total + jnp.einsum("nk,ne->ke", onehot, row), None
 
