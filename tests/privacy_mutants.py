@@ -208,6 +208,11 @@ MUTANTS = (
     Mutant("DP-MEPF: a non-finite feature row spreads to every class", "dpjax/methods/dpmepf.py",
            "row = jnp.where(keep[:, None], row, 0.0)", "row = row * keep[:, None]",
            ("tests/test_dpmepf.py", "-k", "non_finite_features")),
+    Mutant("a composed source's plan file is trusted over its checkpoint",
+           "dpjax/privacy/provenance.py",
+           "not stored.same_guarantee_as(plan) or stored.steps != plan.steps:",
+           "False:",
+           ("tests/test_dpsad.py", "-k", "plan_file")),
 )  # fmt: skip
 
 

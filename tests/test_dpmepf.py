@@ -321,6 +321,18 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
     assert got == pytest.approx(expected, rel=1e-9)
     assert 7.9 <= got <= 8.0  # Calibrated on the total, not on the release alone.
 
+    # The composed plan is the one the feature network's checkpoint records: a
+    # dp_plan.json edited afterwards (sigma x 100: a smaller epsilon to compose) is
+    # refused (untrusted-input review, 2026-12-07).
+    path = os.path.join(fdir, "dp_plan.json")
+    with open(path) as f:
+        payload = json.load(f)
+    payload["plan"]["noise_multiplier"] *= 100
+    with open(path, "w") as f:
+        json.dump(payload, f)
+    with pytest.raises(accounting.PrivacyError, match="features_from=.*another DP plan"):
+        train.setup(cfg, str(tmp_path / "edited"), log=lambda *_: None)
+
 
 def test_canary_audit_refuses_a_release_method_clearly():
     from dpjax import main

@@ -95,12 +95,21 @@ def fake_teacher(directory, releases=(), **over) -> str:
 
 
 def variant(source: str, directory, **over) -> str:
-    """A copy of the teacher run ``source`` whose config and plan say ``over`` (cheap: the
-    checkpoint is copied, not written again)."""
-    wd = str(directory)
-    shutil.copytree(source, wd)
-    write_run_files(wd, **over)
+    """A teacher run with the weights of ``source`` (every fake teacher draws the same)
+    whose config, plan and checkpoint metadata say ``over``: its checkpoint records the
+    plan its dp_plan.json states, as a trained run's does (``checked_source_plan``)."""
+    wd = fake_teacher(directory, **over)
+    for a, b in zip(ckpt_params(source), ckpt_params(wd), strict=True):
+        np.testing.assert_array_equal(a, b)
     return wd
+
+
+def ckpt_params(wd: str) -> list[np.ndarray]:
+    """The trainable leaves of a fake teacher's checkpoint, as NumPy arrays."""
+    from dpjax import sample as sample_lib
+
+    _, params, _, _, _ = sample_lib.load_trained(wd)
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(params.trainable)]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +180,24 @@ def test_a_teacher_trained_without_dp_on_the_private_data_is_refused(teachers):
     # own DP-SGD training is still composed.
     (record,) = tiny(teachers["dp_from_public_start"], teacher_privacy="dp").prior_releases()
     assert record["noise_multiplier"] == TEACHER_SIGMA and record["steps"] == TEACHER_STEP
+
+
+def test_a_teacher_whose_plan_file_differs_from_its_checkpoint_is_refused(teachers, tmp_path):
+    """The teacher's sigma and q are composed into the student's epsilon: a dp_plan.json
+    edited after the training (sigma x 100) lowered it (untrusted-input review)."""
+    from dpjax.privacy.accounting import PrivacyError
+
+    edited = str(tmp_path / "edited")
+    shutil.copytree(teachers["dp"], edited)
+    path = os.path.join(edited, "dp_plan.json")
+    with open(path) as f:
+        payload = json.load(f)
+    payload["plan"]["noise_multiplier"] *= 100
+    with open(path, "w") as f:
+        json.dump(payload, f)
+    with pytest.raises(PrivacyError, match="teacher_from=.*another DP plan"):
+        tiny(edited)
+    assert tiny(teachers["dp"]).prior_releases()  # The unedited run composes.
 
 
 def test_private_data_follows_the_data_section():

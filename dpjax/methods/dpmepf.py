@@ -32,7 +32,6 @@ release): private data never enters it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -98,11 +97,6 @@ class Config:
         for key in ("release_batch", "z_dim", "ngf", "gen_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"method_args.{key} must be >= 1.")
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 class DPMEPF(base.Method):
@@ -375,11 +369,12 @@ def _load_features(workdir: str, spec: base.DataSpec):
             f"features_from={workdir!r} was trained on {source_spec.image_shape} images; this "
             f"data is {spec.image_shape}. Resize the data or train a matching network."
         )
-    plan_file = _read_json(os.path.join(workdir, "dp_plan.json"))
+    # The plan the loaded checkpoint itself records (dp_plan.json alone could be edited).
     # The steps behind the weights loaded are the checkpoint's own step. The plan file's
     # steps_done is written after each checkpoint and lags it if the run was killed in
     # between; composing that count would leave trained steps out of epsilon.
-    plan = {**plan_file["plan"], "steps_done": int(step)}
+    plan = {**provenance.checked_source_plan("features_from", workdir, step),
+            "steps_done": int(step)}
     net = jax.tree_util.tree_map(np.asarray, params.trainable["net"])
     return tuple(source.config.widths), net, plan
 

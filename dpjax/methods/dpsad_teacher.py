@@ -118,6 +118,7 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
 
     Raises:
       ValueError: not a DPDM run, another data spec, or LoRA adapters left unmerged.
+      PrivacyError: the checkpoint records another DP plan than dp_plan.json.
     """
     from dpjax import checkpoint as ckpt_lib  # Deferred: sample imports the registry.
     from dpjax import sample as sample_lib
@@ -137,6 +138,9 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
         meta = checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
+    # The plan composed for the teacher (``teacher_releases``) is dp_plan.json's: refused
+    # unless the checkpoint whose weights are used records the same.
+    provenance.checked_source_plan("teacher_from", run.workdir, int(step))
     return Teacher(
         run=run,
         config=source.config,

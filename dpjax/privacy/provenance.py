@@ -156,6 +156,42 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     )
 
 
+def checked_source_plan(what: str, workdir: str, step: int) -> dict[str, Any]:
+    """The DP plan (``DPPlan.to_dict``) under which the weights of ``workdir``'s
+    checkpoint ``step`` were trained: ``dp_plan.json``'s, refused unless that
+    checkpoint's own metadata records the same plan.
+
+    A composed source's sigma, q and relation decide the epsilon this run adds for it;
+    read from ``dp_plan.json`` alone, an edited file (sigma x 100) lowered a published
+    epsilon (untrusted-input review, 2026-12-07). The two records are plain JSON: this
+    catches a plan file changed or swapped after the training, not a forger who edits
+    both, so a composed source must be a run one trusts (README).
+
+    Raises:
+      PrivacyError: the records differ, or the checkpoint records no plan.
+    """
+    from dpjax import checkpoint as ckpt_lib  # Deferred: orbax, only for sources.
+
+    plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        recorded = checkpointer.restore_meta(step).get("plan")
+    finally:
+        checkpointer.close()
+    try:
+        stored = plan_lib.DPPlan.from_dict(dict(recorded)) if recorded else None
+    except (TypeError, ValueError, AttributeError):
+        stored = None
+    if stored is None or not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
+        raise PrivacyError(
+            f"{what}={workdir!r}: its checkpoint at step {step} records another DP plan "
+            f"({recorded}) than its dp_plan.json ({plan.to_dict()}), so the epsilon to "
+            "compose for its weights cannot be trusted. Restore the run's own dp_plan.json, "
+            "or train the source again."
+        )
+    return plan.to_dict()
+
+
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
