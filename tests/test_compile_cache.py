@@ -13,8 +13,21 @@ from tests.test_train_loop import _cli, _flat_state
 
 def test_cache_dir_settings(tmp_path, monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "home_cache"))
     wd = str(tmp_path / "run")
-    assert compile_cache.cache_dir("workdir", wd) == os.path.join(wd, "xla_cache")
+    mine = compile_cache.cache_dir("workdir", wd)
+    assert os.path.dirname(mine) == os.path.join(wd, "xla_cache")
+    assert compile_cache.cache_dir("workdir", wd) == mine  # The key is kept.
+    key_file = tmp_path / "home_cache" / compile_cache.KEY_FILE
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    # Another user (another key): a workdir handed over keeps its cache out of reach.
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "other_home"))
+    assert compile_cache.cache_dir("workdir", wd) != mine
+    # No place for a key (an unwritable home): no workdir cache, not an unkeyed one.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "file" / "cache"))
+    assert compile_cache.cache_dir("workdir", wd) is None
+    monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "home_cache"))
     assert compile_cache.cache_dir("off", wd) is None
     assert compile_cache.cache_dir("", wd) is None
     assert compile_cache.cache_dir(str(tmp_path / "c"), wd) == str(tmp_path / "c")
@@ -25,7 +38,7 @@ def test_cache_dir_settings(tmp_path, monkeypatch):
 
 
 def _step_entries(workdir):
-    return sorted(glob.glob(os.path.join(workdir, "xla_cache", "jit_step-*-cache")))
+    return sorted(glob.glob(os.path.join(workdir, "xla_cache", "*", "jit_step-*-cache")))
 
 
 def test_fresh_run_and_resumes_share_one_cached_step_and_survive_a_corrupt_entry(

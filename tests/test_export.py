@@ -418,6 +418,32 @@ def test_a_method_outside_dpjax_by_import_path_trains_samples_and_exports(
             train.train(toy_config(3, method=name), str(tmp_path / name), log=lambda *_: None)
 
 
+def test_a_method_module_shipped_inside_a_workdir_is_not_imported(tmp_path, monkeypatch):
+    """A run handed over by someone else named a module it ships itself as its method:
+    sample, eval, export (and a private run loading it as a source) imported and ran it
+    (``python -m`` puts the current directory on sys.path; untrusted-input review,
+    2026-12-07). A module in a workdir, or below one, is refused before any code runs."""
+    wd = fake_run(tmp_path / "foreign")
+    ran = tmp_path / "PAYLOAD_RAN"
+    payload = f"open({str(ran)!r}, 'w').close()\nfrom dpjax.methods.toy import Config, make\n"
+    (tmp_path / "foreign" / "payload.py").write_text(payload)
+    (tmp_path / "foreign" / "pkg").mkdir()
+    (tmp_path / "foreign" / "pkg" / "__init__.py").write_text(payload)
+    (tmp_path / "foreign" / "pkg" / "mod.py").write_text(payload)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config_path = os.path.join(wd, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    for name in ("foreign.payload", "foreign.pkg.mod"):
+        with open(config_path, "w") as f:
+            json.dump({**config, "method": name}, f)
+        with pytest.raises(ValueError, match="lies inside the dpjax workdir"):
+            sample.restore_state(wd)
+        with pytest.raises(ValueError, match="lies inside the dpjax workdir"):
+            export.export_run(wd, str(tmp_path / "out"), log=lambda *_: None)
+    assert not ran.exists()
+
+
 def test_the_card_of_a_command_line_export_names_only_the_export_flags(tmp_path):
     """The card quoted the whole command line: another flag (a cache directory named
     after the private data) went into the release (release-boundary review, 2026-12-07)."""

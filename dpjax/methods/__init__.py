@@ -5,7 +5,12 @@
 outside dpjax that follows the same contract (``my_lab.dp_vae``): a new method needs no
 change to dpjax. The path is stored in the run's config.json, so every mode (sample,
 eval, export, resume) imports it again; it must be importable (e.g. on PYTHONPATH).
-Importing runs the module's code: open only workdirs you trust (as with a pickle).
+Importing runs the module's code, so a module found inside a dpjax workdir (a folder
+holding a ``dp_plan.json``, or below one) is refused before any of its code runs: a run
+handed over by someone else could otherwise name a module it ships itself (``python -m``
+puts the current directory on ``sys.path``) and run it in sample, eval or export, or
+inside a private training run that loads it as a ``*_from`` source (untrusted-input
+review, 2026-12-07). Other importable modules are the user's own environment.
 
 A module may also expose ``make_restored(config, spec) -> Method``: the method of a run
 whose checkpoint is about to be restored into it (sampling, eval, export, or a run
@@ -14,7 +19,12 @@ measuring the latent scale on public data). ``make_for_restore`` picks it.
 """
 
 import importlib
+import importlib.util
+import os
 from types import ModuleType
+
+#: A file that marks a dpjax workdir (every run writes it first).
+_WORKDIR_MARKER = "dp_plan.json"
 
 METHODS: dict[str, str] = {
     "autoencoder": "dpjax.methods.autoencoder",
@@ -45,6 +55,7 @@ def get_method_module(name: str) -> ModuleType:
             "of a module with Config and make (e.g. 'my_lab.dp_vae')."
         )
     try:
+        _refuse_modules_in_workdirs(name)
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
@@ -60,6 +71,35 @@ def get_method_module(name: str) -> ModuleType:
             "frozen dataclass) and make(config, spec) (dpjax/methods/base.py)."
         )
     return module
+
+
+def _refuse_modules_in_workdirs(name: str) -> None:
+    """Raises ValueError if ``name`` or a package above it lies in a dpjax workdir.
+
+    Checked a level at a time before that level is imported: ``find_spec('a.b')`` runs
+    package ``a``'s ``__init__``, which the check of ``a`` has cleared by then."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        spec = importlib.util.find_spec(".".join(parts[:i]))
+        if spec is None:
+            return  # import_module raises ModuleNotFoundError for it.
+        places = list(spec.submodule_search_locations or [])
+        if spec.origin and os.path.isabs(spec.origin):
+            places.append(os.path.dirname(spec.origin))
+        for place in places:
+            folder = os.path.realpath(place)
+            while True:
+                if os.path.isfile(os.path.join(folder, _WORKDIR_MARKER)):
+                    raise ValueError(
+                        f"Method module '{name}' lies inside the dpjax workdir {folder}: dpjax "
+                        "does not import code that comes with a run (it would run with your "
+                        "files and your private data). Install the method's package from "
+                        "its source, outside any workdir, and use its import path."
+                    )
+                parent = os.path.dirname(folder)
+                if parent == folder:
+                    break
+                folder = parent
 
 
 def make_for_restore(name: str, config, spec):
