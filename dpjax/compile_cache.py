@@ -33,7 +33,7 @@ import secrets
 
 import jax
 
-from dpjax.eval.inception_weights import default_cache_dir
+from dpjax.user_cache import default_cache_dir
 
 #: ``--compilation_cache`` values with a meaning of their own.
 IN_WORKDIR = "workdir"

