@@ -1,4 +1,4 @@
-"""A test helper: apply dotted-path overrides to an experiment config."""
+"""Test helpers: dotted-path overrides of an experiment config, and hand edits of a run."""
 
 from typing import Any
 
@@ -16,3 +16,18 @@ def with_overrides(c: ml_collections.ConfigDict, over: dict[str, Any]) -> ml_col
         node[leaf] = value
     c.lock()
     return c
+
+
+def scale_plan_sigma(workdir, factor: float) -> None:
+    """Multiplies the noise multiplier in ``workdir``'s dp_plan.json by ``factor``, as a
+    hand edit after the training would (its checkpoints keep the plan they were saved
+    under)."""
+    import json
+    import os
+
+    path = os.path.join(str(workdir), "dp_plan.json")
+    with open(path) as f:
+        payload = json.load(f)
+    payload["plan"]["noise_multiplier"] *= factor
+    with open(path, "w") as f:
+        json.dump(payload, f)

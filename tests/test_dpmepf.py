@@ -18,7 +18,7 @@ from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.typed_config import ConfigError
 from experiments import dpmepf_fmnist, features_mnist
-from tests.config_overrides import with_overrides
+from tests.config_overrides import scale_plan_sigma, with_overrides
 
 SPEC = base.DataSpec((28, 28, 1), 10)
 
@@ -324,12 +324,7 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
     # The composed plan is the one the feature network's checkpoint records: a
     # dp_plan.json edited afterwards (sigma x 100: a smaller epsilon to compose) is
     # refused (untrusted-input review, 2026-12-07).
-    path = os.path.join(fdir, "dp_plan.json")
-    with open(path) as f:
-        payload = json.load(f)
-    payload["plan"]["noise_multiplier"] *= 100
-    with open(path, "w") as f:
-        json.dump(payload, f)
+    scale_plan_sigma(fdir, 100)
     with pytest.raises(accounting.PrivacyError, match="features_from=.*another DP plan"):
         train.setup(cfg, str(tmp_path / "edited"), log=lambda *_: None)
 
@@ -339,6 +334,17 @@ def test_canary_audit_refuses_a_release_method_clearly():
 
     with pytest.raises(accounting.PrivacyError, match="one Gaussian release"):
         main.run_audit_mode("unused", config=dpmepf_fmnist.get_config("smoke"), log=lambda *_: None)
+
+
+def _latest_checkpoint(workdir):
+    """The step of ``workdir``'s latest checkpoint (None: nothing was saved)."""
+    from dpjax import checkpoint as ckpt_lib
+
+    checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
 
 
 _WRONG_RECORDS = {
@@ -364,11 +370,7 @@ def test_a_release_that_is_not_the_planned_mechanism_is_refused(tmp_path, monkey
     monkeypatch.setattr(dpmepf.DPMEPF, "private_release", weaker)
     with pytest.raises(accounting.PrivacyError, match="do not match the planned"):
         train.train(_smoke(), str(tmp_path), log=lambda *_: None)
-    from dpjax import checkpoint as ckpt_lib
-
-    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
-    assert checkpointer.latest_step() is None
-    checkpointer.close()
+    assert _latest_checkpoint(tmp_path) is None
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several (host) devices")
@@ -439,8 +441,4 @@ def test_a_non_finite_release_is_not_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(dpmepf.DPMEPF, "private_release", nan_release)
     with pytest.raises(accounting.PrivacyError, match="non-finite values; nothing was saved"):
         train.train(_smoke(), str(tmp_path), log=lambda *_: None)
-    from dpjax import checkpoint as ckpt_lib
-
-    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
-    assert checkpointer.latest_step() is None
-    checkpointer.close()
+    assert _latest_checkpoint(tmp_path) is None

@@ -31,7 +31,7 @@ from dpjax.privacy import clipping
 from dpjax.privacy import plan as plan_lib
 from dpjax.state import TrainState
 from experiments import dpdm_fmnist, dpsad_fmnist
-from tests.config_overrides import with_overrides
+from tests.config_overrides import scale_plan_sigma, with_overrides
 from tests.test_layerwise import _assert_trees_close
 from tests.tree_utils import jittered
 
@@ -189,12 +189,7 @@ def test_a_teacher_whose_plan_file_differs_from_its_checkpoint_is_refused(teache
 
     edited = str(tmp_path / "edited")
     shutil.copytree(teachers["dp"], edited)
-    path = os.path.join(edited, "dp_plan.json")
-    with open(path) as f:
-        payload = json.load(f)
-    payload["plan"]["noise_multiplier"] *= 100
-    with open(path, "w") as f:
-        json.dump(payload, f)
+    scale_plan_sigma(edited, 100)
     with pytest.raises(PrivacyError, match="teacher_from=.*another DP plan"):
         tiny(edited)
     assert tiny(teachers["dp"]).prior_releases()  # The unedited run composes.
