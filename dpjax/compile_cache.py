@@ -13,21 +13,24 @@ Guarantees:
 * An unreadable entry (e.g. a process killed while writing it) only costs a compile:
   JAX warns and compiles again; no run state lives in the cache.
 * Where the cache lives: by default inside the run's workdir, never exported, in a
-  folder named by a random key of the user's (``<workdir>/xla_cache/<key>``; the key is
-  kept in ``~/.cache/dpjax`` or $DPJAX_CACHE), or where JAX_COMPILATION_CACHE_DIR points
-  if it is set. A compiled program can embed arrays that the traced functions close over
-  as constants, so a cache shared between runs should sit where the runs' private data
-  may sit.
-* A workdir from someone else never has its compiled programs loaded: its cache lies
-  under the other user's key. Cache entries are native code, keyed by what anyone with
-  the same software can compute, so without the key a run handed over with crafted
-  entries would run them in ``--mode=sample/eval/export`` (untrusted-input review,
-  2026-12-07). Without a usable key file (an unwritable home), the workdir cache is off.
+  folder whose name is an HMAC of the workdir's real path under a random key of the
+  user's (``<workdir>/xla_cache/<name>``; the key is kept in ``~/.cache/dpjax`` or
+  $DPJAX_CACHE), or where JAX_COMPILATION_CACHE_DIR points if it is set. A compiled
+  program can embed arrays that the traced functions close over as constants, so a
+  cache shared between runs should sit where the runs' private data may sit.
+* A workdir from someone else never has its compiled programs loaded: cache entries
+  are native code, keyed by what anyone with the same software can compute, so a run
+  handed over with crafted entries would run them in ``--mode=sample/eval/export``
+  (untrusted-input review, 2026-12-07). The folder name, which only the key makes, is
+  another for every workdir: seeing one of the user's workdirs does not give it. Without
+  a usable key file (an unwritable home, another user's file) the workdir cache is off
+  (``cache_dir`` returns None; main says so), and a workdir moved elsewhere compiles again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 
@@ -46,28 +49,41 @@ JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
 KEY_FILE = "compile_cache_key"
 
 
-def user_key() -> str | None:
-    """This user's cache key (created once, owner-only), or None if it cannot be kept."""
+def user_key() -> bytes | None:
+    """This user's random cache key (made once, owner-only), or None if none can be kept.
+
+    Written whole or not at all (a temporary file linked into place), so a process killed
+    meanwhile or one starting at the same moment never sees a partial key."""
     path = default_cache_dir() / KEY_FILE
     try:
-        if not path.exists():
+        key = path.read_text().strip() if path.exists() else ""
+        if not key:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(16))
-        key = path.read_text().strip()
-    except FileExistsError:  # Another process created it first: read theirs.
-        key = path.read_text().strip()
+                f.write(secrets.token_hex(32))
+            try:
+                if path.exists():  # An empty file left by a killed process: replaced.
+                    os.replace(tmp, path)
+                else:
+                    os.link(tmp, path)  # Fails if another process made one meanwhile.
+            except FileExistsError:
+                pass
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            key = path.read_text().strip()
     except OSError:
         return None
-    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+    return key.encode() if key else None
 
 
 def cache_dir(setting: str, workdir: str) -> str | None:
-    """The directory ``setting`` names: ``'workdir'`` -> ``<workdir>/xla_cache/<the
-    user's key>`` (None without a key), or JAX's own JAX_COMPILATION_CACHE_DIR where the
-    environment sets it; ``'off'`` or ``''`` -> None (no cache); anything else -> that
-    path (user ``~`` expanded, made absolute)."""
+    """The directory ``setting`` names: ``'workdir'`` -> ``<workdir>/xla_cache/<HMAC of
+    the workdir's real path under the user's key>`` (None without a key), or JAX's own
+    JAX_COMPILATION_CACHE_DIR where the environment sets it; ``'off'`` or ``''`` -> None
+    (no cache); anything else -> that path (user ``~`` expanded, made absolute)."""
     if setting in (OFF, ""):
         return None
     if setting == IN_WORKDIR:
@@ -76,7 +92,9 @@ def cache_dir(setting: str, workdir: str) -> str | None:
         key = user_key()
         if key is None:
             return None
-        return os.path.join(os.path.abspath(workdir), WORKDIR_CACHE_NAME, key)
+        workdir = os.path.abspath(workdir)
+        name = hmac.new(key, os.path.realpath(workdir).encode(), hashlib.sha256).hexdigest()
+        return os.path.join(workdir, WORKDIR_CACHE_NAME, name[:32])
     return os.path.abspath(os.path.expanduser(setting))
 
 

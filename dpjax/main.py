@@ -260,6 +260,9 @@ def run(argv: list[str]) -> None:
     cache = compile_cache.cache_dir(_COMPILATION_CACHE.value, workdir)
     if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
         raise UsageError(f"--compilation_cache {cache} is a file, not a directory.")
+    if cache is None and _COMPILATION_CACHE.value == compile_cache.IN_WORKDIR:
+        print(f"[dpjax] note: no compilation cache (no key file could be kept in "
+              f"{compile_cache.default_cache_dir()}; dpjax/compile_cache.py).", file=sys.stderr)
     compile_cache.enable(cache)
     if _MODE.value == "train":
         from dpjax import train

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from dpjax import atomic_file, run_config
 from dpjax import checkpoint as ckpt_lib
+from dpjax import methods as methods_lib
 from dpjax.diffusion import samplers
 from dpjax.methods import make_for_restore
 from dpjax.methods.base import DataSpec, Params
@@ -304,11 +305,16 @@ def not_private_warning(workdir: str) -> str | None:
 
 
 def load_run_config(workdir: str) -> run_config.RunConfig:
-    """The typed config stored in a workdir (no private data is read)."""
+    """The typed config stored in a workdir (no private data is read); a method module
+    outside dpjax must be trusted by the user first (``methods.check_trusted``)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ckpt_lib.CheckpointError(f"{workdir} holds no dpjax run (no config.json).")
     stored = atomic_file.read_json(path)
+    try:
+        methods_lib.check_trusted(str(stored.get("method", "")))
+    except ValueError as e:  # Before from_configdict imports it.
+        raise ConfigError(f"{path}: {e}") from None
     try:
         return run_config.from_configdict(ml_collections.ConfigDict(stored))
     except ConfigError as e:  # Changed outside dpjax, or written by another dpjax version.

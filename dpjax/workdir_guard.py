@@ -189,9 +189,10 @@ def check_resume_config(
         return []
     old = atomic_file.read_json(path)
     if resuming:  # Steps ran under the stored data section: were they the DP mechanism?
+        # (The file at the stored path, which the steps read: a converted copy elsewhere
+        # would read the same and hide what they did.)
         npz.check_float_range_from_start(
-            old.get("data") or {}, bool((old.get("dp") or {}).get("enabled", True)),
-            path=(new.get("data") or {}).get("path") or None)
+            old.get("data") or {}, bool((old.get("dp") or {}).get("enabled", True)))
     free = {s: set(keys) for s, keys in RESUME_FREE_FIELDS.items()}
     if stored_digest is None or data_digest is None:
         free["data"] = set()  # Nothing shows that another location holds the same data.

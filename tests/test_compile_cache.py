@@ -20,9 +20,17 @@ def test_cache_dir_settings(tmp_path, monkeypatch):
     assert compile_cache.cache_dir("workdir", wd) == mine  # The key is kept.
     key_file = tmp_path / "home_cache" / compile_cache.KEY_FILE
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert os.listdir(tmp_path / "home_cache") == [compile_cache.KEY_FILE]  # No temp left.
+    # Each workdir has a name of its own: one seen does not name another's.
+    other_wd = compile_cache.cache_dir("workdir", str(tmp_path / "other_run"))
+    assert os.path.basename(other_wd) != os.path.basename(mine)
     # Another user (another key): a workdir handed over keeps its cache out of reach.
     monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "other_home"))
     assert compile_cache.cache_dir("workdir", wd) != mine
+    # An empty key file (a process killed before the key was written) gets a new key.
+    (tmp_path / "other_home" / compile_cache.KEY_FILE).write_text("")
+    assert compile_cache.cache_dir("workdir", wd) not in (None, mine)
+    assert (tmp_path / "other_home" / compile_cache.KEY_FILE).read_text()
     # No place for a key (an unwritable home): no workdir cache, not an unkeyed one.
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("DPJAX_CACHE", str(tmp_path / "file" / "cache"))

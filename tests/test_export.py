@@ -405,6 +405,11 @@ def test_a_method_outside_dpjax_by_import_path_trains_samples_and_exports(
     train.train(toy_config(3, method="my_lab.scaled_toy"), wd, log=lambda *_: None)
     with open(os.path.join(wd, "config.json")) as f:
         assert json.load(f)["method"] == "my_lab.scaled_toy"
+    # Read back from the stored run, a module outside dpjax must be trusted first.
+    monkeypatch.delenv("DPJAX_TRUSTED_METHODS", raising=False)
+    with pytest.raises(ValueError, match="DPJAX_TRUSTED_METHODS=my_lab.scaled_toy"):
+        sample.restore_state(wd)
+    monkeypatch.setenv("DPJAX_TRUSTED_METHODS", "other.module, my_lab.scaled_toy")
     method, _, _, _ = sample.restore_state(wd)
     assert type(method).__name__ == "ScaledToy"
     names = export.export_run(wd, str(tmp_path / "out"), num_samples=4, log=lambda *_: None)
@@ -422,7 +427,9 @@ def test_a_method_module_shipped_inside_a_workdir_is_not_imported(tmp_path, monk
     """A run handed over by someone else named a module it ships itself as its method:
     sample, eval, export (and a private run loading it as a source) imported and ran it
     (``python -m`` puts the current directory on sys.path; untrusted-input review,
-    2026-12-07). A module in a workdir, or below one, is refused before any code runs."""
+    2026-12-07). A module a stored run names must be listed in DPJAX_TRUSTED_METHODS (so
+    deleting the workdir's dp_plan.json does not help), and one inside a workdir, or
+    below one, is refused even when listed; no code runs either way."""
     wd = fake_run(tmp_path / "foreign")
     ran = tmp_path / "PAYLOAD_RAN"
     payload = f"open({str(ran)!r}, 'w').close()\nfrom dpjax.methods.toy import Config, make\n"
@@ -437,10 +444,18 @@ def test_a_method_module_shipped_inside_a_workdir_is_not_imported(tmp_path, monk
     for name in ("foreign.payload", "foreign.pkg.mod"):
         with open(config_path, "w") as f:
             json.dump({**config, "method": name}, f)
+        monkeypatch.delenv("DPJAX_TRUSTED_METHODS", raising=False)
+        for open_run in (sample.restore_state,
+                         lambda w: export.export_run(w, str(tmp_path / "out"))):
+            with pytest.raises(ValueError, match=f"DPJAX_TRUSTED_METHODS={name}"):
+                open_run(wd)
+        monkeypatch.setenv("DPJAX_TRUSTED_METHODS", name)  # Trusted by mistake.
         with pytest.raises(ValueError, match="lies inside the dpjax workdir"):
             sample.restore_state(wd)
-        with pytest.raises(ValueError, match="lies inside the dpjax workdir"):
-            export.export_run(wd, str(tmp_path / "out"), log=lambda *_: None)
+    os.remove(os.path.join(wd, "dp_plan.json"))  # No marker left: still not trusted.
+    monkeypatch.delenv("DPJAX_TRUSTED_METHODS", raising=False)
+    with pytest.raises(ValueError, match="DPJAX_TRUSTED_METHODS"):
+        sample.restore_state(wd)
     assert not ran.exists()
 
 

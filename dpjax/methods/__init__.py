@@ -5,12 +5,14 @@
 outside dpjax that follows the same contract (``my_lab.dp_vae``): a new method needs no
 change to dpjax. The path is stored in the run's config.json, so every mode (sample,
 eval, export, resume) imports it again; it must be importable (e.g. on PYTHONPATH).
-Importing runs the module's code, so a module found inside a dpjax workdir (a folder
-holding a ``dp_plan.json``, or below one) is refused before any of its code runs: a run
+Importing runs the module's code, so a module named by a run's STORED config (a
+workdir opened for sample, eval, export or audit, or loaded as a ``*_from`` source) is
+imported only if the user lists it in $DPJAX_TRUSTED_METHODS (``check_trusted``): a run
 handed over by someone else could otherwise name a module it ships itself (``python -m``
-puts the current directory on ``sys.path``) and run it in sample, eval or export, or
-inside a private training run that loads it as a ``*_from`` source (untrusted-input
-review, 2026-12-07). Other importable modules are the user's own environment.
+puts the current directory on ``sys.path``) and run it with the user's files and private
+data (untrusted-input review, 2026-12-07). A module that lies inside a dpjax workdir (a
+folder holding a ``dp_plan.json``, or below one) is refused even then. The method of
+the user's own experiment file (``--config``) needs no listing: the user named it.
 
 A module may also expose ``make_restored(config, spec) -> Method``: the method of a run
 whose checkpoint is about to be restored into it (sampling, eval, export, or a run
@@ -25,6 +27,8 @@ from types import ModuleType
 
 #: A file that marks a dpjax workdir (every run writes it first).
 _WORKDIR_MARKER = "dp_plan.json"
+#: Comma-separated import paths of method modules that stored runs may name.
+TRUST_ENV = "DPJAX_TRUSTED_METHODS"
 
 METHODS: dict[str, str] = {
     "autoencoder": "dpjax.methods.autoencoder",
@@ -71,6 +75,20 @@ def get_method_module(name: str) -> ModuleType:
             "frozen dataclass) and make(config, spec) (dpjax/methods/base.py)."
         )
     return module
+
+
+def check_trusted(name: str) -> None:
+    """Raises ValueError unless method ``name``, read from a stored run, is registered or
+    an import path the user listed in $DPJAX_TRUSTED_METHODS (it is not imported here)."""
+    if name in METHODS or not is_import_path(name):
+        return  # Registered, or an unknown name that get_method_module reports.
+    trusted = {n.strip() for n in os.environ.get(TRUST_ENV, "").split(",") if n.strip()}
+    if name not in trusted:
+        raise ValueError(
+            f"This run's method is the module '{name}', not one of dpjax's; importing it "
+            "runs its code with your files and data. If it is your own (or you have read "
+            f"it), allow it with {TRUST_ENV}={name} (comma-separated for several)."
+        )
 
 
 def _refuse_modules_in_workdirs(name: str) -> None:

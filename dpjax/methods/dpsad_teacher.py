@@ -138,9 +138,9 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
         meta = checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
-    # The plan composed for the teacher (``teacher_releases``) is dp_plan.json's: refused
-    # unless the checkpoint whose weights are used records the same.
-    provenance.checked_source_plan("teacher_from", run.workdir, int(step))
+    # The plan composed for the teacher (``teacher_releases``: ``run.plan``, read from
+    # dp_plan.json) must be the one the checkpoint whose weights are used records.
+    provenance.checked_source_plan("teacher_from", run.workdir, int(step), run.plan)
     return Teacher(
         run=run,
         config=source.config,

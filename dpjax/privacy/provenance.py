@@ -156,10 +156,13 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     )
 
 
-def checked_source_plan(what: str, workdir: str, step: int) -> dict[str, Any]:
+def checked_source_plan(
+    what: str, workdir: str, step: int, plan_dict: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The DP plan (``DPPlan.to_dict``) under which the weights of ``workdir``'s
-    checkpoint ``step`` were trained: ``dp_plan.json``'s, refused unless that
-    checkpoint's own metadata records the same plan.
+    checkpoint ``step`` were trained: ``plan_dict`` (the plan the caller read and will
+    compose) or else ``dp_plan.json``'s, refused unless that checkpoint's own metadata
+    records the same plan.
 
     A composed source's sigma, q and relation decide the epsilon this run adds for it;
     read from ``dp_plan.json`` alone, an edited file (sigma x 100) lowered a published
@@ -172,7 +175,10 @@ def checked_source_plan(what: str, workdir: str, step: int) -> dict[str, Any]:
     """
     from dpjax import checkpoint as ckpt_lib  # Deferred: orbax, only for sources.
 
-    plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
+    if plan_dict is None:
+        plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
+    else:
+        plan = plan_lib.DPPlan.from_dict(dict(plan_dict))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         recorded = checkpointer.restore_meta(step).get("plan")
