@@ -512,6 +512,23 @@ def test_a_private_loss_that_overflows_does_not_stop_the_run(tmp_path, monkeypat
                     log=lambda *_: None)
 
 
+def test_a_step_without_rows_reports_no_loss_and_goes_on(tmp_path):
+    """An empty Poisson batch (E[B] = 1 here; batches from the seed, so the same steps are
+    empty every time) has no loss: NaN, not the 0.0 it reported, and neither a run with
+    DP nor one without stops or warns on it."""
+    for dp in (True, False):
+        wd, msgs = str(tmp_path / f"dp_{dp}"), []
+        over = {"dp.batch_size": 1, "dp.microbatch_size": 1, "dp.secret_noise": False,
+                "dp.enabled": dp}
+        assert int(train.train(_config(steps=8, **over), wd, log=msgs.append).step) == 8
+        rows = metrics_log.read(wd)
+        empty = [r for r in rows if r["batch_size"] == 0]
+        assert empty and all(np.isnan(float(r["private_loss_nonprivate"])) for r in empty)
+        assert all(np.isfinite(float(r["private_loss_nonprivate"]))
+                   for r in rows if r["batch_size"] > 0)
+        assert not [m for m in msgs if "warning" in m], msgs
+
+
 def test_unwritable_workdir_fails_before_training(tmp_path, record_tried):
     record_tried("faults", "unwritable workdir")
     blocker = tmp_path / "file"
