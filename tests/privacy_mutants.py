@@ -161,7 +161,7 @@ MUTANTS = (
            "or len(made) != len(planned)", "or False",
            ("tests/test_dpmepf.py", "-k", "not_the_planned")),
     Mutant("DP-MEPF padding rows counted", "dpjax/methods/dpmepf.py",
-           "onehot = onehot * (rows >= 0).astype(row.dtype)[:, None]", "pass",
+           "keep = (rows >= 0) & jnp.all(", "keep = (rows >= -1) & jnp.all(",
            ("tests/test_dpmepf.py",)),
     Mutant("DP-SAD exports its teacher", "dpjax/methods/dpsad.py",
            "        del frozen\n        return {}", "        return frozen",
