@@ -135,7 +135,8 @@ def release_once(run: Run, state: TrainState, dataset: Any, log) -> TrainState:
     eps = report_lib.epsilon_spent(run.plan, 0, run.releases, (run.plan.accountant,))
     log(
         f"[dpjax] released once ({len(release.records)} Gaussian mechanism(s)); epsilon "
-        f"{eps[run.plan.accountant]:.4g} ({run.plan.accountant}); from here on the private "
+        f"{report_lib.format_epsilon(float(eps[run.plan.accountant]))} ({run.plan.accountant}); "
+        "from here on the private "
         "data is not read"
     )
     return state

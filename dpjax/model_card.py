@@ -149,6 +149,9 @@ def _dataset_size_line(plan: Any, report: dict[str, Any]) -> str:
     if plan.mechanism != "release":
         return (f"N = {plan.num_examples} private training examples (N is treated as "
                 "public, as it sets the sampling rate).")
+    if plan.neighbouring != "add_or_remove_one":
+        return ("N is not stated, but the guarantee does not cover it: neighbouring "
+                f"datasets under {plan.neighbouring.replace('_', '-')} have the same size.")
     if any(r.get("kind") == "dpsgd" for r in report.get("releases", [])):
         return ("N is not stated, but it is not protected either: the composed DP-SGD "
                 "stage in the privacy report lists its sampling rate, batch / N of the "
@@ -186,7 +189,10 @@ def model_card(
            "(post-processing)."),
         *_stopped_line(plan, run.step),
         f"- Parameters: {count_params(run.state.ema):,} trained with DP"
-        + (f", {frozen:,} frozen (public pieces"
+        + (f", {frozen:,} frozen (not trained by this run: "
+           + ("public pieces or earlier DP stages composed into the guarantee below"
+              if any(r.get("stage") == "prior" for r in report.get("releases", []))
+              else "public pieces")
            + (", and the DP release the model was trained on" if plan.mechanism == "release"
               else "") + ")" if frozen else "")
         + ".",

@@ -178,8 +178,12 @@ def resolve_plan(
         release_events=method.release_events if one_release else None,
     )
     if write:
-        plan_lib.save_plan(path, plan, {"steps_done": 0, "epsilon_spent": {"rdp": 0.0, "pld": 0.0},
-                                        "releases": prior})
+        # Before any step, the prior releases alone are spent (a DP teacher's training):
+        # 0 here was false until the first checkpoint, and for good if the run died first.
+        eps = report_lib.epsilon_spent(plan, 0, prior, (plan.accountant,))
+        plan_lib.save_plan(path, plan, {
+            "steps_done": 0, "releases": prior,
+            "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()}})
     return plan
 
 

@@ -252,7 +252,8 @@ def _train_run(
                 row["steps_per_s"] = (done - start) / (time.time() - t0)
                 logger.write(done, row)
                 if bar is not None:
-                    bar.set_postfix(eps=f"{eps:.3g}", loss=f"{row[loss_name]:.4g}")
+                    bar.set_postfix(eps=report_lib.format_epsilon(float(eps)),
+                                    loss=f"{row[loss_name]:.4g}")
             # Agreed by every process (each has its own clock), as the stop below.
             out_of_time = cfg.train.max_seconds_per_run > 0 and parallel.any_process(
                 cfg.train.max_seconds_per_run < time.time() - t0)

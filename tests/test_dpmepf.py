@@ -425,6 +425,25 @@ def test_the_card_does_not_claim_n_protected_beside_a_composed_dp_sgd_stage():
     composed = {"releases": [{"kind": "dpsgd", "sampling_rate": 0.05}, {"kind": "gaussian"}]}
     line = model_card._dataset_size_line(plan, composed)
     assert "not protected" in line and "protects N" not in line and "1000" not in line
+    # Under replace-one, neighbouring datasets have one size: nothing covers N
+    # (consistency review, 2026-12-07: card and report said the release protected it).
+    import dataclasses
+
+    replace = dataclasses.replace(plan, neighbouring="replace_one")
+    line = model_card._dataset_size_line(replace, {"releases": [{"kind": "gaussian"}]})
+    assert "does not cover it" in line and "protects" not in line
+    # The privacy report says the same as the card, and names the composed stage.
+    report = report_lib.privacy_report(
+        plan, 0, "dpmepf", [{"kind": "dpsgd", "noise_multiplier": 1.0, "sampling_rate": 0.05,
+                             "steps": 2, "stage": "prior"},
+                            {"kind": "gaussian", "noise_multiplier": 5.0, "stage": "release"}])
+    report["num_examples"] = None  # As the export writes it.
+    md = report_lib.report_markdown(report)
+    assert "not protected either" in md and "protects it" not in md
+    assert "of the one release composed with 1 prior release(s)" in md
+    report["releases"] = report["releases"][1:]
+    md = report_lib.report_markdown(report)
+    assert "protects it" in md and "composed with" not in md
 
 
 def test_a_non_finite_release_is_not_saved(tmp_path, monkeypatch):

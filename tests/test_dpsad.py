@@ -499,6 +499,16 @@ def test_a_dp_teacher_with_seed_derived_noise_is_refused_before_anything_is_writ
                                     {"seed": teacher_seed}), str(tmp_path / "ok"),
                      log=lambda *_: None)[0]
     ok.close()
+    # Before its first step, the student's plan file states what the teacher spent, not 0
+    # (consistency review, 2026-12-07).
+    with open(tmp_path / "ok" / "dp_plan.json") as f:
+        written = json.load(f)
+    from dpjax.privacy import report as report_lib
+
+    assert written["steps_done"] == 0 and written["releases"]
+    assert written["epsilon_spent"] == report_lib.epsilon_spent(
+        ok.plan, 0, written["releases"], (ok.plan.accountant,))
+    assert written["epsilon_spent"][ok.plan.accountant] > 0.1  # The teacher's steps.
 
 
 @pytest.mark.slow

@@ -124,8 +124,17 @@ def test_report_rounds_epsilon_and_counts():
         "memorization": {"pixel": {"num_samples": 10000.0, "nn_distance_median": 13.240859}},
     }
     md = report.report_markdown(result)
-    assert "epsilon 9.9998 (RDP) / n/a (PLD) at delta 1e-05, sigma 0.4559, 120 steps." in md
+    # Rounded UP to 4 significant digits, as every privacy report states an epsilon (a
+    # nearest rounding, 9.9998 here, stated a bound below the computed one).
+    assert "epsilon 10 (RDP) / n/a (PLD) at delta 1e-05, sigma 0.4559, 120 steps." in md
     assert "num_samples=10000, nn_distance_median=13.2409" in md
+    # A non-finite epsilon is stored as a string (RDP under replace-one, a run without
+    # DP): the report crashed on it, after eval.json was written (consistency review).
+    privacy["epsilon"] = {"rdp": "nan", "pld": 8.300017}
+    md = report.report_markdown(result)
+    assert "epsilon nan (RDP) / 8.301 (PLD)" in md
+    privacy["epsilon"] = {"rdp": "inf", "pld": "inf"}
+    assert "epsilon inf (RDP) / inf (PLD)" in report.report_markdown(result)
 
 
 def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(

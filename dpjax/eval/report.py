@@ -322,6 +322,14 @@ EVAL_NOT_PUBLISHABLE = (
 )
 
 
+def _as_float(x: Any) -> Any:
+    """``x`` as a float where it is a number or a number's string ('nan', 'inf')."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return x
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     """A short human-readable report of ``evaluate_workdir``'s result."""
     lines = [
@@ -332,9 +340,14 @@ def report_markdown(result: dict[str, Any]) -> str:
     ]
     privacy = result.get("privacy")
     if privacy:
+        from dpjax.privacy.report import format_epsilon
+
         eps = privacy["epsilon"]
+        # Rounded up as every report rounds an epsilon; a non-finite one is stored as the
+        # string 'nan' or 'inf' (RDP under replace-one, a run without DP), shown as is.
         shown_eps = " / ".join(
-            f"{'n/a' if eps.get(k) is None else format(eps[k], '.4f')} ({k.upper()})"
+            f"{'n/a' if eps.get(k) is None else format_epsilon(_as_float(eps[k]))} "
+            f"({k.upper()})"
             for k in ("rdp", "pld")
         )
         lines += [

@@ -173,18 +173,33 @@ def _noise_line(report: dict[str, Any]) -> list[str]:
             "and so recomputable by whoever knows the seed"]
 
 
+def _unstated_n(report: dict[str, Any]) -> str:
+    """Why a one-release report omits N, and whether the guarantee covers N."""
+    if report["neighbouring_relation"] != "add_or_remove_one":
+        return ("N is not stated, but the guarantee does not cover it: neighbouring "
+                "datasets under this relation have the same size")
+    if any(r.get("kind") == "dpsgd" for r in report["releases"]):
+        return ("N is not stated, but not protected either: a composed DP-SGD stage below "
+                "lists its sampling rate, batch / N of the data it trained on")
+    return "N is not part of this release: the release, which noises its counts, protects it"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as a short markdown document (epsilons rounded up to 4 digits; the
     JSON report has them exact)."""
     eps = report["epsilon"]
     stated = eps.get(report["calibrated_with"])
+    priors = sum(r.get("stage") == "prior" for r in report["releases"])
     lines = [
         f"# Privacy report ({report['method']})",
         "",
         f"- private: {_private_line(report)}",
         *([f"- guarantee: ({format_epsilon(float(stated))}, {report['delta']!r})-DP "
-           + ("of the one release" if report.get("plan_mechanism") == "release"
-              else f"after {report['steps_done']} steps")
+           + (("of the one release" + (f" composed with {priors} prior release(s)"
+                                          if priors else ""))
+              if report.get("plan_mechanism") == "release"
+              else f"after {report['steps_done']} steps"
+              + (f" and {priors} prior release(s)" if priors else ""))
            + f" ({report['calibrated_with'].upper()} accountant), for "
            f"{_UNIT.get(report['neighbouring_relation'], 'one example')}"]
           if report["private"] and stated is not None and math.isfinite(float(stated))
@@ -197,7 +212,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             [
                 "- private data read once, all "
                 + (f"N={report['num_examples']} examples" if report["num_examples"] is not None
-                   else "examples (N is not part of this release: the release protects it)"),
+                   else f"examples ({_unstated_n(report)})"),
                 f"- post-processing steps (no private data): {report['steps_done']} done of "
                 f"{report['steps_planned']} planned",
             ]
