@@ -156,8 +156,7 @@ def check_checkpoint_plan(
 ) -> None:
     """Raises CheckpointError if checkpoint ``step``'s metadata has another plan than
     ``plan`` (the workdir's dp_plan.json)."""
-    stored = plan_lib.DPPlan.from_dict(meta.get("plan", {})) if meta.get("plan") else None
-    if stored is None or not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
+    if not plan_lib.recorded_plan_matches(meta.get("plan"), plan):
         raise ckpt_lib.CheckpointError(
             f"The checkpoint at step {step} in {workdir} was written under another plan "
             f"({meta.get('plan')}) than dp_plan.json ({plan.to_dict()})."

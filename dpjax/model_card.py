@@ -149,14 +149,15 @@ def _dataset_size_line(plan: Any, report: dict[str, Any]) -> str:
     if plan.mechanism != "release":
         return (f"N = {plan.num_examples} private training examples (N is treated as "
                 "public, as it sets the sampling rate).")
-    if plan.neighbouring != "add_or_remove_one":
-        return ("N is not stated, but the guarantee does not cover it: neighbouring "
-                f"datasets under {plan.neighbouring.replace('_', '-')} have the same size.")
-    if any(r.get("kind") == "dpsgd" for r in report.get("releases", [])):
-        return ("N is not stated, but it is not protected either: the composed DP-SGD "
-                "stage in the privacy report lists its sampling rate, batch / N of the "
-                "data it trained on (these data, if it trained on them).")
-    return "N is not stated: the one release noises its counts, so it protects N too."
+    return {
+        "relation": "N is not stated, but the guarantee does not cover it: neighbouring "
+                    f"datasets under {plan.neighbouring.replace('_', '-')} have the same size.",
+        "composed": "N is not stated, but it is not protected either: the composed DP-SGD "
+                    "stage in the privacy report lists its sampling rate, batch / N of the "
+                    "data it trained on (these data, if it trained on them).",
+        "protected": "N is not stated: the one release noises its counts, so it protects N "
+                     "too.",
+    }[report_lib.one_release_n_coverage(plan.neighbouring, report.get("releases", []))]
 
 
 def model_card(

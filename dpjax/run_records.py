@@ -9,7 +9,6 @@ coordinates the hosts).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -28,7 +27,7 @@ def _meta(run: Run, steps_done: int) -> dict[str, Any]:
     return {
         "plan": run.plan.to_dict(),
         "steps_done": steps_done,
-        "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "epsilon_spent": report_lib.storable_epsilons(eps),
         "releases": run.releases,
         "method": run.config.method,
         noise_secret.NOISE_SOURCE_KEY: run.noise_source,

@@ -183,7 +183,7 @@ def resolve_plan(
         eps = report_lib.epsilon_spent(plan, 0, prior, (plan.accountant,))
         plan_lib.save_plan(path, plan, {
             "steps_done": 0, "releases": prior,
-            "epsilon_spent": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()}})
+            "epsilon_spent": report_lib.storable_epsilons(eps)})
     return plan
 
 
@@ -357,11 +357,11 @@ def _build_run(
     meta = None
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
-        stored = plan_lib.DPPlan.from_dict(meta["plan"])
-        if not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
+        if not plan_lib.recorded_plan_matches(meta.get("plan"), plan):
             raise ckpt_lib.CheckpointError(
-                f"The latest checkpoint was written under plan {meta['plan']}, not under the plan "
-                f"of dp_plan.json and this config {plan.to_dict()}; refusing to mix them."
+                f"The latest checkpoint was written under plan {meta.get('plan')}, not under "
+                f"the plan of dp_plan.json and this config {plan.to_dict()}; refusing to mix "
+                "them."
             )
         stored_prior = [r for r in meta.get("releases", []) if r.get("stage") == "prior"]
         if stored_prior != releases:

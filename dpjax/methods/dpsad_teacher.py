@@ -122,6 +122,7 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
     """
     from dpjax import checkpoint as ckpt_lib  # Deferred: sample imports the registry.
     from dpjax import sample as sample_lib
+    from dpjax.privacy import plan as plan_lib
 
     source, params, teacher_spec, _, step = sample_lib.load_trained(run.workdir)
     if not isinstance(source, dpdm.DPDM):
@@ -140,7 +141,8 @@ def load_teacher(run: TeacherRun, spec: base.DataSpec) -> Teacher:
         checkpointer.close()
     # The plan composed for the teacher (``teacher_releases``: ``run.plan``, read from
     # dp_plan.json) must be the one the checkpoint whose weights are used records.
-    provenance.checked_source_plan("teacher_from", run.workdir, int(step), run.plan)
+    provenance.check_source_plan("teacher_from", run.workdir, int(step),
+                                 plan_lib.DPPlan.from_dict(run.plan), meta.get("plan"))
     return Teacher(
         run=run,
         config=source.config,

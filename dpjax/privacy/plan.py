@@ -139,6 +139,19 @@ class DPPlan:
         )
 
 
+def recorded_plan_matches(recorded: Any, plan: DPPlan) -> bool:
+    """Whether ``recorded`` (the plan dict a checkpoint's metadata holds) is ``plan``: the
+    same mechanism (``same_guarantee_as``) and the same planned steps. A missing or
+    unreadable record is not."""
+    if not recorded:
+        return False
+    try:
+        stored = DPPlan.from_dict(dict(recorded))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return stored.same_guarantee_as(plan) and stored.steps == plan.steps
+
+
 def make_plan(
     *,
     num_examples: int,

@@ -156,13 +156,31 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
     )
 
 
-def checked_source_plan(
-    what: str, workdir: str, step: int, plan_dict: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def checked_source_plan(what: str, workdir: str, step: int) -> dict[str, Any]:
     """The DP plan (``DPPlan.to_dict``) under which the weights of ``workdir``'s
-    checkpoint ``step`` were trained: ``plan_dict`` (the plan the caller read and will
-    compose) or else ``dp_plan.json``'s, refused unless that checkpoint's own metadata
-    records the same plan.
+    checkpoint ``step`` were trained: ``dp_plan.json``'s, refused unless that checkpoint's
+    own metadata records the same plan (``check_source_plan``).
+
+    Raises:
+      PrivacyError: the records differ, or the checkpoint records no plan.
+    """
+    from dpjax import checkpoint as ckpt_lib  # Deferred: orbax, only for sources.
+
+    plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        recorded = checkpointer.restore_meta(step).get("plan")
+    finally:
+        checkpointer.close()
+    check_source_plan(what, workdir, step, plan, recorded)
+    return plan.to_dict()
+
+
+def check_source_plan(
+    what: str, workdir: str, step: int, plan: plan_lib.DPPlan, recorded: Any
+) -> None:
+    """Refuses a source whose plan to compose (``plan``, from its ``dp_plan.json``) is not
+    the one its checkpoint ``step`` records (``recorded``, from that checkpoint's metadata).
 
     A composed source's sigma, q and relation decide the epsilon this run adds for it;
     read from ``dp_plan.json`` alone, an edited file (sigma x 100) lowered a published
@@ -173,29 +191,13 @@ def checked_source_plan(
     Raises:
       PrivacyError: the records differ, or the checkpoint records no plan.
     """
-    from dpjax import checkpoint as ckpt_lib  # Deferred: orbax, only for sources.
-
-    if plan_dict is None:
-        plan, _ = plan_lib.load_plan(os.path.join(workdir, "dp_plan.json"))
-    else:
-        plan = plan_lib.DPPlan.from_dict(dict(plan_dict))
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:
-        recorded = checkpointer.restore_meta(step).get("plan")
-    finally:
-        checkpointer.close()
-    try:
-        stored = plan_lib.DPPlan.from_dict(dict(recorded)) if recorded else None
-    except (TypeError, ValueError, AttributeError):
-        stored = None
-    if stored is None or not stored.same_guarantee_as(plan) or stored.steps != plan.steps:
+    if not plan_lib.recorded_plan_matches(recorded, plan):
         raise PrivacyError(
             f"{what}={workdir!r}: its checkpoint at step {step} records another DP plan "
             f"({recorded}) than its dp_plan.json ({plan.to_dict()}), so the epsilon to "
             "compose for its weights cannot be trusted. Restore the run's own dp_plan.json, "
             "or train the source again."
         )
-    return plan.to_dict()
 
 
 def _read_json(path: str) -> Any:

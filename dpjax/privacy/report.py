@@ -17,6 +17,11 @@ from dpjax.privacy import accounting
 from dpjax.privacy.plan import DPPlan
 
 
+def storable_epsilons(eps: dict[str, float]) -> dict[str, Any]:
+    """``eps`` for a JSON file: a non-finite epsilon as the string 'inf' or 'nan'."""
+    return {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()}
+
+
 def format_epsilon(x: Any) -> str:
     """An epsilon for a reader: 4 significant digits, rounded UP (a bound stated lower
     than computed would overstate the guarantee: 7.3293... is '7.33', not '7.329');
@@ -126,7 +131,7 @@ def privacy_report(
         "target_epsilon": plan.target_epsilon,
         "calibrated_with": plan.accountant,
         "neighbouring_relation": plan.neighbouring,
-        "epsilon": {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()},
+        "epsilon": storable_epsilons(eps),
         "noise_source": noise_source,
         "releases": list(releases),
         "notes": list(notes),
@@ -173,15 +178,28 @@ def _noise_line(report: dict[str, Any]) -> list[str]:
             "and so recomputable by whoever knows the seed"]
 
 
+def one_release_n_coverage(relation: str, releases: list[dict[str, Any]]) -> str:
+    """Whether a one-release plan's guarantee covers N, which its export omits:
+    'relation' (not under a relation whose neighbours have one size), 'composed' (not
+    beside a composed DP-SGD stage, which lists its rate batch / N), else 'protected'
+    (the release noises its counts)."""
+    if relation != "add_or_remove_one":
+        return "relation"
+    if any(r.get("kind") == "dpsgd" for r in releases):
+        return "composed"
+    return "protected"
+
+
 def _unstated_n(report: dict[str, Any]) -> str:
     """Why a one-release report omits N, and whether the guarantee covers N."""
-    if report["neighbouring_relation"] != "add_or_remove_one":
-        return ("N is not stated, but the guarantee does not cover it: neighbouring "
-                "datasets under this relation have the same size")
-    if any(r.get("kind") == "dpsgd" for r in report["releases"]):
-        return ("N is not stated, but not protected either: a composed DP-SGD stage below "
-                "lists its sampling rate, batch / N of the data it trained on")
-    return "N is not part of this release: the release, which noises its counts, protects it"
+    return {
+        "relation": "N is not stated, but the guarantee does not cover it: neighbouring "
+                    "datasets under this relation have the same size",
+        "composed": "N is not stated, but not protected either: a composed DP-SGD stage "
+                    "below lists its sampling rate, batch / N of the data it trained on",
+        "protected": "N is not part of this release: the release, which noises its "
+                     "counts, protects it",
+    }[one_release_n_coverage(report["neighbouring_relation"], report["releases"])]
 
 
 def report_markdown(report: dict[str, Any]) -> str:
