@@ -198,10 +198,9 @@ def _effective_noise_multiplier(event: dp_accounting.DpEvent) -> float:
             return sigma
         return sigma / math.sqrt(event.count)
     if isinstance(event, dp_accounting.ComposedDpEvent):
-        sampled = [_effective_noise_multiplier(e) for e in event.events
-                   if _contains_sampling(e)]
-        unsampled = [_effective_noise_multiplier(e) for e in event.events
-                     if not _contains_sampling(e)]
+        parts = [(_effective_noise_multiplier(e), _contains_sampling(e)) for e in event.events]
+        sampled = [sigma for sigma, is_sampled in parts if is_sampled]
+        unsampled = [sigma for sigma, is_sampled in parts if not is_sampled]
         if min(unsampled, default=math.inf) < 1e-100:  # (sigma^-2 would overflow; the
             return min(unsampled)                      # grid is at its cap below 1e-10.)
         precision = math.fsum(s ** -2.0 for s in unsampled)
