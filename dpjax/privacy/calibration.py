@@ -122,6 +122,14 @@ def calibrate(
     if not (0 < target_epsilon < math.inf and 0 < delta < 1):
         raise accounting.PrivacyError(
             f"Need epsilon > 0 and 0 < delta < 1, got ({target_epsilon}, {delta}).")
+
+    def eps(sigma: float) -> float:
+        return accounting.epsilon([make_event(sigma)], delta, kind, relation)
+
+    def unreachable(why: str) -> str:
+        return (f"Cannot reach epsilon={target_epsilon} at delta={delta}"
+                f"{' with ' + what if what else ''}{why}")
+
     hi = None
     if kind == "pld" and relation != "replace_one":
         # PLD's epsilon is never above RDP's, so its sigma is never above RDP's. A tiny
@@ -135,13 +143,11 @@ def calibrate(
             # RDP composes a prior release more loosely than PLD: a target between the
             # prior's PLD and RDP epsilons is reachable by PLD only (accounting fuzz,
             # 2026-12-07). Refuse only what the prior alone spends under PLD.
-            floor = accounting.epsilon([make_event(math.inf)], delta, kind, relation)
+            floor = eps(math.inf)
             if not floor < target_epsilon:
-                raise accounting.PrivacyError(
-                    f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-                    f"{' with ' + what if what else ''}: the releases composed before this "
-                    f"run spend {floor} (pld) alone."
-                ) from e
+                raise accounting.PrivacyError(unreachable(
+                    f": the releases composed before this run spend {floor} (pld) alone."
+                )) from e
             hi = None
     if hi is not None:
         if hi < 0.1:
@@ -149,7 +155,7 @@ def calibrate(
             # loss range at every try (seconds each on the coarsened grid, minutes and
             # GBs before it). RDP's sigma is kept once PLD confirms it (one evaluation;
             # PLD's epsilon is at most RDP's in practice).
-            got = accounting.epsilon([make_event(hi)], delta, kind, relation)
+            got = eps(hi)
             if not got <= target_epsilon:
                 raise accounting.PrivacyError(
                     f"Calibration: RDP's sigma={hi} gives PLD epsilon {got} > target "
@@ -161,11 +167,11 @@ def calibrate(
         # lower end until it is below the answer, a few times at most.
         lo = 0.5 * hi
         for _ in range(_PLD_BRACKET_HALVINGS):
-            if accounting.epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
+            if eps(lo) > target_epsilon:
                 break
             hi, lo = lo, 0.5 * lo  # lo already meets the target: the answer is below it.
         else:
-            if accounting.epsilon([make_event(lo)], delta, kind, relation) <= target_epsilon:
+            if eps(lo) <= target_epsilon:
                 return lo  # Meets the target (not the smallest such sigma; never unsafe).
         bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
         lows = (lo,)
@@ -177,7 +183,7 @@ def calibrate(
         # usual target is searched where PLD is cheap.)
         lows = _LOWER_ENDS if kind == "rdp" else (0.5, 0.1)
         for lo in lows:
-            if accounting.epsilon([make_event(lo)], delta, kind, relation) > target_epsilon:
+            if eps(lo) > target_epsilon:
                 break
         else:
             return lo  # Meets the target (not the smallest such sigma; never unsafe).
@@ -197,11 +203,10 @@ def calibrate(
         )
     except _NoBracket as e:
         # Composed with earlier releases, epsilon tends to theirs as sigma grows.
-        raise accounting.PrivacyError(
-            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-            f"{' with ' + what if what else ''}: no noise multiplier up to 2^30 reaches it "
-            f"({kind}); the releases composed before this run spend about that much or more."
-        ) from e
+        raise accounting.PrivacyError(unreachable(
+            f": no noise multiplier up to 2^30 reaches it ({kind}); the releases composed "
+            "before this run spend about that much or more."
+        )) from e
     except (ValueError, RuntimeError) as e:
         if kind == "pld" and isinstance(bracket, dp_accounting.ExplicitBracketInterval):
             # Brent found no sign change on the search's grid (lo's, coarser below sigma
@@ -210,16 +215,13 @@ def calibrate(
             return _bisect_on_own_grids(
                 make_event, lo, hi, target_epsilon, delta, relation, tol, what
             )
-        raise accounting.PrivacyError(
-            f"Cannot reach epsilon={target_epsilon} at delta={delta}"
-            f"{' with ' + what if what else ''} ({e})."
-        ) from e
+        raise accounting.PrivacyError(unreachable(f" ({e}).")) from e
     sigma = float(sigma)
     # The search met the target on its grid; ``epsilon`` may use a finer one for this
     # sigma, whose epsilon can differ in the last digits (``pld_discretization``): a
     # few steps of tol up settle that, and the result always meets the target there.
     for _ in range(4):
-        got = accounting.epsilon([make_event(sigma)], delta, kind, relation)
+        got = eps(sigma)
         if got <= target_epsilon:
             return sigma
         sigma += tol
