@@ -80,7 +80,8 @@ class ClipResult:
       norms: (P,) pre-clipping gradient norms; NaN for padding rows.
       num_valid: number of examples that contributed.
       num_clipped: number of examples whose norm exceeded C.
-      num_nonfinite: number of real examples dropped for a non-finite loss or gradient.
+      num_nonfinite: number of real examples dropped for a non-finite loss or gradient
+        norm (including a finite gradient whose float32 norm overflows, ``global_norms``).
     """
 
     grad_sum: PyTree
@@ -123,7 +124,12 @@ def routing_of(method: Any) -> Routing | None:
 
 
 def global_norms(per_example_grads: PyTree) -> jax.Array:
-    """(B,) L2 norm of each example's gradient over all leaves, in float32."""
+    """(B,) L2 norm of each example's gradient over all leaves, in float32.
+
+    The squares are summed in float32 without rescaling (no extra pass over the
+    per-example gradients), so a norm above about 1.8e19 (sqrt of float32's largest
+    value) comes out Inf: ``_finish`` then drops that row like a non-finite one (it adds
+    0, never more than C, so the guarantee holds; only a diverged run has such norms)."""
     sq = [
         jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
         for g in jax.tree_util.tree_leaves(per_example_grads)
