@@ -144,6 +144,17 @@ def test_padding_and_nan_rows_contribute_exactly_zero():
     )
 
 
+def test_a_gradient_whose_float32_norm_overflows_is_dropped_not_scaled():
+    # Entries of 1e20 are finite float32, but their square is not: the row's norm is Inf.
+    grads = {"w": jnp.array([[3.0, 4.0], [1e20, 0.0], [0.0, 0.5]])}
+    loss = jnp.zeros(3)
+    res = clipping._clip_and_sum(loss, {}, grads, jnp.ones(3, bool), clip_norm=1.0)
+    assert np.isinf(float(res.norms[1]))
+    assert int(res.num_nonfinite) == 1 and int(res.num_valid) == 2
+    # Row 0 clipped to norm 1, row 1 adds nothing, row 2 (norm 0.5) unclipped.
+    np.testing.assert_allclose(np.asarray(res.grad_sum["w"]), [0.6, 1.3], rtol=1e-6)
+
+
 def test_microbatching_equals_one_big_batch():
     method = _method()
     tr = _params(method)
