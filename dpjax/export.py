@@ -264,10 +264,12 @@ def check_audit(workdir: str, plan: Any = None) -> None:
         )
 
 
-def check_secret_noise(meta: dict[str, Any]) -> None:
+def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
     """Raises NotPrivateError unless the checkpoint's noise and batches came from the
     run's secret (``privacy.noise_secret``): derived from config.seed, anyone who knows
-    or guesses the seed recomputes them, and the guarantee is void."""
+    or guesses the seed recomputes them, and the guarantee is void. Likewise where the
+    per-example loss draws came from config.seed under add/remove-one neighbours (a run
+    from before they came from the secret: ``noise_secret.public_loss_draws_void``)."""
     source = noise_secret.recorded_source(meta)
     if source != noise_secret.SECRET:
         raise NotPrivateError(
@@ -277,6 +279,15 @@ def check_secret_noise(meta: dict[str, Any]) -> None:
             + "): anyone who knows or guesses the seed can recompute the noise and remove "
             "it, so the run has no guarantee to publish; refusing to export it. Train it "
             "again with dp.secret_noise=True (the default).")
+    if noise_secret.public_loss_draws_void(noise_secret.recorded_loss_source(meta),
+                                           plan.neighbouring, plan.mechanism):
+        raise NotPrivateError(
+            "This run's per-example loss draws derive from config.seed, keyed by dataset "
+            "index (a checkpoint from before dpjax drew them from the secret). Under "
+            "add/remove-one neighbours, removing an example shifts the index, and so the "
+            "known draws, of every later example, which moves the clipped sum by more "
+            "than the clip norm: the run has no guarantee to publish; refusing to export "
+            "it. Train it again in a new workdir.")
 
 
 def export_run(
@@ -301,7 +312,7 @@ def export_run(
     run = load_run(workdir)
     releases = list(run.meta.get("releases", []))
     check_private(run.plan, run.step, releases)
-    check_secret_noise(run.meta)
+    check_secret_noise(run.meta, run.plan)
     try:
         run_config.check_private_data_spec(run.config)
         npz.check_float_range_from_start(  # (The typed config cannot tell '' from missing.)
@@ -358,6 +369,7 @@ def export_run(
         report = report_lib.without_dataset_size(redact(report_lib.privacy_report(
             run.plan, run.step, cfg.method, releases, run.method.privacy_notes(),
             noise_source=noise_secret.recorded_source(run.meta),
+            loss_source=noise_secret.recorded_loss_source(run.meta),
         )))
         with open(os.path.join(tmp, "privacy_report.json"), "w") as f:
             json.dump(report, f, indent=2)

@@ -1,4 +1,4 @@
-"""The run's random streams, derived from ``config.seed``, but for the DP noise.
+"""The run's random streams, derived from ``config.seed``, but for a private run's secret ones.
 
 One root key is split once into independent streams; a step's key is
 ``fold_in(stream, step)`` and an example's key is ``fold_in(step_key, dataset_index)``,
@@ -6,10 +6,12 @@ so nothing random needs to be checkpointed and a resumed run draws the same numb
 The data sampler (host-side NumPy, ``privacy.sampling.PoissonSampler``) draws step t's
 batch from ``SeedSequence([sampler_seed, t])``.
 
-A private run replaces the ``noise`` stream and the sampler's seed with values drawn from
-a secret kept in the workdir (``privacy.noise_secret``): from ``config.seed`` alone,
-which is public, anyone could recompute the noise. ``from_seed`` and ``sampler_seed``
-give the seed-derived ones (``dp.secret_noise=False``, the canary audit, sampling).
+A private run replaces the ``noise`` and ``loss`` streams and the sampler's seed with
+values drawn from a secret kept in the workdir (``privacy.noise_secret``): from
+``config.seed`` alone, which is public, anyone could recompute the noise, and the
+index-keyed loss draws would break the sensitivity bound under add/remove neighbours.
+``from_seed`` and ``sampler_seed`` give the seed-derived ones (``dp.secret_noise=False``,
+the canary audit, sampling).
 
 JAX's PRNG (threefry) is not a cryptographically secure generator; DP guarantees assume
 ideal Gaussian noise (see the README's privacy notes).

@@ -47,26 +47,40 @@ def noise_randomness(
     meta: dict[str, Any] | None,
     reuse: str = "",
     log=print,
-) -> tuple[Streams, int, str]:
-    """The streams with the run's noise key, the Poisson sampler's seed, and their source.
+    mechanism: str = "dpsgd",
+) -> tuple[Streams, int, str, str]:
+    """The streams with the run's noise and loss keys, the Poisson sampler's seed, and
+    where the noise and batches, and the per-example loss draws, came from.
 
     A new private run (``meta`` None) takes a new secret unless ``dp.secret_noise`` is
-    False, or keeps the one in its workdir where ``reuse`` (``secret_reuse``) says why;
-    a resumed one (``meta``: its restored checkpoint's) goes on with the source it
-    began with (a checkpoint without a record predates the secret: 'seed'), so that it
-    replays an uninterrupted run and its records say what its noise was.
+    False, or keeps the one in its workdir where ``reuse`` (``secret_reuse``) says why,
+    and draws its noise, batches and loss draws from it; a resumed one (``meta``: its
+    restored checkpoint's) goes on with the sources it began with (a checkpoint without
+    a record predates the secret, or secret loss draws: 'seed'), so that it replays an
+    uninterrupted run and its records say where its randomness came from. ``mechanism``:
+    the plan's ('release' draws no per-example loss draws under the guarantee).
     """
     if not cfg.dp.enabled:
-        return streams, sampler_seed(cfg.seed), noise_secret.NONE
+        return streams, sampler_seed(cfg.seed), noise_secret.NONE, noise_secret.NONE
     if meta is None:
         source = noise_secret.SECRET if cfg.dp.secret_noise else noise_secret.SEED
+        loss_source = source
     else:
         source = noise_secret.recorded_source(meta)
+        loss_source = noise_secret.recorded_loss_source(meta)
     if source != noise_secret.SECRET:
         if cfg.dp.secret_noise:
             log("[dpjax] this run's checkpoint records noise and batches derived from "
                 "config.seed, and it goes on so: export refuses it")
-        return streams, sampler_seed(cfg.seed), noise_secret.SEED
+        return streams, sampler_seed(cfg.seed), noise_secret.SEED, noise_secret.SEED
     noise, batches = noise_secret.load_or_create(workdir, resuming=meta is not None,
                                                  reuse=reuse, log=log)
-    return dataclasses.replace(streams, noise=noise_secret.noise_key(noise)), batches, source
+    streams = dataclasses.replace(streams, noise=noise_secret.noise_key(noise))
+    if loss_source == noise_secret.SECRET:
+        streams = dataclasses.replace(streams, loss=noise_secret.loss_key(noise))
+    elif noise_secret.public_loss_draws_void(loss_source, cfg.dp.neighbouring, mechanism):
+        log("[dpjax] this run's checkpoint predates secret per-example loss draws: they "
+            "stay derived from config.seed, so it replays the same run, and under "
+            "add/remove-one neighbours it has no guarantee to publish (export refuses "
+            "it; privacy/noise_secret.py says why). Train it again in a new workdir.")
+    return streams, batches, source, loss_source

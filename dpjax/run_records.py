@@ -31,6 +31,7 @@ def _meta(run: Run, steps_done: int) -> dict[str, Any]:
         "releases": run.releases,
         "method": run.config.method,
         noise_secret.NOISE_SOURCE_KEY: run.noise_source,
+        noise_secret.LOSS_SOURCE_KEY: run.loss_source,
     }
 
 
@@ -85,7 +86,7 @@ def write_privacy_report(
     as ``_meta`` has them)."""
     rep = report_lib.privacy_report(
         run.plan, steps_done, run.config.method, run.releases, run.method.privacy_notes(),
-        kinds, epsilon, run.noise_source,
+        kinds, epsilon, run.noise_source, run.loss_source,
     )
     # Atomically: a kill mid-write leaves the previous report whole, not a truncated one.
     atomic_file.write_json(os.path.join(run.workdir, "privacy_report.json"), rep, indent=2)

@@ -75,6 +75,8 @@ class Run:
     # (noise_secret.SECRET, SEED, or NONE without DP); recorded in every checkpoint.
     sampler_seed: int = 0
     noise_source: str = noise_secret.NONE
+    # Where ``streams.loss`` comes from (the same values; noise_secret.LOSS_SOURCE_KEY).
+    loss_source: str = noise_secret.NONE
 
     def close(self) -> None:
         """Ends orbax's threads and releases the workdir lock (``train`` calls it)."""
@@ -380,13 +382,14 @@ def _build_run(
                 "holds no checkpoint: starting again from step 0. The steps replay the same "
                 "batches and noise (they depend only on the step and the run's noise "
                 "secret, or its seed with dp.secret_noise=False).")
-    streams, seed_of_batches, noise_source = run_noise.noise_randomness(
-        cfg, workdir, streams, meta, reuse, log)
+    streams, seed_of_batches, noise_source, loss_source = run_noise.noise_randomness(
+        cfg, workdir, streams, meta, reuse, log, plan.mechanism)
     if cfg.dp.microbatch_size == 0 and method.uses_dp_sgd:
         per_device = plan.expected_batch_size / parallel.num_shards(mesh)
         cfg = microbatch_lib.with_auto_size(cfg, method, params, spec.image_shape, per_device, log)
     run = Run(cfg, workdir, method, spec, plan, streams, state, checkpointer, releases, mesh,
-              free_changes, sampler_seed=seed_of_batches, noise_source=noise_source)
+              free_changes, sampler_seed=seed_of_batches, noise_source=noise_source,
+              loss_source=loss_source)
     return run, dataset
 
 

@@ -58,7 +58,8 @@ def write_run_files(directory: str, **over):
     plan = train.resolve_plan(cfg, cfg.data.fake_num_examples, directory)
     # What training records (privacy/noise_secret.py): a composed teacher must have drawn
     # its noise from a secret.
-    plan_lib.save_plan(plan_path, plan, {"steps_done": 0, "noise_source": _noise_source(cfg)})
+    plan_lib.save_plan(plan_path, plan, {"steps_done": 0, "noise_source": _noise_source(cfg),
+                                         "loss_source": _noise_source(cfg)})
     return cfg, plan
 
 
@@ -87,7 +88,8 @@ def fake_teacher(directory, releases=(), **over) -> str:
     step = jnp.asarray(TEACHER_STEP, jnp.int32)
     state = TrainState(step, trainable, frozen, opt_state, trainable)
     meta = {"plan": plan.to_dict(), "steps_done": TEACHER_STEP, "releases": list(releases),
-            "method": "dpdm", "noise_source": _noise_source(cfg)}  # fmt: skip
+            "method": "dpdm", "noise_source": _noise_source(cfg),
+            "loss_source": _noise_source(cfg)}  # fmt: skip
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
     checkpointer.save(TEACHER_STEP, state, meta)
     checkpointer.close()

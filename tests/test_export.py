@@ -85,6 +85,7 @@ def fake_run(directory, steps: int = 3, releases=(), **over) -> str:
         "method": cfg.method,
         # As training records it (privacy/noise_secret.py); export refuses 'seed' runs.
         "noise_source": "secret" if cfg.dp.secret_noise else "seed",
+        "loss_source": "secret" if cfg.dp.secret_noise else "seed",
     }
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
     checkpointer.save(steps, state, meta)

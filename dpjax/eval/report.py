@@ -262,7 +262,8 @@ def privacy_at_checkpoint(
     export_lib.check_checkpoint_plan(meta, workdir, step, plan)
     releases = list(meta.get("releases", []))
     return report_lib.privacy_report(plan, step, method_name, releases, method.privacy_notes(),
-                                     noise_source=noise_secret.recorded_source(meta))
+                                     noise_source=noise_secret.recorded_source(meta),
+                                     loss_source=noise_secret.recorded_loss_source(meta))
 
 
 def bits_per_dim_report(

@@ -1,4 +1,4 @@
-"""The secret behind a run's DP noise and Poisson batches.
+"""The secret behind a run's DP noise, Poisson batches and per-example loss draws.
 
 DP-SGD's guarantee holds against an adversary who knows everything but the noise and
 which examples the batches held. Derived from ``config.seed`` (public: it is in
@@ -11,7 +11,19 @@ CSPRNG when a run starts:
 
 * ``WORKDIR/noise_secret.json`` (owner read/write only) holds two independent 128-bit
   values, one for the noise key and one for the sampler; the run's other randomness
-  (initialization, the loss's draws, samples) still derives from ``config.seed``.
+  (initialization, samples, a public loss term's draws) still derives from
+  ``config.seed``.
+* The per-example loss draws (a diffusion loss's sigma and noise, a flow's
+  dequantization, ...) come from the same secret, through a key of their own
+  (``loss_key``). They are keyed by the example's dataset index (``dp_step.
+  example_keys``), and under add/remove-one neighbours removing an example shifts the
+  index of every later one: with draws public, each of those would get other, known
+  draws, the clipped sum would move by far more than C (3.6 C over 31 examples in the
+  docstring audit of 2026-12-07), and whoever knows the seed could tell the two datasets
+  apart. Secret, the draws are independent of the data and of each other, so which
+  index gets which leaves the output's distribution unchanged. (Under replace-one no
+  index moves.) A checkpoint without the record (``LOSS_SOURCE_KEY``) drew them from
+  config.seed; it resumes so, and under add/remove has no guarantee to export.
 * A resume reads the file, so it draws the same noise and batches as an uninterrupted
   run. A run that starts from step 0 draws a new secret, so two runs never share noise
   (runs of one sweep with one seed, a workdir reused for another run), with two
@@ -39,6 +51,7 @@ in wide use defends against (README, "Privacy notes").
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import secrets
 import stat
@@ -52,6 +65,7 @@ from dpjax import atomic_file, parallel
 SECRET_FILE = "noise_secret.json"
 SECRET_BITS = 128
 NOISE_SOURCE_KEY = "noise_source"  # In checkpoint metadata and dp_plan.json.
+LOSS_SOURCE_KEY = "loss_source"  # Where the per-example loss draws came from; the same.
 SECRET, SEED, NONE = "secret", "seed", "none"  # The values it takes.
 
 
@@ -147,6 +161,34 @@ def recorded_source(meta: dict[str, Any]) -> str:
     """Where a checkpoint's noise came from, by its metadata: 'secret', 'seed' or 'none';
     a checkpoint without the record predates the secret, so its noise is 'seed'."""
     return meta.get(NOISE_SOURCE_KEY, SEED)
+
+
+def recorded_loss_source(meta: dict[str, Any]) -> str:
+    """Where a checkpoint's per-example loss draws came from: 'secret' (``loss_key``),
+    'seed', or 'none' without DP; a private run's checkpoint without the record predates
+    secret loss draws, so its draws are 'seed'."""
+    if LOSS_SOURCE_KEY in meta:
+        return meta[LOSS_SOURCE_KEY]
+    return NONE if meta.get(NOISE_SOURCE_KEY) == NONE else SEED
+
+
+def public_loss_draws_void(loss_source: str | None, relation: str, mechanism: str) -> bool:
+    """True where loss draws from config.seed leave no guarantee (module docstring):
+    DP-SGD steps under add/remove-one neighbours. (A one-release plan draws none.)"""
+    return loss_source == SEED and relation == "add_or_remove_one" and mechanism != "release"
+
+
+def loss_key(secret: int) -> jax.Array:
+    """The JAX key of a private run's per-example loss draws, from its noise secret.
+
+    The key is ``noise_key`` of SHA-256(label, secret), not a ``fold_in`` of the noise
+    key: no chain of ``fold_in`` calls from one key reaches the other, so the loss draws
+    and the noise are independent (as much as two threefry keys are)."""
+    digest = hashlib.sha256(_LOSS_LABEL + secret.to_bytes(SECRET_BITS // 8, "little")).digest()
+    return noise_key(int.from_bytes(digest[: SECRET_BITS // 8], "little"))
+
+
+_LOSS_LABEL = b"dpjax: per-example loss draws\0"
 
 
 def noise_key(secret: int) -> jax.Array:

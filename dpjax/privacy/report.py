@@ -13,7 +13,7 @@ from typing import Any
 
 import dp_accounting
 
-from dpjax.privacy import accounting
+from dpjax.privacy import accounting, noise_secret
 from dpjax.privacy.plan import DPPlan
 
 
@@ -99,6 +99,7 @@ def privacy_report(
     kinds: tuple[str, ...] = ("rdp", "pld"),
     epsilon: dict[str, Any] | None = None,
     noise_source: str | None = None,
+    loss_source: str | None = None,
 ) -> dict[str, Any]:
     """A JSON-serializable report of the guarantee of a run (``notes``: the method's own
     sentences on how its guarantee is obtained, e.g. parallel composition). ``kinds``:
@@ -106,7 +107,8 @@ def privacy_report(
     their values (infinite ones as strings) when the caller computed them already for
     exactly this plan, step count and releases (a checkpoint's metadata).
     ``noise_source``: where the noise and batches came from (``noise_secret``'s 'secret',
-    'seed' or 'none'; None: not known, as for a checkpoint from before the secret)."""
+    'seed' or 'none'; None: not known, as for a checkpoint from before the secret);
+    ``loss_source``: where the per-example loss draws came from (the same values)."""
     if epsilon is not None:
         eps = {k: float(epsilon[k]) for k in kinds}  # float('inf') reads its string.
     else:
@@ -133,6 +135,7 @@ def privacy_report(
         "neighbouring_relation": plan.neighbouring,
         "epsilon": storable_epsilons(eps),
         "noise_source": noise_source,
+        "loss_source": loss_source,
         "releases": list(releases),
         "notes": list(notes),
     }
@@ -162,6 +165,13 @@ def _private_line(report: dict[str, Any]) -> str:
         return ("not for release: the noise and the batches derive from config.seed "
                 "(dp.secret_noise=False), and anyone who knows or guesses the seed can "
                 "recompute them; export refuses it")
+    if noise_secret.public_loss_draws_void(report.get("loss_source"),
+                                           report["neighbouring_relation"],
+                                           report.get("plan_mechanism", "dpsgd")):
+        return ("not for release: the per-example loss draws derive from config.seed by "
+                "dataset index (a run from before dpjax drew them from the secret), so "
+                "under add/remove-one neighbours removing an example changes the known "
+                "draws of every later one; export refuses it")
     return "yes"
 
 
@@ -170,12 +180,20 @@ def _noise_line(report: dict[str, Any]) -> list[str]:
     if not report["private"] or source is None:
         return []
     # A one-release plan (DP-MEPF) reads every example once: noise, no batches.
-    what = "noise" if report.get("plan_mechanism") == "release" else "noise and batches"
-    if source == "secret":
-        return [f"- {what}: from a 128-bit secret drawn from the OS when the run "
-                "began (the workdir's noise_secret.json; never exported)"]
-    return [f"- {what}: from config.seed (dp.secret_noise=False): reproducible, "
-            "and so recomputable by whoever knows the seed"]
+    release = report.get("plan_mechanism") == "release"
+    what = "noise" if release else "noise and batches"
+    if source != "secret":
+        return [f"- {what}: from config.seed (dp.secret_noise=False): reproducible, "
+                "and so recomputable by whoever knows the seed"]
+    loss = report.get("loss_source")
+    if loss == "secret" and not release:
+        what = "noise, batches and per-example loss draws"
+    lines = [f"- {what}: from a 128-bit secret drawn from the OS when the run "
+             "began (the workdir's noise_secret.json; never exported)"]
+    if loss == "seed" and not release:
+        lines.append("- per-example loss draws: from config.seed, keyed by dataset index "
+                     "(a run from before dpjax drew them from the secret)")
+    return lines
 
 
 def one_release_n_coverage(relation: str, releases: list[dict[str, Any]]) -> str:
