@@ -92,9 +92,9 @@ def test_misuse_is_one_clear_error():
 
     with pytest.raises(TypeError, match=r"must return \(loss, aux\)"):
         private_gradient.private_gradient(no_aux, params, {}, examples, mask, keys, nkey, plan)
-    with pytest.raises(ValueError, match="real examples must come first"):
-        private_gradient.private_gradient(_loss, params, {}, examples, np.arange(8) > 2, keys,
-                                          nkey, plan)
+    for bad in (np.arange(8) > 2, jnp.arange(8) > 2):  # NumPy or a concrete JAX array.
+        with pytest.raises(ValueError, match="real examples must come first"):
+            private_gradient.private_gradient(_loss, params, {}, examples, bad, keys, nkey, plan)
     public = _plan(steps=10, noise_multiplier=1.0, enabled=False)
     with pytest.raises(ValueError, match="needs an enabled DP-SGD plan"):
         private_gradient.private_gradient(_loss, params, {}, examples, mask, keys, nkey, public)

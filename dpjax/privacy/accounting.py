@@ -245,10 +245,11 @@ def for_accountant(
     multiplier of a Gaussian is its std divided by the per-example norm bound C, which
     is the sensitivity under add-or-remove-one; under replace-one the sensitivity is 2C.
     dp_accounting's PLD accountant applies this itself. Its RDP accountant ignores the
-    relation for an unsampled ``GaussianDpEvent`` (it would account for sensitivity C
-    under replace-one and understate epsilon), so for RDP under replace-one each such
-    event's noise multiplier is halved here. Poisson sampling at rate 1 takes every
-    example, so it is rewritten as its inner event (exactly the same mechanism); other
+    relation for an unsampled ``GaussianDpEvent`` or ``LaplaceDpEvent`` (it would account
+    for sensitivity C under replace-one and understate epsilon), so for RDP under
+    replace-one each such event's noise multiplier (Laplace: scale) is halved here.
+    Poisson sampling at rate 1 takes every example, so it is rewritten as its inner
+    event (exactly the same mechanism); other
     sampled events are left alone: the RDP accountant rejects Poisson sampling under
     replace-one on its own.
     """
@@ -256,6 +257,9 @@ def for_accountant(
         return event
     if isinstance(event, dp_accounting.GaussianDpEvent):
         return dp_accounting.GaussianDpEvent(event.noise_multiplier / 2.0)
+    if isinstance(event, dp_accounting.LaplaceDpEvent):
+        # The same for a Laplace event's scale (in units of the add-or-remove sensitivity).
+        return dp_accounting.LaplaceDpEvent(event.noise_multiplier / 2.0)
     if (isinstance(event, dp_accounting.PoissonSampledDpEvent)
             and event.sampling_probability == 1.0):
         return for_accountant(event.event, kind, relation)

@@ -138,7 +138,7 @@ def calibrate(
         try:
             hi = calibrate(make_event, target_epsilon, delta, "rdp", relation, tol, what)
         except accounting.UnsupportedByAccountantError:
-            raise
+            hi = None  # An event RDP cannot account for (a sampled Laplace prior): PLD alone.
         except accounting.PrivacyError as e:
             # RDP composes a prior release more loosely than PLD: a target between the
             # prior's PLD and RDP epsilons is reachable by PLD only (accounting fuzz,

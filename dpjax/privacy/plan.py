@@ -130,13 +130,18 @@ class DPPlan:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     def same_guarantee_as(self, other: DPPlan) -> bool:
-        """True if both plans describe the same mechanism (used to validate a resume)."""
+        """True if the plans agree on every field but ``steps``: the same mechanism, and the
+        same accounting of it (accountant, target epsilon); floats to 1e-9 relative. Used
+        to validate a resume, an export and a composed source; never raises (a field that
+        is None in one plan and a number in the other differs)."""
         a, b = dataclasses.asdict(self), dataclasses.asdict(other)
-        return all(
-            (math.isclose(a[k], b[k], rel_tol=1e-9) if isinstance(a[k], float) else a[k] == b[k])
-            for k in a
-            if k != "steps"
-        )
+
+        def same(x: Any, y: Any) -> bool:
+            if isinstance(x, float) and isinstance(y, (int, float)) and not isinstance(y, bool):
+                return math.isclose(x, y, rel_tol=1e-9)
+            return x == y
+
+        return all(same(a[k], b[k]) for k in a if k != "steps")
 
 
 def recorded_plan_matches(recorded: Any, plan: DPPlan) -> bool:

@@ -105,8 +105,10 @@ def private_gradient(
         an enabled DP-SGD plan, or a bad micro-batch size (as ``clipped_grad_sum``).
     """
     _check_loss_fn(loss_fn, trainable, frozen, examples, keys)
-    if isinstance(mask, np.ndarray) and mask.any() and not mask[: int(mask.sum())].all():
-        raise ValueError("mask: the real examples must come first, then the padding.")
+    if not isinstance(mask, jax.core.Tracer):  # Concrete (NumPy or JAX): checkable here.
+        host = np.asarray(mask, bool)
+        if host.any() and not host[: int(host.sum())].all():
+            raise ValueError("mask: the real examples must come first, then the padding.")
     size = int(np.shape(mask)[0])
     result = clipping.clipped_grad_sum(
         loss_fn, trainable, frozen, examples, jax.numpy.asarray(mask), keys,
