@@ -618,7 +618,7 @@ def _meta(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         "command": " ".join(
             ["python", "benchmarks/dp_step.py", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in devices],

@@ -77,7 +77,7 @@ def _draw() -> dict[str, Any]:
     return {
         "noise": secrets.randbits(SECRET_BITS),
         "batches": secrets.randbits(SECRET_BITS),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
