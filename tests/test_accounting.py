@@ -373,3 +373,13 @@ def test_pld_calibrates_beside_a_prior_that_rdp_cannot_account_for():
         [dp_accounting.ComposedDpEvent([accounting.dpsgd_event(sigma, 0.1, 1), prior])],
         1e-5, "pld")
     assert 1.8 < got <= 2.0
+
+
+def test_a_reported_epsilon_is_rounded_up_never_down():
+    cases = {7.3293: "7.33", 9.9991: "10", 1.00001: "1.001", 0.123401: "0.1235", 2.5: "2.5",
+             1234.56: "1235", 7.329: "7.329"}  # fmt: skip
+    for value, text in cases.items():
+        assert report.format_epsilon(value) == text, value
+        assert float(text) >= value
+    for odd in (math.inf, math.nan, 0.0, "inf", None):
+        assert report.format_epsilon(odd) == str(odd)

@@ -7,15 +7,22 @@ dpjax actually does, and nothing else in dpjax computes an epsilon.
 Guarantees:
 * ``dpsgd_event`` describes T steps of the Poisson-subsampled Gaussian mechanism with
   sampling rate q and noise multiplier sigma (noise std sigma*C on a sum of per-example
-  gradients each clipped to norm C), which is exactly what ``dp_step`` runs.
+  gradients each clipped to norm C), which is exactly what ``dp_step`` runs: under
+  add/remove-one neighbours this needs the per-example loss draws to be secret, as they
+  are in a private run (``noise_secret``: keyed by dataset index, public draws would
+  shift with a removal).
 * Every other release (a noised embedding, a private statistic) is an extra event that
   is composed with the DP-SGD event in ``epsilon(events, ...)``; nothing private is free.
 * An event with a parameter that is not a number (a NaN noise multiplier or sampling
   rate, a negative or fractional count) raises ``PrivacyError``: dp_accounting would
-  account for some of them as free (epsilon 0).
-* PLD epsilons are pessimistic (upper bounds) at every discretization. Below sigma 0.1
-  the PLD grid is coarsened (``pld_discretization``) so that its cost stays bounded;
-  the bound is then looser, still above the true epsilon.
+  account for some of them as free (epsilon 0). (``dpsgd_event`` with 0 steps, or an
+  infinite sigma, is a NoOp whatever its other parameters: nothing is released.)
+* PLD epsilons are pessimistic (upper bounds) at every discretization. Below an
+  effective Gaussian sigma of 0.1 (sigma / 2 under replace-one) the PLD grid is
+  coarsened (``pld_discretization``) so that its cost stays bounded; the bound is then
+  looser, still above the true epsilon. (Only Gaussian events coarsen the grid: a
+  Laplace event of small scale, which dpjax never builds, keeps the fine grid and its
+  cost.)
 """
 
 from __future__ import annotations

@@ -37,9 +37,12 @@ Guarantees:
   run (fractions of the expected number of included canaries that are ever sampled,
   a public function of m, q and T); the best k is used with a Bonferroni correction
   (significance / grid size), so choosing k after seeing the scores keeps validity.
-* What is audited: the DP step exactly as training runs it (sampling, padding and
-  masking, per-example gradients, clipping, the sum, the noise and its key stream, the
-  N*q scaling) against the accountant's epsilon for the same q, sigma, T and delta. A
+* What is audited: the DP step as training runs it (sampling, padding and masking,
+  per-example gradients, clipping, the sum, the noise, the N*q scaling), in float32 on
+  one device with the default micro-batch loop, and with noise and batches from
+  ``config.seed`` rather than the run's secret (the audit's own randomness; a
+  ``compute_dtype``, mesh or ``microbatch_loop`` setting of the run is not applied),
+  against the accountant's epsilon for the same q, sigma, T and delta. A
   bug in any of these that makes the step less private than the accountant says can
   raise the bound above that epsilon; ``flagged`` says it did.
 * What is NOT audited: the method's loss (canaries replace it), the optimizer, EMA and

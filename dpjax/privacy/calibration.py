@@ -28,7 +28,9 @@ def calibrate_noise_multiplier(
     extra_events: Sequence[dp_accounting.DpEvent] = (),
     tol: float = 1e-4,
 ) -> float:
-    """The smallest sigma (up to ``tol``) whose total epsilon is at most the target.
+    """The smallest sigma (up to ``tol``) whose total epsilon is at most the target; where
+    a loose target is met below the search's lower ends, a sigma that meets it, not the
+    smallest (``calibrate``). Never one whose epsilon exceeds the target.
 
     The mechanism is T DP-SGD steps (``dpsgd_event``) composed with ``extra_events``
     (releases that happened before, e.g. a DP teacher's training); see ``calibrate``.
@@ -106,7 +108,9 @@ def calibrate(
     tol: float = 1e-4,
     what: str = "",
 ) -> float:
-    """The smallest sigma (up to ``tol``) with accounting.epsilon(make_event(sigma)) <= target.
+    """The smallest sigma (up to ``tol``) with accounting.epsilon(make_event(sigma)) <= target,
+    or, for a loose target met at the search's lowest end (or, under PLD, at RDP's sigma
+    below 0.1), that sigma: one that meets the target, not the smallest.
 
     ``make_event`` must describe a mechanism whose epsilon decreases as sigma grows (any
     composition of Gaussian mechanisms whose noise multipliers scale with sigma). Uses

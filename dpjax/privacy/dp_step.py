@@ -21,7 +21,10 @@ the padded batch (its own count of real rows for the early stop), then the sums 
 counts are ``psum``-ed over ``'data'``. Steps 3-5 run on the replicated sum inside the
 same jit, so the Gaussian noise is drawn ONCE per logical step from the same noise key
 as on one device, never once per device. Guarantees on S devices, for the same state,
-streams and Poisson batch (any arrangement of its rows, e.g. ``parallel.deal_batch``):
+streams and Poisson batch (its rows dealt to the devices in any way that leaves each
+device's real rows before its padding, as ``parallel.deal_batch`` does: the
+micro-batch loop stops after a device's last real row, so a padding row before a real
+one would leave that real row out):
 the same per-example clipping, the same sensitivity, the same single noise draw and
 the same division by N*q as on one device, so the same accounting; the update equals
 the one-device update up to float summation order.

@@ -256,7 +256,9 @@ def record(
 
     Guarantees: the returned calls cover every trainable leaf through a supported layer,
     and the loss reads no trainable leaf outside its layer, or ValueError is raised (see
-    the module docstring). Rows with mask False have zero cotangents.
+    the module docstring). Rows with mask False have zero cotangents where their inputs
+    are finite (a NaN in a padding row can reach its cotangent as 0 * NaN); the sums
+    never read such rows (``clipping._finish`` weights them 0 and zeroes them first).
     """
     ex0 = jax.tree_util.tree_map(lambda x: x[0], examples)
 
@@ -366,8 +368,8 @@ def per_example_grads(
 
     Returns:
       (loss (B,), aux {name: (B,)}, grads with leaves (B, *leaf.shape) in float32). Rows
-      with mask False have zero gradient; rows with a non-finite loss may have non-finite
-      gradients (the caller drops them).
+      with mask False and finite inputs have zero gradient; rows with a non-finite loss
+      or input may have non-finite gradients (the caller drops them).
 
     Raises:
       ValueError: a trainable leaf is not covered by a supported layer, or is used

@@ -1,7 +1,10 @@
 """The Gaussian mechanism on a pytree.
 
 Guarantee: ``add_gaussian_noise(tree, key, std)`` adds to every scalar of ``tree`` an
-independent N(0, std^2) sample (float32), drawn from ``key`` alone. Callers pass a key
+independent N(0, std^2) sample (float32), drawn from ``key`` alone, as far as a float32
+sampler can: ``jax.random.normal`` has bounded support (|z| below about 5.4 over 2^26
+draws in the docstring audit) and float granularity, so the accounting's ideal
+Gaussian is an assumption (README, "Privacy notes"; Mironov, CCS 2012). Callers pass a key
 from the noise stream (``fold_in(noise_stream, step)``), which is used for nothing else,
 so noise is never reused across steps or correlated with the loss randomness.
 """
