@@ -233,7 +233,10 @@ def model_card(
         "- Hyperparameter, step-count, checkpoint and sampler selection are outside "
         "epsilon: if they were tuned on the private data (e.g. by FID against its "
         "statistics), that selection is an unaccounted release.",
-        "- The noise was drawn from a secret that the export does not contain; the "
+        "- The "
+        + ("noise" if plan.mechanism == "release"
+           else "noise, the batches and the per-example loss draws")
+        + " came from a secret that the export does not contain; the "
         "guarantee assumes ideal Gaussian noise: JAX's PRNG is not a vetted "
         "cryptographically secure generator and floating-point effects are not accounted "
         "for.",

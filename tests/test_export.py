@@ -149,6 +149,9 @@ def test_export_of_a_trained_toy_run_writes_exactly_the_allowed_files(tmp_path):
         card = f.read()
     for section in ("## Data", "## Privacy guarantee", "## Intended use", "## Limitations"):
         assert section in card
+    assert ("- The noise, the batches and the per-example loss draws came from a secret "
+            "that the export does not contain") in card
+    assert report["loss_source"] == report["noise_source"] == "secret"
     # The stated epsilon is the computed one rounded UP to 4 digits, delta as set.
     eps = report["epsilon"][report["calibrated_with"]]
     stated = re.search(r"- \(([0-9.e+-]+), ([0-9.e+-]+)\)-differential privacy", card)
