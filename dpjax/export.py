@@ -268,8 +268,8 @@ def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
     """Raises NotPrivateError unless the checkpoint's noise and batches came from the
     run's secret (``privacy.noise_secret``): derived from config.seed, anyone who knows
     or guesses the seed recomputes them, and the guarantee is void. Likewise where the
-    per-example loss draws came from config.seed under add/remove-one neighbours (a run
-    from before they came from the secret: ``noise_secret.public_loss_draws_void``)."""
+    per-example loss draws came from config.seed (a run from before they came from the
+    secret: ``noise_secret.public_loss_draws_void``)."""
     source = noise_secret.recorded_source(meta)
     if source != noise_secret.SECRET:
         raise NotPrivateError(
@@ -280,14 +280,14 @@ def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
             "it, so the run has no guarantee to publish; refusing to export it. Train it "
             "again with dp.secret_noise=True (the default).")
     if noise_secret.public_loss_draws_void(noise_secret.recorded_loss_source(meta),
-                                           plan.neighbouring, plan.mechanism):
+                                           plan.mechanism):
         raise NotPrivateError(
             "This run's per-example loss draws derive from config.seed, keyed by dataset "
-            "index (a checkpoint from before dpjax drew them from the secret). Under "
-            "add/remove-one neighbours, removing an example shifts the index, and so the "
-            "known draws, of every later example, which moves the clipped sum by more "
-            "than the clip norm: the run has no guarantee to publish; refusing to export "
-            "it. Train it again in a new workdir.")
+            "index (a checkpoint from before dpjax drew them from the secret). Removing an "
+            "example, or replacing it by one that sorts elsewhere, shifts the index, and "
+            "so the known draws, of the examples after it, which moves the clipped sum by "
+            "more than its sensitivity: the run has no guarantee to publish; refusing to "
+            "export it. Train it again in a new workdir.")
 
 
 def export_run(

@@ -147,8 +147,14 @@ def _dataset_size_line(plan: Any, report: dict[str, Any]) -> str:
     lists its own q = batch / its N in the report: on the same data, that is this N
     (taint review, 2026-12-07: the card claimed N was protected beside that record)."""
     if plan.mechanism != "release":
+        if plan.neighbouring != "add_or_remove_one":
+            return (f"N = {plan.num_examples} private training examples (N is treated as "
+                    "public, as it sets the sampling rate).")
         return (f"N = {plan.num_examples} private training examples (N is treated as "
-                "public, as it sets the sampling rate).")
+                "public, as it sets the sampling rate; so this add-or-remove-one "
+                "guarantee protects an example's membership from whoever does not know N, "
+                "while someone who knows N and every other example learns it from N: "
+                "against them only a replace-one guarantee holds).")
     return {
         "relation": "N is not stated, but the guarantee does not cover it: neighbouring "
                     f"datasets under {plan.neighbouring.replace('_', '-')} have the same size.",

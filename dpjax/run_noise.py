@@ -78,9 +78,9 @@ def noise_randomness(
     streams = dataclasses.replace(streams, noise=noise_secret.noise_key(noise))
     if loss_source == noise_secret.SECRET:
         streams = dataclasses.replace(streams, loss=noise_secret.loss_key(noise))
-    elif noise_secret.public_loss_draws_void(loss_source, cfg.dp.neighbouring, mechanism):
+    elif noise_secret.public_loss_draws_void(loss_source, mechanism):
         log("[dpjax] this run's checkpoint predates secret per-example loss draws: they "
-            "stay derived from config.seed, so it replays the same run, and under "
-            "add/remove-one neighbours it has no guarantee to publish (export refuses "
-            "it; privacy/noise_secret.py says why). Train it again in a new workdir.")
+            "stay derived from config.seed, so it replays the same run, and it has no "
+            "guarantee to publish (export refuses it; privacy/noise_secret.py says why). "
+            "Train it again in a new workdir.")
     return streams, batches, source, loss_source

@@ -21,9 +21,12 @@ CSPRNG when a run starts:
   draws, the clipped sum would move by far more than C (3.6 C over 31 examples in the
   docstring audit of 2026-12-07), and whoever knows the seed could tell the two datasets
   apart. Secret, the draws are independent of the data and of each other, so which
-  index gets which leaves the output's distribution unchanged. (Under replace-one no
-  index moves.) A checkpoint without the record (``LOSS_SOURCE_KEY``) drew them from
-  config.seed; it resumes so, and under add/remove has no guarantee to export.
+  index gets which leaves the output's distribution unchanged. Replace-one is no
+  different: a replacement need not sit where the original did (a folder is read in
+  path order, so another class or file name moves it), and the rows in between shift
+  (the order audit of 2026-12-07: 7.0 C against a bound of 2C). A checkpoint without
+  the record (``LOSS_SOURCE_KEY``) drew them from config.seed; it resumes so, and has
+  no guarantee to export.
 * A resume reads the file, so it draws the same noise and batches as an uninterrupted
   run. A run that starts from step 0 draws a new secret, so two runs never share noise
   (runs of one sweep with one seed, a workdir reused for another run), with two
@@ -172,10 +175,10 @@ def recorded_loss_source(meta: dict[str, Any]) -> str:
     return NONE if meta.get(NOISE_SOURCE_KEY) == NONE else SEED
 
 
-def public_loss_draws_void(loss_source: str | None, relation: str, mechanism: str) -> bool:
-    """True where loss draws from config.seed leave no guarantee (module docstring):
-    DP-SGD steps under add/remove-one neighbours. (A one-release plan draws none.)"""
-    return loss_source == SEED and relation == "add_or_remove_one" and mechanism != "release"
+def public_loss_draws_void(loss_source: str | None, mechanism: str) -> bool:
+    """True where loss draws from config.seed leave no guarantee (module docstring): any
+    DP-SGD steps, under either relation. (A one-release plan draws none.)"""
+    return loss_source == SEED and mechanism != "release"
 
 
 def loss_key(secret: int) -> jax.Array:

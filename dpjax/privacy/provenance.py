@@ -111,8 +111,8 @@ class SourceRun:
     # Where ITS noise and batches came from (noise_secret): 'secret', 'seed' (also a run
     # from before the record), or 'none' without DP.
     noise_source: str = noise_secret.SEED
-    # True where ITS per-example loss draws came from its config.seed under add/remove
-    # neighbours (a run from before the secret loss draws): no guarantee to compose.
+    # True where ITS per-example loss draws came from its config.seed (a run from before
+    # the secret loss draws): no guarantee to compose.
     loss_draws_void: bool = False
 
 
@@ -157,7 +157,7 @@ def read_source_run(what: str, workdir: str) -> SourceRun:
         noise_source=(noise_secret.recorded_source(extra) if plan.enabled
                       else noise_secret.NONE),
         loss_draws_void=plan.enabled and noise_secret.public_loss_draws_void(
-            noise_secret.recorded_loss_source(extra), plan.neighbouring, plan.mechanism),
+            noise_secret.recorded_loss_source(extra), plan.mechanism),
     )
 
 
@@ -282,7 +282,7 @@ def check_composed_randomness(
     noise in both runs, and the true epsilon is then above the composed one.
 
     The same holds for a source whose per-example loss draws came from its config.seed
-    under add/remove-one neighbours (``noise_secret.public_loss_draws_void``).
+    (``noise_secret.public_loss_draws_void``).
 
     Raises:
       PrivacyError: as above, or a seed-derived source without a seed on record.
@@ -292,8 +292,8 @@ def check_composed_randomness(
             raise PrivacyError(
                 f"{source.what}={source.workdir!r} drew its per-example loss draws from its "
                 "config.seed, keyed by dataset index (a run from before dpjax drew them "
-                "from the secret): under add/remove-one neighbours it has no guarantee to "
-                "compose into this run's epsilon. Train it again, or run this one with "
+                "from the secret): it has no guarantee to compose into this run's "
+                "epsilon. Train it again, or run this one with "
                 "dp.secret_noise=False (research only: export refuses it)."
             )
         return

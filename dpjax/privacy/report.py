@@ -166,12 +166,11 @@ def _private_line(report: dict[str, Any]) -> str:
                 "(dp.secret_noise=False), and anyone who knows or guesses the seed can "
                 "recompute them; export refuses it")
     if noise_secret.public_loss_draws_void(report.get("loss_source"),
-                                           report["neighbouring_relation"],
                                            report.get("plan_mechanism", "dpsgd")):
         return ("not for release: the per-example loss draws derive from config.seed by "
                 "dataset index (a run from before dpjax drew them from the secret), so "
-                "under add/remove-one neighbours removing an example changes the known "
-                "draws of every later one; export refuses it")
+                "removing an example, or replacing it by one that sorts elsewhere, changes "
+                "the known draws of the examples after it; export refuses it")
     return "yes"
 
 
