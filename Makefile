@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=4
-# The tested versions (constraints.txt); `make install CONSTRAINTS=` takes the newest.
+# The tested versions (constraints.txt); `rm -rf .venv && make install CONSTRAINTS=`
+# takes the newest.
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 

@@ -9,7 +9,8 @@ batch from ``SeedSequence([sampler_seed, t])``.
 A private run replaces the ``noise`` and ``loss`` streams and the sampler's seed with
 values drawn from a secret kept in the workdir (``privacy.noise_secret``): from
 ``config.seed`` alone, which is public, anyone could recompute the noise, and the
-index-keyed loss draws would break the sensitivity bound under add/remove neighbours.
+index-keyed loss draws would break the sensitivity bound (an example removed, or
+replaced by one that sorts elsewhere, shifts the indices after it).
 ``from_seed`` and ``sampler_seed`` give the seed-derived ones (``dp.secret_noise=False``,
 the canary audit, sampling).
 

@@ -290,16 +290,28 @@ def samples_dir(workdir: str, step: int, changes: dict[str, Any] | None = None) 
 
 
 def not_private_warning(workdir: str) -> str | None:
-    """A warning when the workdir's plan gives no finite guarantee (DP off or sigma 0)."""
+    """A warning when the workdir's plan gives no guarantee: DP off, sigma 0, or noise,
+    batches or per-example loss draws derived from config.seed (its plan file's record,
+    as the privacy report reads it)."""
+    from dpjax.privacy import noise_secret
     from dpjax.privacy import plan as plan_lib
 
     path = os.path.join(workdir, "dp_plan.json")
     if not os.path.exists(path):
         return None
-    plan, _ = plan_lib.load_plan(path)
+    plan, extra = plan_lib.load_plan(path)
     if plan.enabled and plan.noise_multiplier > 0:
-        return None
-    why = "DP is disabled" if not plan.enabled else "its noise multiplier is 0"
+        if noise_secret.recorded_source(extra) != noise_secret.SECRET:
+            why = "its noise and batches derive from config.seed"
+        elif noise_secret.public_loss_draws_void(noise_secret.recorded_loss_source(extra),
+                                                 plan.mechanism):
+            why = "its per-example loss draws derive from config.seed"
+        else:
+            return None
+        if extra.get("steps_done") == 0 and noise_secret.NOISE_SOURCE_KEY not in extra:
+            return None  # No checkpoint yet records where its randomness comes from.
+    else:
+        why = "DP is disabled" if not plan.enabled else "its noise multiplier is 0"
     return (f"[dpjax] warning: this run has no differential privacy guarantee ({why}): its "
             "samples are not a private release.")
 

@@ -67,7 +67,8 @@ def same_noise_secret(monkeypatch):
     from dpjax.privacy import noise_secret
 
     monkeypatch.setattr(noise_secret, "_draw",
-                        lambda: {"noise": 12345, "batches": 678, "created": "test"})
+                        lambda: {"noise": 12345, "batches": 678, "created": "test",
+                                 noise_secret.LOSS_DRAWS_FIELD: noise_secret.LOSS_DRAWS_SECRET})
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import pytest
 
 from dpjax import train
 from dpjax.eval import fid, report
+from dpjax.privacy import plan as plan_lib
+from dpjax.privacy import report as report_lib
 from dpjax.typed_config import ConfigError
 from experiments import toy_fake
 
@@ -135,6 +137,14 @@ def test_report_rounds_epsilon_and_counts():
     assert "epsilon nan (RDP) / 8.301 (PLD)" in md
     privacy["epsilon"] = {"rdp": "inf", "pld": "inf"}
     assert "epsilon inf (RDP) / inf (PLD)" in report.report_markdown(result)
+    # A run whose privacy report says it has no guarantee: the eval report says so too.
+    plan = plan_lib.make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
+                              steps=1, noise_multiplier=1.0)
+    for loss, said in (("seed", True), ("secret", False)):
+        result["privacy"] = report_lib.privacy_report(plan, 1, "toy", kinds=("rdp",),
+                                                      noise_source="secret", loss_source=loss)
+        md = report.report_markdown(result)
+        assert ("Private: not for release: the per-example loss draws" in md) == said, md
 
 
 def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(

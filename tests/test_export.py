@@ -18,6 +18,7 @@ from dpjax import checkpoint as ckpt_lib
 from dpjax import export, run_config, sample, train
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec
+from dpjax.privacy import plan as plan_lib
 from dpjax.privacy import report as report_lib
 from dpjax.randomness import Streams
 from dpjax.state import TrainState
@@ -319,6 +320,16 @@ def test_sampling_a_run_without_a_guarantee_warns(tmp_path):
         msgs = []
         sample.sample_from_workdir(wd, 2, str(tmp_path / f"{name}_out"), log=msgs.append)
         assert any("no differential privacy guarantee" in m for m in msgs) == warned, msgs
+    # Where the plan file records the run's randomness (as training writes it).
+    wd = str(tmp_path / "private")
+    plan_path = os.path.join(wd, "dp_plan.json")
+    plan = export.read_plan(wd)
+    for record, why in (({"noise_source": "secret", "loss_source": "secret"}, None),
+                        ({"noise_source": "seed", "loss_source": "seed"}, "noise and batches"),
+                        ({"noise_source": "secret"}, "per-example loss draws")):
+        plan_lib.save_plan(plan_path, plan, {"steps_done": 3, **record})
+        warning = sample.not_private_warning(wd)
+        assert (warning is None) if why is None else (why in warning), (record, warning)
 
 
 def test_source_paths_are_redacted_in_every_form(tmp_path, monkeypatch):

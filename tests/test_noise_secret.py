@@ -40,7 +40,8 @@ def _fixed_draws(monkeypatch, *noises):
     """Makes the next new secrets' noise parts ``noises``, in order (batches: 7)."""
     drawn = iter(noises)
     monkeypatch.setattr(noise_secret, "_draw",
-                        lambda: {"noise": next(drawn), "batches": 7, "created": "test"})
+                        lambda: {"noise": next(drawn), "batches": 7, "created": "test",
+                                 noise_secret.LOSS_DRAWS_FIELD: noise_secret.LOSS_DRAWS_SECRET})
 
 
 def test_two_runs_with_one_seed_draw_independent_noise_unless_secret_noise_is_off(tmp_path):
@@ -86,7 +87,17 @@ def test_the_loss_draws_come_from_the_secret_and_an_old_checkpoint_keeps_the_see
     np.testing.assert_array_equal(_key_data(streams.loss),
                                   _key_data(noise_secret.loss_key(secret)))
     assert not np.array_equal(_key_data(streams.loss), _key_data(seeded.loss))
-    assert not np.array_equal(_key_data(streams.loss), _key_data(streams.noise))
+    # Not on the noise key's chains: not the key itself, a step's noise key or a key split
+    # from one (a loss key folded from the noise key would equal step t's noise key).
+    noise_chain = [streams.noise, *jax.random.split(streams.noise, 4)]
+    for t in range(32):
+        step = jax.random.fold_in(streams.noise, t)
+        noise_chain += [step, *jax.random.split(step, 4)]
+    for t in (0, 1, 2):
+        loss_step = _key_data(jax.random.fold_in(streams.loss, t))
+        for k in noise_chain:
+            assert not np.array_equal(loss_step, _key_data(k))
+            assert not np.array_equal(_key_data(streams.loss), _key_data(k))
     # A resume goes on with the sources its checkpoint records.
     meta = {"noise_source": "secret", "loss_source": "secret"}
     resumed = run_noise.noise_randomness(cfg, wd, seeded, meta, **QUIET)
@@ -106,6 +117,18 @@ def test_the_loss_draws_come_from_the_secret_and_an_old_checkpoint_keeps_the_see
         got = run_noise.noise_randomness(c, str(tmp_path / want), seeded, None, **QUIET)
         assert got[2:] == (want, want)
         np.testing.assert_array_equal(_key_data(got[0].loss), _key_data(seeded.loss))
+
+
+def test_the_dp_step_draws_its_loss_randomness_from_the_loss_key(tmp_path, monkeypatch):
+    """What setup puts in ``Run.streams.loss`` is what the step's loss draws from (the
+    toy's loss draws its noise from its key): another loss key, another run."""
+    monkeypatch.setattr(noise_secret, "_draw", lambda: {
+        "noise": 1, "batches": 7, noise_secret.LOSS_DRAWS_FIELD: noise_secret.LOSS_DRAWS_SECRET})
+    train.train(toy_config(3), str(tmp_path / "base"), **QUIET)
+    real = noise_secret.loss_key
+    monkeypatch.setattr(noise_secret, "loss_key", lambda s: jax.random.fold_in(real(s), 99))
+    train.train(toy_config(3), str(tmp_path / "other"), **QUIET)
+    assert not np.allclose(_ema(tmp_path / "other"), _ema(tmp_path / "base"))
 
 
 def test_public_loss_draws_leave_no_guarantee_under_either_relation():
@@ -161,7 +184,9 @@ def test_the_noise_follows_its_secret_and_the_batches_theirs(tmp_path, monkeypat
     """Given the secret, a run is determined; each half of the secret changes the run."""
 
     def run(name, noise, batches):
-        monkeypatch.setattr(noise_secret, "_draw", lambda: {"noise": noise, "batches": batches})
+        monkeypatch.setattr(noise_secret, "_draw", lambda: {
+            "noise": noise, "batches": batches,
+            noise_secret.LOSS_DRAWS_FIELD: noise_secret.LOSS_DRAWS_SECRET})
         train.train(toy_config(3), str(tmp_path / name), **QUIET)
         return _ema(tmp_path / name)
 
@@ -205,6 +230,29 @@ def test_a_secret_is_reused_only_to_replay_one_run(tmp_path):
         shutil.rmtree(other / name) if name == "checkpoints" else os.remove(other / name)
     train.train(toy_config(3, **{"optim.learning_rate": 1e-3}), str(other), **QUIET)
     assert (other / noise_secret.SECRET_FILE).read_bytes() != secret
+
+
+def test_a_secret_from_before_secret_loss_draws_replays_nothing_from_step_0(tmp_path):
+    """Its run drew its loss draws from the seed: reused from step 0 with secret loss
+    draws, its noise would sit on other sums, a second computation under the same noise
+    (the diff review of 2026-12-07). A resume of its own run still reads it."""
+    path = tmp_path / noise_secret.SECRET_FILE
+    old = {"noise": 5, "batches": 6, "created": "before the field"}
+    for reuse in (noise_secret.REUSE_PLACED, noise_secret.REUSE_RESTART):
+        path.write_text(json.dumps(old))
+        lines = []
+        got = noise_secret.load_or_create(str(tmp_path), resuming=False, reuse=reuse,
+                                          log=lines.append)
+        assert got != (5, 6)
+        assert any("predates secret per-example loss draws" in x for x in lines), lines
+        stored = _secret(tmp_path)
+        assert stored[noise_secret.LOSS_DRAWS_FIELD] == noise_secret.LOSS_DRAWS_SECRET
+        # A secret drawn since is reused.
+        again = noise_secret.load_or_create(str(tmp_path), resuming=False, reuse=reuse,
+                                            log=lambda *_: None)
+        assert again == got
+    path.write_text(json.dumps(old))
+    assert noise_secret.load_or_create(str(tmp_path), resuming=True, log=print) == (5, 6)
 
 
 def test_a_damaged_secret_file_is_one_clear_error(tmp_path):

@@ -33,6 +33,7 @@ def test_the_docstring_loop_trains_a_regression_and_spends_the_plans_epsilon():
     data = _data()
     plan = _plan(epochs=10, epsilon=8.0)
     params = {"w": jnp.zeros((D,)), "b": jnp.zeros(())}
+    # Fixed seeds keep the test reproducible; a real run draws them secretly (docstring).
     sampler = PoissonSampler(N, plan.sampling_rate, seed=0, multiple=8)
     loss_key, noise_key = jax.random.split(jax.random.PRNGKey(1))
     start = float(np.mean([_loss(params, {}, {"x": x, "y": y}, None)[0]

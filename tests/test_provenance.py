@@ -88,6 +88,8 @@ def test_a_composed_source_needs_secret_noise_or_at_least_another_seed(tmp_path)
                                            r"config.seed"):
         provenance.check_sources([composed], PRIVATE, seed=4)
     provenance.check_sources([composed], PRIVATE, seed=4, secret_noise=False)
+    with pytest.raises(PrivacyError, match=r"teacher_from=.*seed=3.*seed is 3"):
+        provenance.check_sources([composed], PRIVATE, seed=3, secret_noise=False)
     # A source that is not composed (public data) may share the seed.
     public = _run(tmp_path, "pub", PUBLIC, dp=False, seed=3)
     provenance.check_sources([provenance.Source("init_from", public)], PRIVATE, seed=3,

@@ -341,7 +341,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     ]
     privacy = result.get("privacy")
     if privacy:
-        from dpjax.privacy.report import format_epsilon
+        from dpjax.privacy.report import format_epsilon, private_line
 
         eps = privacy["epsilon"]
         # Rounded up as every report rounds an epsilon; a non-finite one is stored as the
@@ -357,6 +357,9 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{privacy['steps_done']} steps.",
             "",
         ]
+        status = private_line(privacy) if "private" in privacy else "yes"
+        if status != "yes":  # The epsilon above is then no guarantee.
+            lines += [f"Private: {status}.", ""]
     lines += [f"- skipped: {s}" for s in result.get("skipped", [])]
     if result.get("skipped"):
         lines.append("")

@@ -7,10 +7,10 @@ dpjax actually does, and nothing else in dpjax computes an epsilon.
 Guarantees:
 * ``dpsgd_event`` describes T steps of the Poisson-subsampled Gaussian mechanism with
   sampling rate q and noise multiplier sigma (noise std sigma*C on a sum of per-example
-  gradients each clipped to norm C), which is exactly what ``dp_step`` runs: under
-  add/remove-one neighbours this needs the per-example loss draws to be secret, as they
-  are in a private run (``noise_secret``: keyed by dataset index, public draws would
-  shift with a removal).
+  gradients each clipped to norm C), which is exactly what ``dp_step`` runs: this needs
+  the per-example loss draws to be secret, as they are in a private run
+  (``noise_secret``: keyed by dataset index, public draws would shift with a removal,
+  or a replacement that sorts elsewhere).
 * Every other release (a noised embedding, a private statistic) is an extra event that
   is composed with the DP-SGD event in ``epsilon(events, ...)``; nothing private is free.
 * An event with a parameter that is not a number (a NaN noise multiplier or sampling

@@ -39,8 +39,8 @@ Guarantees:
   (significance / grid size), so choosing k after seeing the scores keeps validity.
 * What is audited: the DP step as training runs it (sampling, padding and masking,
   per-example gradients, clipping, the sum, the noise, the N*q scaling), in float32 on
-  one device with the default micro-batch loop, and with noise and batches from
-  ``config.seed`` rather than the run's secret (the audit's own randomness; a
+  one device with the default micro-batch loop, and with noise, batches and loss draws
+  from ``config.seed`` rather than the run's secret (the audit's own randomness; a
   ``compute_dtype``, mesh or ``microbatch_loop`` setting of the run is not applied),
   against the accountant's epsilon for the same q, sigma, T and delta. A
   bug in any of these that makes the step less private than the accountant says can

@@ -13,12 +13,12 @@ CSPRNG when a run starts:
   values, one for the noise key and one for the sampler; the run's other randomness
   (initialization, samples, a public loss term's draws) still derives from
   ``config.seed``.
-* The per-example loss draws (a diffusion loss's sigma and noise, a flow's
-  dequantization, ...) come from the same secret, through a key of their own
+* The per-example loss draws (a diffusion loss's sigma and noise, label dropout, ...)
+  come from the same secret, through a key of their own
   (``loss_key``). They are keyed by the example's dataset index (``dp_step.
   example_keys``), and under add/remove-one neighbours removing an example shifts the
   index of every later one: with draws public, each of those would get other, known
-  draws, the clipped sum would move by far more than C (3.6 C over 31 examples in the
+  draws, the clipped sum would move by far more than C (7.2 C over 31 examples in the
   docstring audit of 2026-12-07), and whoever knows the seed could tell the two datasets
   apart. Secret, the draws are independent of the data and of each other, so which
   index gets which leaves the output's distribution unchanged. Replace-one is no
@@ -26,7 +26,9 @@ CSPRNG when a run starts:
   path order, so another class or file name moves it), and the rows in between shift
   (the order audit of 2026-12-07: 7.0 C against a bound of 2C). A checkpoint without
   the record (``LOSS_SOURCE_KEY``) drew them from config.seed; it resumes so, and has
-  no guarantee to export.
+  no guarantee to export (also where its method draws nothing: the record cannot tell).
+  A secret file without ``LOSS_DRAWS_FIELD`` is from before, and a run from step 0 does
+  not reuse it: it would not replay its run, but put the same noise on other sums.
 * A resume reads the file, so it draws the same noise and batches as an uninterrupted
   run. A run that starts from step 0 draws a new secret, so two runs never share noise
   (runs of one sweep with one seed, a workdir reused for another run), with two
@@ -76,10 +78,16 @@ class NoiseSecretError(atomic_file.CorruptFileError):
     """The secret file parses but does not hold a secret (a user error: one line)."""
 
 
+# What a secret file drawn since the loss draws came from the secret says of them: a run
+# from step 0 replays (reuses) only such a secret (``_load_or_draw``).
+LOSS_DRAWS_FIELD, LOSS_DRAWS_SECRET = "loss_draws", "from this secret"
+
+
 def _draw() -> dict[str, Any]:
     return {
         "noise": secrets.randbits(SECRET_BITS),
         "batches": secrets.randbits(SECRET_BITS),
+        LOSS_DRAWS_FIELD: LOSS_DRAWS_SECRET,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -144,14 +152,22 @@ REUSE_PLACED = ("the secret was placed in a workdir where no run had started: th
 
 
 def _load_or_draw(path: str, resuming: bool, reuse: str, log) -> np.ndarray:
-    if (resuming or reuse) and os.path.exists(path):
-        stored = _read(path)
+    stored = _read(path) if (resuming or reuse) and os.path.exists(path) else None
+    if stored is not None and not resuming and stored.get(LOSS_DRAWS_FIELD) != LOSS_DRAWS_SECRET:
+        # Its run drew its loss draws from config.seed; this one draws them from the
+        # secret, so with the same noise it would not replay that run but add a second,
+        # different computation under the same noise (outputs of the two could be
+        # differenced). A new secret makes it an independent run instead.
+        log(f"[dpjax] {path} predates secret per-example loss draws, so this run cannot "
+            "replay the run it came from: it draws a new secret")
+        stored = None
+    if stored is not None:
         if not resuming:
             log(f"[dpjax] noise secret from {path}: {reuse}")
         if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
             os.chmod(path, 0o600)  # A copy made with the umask's 0644.
     else:
-        if resuming:
+        if resuming and not os.path.exists(path):
             log(f"[dpjax] {path} is missing: the remaining steps draw their noise and "
                 "batches from a new secret (the guarantee holds; the run no longer "
                 "replays an uninterrupted one)")

@@ -12,6 +12,7 @@ per-example loss::
     sampler_seed, noise_seed = (secrets.randbits(128) for _ in range(2))  # secret
     sampler = PoissonSampler(N, plan.sampling_rate, seed=sampler_seed, multiple=64)
     noise_key = noise_secret.noise_key(noise_seed)
+    loss_key = noise_secret.loss_key(noise_seed)         # secret too: see below
     for t in range(plan.steps):
         b = sampler.batch(t)
         rows = np.maximum(b.indices, 0)                  # padding (-1): masked out
@@ -29,9 +30,14 @@ Guarantee: if ``examples`` are a Poisson batch of rate ``plan.sampling_rate``
 ``plan.dp_event`` accounts for: each example's gradient is clipped to ``plan.clip_norm``
 over all of ``trainable`` (padding and non-finite rows contribute 0), and the Gaussian
 noise has standard deviation ``plan.noise_multiplier * plan.clip_norm``. The guarantee
-also needs the noise key and the sampler's seed secret (the example draws them from the
-OS's CSPRNG, as a dpjax run does: ``noise_secret``): from a public or guessable seed,
-anyone can recompute the noise and the batches and remove them.
+also needs the noise key, the sampler's seed and the per-example ``keys`` secret (the
+example draws them from the OS's CSPRNG, as a dpjax run does: ``noise_secret``): from a
+public or guessable seed, anyone can recompute the noise and the batches and remove
+them, and public per-example keys handed out by position (in the batch or the dataset)
+shift when an example is added, removed or moved, so the examples after it get other,
+known draws and the sum moves by more than the sensitivity. (Keys derived from each
+example itself, e.g. from a hash of its content, would be safe public; ones by position
+are not.)
 """
 
 from __future__ import annotations
@@ -105,7 +111,10 @@ def private_gradient(
         an enabled DP-SGD plan, or a bad micro-batch size (as ``clipped_grad_sum``).
     """
     _check_loss_fn(loss_fn, trainable, frozen, examples, keys)
-    if not isinstance(mask, jax.core.Tracer):  # Concrete (NumPy or JAX): checkable here.
+    concrete = isinstance(mask, np.ndarray) or (
+        isinstance(mask, jax.Array) and not isinstance(mask, jax.core.Tracer)
+        and mask.is_fully_addressable)  # (Traced, or spread over hosts: not checkable.)
+    if concrete:
         host = np.asarray(mask, bool)
         if host.any() and not host[: int(host.sum())].all():
             raise ValueError("mask: the real examples must come first, then the padding.")

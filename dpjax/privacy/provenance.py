@@ -288,7 +288,9 @@ def check_composed_randomness(
       PrivacyError: as above, or a seed-derived source without a seed on record.
     """
     if run.noise_source == noise_secret.SECRET:
-        if run.loss_draws_void and secret_noise:
+        if not run.loss_draws_void:
+            return
+        if secret_noise:
             raise PrivacyError(
                 f"{source.what}={source.workdir!r} drew its per-example loss draws from its "
                 "config.seed, keyed by dataset index (a run from before dpjax drew them "
@@ -296,8 +298,8 @@ def check_composed_randomness(
                 "epsilon. Train it again, or run this one with "
                 "dp.secret_noise=False (research only: export refuses it)."
             )
-        return
-    if secret_noise:
+        # A research run: its own loss draws come from its seed too (the check below).
+    elif secret_noise:
         raise PrivacyError(
             f"{source.what}={source.workdir!r} drew its noise and batches from its "
             "config.seed (dp.secret_noise=False, or a run from before dpjax drew them "
@@ -311,9 +313,9 @@ def check_composed_randomness(
             f"{source.what}={source.workdir!r} was trained with seed={run.seed}, and this "
             f"run's seed is {seed}. Its DP training is composed into this run's epsilon, "
             "which assumes independent randomness, but one seed draws the same Poisson "
-            "batches and the same Gaussian noise in both runs (dp.secret_noise=False), "
-            "and the stated epsilon would be too small. Give this run another seed "
-            "(--config.seed=...)."
+            "batches, Gaussian noise or per-example loss draws in both runs "
+            "(dp.secret_noise=False), and the stated epsilon would be too small. Give "
+            "this run another seed (--config.seed=...)."
         )
 
 

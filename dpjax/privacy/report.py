@@ -154,9 +154,9 @@ def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "num_examples": None, "expected_batch_size": None}
 
 
-def _private_line(report: dict[str, Any]) -> str:
+def private_line(report: dict[str, Any]) -> str:
     """Whether the run's guarantee is a real one, in words (the JSON's ``private`` says only
-    whether DP was enabled)."""
+    whether DP was enabled): 'yes', or why not."""
     if not report["private"]:
         return "no (dp.enabled=False: no clipping, no noise, no guarantee)"
     if not (report["noise_multiplier"] or 0.0) > 0:
@@ -228,7 +228,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Privacy report ({report['method']})",
         "",
-        f"- private: {_private_line(report)}",
+        f"- private: {private_line(report)}",
         *([f"- guarantee: ({format_epsilon(float(stated))}, {report['delta']!r})-DP "
            + (("of the one release" + (f" composed with {priors} prior release(s)"
                                           if priors else ""))
