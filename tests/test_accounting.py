@@ -383,3 +383,30 @@ def test_a_reported_epsilon_is_rounded_up_never_down():
         assert float(text) >= value
     for odd in (math.inf, math.nan, 0.0, "inf", None):
         assert report.format_epsilon(odd) == str(odd)
+
+
+def test_rdp_under_replace_one_doubles_the_sensitivity_inside_a_composition():
+    # epsilon() and calibration wrap several events in a ComposedDpEvent: the rewrite
+    # must reach the events inside it.
+    composed = [dp_accounting.GaussianDpEvent(4.0), dp_accounting.GaussianDpEvent(6.0)]
+    halved = [dp_accounting.GaussianDpEvent(2.0), dp_accounting.GaussianDpEvent(3.0)]
+    replace = accounting.epsilon(composed, 1e-5, "rdp", "replace_one")
+    assert replace == pytest.approx(accounting.epsilon(halved, 1e-5, "rdp"), rel=1e-9)
+    assert replace > 1.5 * accounting.epsilon(composed, 1e-5, "rdp")
+
+
+def test_calibration_checks_the_searchs_sigma_itself(monkeypatch):
+    # dp_accounting's search may stop a little below the answer (its grid, its tol): the
+    # result is checked, and stepped up or refused, never returned above the target.
+    args = (2.0, 1e-5, 0.01, 100, "rdp")
+    true = calibration.calibrate_noise_multiplier(*args)
+    for short in (1e-4, 1e-2):
+        monkeypatch.setattr(calibration.dp_accounting, "calibrate_dp_mechanism",
+                            lambda *a, short=short, **k: true - short)
+        try:
+            sigma = calibration.calibrate_noise_multiplier(*args)
+        except accounting.PrivacyError:
+            assert short == 1e-2  # Too far below for a few steps of tol: refused.
+            continue
+        assert short == 1e-4  # Within a few steps of tol: stepped up until it meets it.
+        assert accounting.epsilon([accounting.dpsgd_event(sigma, 0.01, 100)], 1e-5) <= 2.0

@@ -155,6 +155,17 @@ def test_a_gradient_whose_float32_norm_overflows_is_dropped_not_scaled():
     np.testing.assert_allclose(np.asarray(res.grad_sum["w"]), [0.6, 1.3], rtol=1e-6)
 
 
+def test_a_non_finite_row_adds_nothing_to_its_class_slice_of_a_routed_sum():
+    # Per-class routing (DP-LFlow's per_class): 0 * NaN is NaN, so the dropped row must be
+    # zeroed before it is weighted, as on the unrouted path.
+    grads = {"w": jnp.array([[3.0, 4.0], [jnp.nan, 0.0], [0.0, 2.0]])}
+    res = clipping._clip_and_sum(jnp.zeros(3), {}, grads, jnp.ones(3, bool), clip_norm=1.0,
+                                 routes=jnp.array([0, 1, 1]), num_routes=2)
+    assert int(res.num_nonfinite) == 1
+    np.testing.assert_allclose(np.asarray(res.grad_sum["w"]), [[0.6, 0.8], [0.0, 1.0]],
+                               rtol=1e-6)
+
+
 def test_microbatching_equals_one_big_batch():
     method = _method()
     tr = _params(method)
