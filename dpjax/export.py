@@ -270,8 +270,8 @@ def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
     or guesses the seed recomputes them, and the guarantee is void. Likewise where the
     per-example loss draws came from config.seed (a run from before they came from the
     secret: ``noise_secret.public_loss_draws_void``)."""
-    source = noise_secret.recorded_source(meta)
-    if source != noise_secret.SECRET:
+    public = noise_secret.public_randomness(meta, plan.mechanism)
+    if public == "noise and batches":
         raise NotPrivateError(
             "This run's noise and batches derive from config.seed ("
             + ("dp.secret_noise=False" if noise_secret.NOISE_SOURCE_KEY in meta else
@@ -279,8 +279,7 @@ def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
             + "): anyone who knows or guesses the seed can recompute the noise and remove "
             "it, so the run has no guarantee to publish; refusing to export it. Train it "
             "again with dp.secret_noise=True (the default).")
-    if noise_secret.public_loss_draws_void(noise_secret.recorded_loss_source(meta),
-                                           plan.mechanism):
+    if public is not None:
         raise NotPrivateError(
             "This run's per-example loss draws derive from config.seed, keyed by dataset "
             "index (a checkpoint from before dpjax drew them from the secret). Removing an "

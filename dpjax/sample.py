@@ -301,15 +301,11 @@ def not_private_warning(workdir: str) -> str | None:
         return None
     plan, extra = plan_lib.load_plan(path)
     if plan.enabled and plan.noise_multiplier > 0:
-        if noise_secret.recorded_source(extra) != noise_secret.SECRET:
-            why = "its noise and batches derive from config.seed"
-        elif noise_secret.public_loss_draws_void(noise_secret.recorded_loss_source(extra),
-                                                 plan.mechanism):
-            why = "its per-example loss draws derive from config.seed"
-        else:
-            return None
-        if extra.get("steps_done") == 0 and noise_secret.NOISE_SOURCE_KEY not in extra:
-            return None  # No checkpoint yet records where its randomness comes from.
+        public = noise_secret.public_randomness(extra, plan.mechanism)
+        if public is None or (extra.get("steps_done") == 0
+                              and noise_secret.NOISE_SOURCE_KEY not in extra):
+            return None  # (Or no checkpoint yet records where its randomness comes from.)
+        why = f"its {public} derive from config.seed"
     else:
         why = "DP is disabled" if not plan.enabled else "its noise multiplier is 0"
     return (f"[dpjax] warning: this run has no differential privacy guarantee ({why}): its "

@@ -197,6 +197,18 @@ def public_loss_draws_void(loss_source: str | None, mechanism: str) -> bool:
     return loss_source == SEED and mechanism != "release"
 
 
+def public_randomness(record: dict[str, Any], mechanism: str) -> str | None:
+    """What of a private run's randomness came from config.seed, by its record (checkpoint
+    metadata, or the extra fields of its dp_plan.json): 'noise and batches', 'per-example
+    loss draws' (``public_loss_draws_void``), or None where none did. Either leaves the
+    run no guarantee to publish."""
+    if recorded_source(record) != SECRET:
+        return "noise and batches"
+    if public_loss_draws_void(recorded_loss_source(record), mechanism):
+        return "per-example loss draws"
+    return None
+
+
 def loss_key(secret: int) -> jax.Array:
     """The JAX key of a private run's per-example loss draws, from its noise secret.
 
