@@ -145,6 +145,9 @@ def test_report_rounds_epsilon_and_counts():
                                                       noise_source="secret", loss_source=loss)
         md = report.report_markdown(result)
         assert ("Private: not for release: the per-example loss draws" in md) == said, md
+        # Its epsilon is no guarantee, and the report does not call it one.
+        assert ("The model's guarantee" in md) != said, md
+        assert ("The model has no guarantee; the accountant gives epsilon" in md) == said, md
 
 
 def test_each_image_set_goes_through_inception_once_and_a_killed_eval_resumes(

@@ -61,6 +61,7 @@ def test_two_runs_with_one_seed_draw_independent_noise_unless_secret_noise_is_of
         assert plan["loss_source"] == report["loss_source"] == source
     md = (tmp_path / "c" / "privacy_report.md").read_text()
     assert "- private: not for release" in md and "from config.seed" in md
+    assert "- guarantee: none (see 'private')" in md and "-DP after" not in md
     md = (tmp_path / "a" / "privacy_report.md").read_text()
     assert "- private: yes" in md
     assert ("noise, batches and per-example loss draws: from a 128-bit secret" in md
@@ -141,6 +142,11 @@ def test_public_loss_draws_leave_no_guarantee_under_either_relation():
     def private_line(p, loss):
         rep = report_lib.privacy_report(p, 1, "toy", noise_source="secret", loss_source=loss)
         md = report_lib.report_markdown(rep)
+        # The epsilon of a run without a guarantee is not stated as one.
+        guarantee = [x for x in md.splitlines() if x.startswith("- guarantee:")]
+        assert len(guarantee) == 1, md
+        assert guarantee[0].startswith("- guarantee: none" if loss == "seed"
+                                       else "- guarantee: ("), md
         return [x for x in md.splitlines() if x.startswith("- private:")][0]
 
     old = {"noise_source": "secret"}  # A checkpoint from before loss_source was recorded.

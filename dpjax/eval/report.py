@@ -351,15 +351,15 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"({k.upper()})"
             for k in ("rdp", "pld")
         )
-        lines += [
-            f"The model's guarantee (not this report's): epsilon {shown_eps} at delta "
-            f"{privacy['delta']:g}, sigma {privacy['noise_multiplier']:.4g}, "
-            f"{privacy['steps_done']} steps.",
-            "",
-        ]
+        accounted = (f"epsilon {shown_eps} at delta {privacy['delta']:g}, sigma "
+                     f"{privacy['noise_multiplier']:.4g}, {privacy['steps_done']} steps")
         status = private_line(privacy) if "private" in privacy else "yes"
-        if status != "yes":  # The epsilon above is then no guarantee.
-            lines += [f"Private: {status}.", ""]
+        if status == "yes":
+            lines += [f"The model's guarantee (not this report's): {accounted}.", ""]
+        else:  # An epsilon is then no guarantee: the status says why, first.
+            lines += [f"Private: {status}.", "",
+                      f"The model has no guarantee; the accountant gives {accounted} for "
+                      "its noise, sampling and steps.", ""]
     lines += [f"- skipped: {s}" for s in result.get("skipped", [])]
     if result.get("skipped"):
         lines.append("")

@@ -225,10 +225,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     eps = report["epsilon"]
     stated = eps.get(report["calibrated_with"])
     priors = sum(r.get("stage") == "prior" for r in report["releases"])
+    private = private_line(report)
     lines = [
         f"# Privacy report ({report['method']})",
         "",
-        f"- private: {private_line(report)}",
+        f"- private: {private}",
+        # A run whose randomness is public has an epsilon but no guarantee: say so before
+        # the epsilons, which are then the accountant's for its noise, sampling and steps.
+        *(["- guarantee: none (see 'private'); the epsilons below are what the accountant "
+           "gives for this noise, sampling and steps, not a guarantee of this run"]
+          if private.startswith("not for release") else []),
         *([f"- guarantee: ({format_epsilon(float(stated))}, {report['delta']!r})-DP "
            + (("of the one release" + (f" composed with {priors} prior release(s)"
                                           if priors else ""))
@@ -237,7 +243,7 @@ def report_markdown(report: dict[str, Any]) -> str:
               + (f" and {priors} prior release(s)" if priors else ""))
            + f" ({report['calibrated_with'].upper()} accountant), for "
            f"{_UNIT.get(report['neighbouring_relation'], 'one example')}"]
-          if report["private"] and stated is not None and math.isfinite(float(stated))
+          if private == "yes" and stated is not None and math.isfinite(float(stated))
           else []),
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
