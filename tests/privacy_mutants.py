@@ -248,6 +248,10 @@ MUTANTS = (
            "    if not plan_lib.recorded_plan_matches(recorded, plan):",
            "    if False:",
            ("tests/test_dpsad.py", "-k", "plan_file")),
+    Mutant("a device's looped micro-batches stop after its first", "dpjax/privacy/dp_step.py",
+           "num_local = jnp.sum(mask.astype(jnp.int32))",
+           "num_local = jnp.minimum(jnp.sum(mask.astype(jnp.int32)), 1)",
+           ("tests/test_multidevice.py", "-k", "looped_or_unrolled")),
 )  # fmt: skip
 
 

@@ -134,6 +134,31 @@ def test_sharded_step_equals_one_device_step(sigma):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
 
 
+@pytest.mark.parametrize("loop", ["loop", "unroll"])
+def test_the_sharded_step_equals_one_device_with_micro_batches_looped_or_unrolled(loop):
+    """On a GPU the micro-batch loop is a fori_loop that stops after each DEVICE's last
+    real row (its ``num_local``); the CPU default unrolls it and ignores that count, so
+    the test above never ran the GPU's path (replay audit, 2026-12-07: a count clamped to
+    one micro-batch dropped every later real row and the suite passed)."""
+    batches = _batches(4 * M)
+    out = {}
+    for mesh in (None, _mesh()):
+        method, plan, _, _, _ = _setup(3.0)
+        # 2 rows per micro-batch: 2 to 4 per device, some all padding.
+        step = make_train_step(method, OPT, plan, microbatch_size=2, ema_rate=0.9,
+                               mesh=mesh, microbatch_loop=loop)
+        state, imgs, labs, streams = _initial(3.0, mesh)
+        for b in batches:
+            idx, mask = (b.indices, b.mask) if mesh is None else parallel.shard_batch(b, mesh)
+            state, _ = step(state, imgs, labs, idx, mask, b.num_real, streams)
+        out[mesh is None] = state
+    ref, _ = _run(3.0, False, batches)  # Micro-batches of M, the default layout.
+    for name in ("trainable", "ema", "opt_state"):
+        for got in (out[False], out[True]):
+            np.testing.assert_allclose(_flat(getattr(got, name)), _flat(getattr(ref, name)),
+                                       rtol=2e-5, atol=2e-6)
+
+
 def test_noise_is_drawn_once_per_step_not_per_device():
     """The first update is -LR * (clipped sum + noise) / (N q): update(sigma) - update(0)
     must be exactly -LR times ONE draw of N(0, (sigma C)^2) from fold_in(noise stream, 0)

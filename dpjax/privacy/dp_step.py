@@ -27,7 +27,9 @@ micro-batch loop stops after a device's last real row, so a padding row before a
 one would leave that real row out):
 the same per-example clipping, the same sensitivity, the same single noise draw and
 the same division by N*q as on one device, so the same accounting; the update equals
-the one-device update up to float summation order.
+the one-device update up to float summation order, and rounding in the compute dtype
+(with ``dp.compute_dtype=bfloat16`` the sharded and one-device programs are fused
+differently: about 1e-4 relative, against about 1e-7 in float32, in the replay audit).
 """
 
 from __future__ import annotations
