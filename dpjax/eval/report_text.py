@@ -1,7 +1,8 @@
 """``eval_report.md``: the markdown rendering of ``report.evaluate_workdir``'s result.
 
-Rendering only (no JAX, no data): the report opens with why it must not be published,
-then states the model's guarantee, or why it has none, before any number.
+Rendering only (it reads the result dict and computes nothing): the report opens with
+why it must not be published, then states the model's guarantee, or why it has none,
+before any number.
 """
 
 from __future__ import annotations
