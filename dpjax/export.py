@@ -313,6 +313,10 @@ def export_run(
     check_private(run.plan, run.step, releases)
     check_secret_noise(run.meta, run.plan)
     try:
+        run.method.check_private_run()  # As run setup did (a source may have changed).
+    except ValueError as e:
+        raise NotPrivateError(f"{e} Refusing to export this run.") from None
+    try:
         run_config.check_private_data_spec(run.config)
         npz.check_float_range_from_start(  # (The typed config cannot tell '' from missing.)
             atomic_file.read_json(os.path.join(workdir, "config.json")).get("data") or {},

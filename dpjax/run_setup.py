@@ -290,6 +290,8 @@ def _build_run(
     with _settings_errors_as_config_errors():  # A setting that fits no model built.
         method = get_method_module(cfg.method).make(cfg.method_args, spec)
     if cfg.dp.enabled:  # Before anything is written: no source may void the guarantee.
+        with _settings_errors_as_config_errors():
+            method.check_private_run()
         provenance.check_sources(method.source_runs(), dataclasses.asdict(cfg.data), cfg.seed,
                                  cfg.dp.secret_noise)
     if not method.uses_dp_sgd and mesh is not None:

@@ -164,19 +164,21 @@ def test_only_dp_or_public_teachers_are_offered():
 
 def test_a_teacher_trained_without_dp_on_the_private_data_is_refused(teachers):
     same = teachers["nonprivate_same_data"]
+    # (Checked for a private run: run setup and export call check_private_run.)
     with pytest.raises(ValueError, match="WITHOUT DP"):
-        tiny(same, teacher_privacy="dp")
+        tiny(same, teacher_privacy="dp").check_private_run()
     with pytest.raises(ValueError, match="teacher_from=.*WITHOUT DP on this run's private "
                                          "data.*its own --config.data.name"):
-        tiny(same, teacher_privacy="public")
+        tiny(same, teacher_privacy="public").check_private_run()
     with pytest.raises(ValueError, match="needs method_args.private_data"):
         dpsad.make(dpsad.Config(teacher_from=teachers["public_other_data"],
-                                teacher_privacy="public"), SPEC)  # fmt: skip
+                                teacher_privacy="public"), SPEC).check_private_run()  # fmt: skip
     # A DP teacher whose weights started from a non-private run on the private data.
     with pytest.raises(ValueError, match="through init_from=.*WITHOUT DP"):
-        tiny(teachers["dp_from_private_start"], teacher_privacy="dp")
+        tiny(teachers["dp_from_private_start"], teacher_privacy="dp").check_private_run()
     # Public data (another fake seed): accepted, and it costs this run nothing.
     public = tiny(teachers["public_other_data"], teacher_privacy="public")
+    public.check_private_run()
     assert public.prior_releases() == []
     # A DP teacher that started from that public run (teacher_init): accepted, and its
     # own DP-SGD training is still composed.
@@ -537,6 +539,41 @@ def test_smoke_run_with_a_dp_teacher(teachers, tmp_path):
     check_composition(report, config.dp.delta)
     check_export(wd, str(tmp_path / "release"), state.frozen["teacher"])
     assert os.path.exists(sample.sample_from_workdir(wd, 4, str(tmp_path / "s")))
+
+
+def test_a_student_without_dp_may_use_any_teacher_and_a_private_one_may_not(
+        teachers, tmp_path):
+    """A non-private ablation (the student with dp.enabled=False) refused a teacher trained
+    without DP on the same data, though no other method checks its sources without DP
+    (utility review, 2026-12-07): the check is ``check_private_run``, which run setup calls
+    for a private run only, before anything is written, and export calls again."""
+    from dpjax.typed_config import ConfigError
+
+    def config(teacher, **over):  # (with_overrides edits its config in place.)
+        return with_overrides(dpsad_fmnist.get_config(f"smoke,teacher={teacher}"),
+                              {"dp.microbatch_size": 32, "train.grid_samples": 0, **over})
+
+    same = teachers["nonprivate_same_data"]
+    off = config(same, **{"dp.enabled": False})
+    assert int(train.train(off, str(tmp_path / "off"), log=lambda *_: None).step) == 2
+    private = str(tmp_path / "private")
+    with pytest.raises(ConfigError, match="method_args: The teacher in .* WITHOUT DP"):
+        train.train(config(same), private, log=lambda *_: None)
+    assert not os.path.exists(os.path.join(private, "dp_plan.json"))
+    assert not os.path.exists(os.path.join(private, "checkpoints"))
+    # A private student whose teacher's records changed after its training: export, which
+    # runs the same check, refuses it (here: a DP teacher's checkpoint swapped for the
+    # non-private one's, with its plan).
+    trained = str(tmp_path / "trained")
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(teachers["dp"], teacher)
+    train.train(config(teacher, **{"dp.noise_multiplier": STUDENT_SIGMA}), trained,
+                log=lambda *_: None)
+    shutil.rmtree(teacher)
+    shutil.copytree(teachers["nonprivate_same_data"], teacher)
+    with pytest.raises(export.NotPrivateError, match="WITHOUT DP.*Refusing to export"):
+        export.export_run(trained, str(tmp_path / "release"), num_samples=4,
+                          log=lambda *_: None)
 
 
 def test_experiment_stages_and_refusals():

@@ -145,6 +145,16 @@ class Method:
         """
         return []
 
+    def check_private_run(self) -> None:
+        """Checks that only a private run needs, beyond ``source_runs``' (default: none).
+
+        ``run_setup`` calls it when ``dp.enabled``, before anything is written, and export
+        calls it before a release. A run without DP skips it, as it skips the source
+        checks: its settings may name a source that would void a guarantee it does not
+        claim (a non-private ablation). Raises ValueError (or PrivacyError) with what is
+        wrong and how to mend it.
+        """
+
     def privacy_notes(self) -> list[str]:
         """Sentences the privacy report adds on how this method's guarantee is obtained."""
         return []

@@ -45,7 +45,10 @@ How dpjax makes the stated epsilon a real (epsilon, delta) guarantee, by constru
     different names (e.g. MNIST from two sources) cannot be detected: the declaration
     is the user's.
   A teacher trained WITHOUT DP on the private data is refused: it is not offered. So
-  is a teacher whose own ``init_from`` run read the private data. A 'dp' teacher that
+  is a teacher whose own ``init_from`` run read the private data. (These checks are
+  ``check_private_run``'s, which run setup calls for a private student only, as it
+  checks every method's sources: a student trained without DP, a non-private
+  ablation, may use any teacher; export checks again.) A 'dp' teacher that
   started from a PUBLIC run (DPDM's ``init_from``) is accepted and still composed: this
   is the best configuration measured (``experiments/dpsad_fmnist.py``). These checks are
   in ``dpsad_teacher.py`` and ``privacy.provenance``.
@@ -198,9 +201,9 @@ class DPSAD(base.Method):
     def __init__(self, config: Config, spec: base.DataSpec) -> None:
         self.config = config
         self.spec = spec
-        run = read_teacher_run(config.teacher_from)
-        check_teacher_privacy(config, run)  # Before a single weight is loaded.
-        self.teacher_run = load_teacher(run, spec)
+        # The teacher's privacy is checked by ``check_private_run``, for a private run
+        # only: a student trained without DP (an ablation) may use any teacher.
+        self.teacher_run = load_teacher(read_teacher_run(config.teacher_from), spec)
         self.teacher = dpdm.make(_plain(self.teacher_run.config), spec)
         self.student = dpdm.make(_plain(student_config(config, self.teacher_run.config)), spec)
         if config.student_init == "teacher" and (
@@ -212,6 +215,11 @@ class DPSAD(base.Method):
                 "unet='teacher' without overrides, or student_init='scratch'."
             )
         self.disc = discriminator.Discriminator(tuple(config.disc_features))
+
+    def check_private_run(self) -> None:
+        """Refuses a teacher whose privacy is not what ``teacher_privacy`` declares
+        (``dpsad_teacher.check_teacher_privacy``): run setup calls it for a private run."""
+        check_teacher_privacy(self.config, self.teacher_run.run)
 
     def source_runs(self) -> list[provenance.Source]:
         """The teacher's run; composed (``prior_releases``) when it is a 'dp' teacher."""
