@@ -25,8 +25,9 @@ N=5000 run dpldm_quick_nodp_eval5k "$LDM" --config.dp.enabled=False  # (The help
 run dpldm_quick_nodp_600steps "$LDM" --config.dp.enabled=False --config.dp.steps=600
 run dpldm_quick_nodp_alltrainable_300steps "$LDM" --config.dp.enabled=False --config.dp.steps=300 \
   "--config.method_args.trainable=()"
-# DP-SAD students with DP off refuse a teacher trained without DP (the teacher check does
-# not know that the student runs without DP either): the helper relaxed that check in its
-# clone for these two runs only. Teacher: DPDM quick with DP off (30 steps), or the
-# 300-step run above.
-# run dpsad_student_nodp "experiments/dpsad_fmnist.py:quick,eps=10,teacher_privacy=public,teacher=<teacher>" --config.dp.enabled=False
+# DP-SAD students with DP off, from a DPDM teacher trained with DP off (the helper relaxed
+# the teacher check in its clone for these; since 2026-12-07 a student without DP may use
+# any teacher): the 30-step teacher, and the 300-step run above.
+run dpsad_teacher_nodp "experiments/dpsad_fmnist.py:quick,stage=teacher,teacher_eps=8" --config.dp.enabled=False
+run dpsad_student_nodp "experiments/dpsad_fmnist.py:quick,eps=10,teacher_privacy=public,teacher=workdirs/dp_off/dpsad_teacher_nodp" --config.dp.enabled=False
+run dpsad_student_nodp_teacher300 "experiments/dpsad_fmnist.py:quick,eps=10,teacher_privacy=public,teacher=workdirs/dp_off/dpdm_quick_nodp_300steps" --config.dp.enabled=False
