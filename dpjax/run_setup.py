@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
-from dpjax import parallel, run_config, run_noise, sample
+from dpjax import parallel, run_config, run_noise, run_paths, sample
 from dpjax.eval import config as eval_config_lib
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec, Params, count_params
@@ -213,6 +213,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log=print) -> tuple[R
     main = parallel.is_main_process()
     if not main:
         log = lambda *_: None  # noqa: E731 - only process 0 talks.
+    # Stored absolute: config.json is read again from other directories (run_paths).
+    config = run_paths.absolute_source_paths(config)
     cfg = run_config.from_configdict(config)
     # The eval section's typos, types and ranges fail now, not at --mode=eval after the
     # whole training (whether its data, weights or caches exist is the eval's to check).

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dpjax import atomic_file, run_config
+from dpjax import atomic_file, run_config, run_paths
 from dpjax import checkpoint as ckpt_lib
 from dpjax import methods as methods_lib
 from dpjax.diffusion import samplers
@@ -349,11 +349,16 @@ def restore_state_and_meta(
     spec = load_spec(workdir)
     try:
         method = make_for_restore(cfg.method, cfg.method_args, spec)
-    except ValueError as e:
-        if not changes or type(e) is not ValueError:
+    except (ValueError, ckpt_lib.CheckpointError, FileNotFoundError) as e:
+        # A plain ValueError of ``make`` comes from the settings or the runs they name
+        # (as in run_setup): with ``changes`` e.g. guidance for a run without classes,
+        # else e.g. a source run that a relative path no longer finds from here (which
+        # may also say so as a missing file or checkpoint).
+        hint = relative_paths_hint(cfg)
+        if type(e) is not ValueError and not hint:
             raise
-        # E.g. guidance for a run without classes: the changed sampler, not the run.
-        raise ConfigError(f"eval.sampling {changes}: {e}") from e
+        where = f"eval.sampling {changes}" if changes else os.path.join(workdir, "config.json")
+        raise ConfigError(f"{where}: {e}{hint}") from e
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
     optimizer = method.optimizer(make_optimizer(cfg.optim))
     template = TrainState(
@@ -369,6 +374,21 @@ def restore_state_and_meta(
     finally:
         checkpointer.close()
     return method, state, spec, cfg, meta
+
+
+def relative_paths_hint(cfg: run_config.RunConfig) -> str:
+    """'' or a sentence naming the relative paths of a run stored before they were made
+    absolute (``run_paths``): they resolve against the current directory."""
+    relative = run_paths.relative_source_paths({
+        section: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else {}
+        for section, value in (("data", cfg.data), ("method_args", cfg.method_args))
+    })
+    if not relative:
+        return ""
+    names = ", ".join(f"{k}={v!r}" for k, v in relative.items())
+    return (f" (this run was stored with relative paths, {names}, which resolve against the "
+            f"current directory {os.getcwd()}: run dpjax from the directory the run was "
+            "started in, or write them absolute into its config.json)")
 
 
 def load_trained(

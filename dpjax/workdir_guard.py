@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpjax import atomic_file, file_lock, parallel, run_config
+from dpjax import atomic_file, file_lock, parallel, run_config, run_paths
 from dpjax import checkpoint as ckpt_lib
 from dpjax import data as data_lib
 from dpjax.data import npz
@@ -187,7 +187,9 @@ def check_resume_config(
                 atomic_file.write_json(digest_path, {"digest": data_digest})
             atomic_file.write_text(path, run_config.config_to_json(config))
         return []
-    old = atomic_file.read_json(path)
+    # A run stored before its paths were absolute: they resolved against the directory
+    # each command ran in, as this one's do (run_paths).
+    old = run_paths.absolute_source_paths(atomic_file.read_json(path))
     if resuming:  # Steps ran under the stored data section: were they the DP mechanism?
         # (The file at the stored path, which the steps read: a converted copy elsewhere
         # would read the same and hide what they did.)
