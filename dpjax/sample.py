@@ -357,7 +357,8 @@ def restore_state_and_meta(
         hint = relative_paths_hint(cfg)
         if type(e) is not ValueError and not hint:
             raise
-        where = f"eval.sampling {changes}" if changes else os.path.join(workdir, "config.json")
+        where = (f"eval.sampling {changes}" if changes and not hint
+                 else os.path.join(workdir, "config.json"))
         raise ConfigError(f"{where}: {e}{hint}") from e
     params = jax.eval_shape(lambda: method.init(Streams.from_seed(cfg.seed).init, spec))
     optimizer = method.optimizer(make_optimizer(cfg.optim))
