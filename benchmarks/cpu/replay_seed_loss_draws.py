@@ -11,7 +11,8 @@ secret draws differs from ``OLD`` by its draws alone.
 
 ``NEW`` records its loss draws as 'seed' (they are): its report says it has no
 guarantee and export refuses it. It reuses ``OLD``'s noise on the same data: never
-release anything from it.
+release anything from it. For the same reason the script lets a run compose a replayed
+source (a DP-SAD student on its replayed teacher), which a real run refuses.
 
 Usage (from the repository root, with ``OLD``'s relative source paths valid here):
   CFG=experiments/ldm_fmnist.py:quick,variant=lora,eps=10,public=workdirs/ldm_fmnist_quick_public
@@ -33,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dpjax import experiment_file, run_noise, train
-from dpjax.privacy import noise_secret
+from dpjax.privacy import noise_secret, provenance
 
 
 def _metrics(workdir: str) -> list[dict]:
@@ -77,6 +78,11 @@ def main() -> None:
         return dataclasses.replace(new, loss=streams.loss), batches, source, noise_secret.SEED
 
     run_noise.noise_randomness = seed_loss_draws
+    # A replayed source (a DP-SAD teacher replayed first) records its loss draws as
+    # 'seed', and a run refuses to compose such a source: the replay of its student lets
+    # it through, as the earlier student composed the earlier teacher (nothing of either
+    # replay is released).
+    provenance.check_composed_randomness = lambda *a, **k: None
     path, _, config_args = args.experiment.partition(":")
     config = experiment_file.load(path, "replayed_experiment").get_config(config_args)
     config.train.progress = False
