@@ -147,6 +147,10 @@ def test_public_loss_draws_leave_no_guarantee_under_either_relation():
         assert len(guarantee) == 1, md
         assert guarantee[0].startswith("- guarantee: none" if loss == "seed"
                                        else "- guarantee: ("), md
+        # The JSON says the same to a program: 'private' is only that DP was on.
+        assert rep["private"] and rep["guarantee"] is (loss != "seed")
+        assert rep["guarantee_status"] == ("yes" if loss != "seed" else
+                                           report_lib.private_line(rep))
         return [x for x in md.splitlines() if x.startswith("- private:")][0]
 
     old = {"noise_source": "secret"}  # A checkpoint from before loss_source was recorded.
@@ -156,6 +160,10 @@ def test_public_loss_draws_leave_no_guarantee_under_either_relation():
         export.check_secret_noise({**old, "loss_source": "secret"}, p)
         assert "not for release: the per-example loss draws" in private_line(p, "seed")
         assert private_line(p, "secret") == "- private: yes"
+        seeded = report_lib.privacy_report(p, 1, "toy", noise_source="seed", loss_source="seed")
+        assert not seeded["guarantee"] and "config.seed" in seeded["guarantee_status"]
+    off = report_lib.privacy_report(plan(enabled=False), 1, "toy", noise_source="none")
+    assert not off["private"] and not off["guarantee"]
     # A one-release plan (DP-MEPF) has no per-example loss draws under its guarantee.
     assert not noise_secret.public_loss_draws_void("seed", "release")
     assert noise_secret.public_loss_draws_void("seed", "dpsgd")

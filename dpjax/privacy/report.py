@@ -108,12 +108,14 @@ def privacy_report(
     exactly this plan, step count and releases (a checkpoint's metadata).
     ``noise_source``: where the noise and batches came from (``noise_secret``'s 'secret',
     'seed' or 'none'; None: not known, as for a checkpoint from before the secret);
-    ``loss_source``: where the per-example loss draws came from (the same values)."""
+    ``loss_source``: where the per-example loss draws came from (the same values).
+    ``private`` is whether DP was on; ``guarantee`` whether the epsilons are a guarantee
+    of the run (``guarantee_status``: 'yes', or why not, as ``private_line``)."""
     if epsilon is not None:
         eps = {k: float(epsilon[k]) for k in kinds}  # float('inf') reads its string.
     else:
         eps = epsilon_spent(plan, steps_done, list(releases), kinds)
-    return {
+    report = {
         "method": method,
         "private": plan.enabled,
         "mechanism": (
@@ -139,6 +141,10 @@ def privacy_report(
         "releases": list(releases),
         "notes": list(notes),
     }
+    # For programs that read the JSON: 'private' says only that DP was on; whether the
+    # epsilons are a guarantee of this run (the markdown's first line) is this.
+    status = private_line(report)
+    return {**report, "guarantee": status == "yes", "guarantee_status": status}
 
 
 def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +162,8 @@ def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
 
 def private_line(report: dict[str, Any]) -> str:
     """Whether the run's guarantee is a real one, in words (the JSON's ``private`` says only
-    whether DP was enabled): 'yes', or why not."""
+    whether DP was enabled; its ``guarantee`` and ``guarantee_status`` say this, for the
+    report as written): 'yes', or why not."""
     if not report["private"]:
         return "no (dp.enabled=False: no clipping, no noise, no guarantee)"
     if not (report["noise_multiplier"] or 0.0) > 0:
