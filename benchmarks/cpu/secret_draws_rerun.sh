@@ -7,6 +7,8 @@
 # private examples) and trains them first if they are missing; 5k evaluation samples.
 # The runs of 2026-12-07 ran this from a clone at bcf9fe2 with PY pointing at the
 # checkout's .venv and the public stages linked in; times in benchmarks/secret_draws/times.txt.
+# The twenty-eighth session (2026-12-07, at 73458c9, the same way) added DP-LDM at epsilon 1
+# and DP-SAD at epsilon 1 (teacher 0.8), the last two such rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
@@ -20,10 +22,10 @@ for STAGE in "$AE experiments/ae_mnist.py:quick" \
     $PY -m dpjax.main --config="$2" --workdir="$1" --config.train.progress=False
   fi
 done
-for V_E in ldm:10 lora:10 lora:1; do
+for V_E in ldm:10 lora:10 lora:1 ldm:1; do
   V=${V_E%%:*} E=${V_E##*:}
   train_and_eval "dp$V eps=$E" "workdirs/dp${V}_fmnist_quick_eps$E" \
     "experiments/ldm_fmnist.py:quick,variant=$V,eps=$E,public=$PUBLIC"
 done
-bash benchmarks/cpu/dpsad_fmnist.sh 10:8
+bash benchmarks/cpu/dpsad_fmnist.sh 10:8 1:0.8
 train_and_eval "dpdm eps=10" workdirs/dpdm_fmnist_quick_eps10 "experiments/dpdm_fmnist.py:quick,eps=10"
