@@ -410,3 +410,28 @@ def test_calibration_checks_the_searchs_sigma_itself(monkeypatch):
             continue
         assert short == 1e-4  # Within a few steps of tol: stepped up until it meets it.
         assert accounting.epsilon([accounting.dpsgd_event(sigma, 0.01, 100)], 1e-5) <= 2.0
+
+
+def test_the_report_gives_programs_one_finite_epsilon_to_gate_on_or_none():
+    """A program that gates a release on the JSON report reads ``guarantee`` and the float
+    ``guarantee_epsilon``: under replace-one RDP gives 'nan' (max() over the epsilons
+    would be nan, and nan > budget is False), so the guarantee is PLD's; a composed
+    non-private release leaves no finite epsilon, and then no guarantee at all."""
+    def rep(releases=(), **kw):
+        plan = make_plan(num_examples=100, batch_size=10, delta=1e-5, clip_norm=1.0,
+                         steps=5, noise_multiplier=2.0, **kw)
+        return report.privacy_report(plan, 5, "toy", list(releases), noise_source="secret",
+                                     loss_source="secret")
+
+    add_remove = rep()
+    assert add_remove["guarantee"] and add_remove["guarantee_accountant"] == "rdp"
+    assert add_remove["guarantee_epsilon"] == add_remove["epsilon"]["rdp"]
+    replace = rep(neighbouring="replace_one", accountant="pld")
+    assert replace["epsilon"]["rdp"] == "nan" and replace["guarantee"]
+    assert replace["guarantee_accountant"] == "pld"
+    assert replace["guarantee_epsilon"] == replace["epsilon"]["pld"] > 0
+    assert "(PLD accountant)" in report.report_markdown(replace)
+    leaked = rep([{"kind": "non_private", "description": "a release without noise"}])
+    assert not leaked["guarantee"] and leaked["guarantee_epsilon"] is None
+    assert leaked["guarantee_status"].startswith("no (no accountant gives a finite epsilon")
+    assert "- guarantee:" not in report.report_markdown(leaked)

@@ -50,6 +50,8 @@ def test_eval_writes_json_and_report(tmp_path, monkeypatch):
     # How many real images each FID reference holds is recorded and shown.
     n = saved["real_images"]
     assert set(n) == {"train", "test"} and min(n.values()) > 0, n
+    run = json.loads((tmp_path / "config.json").read_text())["data"]
+    assert saved["data"] == {k: run[k] for k in ("source", "name", "split")}  # No limit.
     assert f"| train | {n['train']} |" in md and "limited to their first" not in md
     assert md.splitlines()[2].startswith("**Not differentially private: do not publish.**")
     assert os.path.exists(tmp_path / "eval_closest_pixel.png")
@@ -106,10 +108,16 @@ def test_report_says_when_the_real_splits_are_limited():
     """data.limit (a CPU run's first N examples) limits the test split too: FID against
     the first 5,000 test images is not the paper's FID against all 10,000."""
     result = {"step": 3, "num_samples": 100, "fid": {"train": 81.5, "test": 83.25},
-              "real_images": {"train": 5000, "test": 5000, "data.limit": 5000}}
+              "real_images": {"train": 5000, "test": 5000},
+              "data": {"source": "idx", "name": "fashion_mnist", "split": "train",
+                       "limit": 5000}}
     md = report.report_markdown(result)
     assert "| test | 5000 | 83.25 |" in md
     assert "limited to their first 5000 images (the run's data.limit)" in md
+    # An eval.json written before the data section: the limit among the splits.
+    old = {**result, "real_images": {**result["real_images"], "data.limit": 5000}}
+    del old["data"]
+    assert "limited to their first 5000 images" in report.report_markdown(old)
 
 
 def test_report_rounds_epsilon_and_counts():

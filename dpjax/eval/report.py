@@ -157,8 +157,12 @@ def evaluate_workdir(workdir: str, cfg: EvalConfig | None = None, log=print) -> 
     # keeps CPU runs short), so a limited run's "test" is the first images of the test
     # split, and FID against fewer real images reads higher.
     result["real_images"] = {split: int(len(d.images)) for split, d in splits.items()}
+    # Which data the numbers are on, for a program that sets runs side by side ('fake':
+    # generated images under a real dataset's name, as smoke and toy presets have them).
+    result["data"] = {"source": run_cfg.data.source, "name": run_cfg.data.name,
+                      "split": run_cfg.data.split}
     if run_cfg.data.limit and run_cfg.data.limit in result["real_images"].values():
-        result["real_images"]["data.limit"] = run_cfg.data.limit  # It cut a split.
+        result["data"]["limit"] = run_cfg.data.limit  # It cut a split.
     # What was computed, with the batch sizes actually used (the samples depend on the
     # sampler's; None: reused samples from a file that does not record it).
     result["eval_config"] = {**dataclasses.asdict(cfg), "fid_batch": fid_batch,

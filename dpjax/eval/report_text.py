@@ -63,8 +63,10 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += ["| FID vs | real images | value |", "|---|---|---|"]
         lines += [f"| {k} | {real.get(k, '?')} | {v:.2f} |" for k, v in result["fid"].items()]
         lines.append("")
-    if "data.limit" in real:
-        lines += [f"The real splits are limited to their first {real['data.limit']} images "
+    # An eval.json from before the data section had the limit among the splits.
+    limit = result.get("data", {}).get("limit") or real.get("data.limit")
+    if limit:
+        lines += [f"The real splits are limited to their first {limit} images "
                   "(the run's data.limit): FID and test accuracy are not comparable with "
                   "numbers on the full splits.", ""]
     if "downstream" in result:

@@ -110,7 +110,9 @@ def privacy_report(
     'seed' or 'none'; None: not known, as for a checkpoint from before the secret);
     ``loss_source``: where the per-example loss draws came from (the same values).
     ``private`` is whether DP was on; ``guarantee`` whether the epsilons are a guarantee
-    of the run (``guarantee_status``: 'yes', or why not, as ``private_line``)."""
+    of the run (``guarantee_status``: 'yes', or why not, as ``private_line``), and
+    ``guarantee_epsilon`` / ``guarantee_accountant`` the guarantee's epsilon at ``delta``
+    (``stated_epsilon``; a float) and its accountant, both None without a guarantee."""
     if epsilon is not None:
         eps = {k: float(epsilon[k]) for k in kinds}  # float('inf') reads its string.
     else:
@@ -142,9 +144,26 @@ def privacy_report(
         "notes": list(notes),
     }
     # For programs that read the JSON: 'private' says only that DP was on; whether the
-    # epsilons are a guarantee of this run (the markdown's first line) is this.
+    # epsilons are a guarantee of this run (the markdown's first line) is this, and the
+    # one epsilon to gate on (a float, never a string) is 'guarantee_epsilon'.
     status = private_line(report)
-    return {**report, "guarantee": status == "yes", "guarantee_status": status}
+    stated = stated_epsilon(report) if status == "yes" else None
+    return {**report, "guarantee": status == "yes", "guarantee_status": status,
+            "guarantee_epsilon": None if stated is None else stated[1],
+            "guarantee_accountant": None if stated is None else stated[0]}
+
+
+def stated_epsilon(report: dict[str, Any]) -> tuple[str, float] | None:
+    """(accountant, epsilon) that the report states as its guarantee: the calibrating
+    accountant's epsilon when finite, else the smallest finite one among the others (each
+    accountant's epsilon is a valid bound; 'nan' marks one that does not support the
+    neighbouring relation, e.g. RDP under replace-one); None when none is finite."""
+    eps = {k: float(v) for k, v in report["epsilon"].items()}  # 'inf' / 'nan' as stored.
+    calibrated = report.get("calibrated_with")
+    if calibrated in eps and math.isfinite(eps[calibrated]):
+        return calibrated, eps[calibrated]
+    finite = sorted((v, k) for k, v in eps.items() if math.isfinite(v))
+    return (finite[0][1], finite[0][0]) if finite else None
 
 
 def without_dataset_size(report: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +197,9 @@ def private_line(report: dict[str, Any]) -> str:
                 "dataset index (a run from before dpjax drew them from the secret), so "
                 "removing an example, or replacing it by one that sorts elsewhere, changes "
                 "the known draws of the examples after it; export refuses it")
+    if report.get("epsilon") and stated_epsilon(report) is None:
+        return ("no (no accountant gives a finite epsilon: "
+                f"{report['epsilon']}; e.g. a non-private release composed in)")
     return "yes"
 
 
@@ -230,7 +252,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     """The report as a short markdown document (epsilons rounded up to 4 digits; the
     JSON report has them exact)."""
     eps = report["epsilon"]
-    stated = eps.get(report["calibrated_with"])
+    accountant, stated = stated_epsilon(report) or (report["calibrated_with"], None)
     priors = sum(r.get("stage") == "prior" for r in report["releases"])
     private = private_line(report)
     lines = [
@@ -248,9 +270,9 @@ def report_markdown(report: dict[str, Any]) -> str:
               if report.get("plan_mechanism") == "release"
               else f"after {report['steps_done']} steps"
               + (f" and {priors} prior release(s)" if priors else ""))
-           + f" ({report['calibrated_with'].upper()} accountant), for "
+           + f" ({accountant.upper()} accountant), for "
            f"{_UNIT.get(report['neighbouring_relation'], 'one example')}"]
-          if private == "yes" and stated is not None and math.isfinite(float(stated))
+          if private == "yes" and stated is not None
           else []),
         f"- mechanism: {report['mechanism']}",
         f"- noise multiplier sigma: {report['noise_multiplier']:.6g}",
