@@ -340,3 +340,27 @@ def test_eval_that_needs_more_samples_replaces_a_sample_output_whole(tmp_path):
     assert not os.path.exists(os.path.join(folder, "png"))
     with Image.open(grid) as im:
         assert im.size != small  # Redrawn from the 20 (more per class row).
+
+
+def test_eval_json_is_strict_json_whatever_the_numbers(tmp_path):
+    """A sampler's s_max is inf and a memorization ratio over a zero median is inf:
+    eval.json stores them as strings, as the privacy report stores a non-finite epsilon,
+    so that strict parsers (JavaScript's JSON.parse) read the file."""
+    import jax.numpy as jnp
+
+    result = {"sampler": {"s_max": float("inf"), "s_churn": 0.0},
+              "memorization": {"pixel": {"median_ratio_to_train": np.float32("inf"),
+                                         "nn_distance_min": np.float64(1.5)}},
+              "fid": {"train": jnp.float32(12.5)}, "nan": [float("nan"), -float("inf")],
+              "count": np.int64(3), "ok": np.bool_(True)}
+    report._write_json(str(tmp_path), result)
+
+    def reject(token):
+        raise ValueError(f"not JSON: {token}")
+
+    saved = json.loads((tmp_path / "eval.json").read_text(), parse_constant=reject)
+    assert saved["sampler"] == {"s_max": "inf", "s_churn": 0.0}
+    assert saved["memorization"]["pixel"] == {"median_ratio_to_train": "inf",
+                                              "nn_distance_min": 1.5}
+    assert saved["fid"] == {"train": 12.5} and saved["nan"] == ["nan", "-inf"]
+    assert saved["count"] == 3 and saved["ok"] is True
