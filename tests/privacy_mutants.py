@@ -259,6 +259,13 @@ MUTANTS = (
            "num_local = jnp.sum(mask.astype(jnp.int32))",
            "num_local = jnp.minimum(jnp.sum(mask.astype(jnp.int32)), 1)",
            ("tests/test_multidevice.py", "-k", "looped_or_unrolled")),
+    Mutant("a report without a finite epsilon states a guarantee", "dpjax/privacy/report.py",
+           'if report.get("epsilon") and stated_epsilon(report) is None:', "if False:",
+           ("tests/test_accounting.py", "-k", "gate_on")),
+    Mutant("the guarantee's epsilon is the largest, nan included", "dpjax/privacy/report.py",
+           "finite = sorted((v, k) for k, v in eps.items() if math.isfinite(v))",
+           "finite = sorted(((v, k) for k, v in eps.items()), reverse=True)",
+           ("tests/test_accounting.py", "-k", "gate_on")),
 )  # fmt: skip
 
 
