@@ -158,7 +158,8 @@ def stated_epsilon(report: dict[str, Any]) -> tuple[str, float] | None:
     accountant's epsilon when finite, else the smallest finite one among the others (each
     accountant's epsilon is a valid bound; 'nan' marks one that does not support the
     neighbouring relation, e.g. RDP under replace-one); None when none is finite."""
-    eps = {k: float(v) for k, v in report["epsilon"].items()}  # 'inf' / 'nan' as stored.
+    # 'inf' / 'nan' as stored; None: an accountant not computed (an eval's summary).
+    eps = {k: float(v) for k, v in report["epsilon"].items() if v is not None}
     calibrated = report.get("calibrated_with")
     if calibrated in eps and math.isfinite(eps[calibrated]):
         return calibrated, eps[calibrated]
