@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -75,6 +76,28 @@ def write_text(path: str | os.PathLike, text: str, permissions: int = 0o666) -> 
     """Replaces ``path`` with ``text``, atomically (``permissions``: see atomic_write)."""
     with atomic_write(path, permissions=permissions) as f:
         f.write(text)
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` (JSON-like; NumPy and JAX scalars and arrays allowed) in the form dpjax's
+    JSON files take: every number a finite Python number, every non-finite float the
+    string 'inf', '-inf' or 'nan' (bare Infinity / NaN tokens are not JSON, and strict
+    parsers, JavaScript's among them, reject the whole file)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else str(float(x))
+    if hasattr(x, "__array__") and not isinstance(x, str):  # A JAX array.
+        return json_safe(np.asarray(x))
+    return x
 
 
 def write_json(path: str | os.PathLike, obj: Any, permissions: int = 0o666,

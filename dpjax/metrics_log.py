@@ -10,7 +10,6 @@ append-only: there the resumed writer records a purge from step s + 1
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -18,10 +17,7 @@ from dpjax import atomic_file
 
 
 def _clean(v: Any) -> Any:
-    v = float(v) if hasattr(v, "__float__") else v
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+    return atomic_file.json_safe(float(v) if hasattr(v, "__float__") else v)
 
 
 class MetricsLog:

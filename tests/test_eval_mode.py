@@ -353,7 +353,7 @@ def test_eval_json_is_strict_json_whatever_the_numbers(tmp_path):
                                          "nn_distance_min": np.float64(1.5)}},
               "fid": {"train": jnp.float32(12.5)}, "nan": [float("nan"), -float("inf")],
               "count": np.int64(3), "ok": np.bool_(True)}
-    report._write_json(str(tmp_path), result)
+    report._write_json(str(tmp_path), result)  # Through atomic_file.json_safe.
 
     def reject(token):
         raise ValueError(f"not JSON: {token}")

@@ -316,29 +316,8 @@ def bits_per_dim_report(
 
 
 def _write_json(workdir: str, result: dict[str, Any]) -> None:
-    """Writes ``eval.json`` as strict JSON: a non-finite number (a sampler's s_max = inf,
-    a memorization ratio over a zero median) as the string 'inf', '-inf' or 'nan', as
-    the privacy report stores a non-finite epsilon (bare Infinity / NaN tokens are not
-    JSON, and strict parsers, JavaScript's among them, reject the whole file)."""
-    atomic_file.write_json(os.path.join(workdir, "eval.json"), strict_json(result), indent=2,
-                           allow_nan=False, default=float)
-
-
-def strict_json(x: Any) -> Any:
-    """``x`` (JSON-like, NumPy scalars and arrays allowed) with every number a finite
-    Python number and every non-finite float the string 'inf', '-inf' or 'nan'."""
-    if isinstance(x, dict):
-        return {k: strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return strict_json(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else str(float(x))
-    if hasattr(x, "__array__") and not isinstance(x, str):  # A JAX array.
-        return strict_json(np.asarray(x))
-    return x
+    """Writes ``eval.json`` as strict JSON (``atomic_file.json_safe``): a non-finite number
+    (a sampler's s_max = inf, a memorization ratio over a zero median) as a string, as the
+    privacy report and metrics.jsonl store them."""
+    atomic_file.write_json(os.path.join(workdir, "eval.json"), atomic_file.json_safe(result),
+                           indent=2, allow_nan=False, default=float)

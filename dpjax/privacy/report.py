@@ -13,13 +13,15 @@ from typing import Any
 
 import dp_accounting
 
+from dpjax import atomic_file
 from dpjax.privacy import accounting, noise_secret
 from dpjax.privacy.plan import DPPlan
 
 
 def storable_epsilons(eps: dict[str, float]) -> dict[str, Any]:
-    """``eps`` for a JSON file: a non-finite epsilon as the string 'inf' or 'nan'."""
-    return {k: (v if math.isfinite(v) else str(v)) for k, v in eps.items()}
+    """``eps`` for a JSON file: a non-finite epsilon as the string 'inf' or 'nan'
+    (``atomic_file.json_safe``, the form of every JSON file dpjax writes)."""
+    return atomic_file.json_safe(dict(eps))
 
 
 def format_epsilon(x: Any) -> str:
