@@ -14,7 +14,10 @@
 * ``samples.npz`` and ``samples_grid.png`` (and ``png/`` with ``png=True``): samples of
   the EMA model (``dpjax.sample``),
 * ``privacy_report.json`` and ``privacy_report.md`` (``dpjax.privacy.report``),
-* ``model_card.md``: method, data spec, privacy guarantee, intended use, limitations.
+* ``model_card.md``: method, data spec, privacy guarantee, intended use, limitations,
+* ``manifest.json`` (``dpjax.export_manifest``), written last: the SHA-256 and size of
+  every other file, the data's public names, the guarantee, how the samples were drawn
+  (seeds, batch size, key derivation) and the run's audit verdict.
 
 Guarantees:
 * Refusal: a run whose plan is not private (``dp.enabled=False``: public pre-training,
@@ -53,7 +56,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpjax import atomic_file, run_config, sample
+from dpjax import atomic_file, export_manifest, run_config, sample
 from dpjax import checkpoint as ckpt_lib
 from dpjax import model_card as card_lib
 from dpjax.data import npz
@@ -78,6 +81,7 @@ ALLOWED = (
     "privacy_report.json",
     "privacy_report.md",
     "model_card.md",
+    export_manifest.MANIFEST,
 )
 
 
@@ -289,6 +293,57 @@ def check_secret_noise(meta: dict[str, Any], plan: plan_lib.DPPlan) -> None:
             "export it. Train it again in a new workdir.")
 
 
+def manifest_facts(run: LoadedRun, report: dict[str, Any], num: int, seed: int,
+                   class_balanced: bool) -> dict[str, Any]:
+    """What ``manifest.json`` states beside the file digests: public facts only (the
+    config's names of the data, never its path; the redacted report's guarantee; the
+    sample seeds, which derive nothing private: the noise, batches and loss draws came
+    from the run's secret, ``check_secret_noise``)."""
+    cfg, plan = run.config, run.plan
+    return {
+        "method": cfg.method,
+        "step": run.step,
+        "planned_steps": plan.steps,
+        "data": {
+            "source": cfg.data.source,
+            "name": cfg.data.name,
+            "split": cfg.data.split,
+            "image_shape": list(run.spec.image_shape),
+            "num_classes": run.spec.num_classes,
+        },
+        "privacy": {
+            "guarantee": report["guarantee"],
+            "epsilon": report["guarantee_epsilon"],
+            "accountant": report["guarantee_accountant"],
+            "delta": plan.delta,
+            "relation": plan.neighbouring,
+            "report": "privacy_report.json",
+        },
+        "samples": {
+            "file": "samples.npz",
+            "num": num,
+            "batch_size": max(1, min(int(cfg.sample.batch_size), num)),  # As generate's.
+            "class_balanced": bool(class_balanced),
+            "config_seed": int(cfg.seed),
+            "export_seed": int(seed),
+            "key": SAMPLE_KEY_DERIVATION,
+        },
+        "audit": card_lib.audit_summary(run.workdir),
+    }
+
+
+#: How an export's sample key is made (``export_run``); the manifest quotes it.
+SAMPLE_KEY_DERIVATION = (
+    "jax.random.fold_in(dpjax.randomness.Streams.from_seed(config_seed).sample, "
+    "2000000 + export_seed); batch i of batch_size images is drawn with fold_in(key, i) "
+    "(dpjax.sample.generate)")
+
+
+def sample_key(config_seed: int, export_seed: int) -> jax.Array:
+    """The key of an export's samples (``SAMPLE_KEY_DERIVATION``)."""
+    return jax.random.fold_in(Streams.from_seed(config_seed).sample, 2_000_000 + export_seed)
+
+
 def export_run(
     workdir: str,
     out: str,
@@ -362,7 +417,7 @@ def export_run(
             json.dump(_jsonable(model), f, indent=2, sort_keys=True)
         files.append("model_config.json")
         params = Params(run.state.ema, run.state.frozen)
-        key = jax.random.fold_in(Streams.from_seed(cfg.seed).sample, 2_000_000 + seed)
+        key = sample_key(cfg.seed, seed)
         images, labels = sample.generate(
             run.method, params, run.spec, key, num, cfg.sample.batch_size
         )
@@ -378,7 +433,8 @@ def export_run(
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "privacy_report.md"), "w") as f:
             f.write(report_lib.report_markdown(report))
-        files += ["privacy_report.json", "privacy_report.md", "model_card.md"]
+        files += ["privacy_report.json", "privacy_report.md", "model_card.md",
+                  export_manifest.MANIFEST]
         card = card_lib.model_card(
             run, report, files, card_lib.redact_command(command or "export of a workdir",
                                                         workdir, out), num,
@@ -389,11 +445,14 @@ def export_run(
         unexpected = sorted(set(os.listdir(tmp)) - set(ALLOWED))
         if unexpected:  # A guard against a future change writing something else.
             raise ExportError(f"Export would contain unexpected files {unexpected}.")
+        manifest_sha = export_manifest.write_manifest(tmp, manifest_facts(
+            run, report, num, seed, sample.released_classes(run.method, run.spec)))
         if os.path.isdir(out):
             os.rmdir(out)  # Empty (checked above).
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[dpjax] exported step {run.step} of {workdir} to {out}: {', '.join(sorted(files))}")
+    log(f"[dpjax] exported step {run.step} of {workdir} to {out}: {', '.join(sorted(files))}; "
+        f"manifest.json sha256 {manifest_sha} (check: python -m dpjax.export_manifest {out})")
     return sorted(os.listdir(out))

@@ -27,26 +27,51 @@ if TYPE_CHECKING:
 _fmt = report_lib.format_epsilon  # Epsilons rounded UP to 4 significant digits.
 
 
-def _audit_line(workdir: str) -> list[str]:
-    """The workdir's audit (``--mode=audit``), if one on public stand-in data exists."""
+def audit_summary(workdir: str) -> dict[str, Any]:
+    """What an export may say of the workdir's audit (``--mode=audit``).
+
+    ``status`` is 'none' (no readable audit.json), 'fault_injection' (an audit with a
+    fault injected: a test of the auditor, not of this run), 'not_published' (made on
+    the private rows: its verdict is itself a bit of the private data outside epsilon),
+    or 'passed' (on public stand-in data, not flagged: ``export.check_audit`` refuses a
+    flagged one), with the bound, the accountant's epsilon and the audit's settings.
+    """
     path = os.path.join(workdir, "audit.json")
     try:
         with open(path) as f:
             a = json.load(f)
         d = a["details"]
-        if d.get("data") != "fake" or d.get("faults"):
-            return []  # An audit on private rows is itself not DP: not published.
-        return [
-            f"- Empirical audit (one-run gradient canaries, {d['num_canaries']} canaries, "
-            f"{d['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
-            f"{d['confidence']:.0%} confidence, below the accountant's "
-            f"{_fmt(a['accountant_epsilon'])} for those {d['steps']} steps; it checks the DP "
-            "step's implementation"
-            + (f" (clipping '{d['clipping_impl']}')" if "clipping_impl" in d else "")
-            + ", not the tightness of epsilon.",
-        ]
+        if d.get("faults"):
+            return {"status": "fault_injection"}
+        if d.get("data") != "fake":
+            return {"status": "not_published"}
+        return {
+            "status": "passed",
+            "epsilon_lower_bound": float(a["epsilon_lower_bound"]),
+            "accountant_epsilon": float(a["accountant_epsilon"]),
+            "confidence": float(d["confidence"]),
+            "num_canaries": int(d["num_canaries"]),
+            "steps": int(d["steps"]),
+            **({"clipping_impl": d["clipping_impl"]} if "clipping_impl" in d else {}),
+        }
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return {"status": "none"}
+
+
+def _audit_line(workdir: str) -> list[str]:
+    """The workdir's audit (``--mode=audit``), if one on public stand-in data exists."""
+    a = audit_summary(workdir)
+    if a["status"] != "passed":
+        return []  # An audit on private rows is itself not DP: not published.
+    return [
+        f"- Empirical audit (one-run gradient canaries, {a['num_canaries']} canaries, "
+        f"{a['steps']} steps): epsilon lower bound {a['epsilon_lower_bound']:.3f} at "
+        f"{a['confidence']:.0%} confidence, below the accountant's "
+        f"{_fmt(a['accountant_epsilon'])} for those {a['steps']} steps; it checks the DP "
+        "step's implementation"
+        + (f" (clipping '{a['clipping_impl']}')" if "clipping_impl" in a else "")
+        + ", not the tightness of epsilon.",
+    ]
 
 
 def _mechanism_line(plan: Any, step: int, report: dict[str, Any]) -> str:
@@ -214,6 +239,9 @@ def model_card(
         f"- Images {spec.image_shape[0]}x{spec.image_shape[1]}x{spec.image_shape[2]}, "
         f"{classes}; "
         + _dataset_size_line(plan, report),
+        f"- Named in the run config as source `{cfg.data.source}`, dataset "
+        f"`{cfg.data.name}`, split `{cfg.data.split}` (labels the trainer chose; for "
+        "'folder' and 'npz' data the name is only a label).",
         "- The private data, its location and any statistic of it other than through the "
         "DP mechanism are not part of this release.",
         "",
@@ -261,6 +289,8 @@ def model_card(
         "- Load: `np.load('ema_params.npz')` gives the trainable parameters by path; "
         "`model_config.json` gives the method settings to rebuild the model in dpjax (the "
         "local workdirs of `*_from` settings are redacted).",
+        "- Check: `python -m dpjax.export_manifest DIR` compares every file with the "
+        "SHA-256 that `manifest.json` lists (it also records how `samples.npz` was drawn).",
         f"- Exported on {datetime.date.today().isoformat()}.",
     ]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpjax import checkpoint as ckpt_lib
-from dpjax import export, run_config, sample, train
+from dpjax import export, export_manifest, run_config, sample, train
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec
 from dpjax.privacy import plan as plan_lib
@@ -28,6 +28,7 @@ from tests.config_overrides import with_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = [
     "ema_params.npz",
+    "manifest.json",
     "model_card.md",
     "model_config.json",
     "privacy_report.json",
@@ -222,6 +223,74 @@ def test_the_privacy_report_says_when_a_run_is_not_private(tmp_path):
     assert "- private: no (dp.enabled=False" in markdown("public", **{"dp.enabled": False})
 
 
+def test_the_manifest_lists_every_file_and_how_the_samples_were_drawn(tmp_path, capsys):
+    wd = fake_run(tmp_path / "run")
+    out = str(tmp_path / "release")
+    export.export_run(wd, out, num_samples=7, png=True, seed=3, log=lambda *_: None)
+    manifest = export_manifest.read_manifest(out)
+    on_disk = sorted(
+        os.path.relpath(os.path.join(r, n), out) for r, _, ns in os.walk(out) for n in ns)
+    assert sorted(manifest["files"]) == [n for n in on_disk if n != "manifest.json"]
+    assert sum(n.startswith("png/") for n in manifest["files"]) == 7  # One per sample.
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == export_manifest.sha256_file(os.path.join(out, name))
+        assert entry["bytes"] == os.path.getsize(os.path.join(out, name))
+    cfg = sample.load_run_config(wd)
+    assert manifest["data"] == {"source": "fake", "name": cfg.data.name, "split": "train",
+                                "image_shape": [28, 28, 1], "num_classes": cfg.data.num_classes}
+    with open(os.path.join(out, "privacy_report.json")) as f:
+        report = json.load(f)
+    assert manifest["privacy"]["epsilon"] == report["guarantee_epsilon"] > 0
+    assert manifest["privacy"]["guarantee"] is True
+    assert manifest["audit"] == {"status": "none"}
+    assert manifest["step"] == manifest["planned_steps"] == 3
+    # The recorded derivation draws samples.npz again from the exported EMA weights.
+    s = manifest["samples"]
+    assert (s["num"], s["export_seed"], s["config_seed"]) == (7, 3, cfg.seed)
+    method, params, spec, _, _ = sample.load_trained(wd)
+    with np.load(os.path.join(out, "ema_params.npz")) as z:
+        np.testing.assert_array_equal(z["mean"], np.asarray(params.trainable["mean"]))
+    images, labels = sample.generate(method, params, spec,
+                                     export.sample_key(s["config_seed"], s["export_seed"]),
+                                     s["num"], s["batch_size"])
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        np.testing.assert_array_equal(z["images"], images)
+        np.testing.assert_array_equal(z["labels"], labels)
+    # The card names the data as the config does, and how to check the files.
+    card = (tmp_path / "release" / "model_card.md").read_text()
+    assert f"source `fake`, dataset `{cfg.data.name}`, split `train`" in card
+    assert "python -m dpjax.export_manifest DIR" in card
+    assert export_manifest.verify(out) == []
+    assert export_manifest.main([out]) == 0
+    assert "all " in capsys.readouterr().out
+
+
+def test_the_manifest_check_finds_changed_missing_and_added_files(tmp_path, capsys):
+    wd = fake_run(tmp_path / "run")
+    out = tmp_path / "release"
+    export.export_run(wd, str(out), num_samples=2, log=lambda *_: None)
+    grid = (out / "samples_grid.png").read_bytes()
+    (out / "samples_grid.png").write_bytes(grid[:-1] + bytes([grid[-1] ^ 1]))  # Same size.
+    (out / "privacy_report.md").unlink()
+    (out / "notes.txt").write_text("added later")
+    problems = export_manifest.verify(str(out))
+    assert [p.split(":")[0] for p in problems] == [
+        "notes.txt", "privacy_report.md", "samples_grid.png"]
+    assert "changed" in problems[2] and "missing" in problems[1]
+    assert "not in the manifest" in problems[0]
+    assert export_manifest.main([str(out)]) == 1
+    assert "does NOT match" in capsys.readouterr().err
+    os.symlink(os.path.join(wd, "config.json"), out / "link.json")
+    assert any("not a regular file" in p for p in export_manifest.verify(str(out)))
+    # No manifest, or one of another kind: a clear error, exit code 2.
+    (out / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a dpjax export manifest"):
+        export_manifest.verify(str(out))
+    (out / "manifest.json").unlink()
+    assert export_manifest.main([str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):
     wd = fake_run(tmp_path / "run")
     plan = export.read_plan(wd)
@@ -245,6 +314,19 @@ def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):
     assert "ema_params.npz" in export.export_run(
         wd, str(tmp_path / "out"), num_samples=2, log=lambda *_: None
     )
+    assert export_manifest.read_manifest(str(tmp_path / "out"))["audit"] == {
+        "status": "fault_injection"}
+    # A passing audit on the stand-in is quoted; one on the private rows is not.
+    audit.update(flagged=False, epsilon_lower_bound=0.5)
+    for data, status in (("fake", "passed"), ("config", "not_published")):
+        write(faults={}, data=data, confidence=0.95, num_canaries=100, steps=3)
+        out = str(tmp_path / f"out_{data}")
+        export.export_run(wd, out, num_samples=2, log=lambda *_: None)
+        quoted = export_manifest.read_manifest(out)["audit"]
+        assert quoted["status"] == status
+        assert ("epsilon_lower_bound" in quoted) == (status == "passed")
+        card = (tmp_path / f"out_{data}" / "model_card.md").read_text()
+        assert ("Empirical audit" in card) == (status == "passed")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
