@@ -149,10 +149,17 @@ def test_a_run_stopped_by_max_steps_per_run_says_so(tmp_path):
                 log=msgs.append)
     assert any("stopping at step 3 of 4: train.max_steps_per_run=3; run the same command "
                "again" in m for m in msgs), msgs
+    # The report of the unfinished run says so, to programs and to people.
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert (report["steps_done"], report["complete"]) == (3, False)
+    assert "the run is not finished" in (tmp_path / "privacy_report.md").read_text()
     msgs.clear()
     state = train.train(_config(steps=4, **{"train.max_steps_per_run": 3}), str(tmp_path),
                         log=msgs.append)
     assert int(state.step) == 4 and not any("stopping" in m for m in msgs)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert (report["steps_done"], report["complete"]) == (4, True)
+    assert "not finished" not in (tmp_path / "privacy_report.md").read_text()
 
 
 def test_resume_under_another_privacy_config_is_refused(tmp_path):

@@ -111,6 +111,8 @@ def privacy_report(
     ``noise_source``: where the noise and batches came from (``noise_secret``'s 'secret',
     'seed' or 'none'; None: not known, as for a checkpoint from before the secret);
     ``loss_source``: where the per-example loss draws came from (the same values).
+    ``complete`` is whether ``steps_done`` reached the planned steps (a checkpoint's
+    report of an unfinished run is not: DP-SGD steps still to come spend more epsilon).
     ``private`` is whether DP was on; ``guarantee`` whether the epsilons are a guarantee
     of the run (``guarantee_status``: 'yes', or why not, as ``private_line``), and
     ``guarantee_epsilon`` / ``guarantee_accountant`` the guarantee's epsilon at ``delta``
@@ -135,6 +137,9 @@ def privacy_report(
         "plan_mechanism": plan.mechanism,
         "steps_planned": plan.steps,
         "steps_done": int(steps_done),
+        # Whether the run did all its planned steps: a report written at a checkpoint of an
+        # unfinished run states the epsilon of the steps done so far.
+        "complete": int(steps_done) >= plan.steps,
         "delta": plan.delta,
         "target_epsilon": plan.target_epsilon,
         "calibrated_with": plan.accountant,
@@ -293,7 +298,10 @@ def report_markdown(report: dict[str, Any]) -> str:
             else [
                 f"- sampling rate q: {report['sampling_rate']:.6g} (expected batch "
                 f"{report['expected_batch_size']:.1f} of N={report['num_examples']})",
-                f"- steps: {report['steps_done']} done of {report['steps_planned']} planned",
+                f"- steps: {report['steps_done']} done of {report['steps_planned']} planned"
+                + ("" if report.get("complete", True) else
+                   " (the run is not finished: the epsilons are those of the steps done, "
+                   "and its further steps spend more)"),
             ]
         ),
         f"- delta: {report['delta']!r}",  # Not rounded (:g could round it down).
