@@ -9,8 +9,9 @@
   guarantee covers, e.g. DP-MEPF's noised release and its DP feature network) that it
   lets an export publish: a method may narrow them with ``exported_frozen(frozen)``
   (DP-SAD publishes none: its teacher is not the released model),
-* ``model_config.json``: method name, method settings and the public data spec, enough
-  to rebuild the model,
+* ``model_config.json``: method name, method settings, the public data spec and the
+  method's ``release_record`` (e.g. the architecture of a redacted source's
+  autoencoder), enough to rebuild the model without the workdir (``dpjax.released``),
 * ``samples.npz`` and ``samples_grid.png`` (and ``png/`` with ``png=True``): samples of
   the EMA model (``dpjax.sample``),
 * ``privacy_report.json`` and ``privacy_report.md`` (``dpjax.privacy.report``),
@@ -412,6 +413,9 @@ def export_run(
             },
             "step": run.step,
             "ema_rate": cfg.train.ema_rate,
+            # What the method needs, beyond its settings and these weights, to be rebuilt
+            # without the redacted source runs (``Method.release_record``; dpjax.released).
+            "rebuild": redact(run.method.release_record()),
         }
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
             json.dump(_jsonable(model), f, indent=2, sort_keys=True)

@@ -4,6 +4,7 @@
     python -m dpjax.main --mode=sample --workdir=runs/x --num=60000 [--png]
     python -m dpjax.main --mode=audit --workdir=runs/x            # or --config=... instead
     python -m dpjax.main --mode=export --workdir=runs/x --out=release/x [--num=10000]
+    python -m dpjax.main --mode=sample --export=release/x --out=samples/x [--num=1000]
 
 Errors a user can cause (a mistyped config key, a missing dataset, a corrupt image, a
 corrupt checkpoint, a budget overrun) end with one readable line, not a traceback.
@@ -44,6 +45,9 @@ _FID_BATCH = flags.DEFINE_integer(
 _SAMPLE_BATCH = flags.DEFINE_integer(
     "sample_batch", None, "--mode=eval: sampler batch size (overrides eval.sample_batch)."
 )
+_EXPORT = flags.DEFINE_string(
+    "export", None, "--mode=sample: sample from this export (--mode=export's output, checked "
+    "against its manifest) instead of a workdir; needs --out.")
 _PNG = flags.DEFINE_boolean("png", False, "--mode=sample/export: also write a PNG folder.")
 _OUT = flags.DEFINE_string(
     "out", None, "--mode=sample/export: output directory; --mode=audit: where audit.json goes."
@@ -90,6 +94,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dpjax.data.dataset import DataError
     from dpjax.export import ExportError
     from dpjax.privacy.accounting import PrivacyError
+    from dpjax.released import ExportLoadError
     from dpjax.sample import SampleOutputError
     from dpjax.train import NonFiniteError, WorkdirError
     from dpjax.typed_config import ConfigError
@@ -106,6 +111,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ExportError,
         CorruptFileError,
         SampleOutputError,
+        ExportLoadError,
     )
 
 
@@ -235,8 +241,30 @@ def run_audit_mode(
     return result
 
 
+def _sample_export() -> None:
+    """``--mode=sample --export=DIR --out=OUT``: samples of a released model, no workdir."""
+    if _MODE.value != "sample":
+        raise UsageError("--export applies to --mode=sample only.")
+    for name in ("workdir", "config", "fid_batch", "sample_batch"):
+        if flags.FLAGS[name].present:
+            raise UsageError(f"--{name} does not apply to --export: an export holds the "
+                             "model and how its samples were drawn.")
+    if not _OUT.value:
+        raise UsageError("--out is required with --export.")
+    if _NUM.value is not None and _NUM.value < 1:
+        raise UsageError(f"--num must be >= 1, got {_NUM.value}.")
+    from dpjax import released
+
+    path = released.sample_from_export(os.path.expanduser(_EXPORT.value),
+                                       os.path.expanduser(_OUT.value), _NUM.value, _PNG.value)
+    print(f"[dpjax] wrote {path}")
+
+
 def run(argv: list[str]) -> None:
     del argv
+    if _EXPORT.value is not None:
+        _sample_export()
+        return
     if not _WORKDIR.value:
         raise UsageError("--workdir is required.")
     for flag in (_FID_BATCH, _SAMPLE_BATCH):  # Eval settings: not silently ignored.

@@ -65,6 +65,11 @@ def suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+#: The strings a float setting may be given as: the non-finite values, as dpjax's JSON
+#: files write them (``atomic_file.json_safe``; e.g. an export's model_config.json).
+NON_FINITE = ("inf", "-inf", "nan")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Checks ``value`` against a (simple) type hint, converting lists to tuples."""
     origin = typing.get_origin(hint)
@@ -95,6 +100,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}.")
         return value
     if hint is float:
+        if isinstance(value, str) and value in NON_FINITE:
+            return float(value)  # As dpjax's JSON files write them (atomic_file.json_safe).
         # numbers.Real takes NumPy's scalars too (np.float32 is not a float).
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{where}: expected a number, got {value!r}.")

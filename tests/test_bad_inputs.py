@@ -455,3 +455,20 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, record_trie
         assert len(errors) == 1 and needle in errors[0], result.stderr[-3000:]
         assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_float_setting_reads_the_non_finite_strings_dpjax_json_writes_and_no_others():
+    """An export's model_config.json holds the sampler's s_max = inf as 'inf'
+    (atomic_file.json_safe); reading it back refused it ('expected a number')."""
+    import math
+
+    from dpjax import atomic_file, typed_config
+    from dpjax.diffusion import samplers
+
+    stored = atomic_file.json_safe({"s_max": math.inf, "s_min": 0.0})
+    assert stored["s_max"] == "inf"
+    got = typed_config.from_configdict(samplers.SamplerSettings, stored, "method_args")
+    assert got.s_max == math.inf and got.s_min == 0.0
+    for bad in ("Infinity", "1e309", "infinite", ""):
+        with pytest.raises(typed_config.ConfigError, match="s_max: expected a number"):
+            typed_config.from_configdict(samplers.SamplerSettings, {"s_max": bad}, "method_args")

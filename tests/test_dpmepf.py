@@ -321,6 +321,26 @@ def test_dp_feature_network_is_composed_into_the_total(tmp_path):
     assert got == pytest.approx(expected, rel=1e-9)
     assert 7.9 <= got <= 8.0  # Calibrated on the total, not on the release alone.
 
+    # The export (features_from redacted) is rebuilt from its record of the feature
+    # network's widths, which are the run's, not the ignored feature_widths setting.
+    from unittest import mock
+
+    from dpjax import export, released
+    from dpjax.methods import dpmepf as dpmepf_lib
+
+    out = str(tmp_path / "release")
+    export.export_run(wd, out, num_samples=4, log=lambda *_: None)
+    with mock.patch.object(dpmepf_lib, "_load_features", side_effect=AssertionError("read")):
+        model = released.load_export(out)
+        again = released.sample_from_export(out, str(tmp_path / "again"), log=lambda *_: None)
+    assert model.method.widths == tuple(features_mnist.get_config("smoke").method_args.widths)
+    assert model.method.widths != (32, 64, 128)
+    for a, b in zip(jax.tree_util.tree_leaves(model.params.frozen),
+                    jax.tree_util.tree_leaves(state.frozen)):  # The release, the features.
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with np.load(again) as a, np.load(os.path.join(out, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+
     # The composed plan is the one the feature network's checkpoint records: a
     # dp_plan.json edited afterwards (sigma x 100: a smaller epsilon to compose) is
     # refused (untrusted-input review, 2026-12-07).

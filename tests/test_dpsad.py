@@ -443,6 +443,20 @@ def check_export(wd: str, out: str, teacher: dict) -> None:
                     assert key.split("/")[0] in ("student", "disc"), (name, key)
                     assert not any(z[key].shape == t.shape and np.allclose(z[key], t)
                                    for t in teacher_leaves), (name, key)  # fmt: skip
+    # A recipient samples the student from the export alone (the teacher's settings from
+    # model_config.json's record, its weights nowhere: NaN placeholders never read).
+    from unittest import mock
+
+    from dpjax import released
+    from dpjax.methods import dpsad as dpsad_lib
+
+    with mock.patch.object(dpsad_lib, "load_teacher", side_effect=AssertionError("read")):
+        model = released.load_export(out)
+        again = released.sample_from_export(out, out + "_again", log=lambda *_: None)
+    assert all(np.isnan(np.asarray(v)).all()
+               for v in jax.tree_util.tree_leaves(model.params.frozen["teacher"]))
+    with np.load(again) as a, np.load(os.path.join(out, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
     with np.load(os.path.join(out, "ema_params.npz")) as z:
         assert {k.split("/")[0] for k in z.files} == {"student", "disc"}
     with np.load(os.path.join(out, "samples.npz")) as z:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpjax import checkpoint as ckpt_lib
-from dpjax import export, export_manifest, run_config, sample, train
+from dpjax import export, export_manifest, released, run_config, sample, train
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec
 from dpjax.privacy import plan as plan_lib
@@ -567,3 +567,42 @@ def test_the_card_of_a_command_line_export_names_only_the_export_flags(tmp_path)
     assert "hospital_scans" not in card and str(tmp_path) not in card
     assert ("Exported with: `python -m dpjax.main --mode=export --workdir=<the run's workdir> "
             "--out=<this export> --num=4`") in card
+
+
+def test_an_export_samples_again_without_its_workdir_and_refuses_edits(tmp_path, monkeypatch):
+    wd = str(tmp_path / "run")
+    train.train(toy_config(3), wd, log=lambda *_: None)
+    out = str(tmp_path / "release")
+    export.export_run(wd, out, num_samples=9, log=lambda *_: None)
+    os.rename(wd, str(tmp_path / "gone"))  # The recipient has the export only.
+    model = released.load_export(out)
+    with np.load(os.path.join(out, "ema_params.npz")) as z:
+        np.testing.assert_array_equal(np.asarray(model.params.trainable["mean"]), z["mean"])
+    again = released.sample_from_export(out, str(tmp_path / "again"), log=lambda *_: None)
+    with np.load(again) as a, np.load(os.path.join(out, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["images"], b["images"])  # The export's own draw.
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    other = released.sample_from_export(out, str(tmp_path / "other"), num=9, seed=1,
+                                        log=lambda *_: None)
+    with np.load(other) as a, np.load(again) as b:
+        assert not np.array_equal(a["images"], b["images"])
+    with pytest.raises(sample.SampleOutputError, match="inside the export"):
+        released.sample_from_export(out, os.path.join(out, "s"), log=lambda *_: None)
+    # The command line, as a recipient runs it.
+    result = cli("--mode=sample", f"--export={out}", f"--out={tmp_path / 'cli'}", "--num=3")
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "cli" / "samples.npz") as z:
+        assert z["images"].shape == (3, 28, 28, 1)
+    result = cli("--mode=sample", f"--export={out}", f"--workdir={wd}", f"--out={tmp_path}/x")
+    assert result.returncode != 0 and "--workdir does not apply to --export" in result.stderr
+    # Weights changed after the export (and the manifest with them, to fit): refused.
+    with np.load(os.path.join(out, "ema_params.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(os.path.join(out, "ema_params.npz"), **arrays, extra=np.zeros(2))
+    with pytest.raises(released.ExportLoadError, match="does not match its manifest"):
+        released.load_export(out)
+    export_manifest.write_manifest(out, {})
+    with pytest.raises(released.ExportLoadError, match=r"unexpected \['extra'\]"):
+        released.load_export(out)
+    result = cli("--mode=sample", f"--export={out}", f"--out={tmp_path / 'cli2'}")
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1

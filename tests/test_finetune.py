@@ -142,3 +142,20 @@ def test_public_pretraining_then_private_finetuning_changes_only_the_selection(t
     assert any(not np.array_equal(np.asarray(v), np.asarray(before[k]))
                for k, v in after_trained.items())  # fmt: skip
     assert any(float(jnp.max(jnp.abs(ad["B"]))) > 0 for ad in state.trainable["lora"].values())
+    # Its export (init_from redacted) samples again without the public run: the frozen
+    # UNet travels in frozen_params.npz, the adapters and attention in ema_params.npz.
+    from unittest import mock
+
+    from dpjax import export, released
+
+    out = str(tmp_path / "release")
+    export.export_run(private, out, num_samples=4, log=lambda *_: None)
+    with mock.patch.object(dpdm, "_load_pretrained", side_effect=AssertionError("read")):
+        model = released.load_export(out)
+        again = released.sample_from_export(out, str(tmp_path / "again"), log=lambda *_: None)
+    assert set(model.params.trainable) == {"unet", "lora"}
+    for a, b in zip(jax.tree_util.tree_leaves(model.params.frozen),
+                    jax.tree_util.tree_leaves(state.frozen)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with np.load(again) as a, np.load(os.path.join(out, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["images"], b["images"])

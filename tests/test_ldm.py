@@ -374,3 +374,29 @@ def test_dp_trained_or_mismatched_public_pieces_are_refused(pipeline):
         ldm.make(ldm.Config(init_from=pipeline["private"]), spec)
     with pytest.raises(ValueError, match="differs from init_from"):
         ldm.make(ldm.Config(init_from=pipeline["public"], scale_factor=2.0), spec)
+
+
+def test_the_export_of_a_fine_tune_samples_without_its_source_runs(pipeline, tmp_path,
+                                                                   monkeypatch):
+    """DP-LDM's export redacts init_from (which holds the autoencoder); the recipient
+    rebuilds the model from model_config.json's record of the autoencoder's settings
+    and the exported weights, reading no run, and draws the export's samples again."""
+    from dpjax import export, released
+
+    out = str(tmp_path / "release")
+    export.export_run(pipeline["private"], out, num_samples=4, log=QUIET)
+
+    def no_source(*_a, **_k):
+        raise AssertionError("a source run was read to load an export")
+
+    monkeypatch.setattr(ldm_public, "load_public_pieces", no_source)
+    monkeypatch.setattr(sample, "load_trained", no_source)
+    model = released.load_export(out)
+    assert model.model_config["rebuild"]["autoencoder"]["z_channels"] == 2
+    assert pipeline["public"] not in (tmp_path / "release" / "model_config.json").read_text()
+    # The frozen autoencoder and scale factor are the exported (public) ones.
+    state = pipeline["state"]
+    assert float(model.params.frozen[ldm.SCALE_FACTOR]) == float(state.frozen[ldm.SCALE_FACTOR])
+    again = released.sample_from_export(out, str(tmp_path / "again"), log=QUIET)
+    with np.load(again) as a, np.load(f"{out}/samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])

@@ -20,6 +20,7 @@ loaded as a starting point). It may skip work whose result the checkpoint holds 
 measuring the latent scale on public data). ``make_for_restore`` picks it.
 """
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -118,6 +119,23 @@ def _refuse_modules_in_workdirs(name: str) -> None:
                 if parent == folder:
                     break
                 folder = parent
+
+
+def make_released(name: str, config, spec, record: dict):
+    """The method ``name`` rebuilt from an export (``dpjax.released``): the module's
+    ``make_released(config, spec, record)`` with ``record`` its ``release_record()``; a
+    module without one is built by ``make`` if its settings name no source run (a
+    ``*_from`` setting), which an export has redacted and a recipient does not have."""
+    module = get_method_module(name)
+    if hasattr(module, "make_released"):
+        return module.make_released(config, spec, record)
+    named = [f.name for f in dataclasses.fields(config)
+             if f.name.endswith("_from") and getattr(config, f.name)]
+    if named:
+        raise ValueError(
+            f"Method {name!r} cannot be rebuilt from an export: its settings name source "
+            f"runs ({', '.join(named)}) and the module defines no make_released.")
+    return module.make(config, spec)
 
 
 def make_for_restore(name: str, config, spec):

@@ -185,6 +185,14 @@ class Method:
         only what may be published."""
         return frozen
 
+    def release_record(self) -> dict[str, Any]:
+        """JSON facts, beyond the method settings and the exported weights, that the
+        module's ``make_released`` needs to rebuild this method from an export, without
+        the source runs its ``*_from`` settings name (default: none). Only settings of
+        those sources (architectures, preconditioning): never a path, a weight or a
+        statistic of any data. ``export`` writes them into ``model_config.json``."""
+        return {}
+
     def optimizer(self, default: Any) -> Any:
         """The optax optimizer (default: the config's). Post-processing of the noised
         gradient, so any choice keeps the guarantee (e.g. per-part learning rates)."""

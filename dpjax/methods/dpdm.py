@@ -134,12 +134,15 @@ class DPDM(base.Method):
 
     name = "dpdm"
 
-    def __init__(self, config: Config, spec: base.DataSpec) -> None:
+    def __init__(self, config: Config, spec: base.DataSpec, load_sources: bool = True) -> None:
+        """``load_sources=False`` (``make_released``): ``init_from`` is not read; ``init``
+        then gives fresh weights of the same structure, which an export's replace."""
         self.config = config
         self.spec = spec
         self.unet_config = resolve_unet(config, spec)
         self._build_diffusion()
-        self.pretrained = _load_pretrained(config.init_from, self) if config.init_from else None
+        self.pretrained = (_load_pretrained(config.init_from, self)
+                           if config.init_from and load_sources else None)
 
     def _build_diffusion(self) -> None:
         """The network, preconditioning and jitted sampler of ``self.unet_config``
@@ -420,3 +423,10 @@ def _load_pretrained(workdir: str, method: DPDM) -> dict:
 def make(config: Config, spec: base.DataSpec) -> DPDM:
     """Builds the DPDM method for data described by ``spec``."""
     return DPDM(config, spec)
+
+
+def make_released(config: Config, spec: base.DataSpec, record: dict) -> DPDM:
+    """DPDM rebuilt from an export: ``init_from`` (redacted there) only gave initial
+    weights, so nothing of it is needed (``record`` is empty)."""
+    del record
+    return DPDM(config, spec, load_sources=False)

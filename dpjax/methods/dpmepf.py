@@ -105,7 +105,10 @@ class DPMEPF(base.Method):
     name = "dpmepf"
     uses_dp_sgd = False
 
-    def __init__(self, config: Config, spec: base.DataSpec) -> None:
+    def __init__(self, config: Config, spec: base.DataSpec,
+                 released_features: dict[str, Any] | None = None) -> None:
+        """``released_features`` (``make_released``): the feature network's widths and
+        head size as an export records them; ``features_from`` is then not read."""
         self.config = config
         self.spec = spec
         self.classes = max(spec.num_classes, 1)
@@ -120,13 +123,18 @@ class DPMEPF(base.Method):
         self.pretrained_features = None
         self.features_plan: dict[str, Any] | None = None
         widths = tuple(config.feature_widths)
-        if config.features_from:
+        head = 1
+        if released_features is not None:
+            widths = tuple(int(w) for w in released_features["widths"])
+            head = int(released_features["head"])
+        elif config.features_from:
             widths, self.pretrained_features, self.features_plan = _load_features(
                 config.features_from, spec
             )
+            # The classifier head size does not matter for the features; keep the source's.
+            head = self.pretrained_features["head"]["bias"].shape[0]
         self.widths = widths
-        # The classifier head size does not matter for the features; keep the source's.
-        head = self.pretrained_features["head"]["bias"].shape[0] if self.pretrained_features else 1
+        self.head = head
         self.features_net = feature_cnn.FeatureCNN(head, widths)
         layers = tuple(int(i) for i in config.feature_layers)
         num_layers = 2 * len(widths)
@@ -195,6 +203,11 @@ class DPMEPF(base.Method):
             trainable={"gen": gen, "m": jnp.zeros((self.classes, self.embed_dim), jnp.float32)},
             frozen={"features": features, "release": release},
         )
+
+    def release_record(self) -> dict[str, Any]:
+        """The feature network's widths and head size (those of ``features_from``'s
+        classifier, redacted from an export, or the random network's)."""
+        return {"features": {"widths": list(self.widths), "head": self.head}}
 
     def source_runs(self) -> list[provenance.Source]:
         """The feature network's run; composed (``prior_releases``) when it used DP."""
@@ -381,3 +394,12 @@ def _load_features(workdir: str, spec: base.DataSpec):
 
 def make(config: Config, spec: base.DataSpec) -> DPMEPF:
     return DPMEPF(config, spec)
+
+
+def make_released(config: Config, spec: base.DataSpec, record: dict) -> DPMEPF:
+    """DP-MEPF rebuilt from an export: the feature network's shape from ``record``
+    (``DPMEPF.release_record``); its weights and the release are the export's."""
+    if not isinstance(record.get("features"), dict):
+        raise ValueError("model_config.json has no rebuild.features record (an export "
+                         "from before dpjax wrote one); export the run again.")
+    return DPMEPF(config, spec, released_features=record["features"])

@@ -61,7 +61,9 @@ Sampling uses the student only, with DPDM's samplers. The teacher, the student's
 preconditioning and its training noise distribution are the teacher run's.
 
 Known limitation (as DPDM's ``init_from``): the method loads the teacher run when it is
-built, so sampling, eval and export of a DP-SAD run need the teacher workdir too.
+built, so sampling, eval and export of a DP-SAD run's workdir need the teacher workdir
+too. Its export does not: ``make_released`` rebuilds the student from the teacher's
+settings that the export records (``release_record``), never its weights.
 Clipping: ``dp.clipping='vmap'``. The layerwise path refuses this loss (it fails closed
 on the discriminator's parameters, which L_adv uses through ``stop_gradient``).
 """
@@ -198,14 +200,23 @@ class DPSAD(base.Method):
 
     name = "dpsad"
 
-    def __init__(self, config: Config, spec: base.DataSpec) -> None:
+    def __init__(self, config: Config, spec: base.DataSpec,
+                 released_teacher: dpdm.Config | None = None) -> None:
+        """``released_teacher`` (``make_released``): the teacher's architecture and
+        preconditioning as an export records them; ``teacher_from`` is then not read,
+        and the method can sample (the student) but not train."""
         self.config = config
         self.spec = spec
-        # The teacher's privacy is checked by ``check_private_run``, for a private run
-        # only: a student trained without DP (an ablation) may use any teacher.
-        self.teacher_run = load_teacher(read_teacher_run(config.teacher_from), spec)
-        self.teacher = dpdm.make(_plain(self.teacher_run.config), spec)
-        self.student = dpdm.make(_plain(student_config(config, self.teacher_run.config)), spec)
+        if released_teacher is None:
+            # The teacher's privacy is checked by ``check_private_run``, for a private run
+            # only: a student trained without DP (an ablation) may use any teacher.
+            self.teacher_run = load_teacher(read_teacher_run(config.teacher_from), spec)
+            teacher_config = self.teacher_run.config
+        else:
+            self.teacher_run = None
+            teacher_config = released_teacher
+        self.teacher = dpdm.make(_plain(teacher_config), spec)
+        self.student = dpdm.make(_plain(student_config(config, teacher_config)), spec)
         if config.student_init == "teacher" and (
             self.student.unet_config != self.teacher.unet_config
         ):
@@ -216,24 +227,37 @@ class DPSAD(base.Method):
             )
         self.disc = discriminator.Discriminator(tuple(config.disc_features))
 
+    def _loaded_teacher(self):
+        if self.teacher_run is None:
+            raise ValueError("This DP-SAD was rebuilt from an export, without its teacher: "
+                             "it samples, but cannot train or state the teacher's privacy.")
+        return self.teacher_run
+
     def check_private_run(self) -> None:
         """Refuses a teacher whose privacy is not what ``teacher_privacy`` declares
         (``dpsad_teacher.check_teacher_privacy``): run setup calls it for a private run."""
-        check_teacher_privacy(self.config, self.teacher_run.run)
+        check_teacher_privacy(self.config, self._loaded_teacher().run)
+
+    def release_record(self) -> dict[str, Any]:
+        """The teacher's UNet and preconditioning settings, which the student's are
+        derived from (``student_config``); not its weights, nor ``init_from``."""
+        teacher = self._loaded_teacher().config
+        return {"teacher": {f: getattr(teacher, f)
+                            for f in ("unet", *_ARCH_FIELDS, *_PRECOND_FIELDS)}}
 
     def source_runs(self) -> list[provenance.Source]:
         """The teacher's run; composed (``prior_releases``) when it is a 'dp' teacher."""
         composed = self.config.teacher_privacy == "dp"
-        return [provenance.Source("teacher_from", self.teacher_run.run.workdir, composed)]
+        return [provenance.Source("teacher_from", self._loaded_teacher().run.workdir, composed)]
 
     def prior_releases(self) -> list[dict[str, Any]]:
         """The DP teacher's training (and its own releases); none for a public teacher
         (``dpsad_teacher.teacher_releases``)."""
-        return teacher_releases(self.teacher_run, self.config.teacher_privacy)
+        return teacher_releases(self._loaded_teacher(), self.config.teacher_privacy)
 
     def privacy_notes(self) -> list[str]:
         """How the teacher enters the guarantee (``dpsad_teacher.teacher_notes``)."""
-        return teacher_notes(self.teacher_run, self.config)
+        return teacher_notes(self._loaded_teacher(), self.config)
 
     def exported_frozen(self, frozen: base.PyTree) -> base.PyTree:
         """The frozen parameters an export may publish: none (the teacher stays private)."""
@@ -246,9 +270,12 @@ class DPSAD(base.Method):
         if spec != self.spec:
             raise ValueError(f"DP-SAD was built for {self.spec}, init was given {spec}.")
         k_student, k_disc = jax.random.split(key)
-        teacher = jax.tree_util.tree_map(jnp.asarray, self.teacher_run.unet)
+        if self.teacher_run is not None:
+            teacher = jax.tree_util.tree_map(jnp.asarray, self.teacher_run.unet)
+        else:  # Rebuilt from an export, which never holds the teacher: its shape only.
+            teacher = ncsnpp.init_params(self.teacher.unet_config, k_student)
         if self.config.student_init == "teacher":
-            student = jax.tree_util.tree_map(jnp.array, self.teacher_run.unet)
+            student = jax.tree_util.tree_map(jnp.array, teacher)
         else:
             student = ncsnpp.init_params(self.student.unet_config, k_student)
         x = jnp.zeros((1, *spec.image_shape), jnp.float32)
@@ -369,3 +396,16 @@ class DPSAD(base.Method):
 def make(config: Config, spec: base.DataSpec) -> DPSAD:
     """Builds DP-SAD for data ``spec``; loads and checks the teacher run."""
     return DPSAD(config, spec)
+
+
+def make_released(config: Config, spec: base.DataSpec, record: dict) -> DPSAD:
+    """DP-SAD rebuilt from an export, to sample its student: the teacher's settings
+    from ``record`` (``DPSAD.release_record``); its weights are not in an export."""
+    teacher = record.get("teacher")
+    if not isinstance(teacher, dict):
+        raise ValueError("model_config.json has no rebuild.teacher record (an export from "
+                         "before dpjax wrote one); export the run again.")
+    from dpjax import typed_config  # Deferred: keeps this module light.
+
+    return DPSAD(config, spec, released_teacher=typed_config.from_configdict(
+        dpdm.Config, teacher, "model_config.json rebuild.teacher"))

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from dpjax import typed_config
 from dpjax.methods import autoencoder, base, dpdm, ldm_public
 from dpjax.methods.ldm_public import AUTOENCODER, SCALE_FACTOR, measure_scale_factor
 from dpjax.models import ncsnpp
@@ -136,13 +138,15 @@ class LDM(dpdm.DPDM):
 
     name = "ldm"
 
-    def __init__(self, config: Config, spec: base.DataSpec, measure_scale: bool = True) -> None:
+    def __init__(self, config: Config, spec: base.DataSpec, measure_scale: bool = True,
+                 public: ldm_public.PublicPieces | None = None) -> None:
         """``measure_scale=False`` (``make_restored``): the scale factor is a placeholder
-        that the checkpoint being restored replaces, so it is not measured."""
+        that the checkpoint being restored replaces, so it is not measured. ``public``
+        (``make_released``): the public pieces as given, no source run is read."""
         # Not DPDM.__init__: the UNet's shape is the latent one, known from the autoencoder.
         self.config = config
         self.image_spec = spec
-        self.public = ldm_public.load_public_pieces(config, spec, measure_scale)
+        self.public = public or ldm_public.load_public_pieces(config, spec, measure_scale)
         self.autoencoder = self.public.autoencoder
         classes = config.unet_classes or spec.num_classes
         if spec.num_classes > classes or (classes and not spec.num_classes):
@@ -200,6 +204,11 @@ class LDM(dpdm.DPDM):
                 "private data; the epsilon covers that training only."
             )
         return notes
+
+    def release_record(self) -> dict[str, Any]:
+        """The autoencoder's settings (its architecture; ``autoencoder_from`` or
+        ``init_from``, which held it, are redacted from an export)."""
+        return {"autoencoder": dataclasses.asdict(self.autoencoder.config)}
 
     def init(self, key: jax.Array, spec: base.DataSpec) -> base.Params:
         """DPDM's UNet parameters (fresh or ``init_from``'s, split by ``trainable``, LoRA),
@@ -301,6 +310,19 @@ def resolve_unet(config: Config, latent_spec: base.DataSpec) -> ncsnpp.UNetConfi
 def make(config: Config, spec: base.DataSpec) -> LDM:
     """Builds the latent diffusion method for images described by ``spec``."""
     return LDM(config, spec)
+
+
+def make_released(config: Config, spec: base.DataSpec, record: dict) -> LDM:
+    """The latent diffusion method rebuilt from an export (``dpjax.released``): the
+    autoencoder from its settings in ``record`` (``LDM.release_record``) with random
+    weights and a NaN scale factor, placeholders that the export's frozen parameters
+    replace; no source run is read."""
+    ae_config = typed_config.from_configdict(
+        autoencoder.Config, record.get("autoencoder"), "model_config.json rebuild.autoencoder")
+    ae = autoencoder.make(ae_config, spec)
+    pieces = ldm_public.PublicPieces(ae, ae.random_weights(np.random.default_rng(0)), "",
+                                     math.nan)
+    return LDM(config, spec, measure_scale=False, public=pieces)
 
 
 def make_restored(config: Config, spec: base.DataSpec) -> LDM:
