@@ -7,8 +7,9 @@
 * ``method``, ``step``, ``data`` (the run config's public names of the data: source,
   name, split, image shape, classes; never its location), ``privacy`` (the guarantee as
   the privacy report states it), ``samples`` (how ``samples.npz`` was drawn: count,
-  seeds, batch size and the key derivation, enough to draw them again from
-  ``ema_params.npz``), ``audit`` (the run's own audit verdict, where one may be quoted).
+  seeds, batch size and the key derivation, enough to draw them again from the
+  exported model: ``dpjax.released``), ``audit`` (the run's own audit verdict, where
+  one may be quoted: 'none' also for an audit on the private rows).
 
 ``verify(directory)`` recomputes the hashes; ``python -m dpjax.export_manifest DIR``
 prints the result and exits 1 on any mismatch. The manifest is not a signature: whoever
@@ -131,7 +132,9 @@ def verify(directory: str) -> list[str]:
     problems = []
     for name in sorted(set(listed) | set(present)):
         want, have = listed.get(name), present.get(name)
-        if have is None:
+        if want is not None and not isinstance(want, dict):
+            problems.append(f"{name}: the manifest's entry is not a record ({want!r})")
+        elif have is None:
             problems.append(f"{name}: missing")
         elif want is None:
             problems.append(f"{name}: not in the manifest (added after the export)")

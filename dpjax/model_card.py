@@ -30,11 +30,12 @@ _fmt = report_lib.format_epsilon  # Epsilons rounded UP to 4 significant digits.
 def audit_summary(workdir: str) -> dict[str, Any]:
     """What an export may say of the workdir's audit (``--mode=audit``).
 
-    ``status`` is 'none' (no readable audit.json), 'fault_injection' (an audit with a
-    fault injected: a test of the auditor, not of this run), 'not_published' (made on
-    the private rows: its verdict is itself a bit of the private data outside epsilon),
-    or 'passed' (on public stand-in data, not flagged: ``export.check_audit`` refuses a
-    flagged one), with the bound, the accountant's epsilon and the audit's settings.
+    ``status`` is 'none' (no readable audit.json, or one made on the private rows:
+    that it exists and passed, ``export.check_audit`` refusing a flagged one, is itself
+    a bit of the private data outside epsilon, so an export does not say so),
+    'fault_injection' (an audit with a fault injected: a test of the auditor, not of
+    this run), or 'passed' (on public stand-in data, not flagged), with the bound, the
+    accountant's epsilon and the audit's settings.
     """
     path = os.path.join(workdir, "audit.json")
     try:
@@ -44,7 +45,7 @@ def audit_summary(workdir: str) -> dict[str, Any]:
         if d.get("faults"):
             return {"status": "fault_injection"}
         if d.get("data") != "fake":
-            return {"status": "not_published"}
+            return {"status": "none"}  # Not even that it passed (see above).
         return {
             "status": "passed",
             "epsilon_lower_bound": float(a["epsilon_lower_bound"]),
@@ -286,9 +287,11 @@ def model_card(
         "",
         "## Command",
         f"- Exported with: `{command}`",
-        "- Load: `np.load('ema_params.npz')` gives the trainable parameters by path; "
-        "`model_config.json` gives the method settings to rebuild the model in dpjax (the "
-        "local workdirs of `*_from` settings are redacted).",
+        "- Load: `python -m dpjax.main --mode=sample --export=DIR --out=OUT` samples this "
+        "model without the training workdir (`dpjax.released.load_export` in Python); "
+        "`np.load('ema_params.npz')` gives the trainable parameters by path, and "
+        "`model_config.json` the method settings (the local workdirs of `*_from` settings "
+        "are redacted) and what rebuilding needs of them.",
         "- Check: `python -m dpjax.export_manifest DIR` compares every file with the "
         "SHA-256 that `manifest.json` lists (it also records how `samples.npz` was drawn).",
         f"- Exported on {datetime.date.today().isoformat()}.",

@@ -13,15 +13,17 @@ Guarantees:
   ``ema_params.npz`` under its path, with its shape and dtype, and nothing is left over;
   every frozen leaf the method publishes (``exported_frozen``) comes from
   ``frozen_params.npz`` likewise. Frozen leaves an export never holds (DP-SAD's teacher)
-  are NaN: sampling does not read them, and a method that did would draw NaN, not
-  plausible images.
+  are NaN: sampling does not read them, and one that did would draw NaN, which
+  ``sample_from_export`` refuses (``generate(require_finite=True)``) rather than write
+  black images. An export listing a file that no export writes (``export.ALLOWED``) is
+  refused.
 * Sampling an export is post-processing of the released model: its samples carry the
   export's guarantee (its ``privacy_report.json``), and no private data exists here.
 * A method module outside dpjax is imported only if the user trusts it
   (``$DPJAX_TRUSTED_METHODS``), as for a workdir.
-* With the export's sample count and batch size and ``seed=0``, the samples are the
-  export's ``samples.npz`` again (the manifest's key derivation; the same platform and
-  JAX version draw the same bits).
+* With the defaults (the export's sample count, batch size and seed), the samples are
+  the export's ``samples.npz`` again (the manifest's key derivation; the same platform
+  and JAX version draw the same bits).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -104,10 +107,25 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         return {}
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("not an npz archive")
+        with loaded as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ExportLoadError(f"{path} is unreadable ({type(e).__name__}: {e}).") from None
+
+
+def _is_export_file(name: str) -> bool:
+    """Whether ``name`` (a manifest path) is a file an export writes (``export.ALLOWED``,
+    or a PNG of the ``png/<class>/`` folder)."""
+    from dpjax import export  # Deferred: export imports the whole release boundary.
+
+    parts = name.split("/")
+    if len(parts) == 1:
+        return name in export.ALLOWED and name != "png"
+    return (len(parts) == 3 and parts[0] == "png" and parts[1].isdigit()
+            and parts[2].endswith(".png") and parts[2][:-4].isdigit())
 
 
 def load_export(directory: str) -> ReleasedModel:
@@ -129,6 +147,11 @@ def load_export(directory: str) -> ReleasedModel:
         raise ExportLoadError(
             f"{directory} does not match its manifest.json ({'; '.join(problems[:5])}); "
             "refusing to load it.")
+    foreign = sorted(n for n in manifest["files"] if not _is_export_file(n))
+    if foreign:
+        raise ExportLoadError(
+            f"{directory} holds files that no dpjax export writes ({', '.join(foreign[:5])}); "
+            "refusing to load it.")
     path = os.path.join(directory, "model_config.json")
     try:
         with open(path) as f:
@@ -137,6 +160,8 @@ def load_export(directory: str) -> ReleasedModel:
         spec = DataSpec(tuple(int(x) for x in spec_dict["image_shape"]),
                         int(spec_dict["num_classes"]))
         rebuild = model["rebuild"]
+        if not isinstance(rebuild, dict):
+            raise TypeError(f"rebuild is {rebuild!r}, not a record")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportLoadError(
             f"{path} lacks what a rebuild needs ({type(e).__name__}: {e}); an export from "
@@ -148,8 +173,8 @@ def load_export(directory: str) -> ReleasedModel:
         method = methods_lib.make_released(name, config, spec, rebuild)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except ValueError as e:
-        raise ExportLoadError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # The record's too.
+        raise ExportLoadError(f"{path}: {type(e).__name__}: {e}") from None
     template = jax.eval_shape(lambda: method.init(jax.random.key(0), spec))
     published = {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         method.exported_frozen(template.frozen))[0]}
@@ -165,18 +190,23 @@ def sample_from_export(
     out_dir: str,
     num: int | None = None,
     png: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     batch_size: int | None = None,
     log=print,
 ) -> str:
     """``--mode=sample --export``: ``num`` samples (default: as many as the export's) of
     the export's model into ``out_dir``, drawn in batches of ``batch_size`` (default: the
-    export's) with the key of export seed ``seed`` (``export.sample_key``). Returns the
-    path of ``samples.npz``. ``out_dir`` must be new, empty or hold only earlier samples,
-    and must not lie inside the export (its manifest would no longer match)."""
+    export's) with the key of export seed ``seed`` (default: the export's;
+    ``export.sample_key``). Returns the path of ``samples.npz``. ``out_dir`` must be new,
+    empty or hold only earlier samples, and must not lie inside the export (its manifest
+    would no longer match), also not through a symbolic link.
+
+    Raises:
+      ExportLoadError: as ``load_export``, or the model draws non-finite values.
+    """
     from dpjax import export  # Deferred: export imports the whole release boundary.
 
-    directory, out_dir = os.path.abspath(directory), os.path.abspath(out_dir)
+    directory, out_dir = os.path.realpath(directory), os.path.realpath(out_dir)
     if os.path.commonpath([directory, out_dir]) == directory:
         raise sample.SampleOutputError(
             f"--out {out_dir} lies inside the export {directory}; write samples elsewhere.")
@@ -187,8 +217,15 @@ def sample_from_export(
     batch = int(batch_size if batch_size is not None else drawn.get("batch_size", 1000))
     if num < 1 or batch < 1:
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch}.")
+    seed = int(drawn.get("export_seed", 0) if seed is None else seed)
     key = export.sample_key(int(drawn.get("config_seed", 0)), seed)
-    images, labels = sample.generate(model.method, model.params, model.spec, key, num, batch)
+    try:
+        images, labels = sample.generate(model.method, model.params, model.spec, key, num,
+                                         batch, require_finite=True)
+    except ValueError as e:
+        raise ExportLoadError(
+            f"{e} The export's model (or its rebuild by this dpjax) is broken; no samples "
+            "were written.") from None
     privacy = model.manifest.get("privacy", {})
     log(f"[dpjax] {num} samples of the {model.model_config['method']} export {directory} "
         f"(post-processing: the export's guarantee, epsilon {privacy.get('epsilon')} at "

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import ml_collections
 import numpy as np
 
-from dpjax import typed_config
+from dpjax import atomic_file, typed_config
 from dpjax.data.config import DataConfig
 from dpjax.methods import METHODS, get_method_module, is_import_path
 
@@ -272,10 +272,13 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
     """A JSON rendering of the experiment config (stored in the workdir).
 
     NumPy scalars are written as the numbers they hold, so that the run's config, read
-    back from ``config.json``, converts to the same ``RunConfig``; anything else that
-    JSON cannot hold is written as its ``str``.
+    back from ``config.json``, converts to the same ``RunConfig``; a non-finite float as
+    'inf', '-inf' or 'nan' (``atomic_file.json_safe``: strict JSON, which float settings
+    read back, ``typed_config.NON_FINITE``); anything else that JSON cannot hold is
+    written as its ``str``.
     """
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_value)
+    return json.dumps(atomic_file.json_safe(config.to_dict()), indent=2, sort_keys=True,
+                      default=_json_value, allow_nan=False)
 
 
 def _json_value(value: Any) -> Any:

@@ -81,6 +81,7 @@ def generate(
     resume_stem: str | os.PathLike | None = None,
     recipe: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    require_finite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` samples as uint8 (n, H, W, C) and their int32 labels (balanced by default).
 
@@ -102,6 +103,8 @@ def generate(
         ``recipe``.
       recipe: what else the samples depend on (e.g. the sampler's settings).
       log: progress lines for the resumable case, if given.
+      require_finite: raise ValueError if the sampler returns a non-finite value (which
+        the uint8 conversion would silently turn into black pixels).
     """
     labels = balanced_labels(n, spec.num_classes) if labels is None else np.asarray(labels)
     labels = labels.astype(np.int32)
@@ -115,7 +118,11 @@ def generate(
         y = labels[start:stop]
         y_pad = np.concatenate([y, np.zeros((batch_size - len(y),), np.int32)])
         key_i = jax.random.fold_in(key, start // batch_size)
-        return to_uint8(sample_fn(params, key_i, jnp.asarray(y_pad)))[: len(y)]
+        x = np.asarray(sample_fn(params, key_i, jnp.asarray(y_pad)))[: len(y)]
+        if require_finite and not np.isfinite(x).all():
+            raise ValueError(f"The sampler returned non-finite values in images {start} to "
+                             f"{stop - 1}.")
+        return to_uint8(x)
 
     if resume_stem is None:
         images = np.concatenate([compute(s, min(s + batch_size, n))

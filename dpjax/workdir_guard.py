@@ -189,7 +189,9 @@ def check_resume_config(
         return []
     # A run stored before its paths were absolute: they resolved against the directory
     # each command ran in, as this one's do (run_paths).
-    old = run_paths.absolute_source_paths(atomic_file.read_json(path))
+    # In the form config_to_json writes (a run stored before it wrote non-finite floats
+    # as 'inf' held bare Infinity tokens: the same values).
+    old = atomic_file.json_safe(run_paths.absolute_source_paths(atomic_file.read_json(path)))
     if resuming:  # Steps ran under the stored data section: were they the DP mechanism?
         # (The file at the stored path, which the steps read: a converted copy elsewhere
         # would read the same and hide what they did.)
@@ -261,7 +263,8 @@ def record_free_changes(workdir: str, changes: list[FreeChange], steps_ran: bool
     stored = atomic_file.read_json(path)
     for c in todo:
         stored.setdefault(c.section, {})[c.key] = c.new
-    atomic_file.write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+    atomic_file.write_text(path, json.dumps(atomic_file.json_safe(stored), indent=2,
+                                            sort_keys=True, allow_nan=False))
 
 
 def dataset_digest(dataset: data_lib.InMemoryDataset) -> str:
@@ -304,4 +307,5 @@ def _section_defaults(section: str, method: str) -> dict[str, Any]:
         defaults = cls()
     except (TypeError, ValueError):  # No usable defaults: every new key then counts.
         return {}
-    return json.loads(json.dumps(dataclasses.asdict(defaults), default=str))
+    return json.loads(json.dumps(atomic_file.json_safe(dataclasses.asdict(defaults)),
+                                 default=str))

@@ -472,3 +472,42 @@ def test_a_float_setting_reads_the_non_finite_strings_dpjax_json_writes_and_no_o
     for bad in ("Infinity", "1e309", "infinite", ""):
         with pytest.raises(typed_config.ConfigError, match="s_max: expected a number"):
             typed_config.from_configdict(samplers.SamplerSettings, {"s_max": bad}, "method_args")
+
+
+def test_config_json_is_strict_json_and_a_run_stored_with_bare_infinity_still_resumes(
+        tmp_path):
+    """config.json held DPDM's s_max = inf as a bare Infinity token, which strict JSON
+    parsers (JavaScript's, jq's) reject; it now holds 'inf'. A run stored the old way
+    resumes as the same run, and its sampler digest (eval's resumable samples) stays."""
+    import json
+    import math
+
+    import ml_collections
+
+    from dpjax import run_config
+    from dpjax.eval import report
+    from experiments import dpdm_fmnist
+
+    config = dpdm_fmnist.get_config("smoke")
+    text = run_config.config_to_json(config)
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    stored = json.loads(text, parse_constant=refuse)
+    assert stored["method_args"]["s_max"] == "inf"
+    typed = run_config.from_configdict(ml_collections.ConfigDict(stored))
+    assert typed.method_args.s_max == math.inf
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    (new / "config.json").write_text(text)
+    (old / "config.json").write_text(json.dumps(  # As dpjax wrote it before.
+        config.to_dict(), indent=2, sort_keys=True, default=run_config._json_value))
+    assert "Infinity" in (old / "config.json").read_text()
+    for d in (new, old):
+        assert workdir_guard.check_resume_config(str(d), config, write=False) == []
+    assert report.sampler_definition_digest(str(new)) == report.sampler_definition_digest(
+        str(old))
+    with pytest.raises(user_errors(), match=r"method_args.s_max: 'inf' -> 80.0"):
+        workdir_guard.check_resume_config(
+            str(old), with_overrides(config, {"method_args.s_max": 80.0}), write=False)

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -318,7 +319,8 @@ def test_a_run_whose_audit_flagged_it_is_refused(tmp_path):
         "status": "fault_injection"}
     # A passing audit on the stand-in is quoted; one on the private rows is not.
     audit.update(flagged=False, epsilon_lower_bound=0.5)
-    for data, status in (("fake", "passed"), ("config", "not_published")):
+    # (That an audit on the private rows passed is a bit of them: not even that is said.)
+    for data, status in (("fake", "passed"), ("config", "none")):
         write(faults={}, data=data, confidence=0.95, num_canaries=100, steps=3)
         out = str(tmp_path / f"out_{data}")
         export.export_run(wd, out, num_samples=2, log=lambda *_: None)
@@ -606,3 +608,60 @@ def test_an_export_samples_again_without_its_workdir_and_refuses_edits(tmp_path,
         released.load_export(out)
     result = cli("--mode=sample", f"--export={out}", f"--out={tmp_path / 'cli2'}")
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_or_foreign_export_is_one_clear_error_and_never_black_images(
+        tmp_path, monkeypatch):
+    """Review of the loader (2026-12-08): a non-zero export seed, an output reached
+    through a link into the export, files no export writes, NaN weights (the uint8
+    conversion drew them as black pixels), a truncated npz and a missing rebuild record."""
+    wd = fake_run(tmp_path / "run")
+    out = tmp_path / "release"
+    export.export_run(wd, str(out), num_samples=5, seed=5, log=lambda *_: None)
+    facts = {k: v for k, v in export_manifest.read_manifest(str(out)).items()
+             if k not in ("format", "format_version", "dpjax_version", "files")}
+    quiet = {"log": lambda *_: None}
+    again = released.sample_from_export(str(out), str(tmp_path / "again"), **quiet)
+    with np.load(again) as a, np.load(out / "samples.npz") as b:  # The export's seed, 5.
+        np.testing.assert_array_equal(a["images"], b["images"])
+    os.symlink(out, tmp_path / "link")
+    with pytest.raises(sample.SampleOutputError, match="inside the export"):
+        released.sample_from_export(str(out), str(tmp_path / "link" / "s"), **quiet)
+    assert export_manifest.verify(str(out)) == []
+
+    def damaged(change, match):
+        copy = tmp_path / f"copy{len(os.listdir(tmp_path))}"
+        shutil.copytree(out, copy)
+        change(copy)
+        export_manifest.write_manifest(str(copy), facts)  # Made to fit: not caught there.
+        with pytest.raises(released.ExportLoadError, match=match):
+            released.sample_from_export(str(copy), str(tmp_path / "s"), **quiet)
+
+    def nan_weights(d):
+        with np.load(d / "ema_params.npz") as z:
+            arrays = {k: np.full_like(z[k], np.nan) for k in z.files}
+        np.savez(d / "ema_params.npz", **arrays)
+
+    damaged(nan_weights, "non-finite values")
+    damaged(lambda d: (d / "model.py").write_text("print('hi')"), "no dpjax export writes")
+    damaged(lambda d: (d / "ema_params.npz").write_bytes(
+        (d / "ema_params.npz").read_bytes()[:100]), "ema_params.npz is unreadable")
+
+    def no_rebuild(d):
+        cfg = json.loads((d / "model_config.json").read_text())
+        (d / "model_config.json").write_text(json.dumps({**cfg, "rebuild": None}))
+
+    damaged(no_rebuild, "lacks what a rebuild needs")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["model_card.md"] = "abc"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert export_manifest.verify(str(out)) == [
+        "model_card.md: the manifest's entry is not a record ('abc')"]
+    # A method module shipped inside an export is never imported, trusted or not.
+    (out / "shipped").mkdir()
+    for name in ("__init__.py", "method.py"):
+        (out / "shipped" / name).write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(out))
+    monkeypatch.setenv("DPJAX_TRUSTED_METHODS", "shipped.method")
+    with pytest.raises(ValueError, match="inside the dpjax workdir or export"):
+        get_method_module("shipped.method")

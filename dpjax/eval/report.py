@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import atomic_file
+from dpjax import atomic_file, typed_config
 from dpjax import data as data_lib
 from dpjax import sample as sample_lib
 from dpjax.diffusion import samplers
@@ -111,7 +111,20 @@ def sampler_definition_digest(workdir: str) -> str:
     rewrites other fields (``train.*``, a free ``dp`` or ``data`` field) keeps it."""
     stored = atomic_file.read_json(os.path.join(workdir, "config.json"))
     defining = {k: stored.get(k) for k in ("method", "method_args")}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+    # The digest of the values, not of how the file spells a non-finite float (bare
+    # Infinity before dpjax wrote 'inf'): the same as it always was for such a run.
+    return hashlib.sha256(json.dumps(_non_finite_as_floats(defining),
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _non_finite_as_floats(x: Any) -> Any:
+    """``x`` with the strings 'inf', '-inf' and 'nan' (``atomic_file.json_safe``'s
+    spelling of non-finite floats) as the floats they stand for."""
+    if isinstance(x, dict):
+        return {k: _non_finite_as_floats(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_non_finite_as_floats(v) for v in x]
+    return float(x) if isinstance(x, str) and x in typed_config.NON_FINITE else x
 
 
 def reference_name(data_cfg: Any, split: str, num_images: int) -> str:

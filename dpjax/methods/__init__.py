@@ -26,8 +26,9 @@ import importlib.util
 import os
 from types import ModuleType
 
-#: A file that marks a dpjax workdir (every run writes it first).
-_WORKDIR_MARKER = "dp_plan.json"
+#: Files that mark a dpjax workdir (every run writes dp_plan.json first) or an export
+#: (manifest.json): code that comes with either is never imported.
+_WORKDIR_MARKERS = ("dp_plan.json", "manifest.json")
 #: Comma-separated import paths of method modules that stored runs may name.
 TRUST_ENV = "DPJAX_TRUSTED_METHODS"
 
@@ -108,10 +109,11 @@ def _refuse_modules_in_workdirs(name: str) -> None:
         for place in places:
             folder = os.path.realpath(place)
             while True:
-                if os.path.isfile(os.path.join(folder, _WORKDIR_MARKER)):
+                if any(os.path.isfile(os.path.join(folder, m)) for m in _WORKDIR_MARKERS):
                     raise ValueError(
-                        f"Method module '{name}' lies inside the dpjax workdir {folder}: dpjax "
-                        "does not import code that comes with a run (it would run with your "
+                        f"Method module '{name}' lies inside the dpjax workdir or export "
+                        f"{folder}: dpjax does not import code that comes with a run or a "
+                        "release (it would run with your "
                         "files and your private data). Install the method's package from "
                         "its source, outside any workdir, and use its import path."
                     )

@@ -112,7 +112,9 @@ def privacy_report(
     'seed' or 'none'; None: not known, as for a checkpoint from before the secret);
     ``loss_source``: where the per-example loss draws came from (the same values).
     ``complete`` is whether ``steps_done`` reached the planned steps (a checkpoint's
-    report of an unfinished run is not: DP-SGD steps still to come spend more epsilon).
+    report of an unfinished run is not: DP-SGD steps still to come spend more epsilon;
+    a one-release plan spent all of its epsilon at the release, and its later steps,
+    post-processing, only train the model further).
     ``private`` is whether DP was on; ``guarantee`` whether the epsilons are a guarantee
     of the run (``guarantee_status``: 'yes', or why not, as ``private_line``), and
     ``guarantee_epsilon`` / ``guarantee_accountant`` the guarantee's epsilon at ``delta``
