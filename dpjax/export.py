@@ -308,6 +308,8 @@ def manifest_facts(run: LoadedRun, report: dict[str, Any], num: int, seed: int,
         "data": {
             "source": cfg.data.source,
             "name": cfg.data.name,
+            # For 'folder' and 'npz' data the name is only the trainer's label.
+            "name_is_a_label": cfg.data.source in ("folder", "npz"),
             "split": cfg.data.split,
             "image_shape": list(run.spec.image_shape),
             "num_classes": run.spec.num_classes,

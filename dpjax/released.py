@@ -132,10 +132,10 @@ def load_export(directory: str) -> ReleasedModel:
     """The model of the export in ``directory``, checked and rebuilt (module docstring).
 
     Raises:
-      ExportLoadError: no manifest, files that differ from it, or weights or settings
-        that do not fit the method this dpjax rebuilds.
+      ExportLoadError: no manifest, files that differ from it or that no export
+        writes, weights or settings that do not fit the method this dpjax rebuilds, an
+        untrusted method module, or one that cannot be rebuilt.
       ConfigError: settings this dpjax does not know (e.g. an export of another version).
-      ValueError: an untrusted method module, or one that cannot be rebuilt.
     """
     directory = os.path.abspath(directory)
     try:

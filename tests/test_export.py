@@ -238,7 +238,8 @@ def test_the_manifest_lists_every_file_and_how_the_samples_were_drawn(tmp_path, 
         assert entry["bytes"] == os.path.getsize(os.path.join(out, name))
     cfg = sample.load_run_config(wd)
     assert manifest["data"] == {"source": "fake", "name": cfg.data.name, "split": "train",
-                                "image_shape": [28, 28, 1], "num_classes": cfg.data.num_classes}
+                                "name_is_a_label": False, "image_shape": [28, 28, 1],
+                                "num_classes": cfg.data.num_classes}
     with open(os.path.join(out, "privacy_report.json")) as f:
         report = json.load(f)
     assert manifest["privacy"]["epsilon"] == report["guarantee_epsilon"] > 0
