@@ -213,12 +213,17 @@ def sample_from_export(
     sample.check_sample_out(out_dir)
     model = load_export(directory)
     drawn = model.manifest.get("samples", {})
-    num = int(num if num is not None else drawn.get("num", 1000))
-    batch = int(batch_size if batch_size is not None else drawn.get("batch_size", 1000))
+    try:
+        num = int(num if num is not None else drawn.get("num", 1000))
+        batch = int(batch_size if batch_size is not None else drawn.get("batch_size", 1000))
+        seed = int(drawn.get("export_seed", 0) if seed is None else seed)
+        config_seed = int(drawn.get("config_seed", 0))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ExportLoadError(f"{directory}/manifest.json: its 'samples' record is "
+                              f"malformed ({type(e).__name__}: {e}).") from None
     if num < 1 or batch < 1:
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch}.")
-    seed = int(drawn.get("export_seed", 0) if seed is None else seed)
-    key = export.sample_key(int(drawn.get("config_seed", 0)), seed)
+    key = export.sample_key(config_seed, seed)
     try:
         images, labels = sample.generate(model.method, model.params, model.spec, key, num,
                                          batch, require_finite=True)
