@@ -22,6 +22,7 @@ Guarantees of ``atomic_write`` (and of the helpers built on it):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -98,6 +99,15 @@ def json_safe(x: Any) -> Any:
     if hasattr(x, "__array__") and not isinstance(x, str):  # A JAX array.
         return json_safe(np.asarray(x))
     return x
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes (read in 4 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any, permissions: int = 0o666,

@@ -196,7 +196,8 @@ def exported_frozen(method: Any, frozen: Any) -> Any:
     return method.exported_frozen(frozen)
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """The npz key of a parameter path: its keys, names or indices joined by '/'."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -211,24 +212,12 @@ def _path_name(path: tuple) -> str:
 def save_params(path: str, tree: Any) -> list[str]:
     """Writes a parameter pytree as an npz (keys: '/'-joined paths). Returns the keys."""
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
-    arrays = {_path_name(p): np.asarray(x) for p, x in flat}
+    arrays = {path_name(p): np.asarray(x) for p, x in flat}
     if len(arrays) != len(flat):
         raise ExportError(f"Parameter paths collide when flattened: {sorted(arrays)}.")
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     return sorted(arrays)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return str(x)
 
 
 # The plan fields an audit must share with the run it is quoted for.
@@ -420,7 +409,8 @@ def export_run(
             "rebuild": redact(run.method.release_record()),
         }
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(_jsonable(model), f, indent=2, sort_keys=True)
+            json.dump(atomic_file.json_safe(model), f, indent=2, sort_keys=True, default=str,
+                      allow_nan=False)
         files.append("model_config.json")
         params = Params(run.state.ema, run.state.frozen)
         key = sample_key(cfg.seed, seed)

@@ -19,7 +19,6 @@ by the check) beside the release to pin the whole of it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -31,18 +30,6 @@ from dpjax import atomic_file
 MANIFEST = "manifest.json"
 FORMAT = "dpjax-export"
 FORMAT_VERSION = 1
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str) -> str:
-    """The hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_digests(directory: str) -> dict[str, dict[str, Any]]:
     """``{relative path: {'sha256', 'bytes'}}`` of every regular file under ``directory``
     except the manifest, with '/'-separated paths in sorted order.
@@ -61,7 +48,7 @@ def file_digests(directory: str) -> dict[str, dict[str, Any]]:
                 continue
             if os.path.islink(path) or not os.path.isfile(path):
                 raise ValueError(f"{path} is not a regular file; an export holds only files.")
-            out[rel] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+            out[rel] = {"sha256": atomic_file.sha256_file(path), "bytes": os.path.getsize(path)}
     return dict(sorted(out.items()))
 
 
@@ -88,7 +75,7 @@ def write_manifest(directory: str, facts: dict[str, Any]) -> str:
     with open(path, "w") as f:
         json.dump(atomic_file.json_safe(manifest), f, indent=2, allow_nan=False)
         f.write("\n")
-    return sha256_file(path)
+    return atomic_file.sha256_file(path)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -116,15 +103,15 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
-def verify(directory: str) -> list[str]:
-    """The differences between the export in ``directory`` and its manifest: files
-    changed (hash or size), missing, or not listed. An empty list means every file is
-    exactly as exported.
+def verify(directory: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The differences between the export in ``directory`` and its manifest (``manifest``
+    if the caller read it already): files changed (hash or size), missing, or not
+    listed. An empty list means every file is exactly as exported.
 
     Raises:
       ValueError: if the manifest is missing or unreadable (``read_manifest``).
     """
-    listed = read_manifest(directory)["files"]
+    listed = (manifest or read_manifest(directory))["files"]
     try:
         present = file_digests(directory)
     except ValueError as e:
@@ -154,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     directory = args[0]
     try:
-        problems = verify(directory)
+        manifest = read_manifest(directory)
     except ValueError as e:
         print(f"[dpjax] {e}", file=sys.stderr)
         return 2
-    listed = read_manifest(directory)["files"]
-    digest = sha256_file(os.path.join(directory, MANIFEST))
+    problems = verify(directory, manifest)
+    listed = manifest["files"]
+    digest = atomic_file.sha256_file(os.path.join(directory, MANIFEST))
     if problems:
         print(f"[dpjax] {directory} does NOT match its manifest:", file=sys.stderr)
         for p in problems:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import export_manifest, sample
+from dpjax import export, export_manifest, sample
 from dpjax import methods as methods_lib
 from dpjax.methods.base import DataSpec, Params
 from dpjax.typed_config import ConfigError, from_configdict
@@ -69,19 +69,13 @@ class ReleasedModel:
     model_config: dict[str, Any]
 
 
-def _path_name(path: tuple) -> str:
-    from dpjax.export import _path_name as name  # One rule for the npz keys.
-
-    return name(path)
-
-
 def _fill(template: Any, arrays: dict[str, np.ndarray], what: str,
           published: set[str] | None = None) -> Any:
     """``template`` (a pytree of shapes) with each leaf taken from ``arrays`` by path;
     leaves outside ``published`` (None: all) are NaN placeholders instead. Raises
     ExportLoadError on a missing, extra or mis-shaped array."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [_path_name(p) for p, _ in flat]
+    names = [export.path_name(p) for p, _ in flat]
     wanted = set(names) if published is None else set(names) & published
     extra, missing = sorted(set(arrays) - wanted), sorted(wanted - set(arrays))
     if extra or missing:
@@ -119,8 +113,6 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 def _is_export_file(name: str) -> bool:
     """Whether ``name`` (a manifest path) is a file an export writes (``export.ALLOWED``,
     or a PNG of the ``png/<class>/`` folder)."""
-    from dpjax import export  # Deferred: export imports the whole release boundary.
-
     parts = name.split("/")
     if len(parts) == 1:
         return name in export.ALLOWED and name != "png"
@@ -139,10 +131,10 @@ def load_export(directory: str) -> ReleasedModel:
     """
     directory = os.path.abspath(directory)
     try:
-        problems = export_manifest.verify(directory)
         manifest = export_manifest.read_manifest(directory)
     except ValueError as e:
         raise ExportLoadError(str(e)) from None
+    problems = export_manifest.verify(directory, manifest)
     if problems:
         raise ExportLoadError(
             f"{directory} does not match its manifest.json ({'; '.join(problems[:5])}); "
@@ -176,7 +168,7 @@ def load_export(directory: str) -> ReleasedModel:
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # The record's too.
         raise ExportLoadError(f"{path}: {type(e).__name__}: {e}") from None
     template = jax.eval_shape(lambda: method.init(jax.random.key(0), spec))
-    published = {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+    published = {export.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         method.exported_frozen(template.frozen))[0]}
     trainable = _fill(template.trainable, _read_npz(os.path.join(directory, "ema_params.npz")),
                       "ema_params.npz")
@@ -204,8 +196,6 @@ def sample_from_export(
     Raises:
       ExportLoadError: as ``load_export``, or the model draws non-finite values.
     """
-    from dpjax import export  # Deferred: export imports the whole release boundary.
-
     directory, out_dir = os.path.realpath(directory), os.path.realpath(out_dir)
     if os.path.commonpath([directory, out_dir]) == directory:
         raise sample.SampleOutputError(

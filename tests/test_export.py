@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpjax import atomic_file, export, export_manifest, released, run_config, sample, train
 from dpjax import checkpoint as ckpt_lib
-from dpjax import export, export_manifest, released, run_config, sample, train
 from dpjax.methods import get_method_module
 from dpjax.methods.base import DataSpec
 from dpjax.privacy import plan as plan_lib
@@ -234,7 +234,7 @@ def test_the_manifest_lists_every_file_and_how_the_samples_were_drawn(tmp_path, 
     assert sorted(manifest["files"]) == [n for n in on_disk if n != "manifest.json"]
     assert sum(n.startswith("png/") for n in manifest["files"]) == 7  # One per sample.
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == export_manifest.sha256_file(os.path.join(out, name))
+        assert entry["sha256"] == atomic_file.sha256_file(os.path.join(out, name))
         assert entry["bytes"] == os.path.getsize(os.path.join(out, name))
     cfg = sample.load_run_config(wd)
     assert manifest["data"] == {"source": "fake", "name": cfg.data.name, "split": "train",

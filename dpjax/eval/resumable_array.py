@@ -90,12 +90,8 @@ def tree_digest(tree: Any) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """A short digest of a file's bytes (read in 4 MiB pieces), for cache keys and recipes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """A short digest of a file's bytes, for cache keys and recipes."""
+    return atomic_file.sha256_file(path)[:16]
 
 
 def _header(rows: int, chunk: int, recipe: dict) -> dict:
